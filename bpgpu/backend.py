@@ -1,0 +1,213 @@
+"""The array-API shim: which namespace, which device, and explicit transfers.
+
+This is the only module that imports CuPy (lazily) or decides CPU versus GPU.
+Everything above it receives a :class:`Backend` and calls ``backend.xp`` (an
+array-API namespace from array-api-compat) and ``backend.ops`` (the fused
+kernel table from :mod:`bpgpu.kernels`); nobody else branches on the library.
+
+Selection order: an explicit argument, then the ``BPGPU_BACKEND`` environment
+variable, then "auto" (CuPy only when a CUDA device is truly usable, else
+numpy), logged once with the reason.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+import array_api_compat
+import numpy as np
+
+log = logging.getLogger("bpgpu")
+
+_NUMPY_NAMES = ("numpy", "cpu")
+_CUPY_NAMES = ("cupy", "gpu", "cuda")
+
+
+@dataclass(frozen=True)
+class GpuStatus:
+    """Whether CuPy can run here, and the reason in words."""
+
+    usable: bool
+    reason: str
+
+
+@functools.lru_cache(maxsize=1)
+def gpu_status() -> GpuStatus:
+    """Probe CuPy once per process: import, driver, device, then a smoke test.
+
+    ``cupy.is_available()`` only counts devices; a machine can have a device and
+    still lack NVRTC, the CUDA headers or cuBLAS, so a tiny kernel and a matmul
+    are actually run (see shared/research/gpuless-cupy.md).
+    """
+    try:
+        import cupy
+        from cupy.cuda import runtime
+    except Exception as exc:  # ImportError, or a broken install raising anything
+        return GpuStatus(False, f"cupy not installed ({type(exc).__name__}: {exc})")
+    try:
+        driver = runtime.driverGetVersion()
+    except Exception as exc:
+        return GpuStatus(False, f"no CUDA driver ({exc})")
+    if driver == 0:
+        return GpuStatus(False, "no CUDA driver")
+    try:
+        count = runtime.getDeviceCount()
+    except runtime.CUDARuntimeError as exc:
+        if exc.status == 35:
+            return GpuStatus(
+                False,
+                f"CUDA driver {driver} too old for CuPy's runtime "
+                f"{runtime.runtimeGetVersion()}",
+            )
+        if exc.status == 100:
+            return GpuStatus(False, "no CUDA device")
+        return GpuStatus(False, f"CUDA error {exc}")
+    if count == 0:
+        return GpuStatus(False, "no CUDA device visible (check CUDA_VISIBLE_DEVICES)")
+    try:
+        doubled = cupy.ElementwiseKernel("T x", "T y", "y = x + x", "bpgpu_smoke")(
+            cupy.arange(4, dtype=cupy.float32)
+        )
+        product = cupy.ones((2, 2), dtype=cupy.float32) @ cupy.ones((2, 2), dtype=cupy.float32)
+        ok = doubled.get().tolist() == [0.0, 2.0, 4.0, 6.0] and float(product.sum()) == 8.0
+    except Exception as exc:
+        return GpuStatus(False, f"GPU smoke test failed ({type(exc).__name__}: {exc})")
+    if not ok:
+        return GpuStatus(False, "GPU smoke test gave wrong numbers")
+    name = runtime.getDeviceProperties(0)["name"]
+    if isinstance(name, bytes):
+        name = name.decode()
+    return GpuStatus(True, f"CUDA device 0 is usable ({name}, driver {driver})")
+
+
+@dataclass(frozen=True)
+class Backend:
+    """An array library plus the kernel table that goes with it.
+
+    name: "numpy", "cupy", or the name of another array-API namespace (such as
+    array_api_strict, used by the tests to prove the generic code is honest).
+    """
+
+    name: str
+    xp: Any  # array-API namespace
+    ops: ModuleType  # kernel table: bpgpu.kernels.{cpu,cuda,generic}
+    reason: str = ""
+
+    @property
+    def device(self) -> str:
+        if self.name == "cupy":
+            import cupy
+
+            return f"cuda:{cupy.cuda.Device().id}"
+        return "cpu"
+
+    def asarray(self, x: Any, dtype: Any) -> Any:
+        """Move ``x`` (list, numpy, CuPy or this namespace) onto this backend, explicitly."""
+        if self.name == "numpy":
+            if array_api_compat.is_cupy_array(x):
+                x = x.get()  # device -> host, on purpose
+            return np.asarray(x, dtype=dtype)
+        if self.name == "cupy":
+            import cupy
+
+            return cupy.asarray(x, dtype=dtype)  # host -> device when x is not on it
+        if array_api_compat.is_cupy_array(x):
+            x = x.get()
+        if not array_api_compat.is_array_api_obj(x) or array_api_compat.is_numpy_array(x):
+            x = np.asarray(x)
+        return self.xp.asarray(x, dtype=dtype)
+
+    def dtype(self, name: str) -> Any:
+        return getattr(self.xp, name)
+
+
+def to_numpy(x: Any) -> np.ndarray:
+    """Bring any backend array to a numpy array on the host (an explicit transfer)."""
+    if array_api_compat.is_cupy_array(x):
+        return x.get()
+    if array_api_compat.is_numpy_array(x):
+        return x
+    return np.asarray(x)
+
+
+def _numpy_backend(reason: str) -> Backend:
+    from bpgpu.kernels import cpu
+
+    return Backend("numpy", array_api_compat.array_namespace(np.empty(0)), cpu, reason)
+
+
+def _cupy_backend(reason: str) -> Backend:
+    import cupy
+
+    from bpgpu.kernels import cuda
+
+    return Backend("cupy", array_api_compat.array_namespace(cupy.empty(0)), cuda, reason)
+
+
+@functools.lru_cache(maxsize=None)
+def _auto() -> Backend:
+    status = gpu_status()
+    if status.usable:
+        backend = _cupy_backend(f"auto: {status.reason}")
+    else:
+        backend = _numpy_backend(f"auto: numpy, because {status.reason}")
+    log.info("bpgpu backend: %s (%s)", backend.name, backend.reason)
+    return backend
+
+
+def resolve(backend: Any = "auto") -> Backend:
+    """Turn a backend request into a :class:`Backend`.
+
+    backend: "auto", "numpy"/"cpu", "cupy"/"gpu", a Backend, or any array-API
+    namespace module (e.g. ``array_api_strict``), which gets the generic kernels.
+    """
+    if isinstance(backend, Backend):
+        return backend
+    if isinstance(backend, ModuleType):
+        return _namespace_backend(backend)
+    if not isinstance(backend, str):
+        raise TypeError(
+            f"backend must be 'auto', 'numpy', 'cupy' or an array-API namespace, "
+            f"got {type(backend).__name__}"
+        )
+    requested = backend.lower()
+    if requested == "auto":
+        env = os.environ.get("BPGPU_BACKEND", "").strip().lower()
+        if env and env != "auto":
+            return _named(env, source="BPGPU_BACKEND")
+        return _auto()
+    return _named(requested, source="backend")
+
+
+def _named(name: str, source: str) -> Backend:
+    if name in _NUMPY_NAMES:
+        return _numpy_backend(f"{source}={name!r}")
+    if name in _CUPY_NAMES:
+        status = gpu_status()
+        if not status.usable:
+            raise RuntimeError(
+                f"{source}={name!r} asks for the GPU, but CuPy cannot run here: "
+                f"{status.reason}. Use backend='numpy' or 'auto'."
+            )
+        return _cupy_backend(f"{source}={name!r}: {status.reason}")
+    raise ValueError(
+        f"{source}={name!r} is not a backend; choose 'auto', 'numpy' (or 'cpu') "
+        f"or 'cupy' (or 'gpu')"
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def _namespace_backend(module: ModuleType) -> Backend:
+    if module is np:
+        return _numpy_backend("numpy module")
+    if module.__name__ == "cupy":
+        return _named("cupy", source="backend")
+    from bpgpu.kernels import generic
+
+    xp = array_api_compat.array_namespace(module.asarray(0.0))
+    return Backend(module.__name__, xp, generic, "array-API namespace given explicitly")

@@ -1,0 +1,217 @@
+"""numpy twins of the fused kernels: ufuncs with ``out=``, in place, no hidden temporaries.
+
+Every function writes its result into ``out`` (which may alias an input where
+the docstring says so) and returns it, so callers use one calling convention on
+every backend. ``scratch`` is a caller-owned buffer of the same shape as the
+layer, ``rows`` an ``(m, 2)`` buffer for row reductions; the CUDA twins ignore
+both. Derivatives are written in terms of the activation's output a = g(z), as
+scikit-learn's MLP does, so the pre-activation never has to be stored.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+LEAKY_SLOPE = 0.01
+
+
+# --- linear algebra (BLAS) -------------------------------------------------
+
+
+def matmul(a, b, out):
+    """out = a @ b straight into a preallocated buffer (or a view of the flat vector)."""
+    return np.matmul(a, b, out=out)
+
+
+def colsum(d, out):
+    """out = Σ_rows d: the bias gradient ∂J/∂b = Σ_n δ_n."""
+    return np.sum(d, axis=0, out=out)
+
+
+# --- activations: bias + g forward, s ⊙ g′(a) backward ----------------------
+# Each ``*_fwd(z, b, out, ...)`` adds the bias row to z in place (z keeps z + b)
+# and writes g(z + b) into out; out may be z itself.  Each ``*_bwd(s, a, out, ...)``
+# writes s ⊙ g′(z) into out (out may be s), with g′ expressed through a.
+
+
+def identity_fwd(z, b, out, scratch, rows):
+    np.add(z, b, out=z)
+    if out is not z:
+        np.copyto(out, z)
+    return out
+
+
+def identity_bwd(s, a, out, scratch, rows):
+    if out is not s:
+        np.copyto(out, s)
+    return out
+
+
+def sigmoid_fwd(z, b, out, scratch, rows):
+    # σ(z) = (1 + tanh(z/2)) / 2: no overflow for any z, unlike 1 / (1 + e^{-z}).
+    np.add(z, b, out=z)
+    np.multiply(z, 0.5, out=out)
+    np.tanh(out, out=out)
+    out += 1.0
+    out *= 0.5
+    return out
+
+
+def sigmoid_bwd(s, a, out, scratch, rows):
+    # σ′ = a (1 − a)
+    np.subtract(1.0, a, out=scratch)
+    np.multiply(s, a, out=out)
+    out *= scratch
+    return out
+
+
+def tanh_fwd(z, b, out, scratch, rows):
+    np.add(z, b, out=z)
+    return np.tanh(z, out=out)
+
+
+def tanh_bwd(s, a, out, scratch, rows):
+    # tanh′ = 1 − a²
+    np.multiply(a, a, out=scratch)
+    np.subtract(1.0, scratch, out=scratch)
+    return np.multiply(s, scratch, out=out)
+
+
+def relu_fwd(z, b, out, scratch, rows):
+    np.add(z, b, out=z)
+    return np.maximum(z, 0.0, out=out)
+
+
+def relu_bwd(s, a, out, scratch, rows):
+    # relu′ = [a > 0]
+    np.greater(a, 0.0, out=scratch)
+    return np.multiply(s, scratch, out=out)
+
+
+def leaky_relu_fwd(z, b, out, scratch, rows):
+    # max(z, k z) for a slope 0 < k < 1
+    np.add(z, b, out=z)
+    np.multiply(z, LEAKY_SLOPE, out=scratch)
+    return np.maximum(z, scratch, out=out)
+
+
+def leaky_relu_bwd(s, a, out, scratch, rows):
+    # g′ = 1 where a > 0, else k  (a has the sign of z)
+    np.greater(a, 0.0, out=scratch)
+    scratch *= 1.0 - LEAKY_SLOPE
+    scratch += LEAKY_SLOPE
+    return np.multiply(s, scratch, out=out)
+
+
+def softplus_fwd(z, b, out, scratch, rows):
+    # log(1 + e^z), overflow-free through logaddexp
+    np.add(z, b, out=z)
+    return np.logaddexp(z, 0.0, out=out)
+
+
+def softplus_bwd(s, a, out, scratch, rows):
+    # g′ = σ(z) = 1 − e^{−a} = −expm1(−a)
+    np.negative(a, out=scratch)
+    np.expm1(scratch, out=scratch)
+    np.negative(scratch, out=scratch)
+    return np.multiply(s, scratch, out=out)
+
+
+def softmax_fwd(z, b, out, scratch, rows):
+    # a_k = e^{z_k − max z} / Σ_j e^{z_j − max z}: the shift keeps exp from overflowing.
+    np.add(z, b, out=z)
+    top = rows[:, :1]
+    np.max(z, axis=1, keepdims=True, out=top)
+    np.subtract(z, top, out=out)
+    np.exp(out, out=out)
+    np.sum(out, axis=1, keepdims=True, out=top)
+    out /= top
+    return out
+
+
+def softmax_bwd(s, a, out, scratch, rows):
+    # Jacobian-vector product of softmax: δ = a ⊙ (s − Σ_k s_k a_k)
+    dot = rows[:, :1]
+    np.multiply(s, a, out=scratch)
+    np.sum(scratch, axis=1, keepdims=True, out=dot)
+    np.subtract(s, dot, out=out)
+    out *= a
+    return out
+
+
+# --- losses: Σ_n J_n forward, c ∂J/∂a backward ------------------------------
+# Forward ops return the unscaled sum over samples and outputs as a 0-d array
+# (no host transfer); backward ops write c ∂J/∂a into out, with c = 1/m or 1.
+
+
+def _clip_unit(a, scratch):
+    """a clipped into [tiny, 1⁻] so log and 1/a stay finite for saturated outputs."""
+    info = np.finfo(a.dtype)
+    return np.clip(a, info.tiny, np.nextafter(a.dtype.type(1), a.dtype.type(0)), out=scratch)
+
+
+def squared_error_fwd(a, t, scratch, rows):
+    # J = ½ Σ (a − t)²
+    np.subtract(a, t, out=scratch)
+    return 0.5 * np.vdot(scratch, scratch)
+
+
+def squared_error_bwd(a, t, c, out, scratch):
+    # c (a − t); also the output delta of every canonical pair
+    np.subtract(a, t, out=out)
+    out *= c
+    return out
+
+
+def binary_cross_entropy_fwd(a, t, scratch, rows):
+    # J = −Σ [t log a + (1 − t) log(1 − a)], a clipped away from 0 and 1
+    p = _clip_unit(a, scratch)
+    total = -np.vdot(t, np.log(p, out=p))
+    p = _clip_unit(a, scratch)
+    np.negative(p, out=p)
+    np.log1p(p, out=p)
+    return total - np.sum(p) + np.vdot(t, p)
+
+
+def binary_cross_entropy_bwd(a, t, c, out, scratch):
+    # c (a − t) / (a (1 − a)), the denominator from a clipped away from 0 and 1
+    p = _clip_unit(a, scratch)
+    np.subtract(1.0, p, out=out)
+    out *= p
+    np.subtract(a, t, out=scratch)
+    np.divide(scratch, out, out=out)
+    out *= c
+    return out
+
+
+def cross_entropy_fwd(a, t, scratch, rows):
+    # J = −Σ t log a, a clipped away from 0
+    p = _clip_unit(a, scratch)
+    return -np.vdot(t, np.log(p, out=p))
+
+
+def cross_entropy_bwd(a, t, c, out, scratch):
+    # −c t / a
+    _clip_unit(a, out)
+    np.divide(t, out, out=out)
+    out *= -c
+    return out
+
+
+def sigmoid_binary_cross_entropy_fwd(z, t, scratch, rows):
+    # From the logits: −t log σ(z) − (1 − t) log(1 − σ(z)) = softplus(z) − t z, exact for any z.
+    np.logaddexp(z, 0.0, out=scratch)
+    return np.sum(scratch) - np.vdot(t, z)
+
+
+def softmax_cross_entropy_fwd(z, t, scratch, rows):
+    # From the logits: −Σ_k t_k log a_k = (Σ_k t_k) lse(z) − Σ_k t_k z_k, lse = log Σ e^{z}.
+    top, lse = rows[:, :1], rows[:, 1:]
+    np.max(z, axis=1, keepdims=True, out=top)
+    np.subtract(z, top, out=scratch)
+    np.exp(scratch, out=scratch)
+    np.sum(scratch, axis=1, keepdims=True, out=lse)
+    np.log(lse, out=lse)
+    lse += top
+    np.sum(t, axis=1, keepdims=True, out=top)
+    return np.vdot(top, lse) - np.vdot(t, z)

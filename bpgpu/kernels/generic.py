@@ -1,0 +1,148 @@
+"""Reference twins written in the array API standard only.
+
+Used for any namespace that is neither numpy nor CuPy (the tests run the whole
+network on ``array_api_strict`` with them, which proves the generic code uses
+nothing outside the standard). Same signatures and equations as
+:mod:`bpgpu.kernels.cpu`; they build temporaries freely and copy the result
+into ``out`` with ``out[...] = ...``.
+"""
+
+from __future__ import annotations
+
+from array_api_compat import array_namespace
+
+from bpgpu.kernels.cpu import LEAKY_SLOPE
+
+
+def _put(out, value):
+    out[...] = value
+    return out
+
+
+def matmul(a, b, out):
+    return _put(out, a @ b)
+
+
+def colsum(d, out):
+    return _put(out, array_namespace(d).sum(d, axis=0))
+
+
+def _biased(z, b):
+    z[...] = z + b
+    return z
+
+
+def identity_fwd(z, b, out, scratch, rows):
+    return _put(out, _biased(z, b))
+
+
+def identity_bwd(s, a, out, scratch, rows):
+    return _put(out, s)
+
+
+def sigmoid_fwd(z, b, out, scratch, rows):
+    xp = array_namespace(z)
+    return _put(out, 0.5 * (1.0 + xp.tanh(0.5 * _biased(z, b))))
+
+
+def sigmoid_bwd(s, a, out, scratch, rows):
+    return _put(out, s * a * (1.0 - a))
+
+
+def tanh_fwd(z, b, out, scratch, rows):
+    return _put(out, array_namespace(z).tanh(_biased(z, b)))
+
+
+def tanh_bwd(s, a, out, scratch, rows):
+    return _put(out, s * (1.0 - a * a))
+
+
+def relu_fwd(z, b, out, scratch, rows):
+    xp = array_namespace(z)
+    zb = _biased(z, b)
+    return _put(out, xp.where(zb > 0, zb, xp.zeros_like(zb)))
+
+
+def relu_bwd(s, a, out, scratch, rows):
+    xp = array_namespace(s)
+    return _put(out, xp.where(a > 0, s, xp.zeros_like(s)))
+
+
+def leaky_relu_fwd(z, b, out, scratch, rows):
+    xp = array_namespace(z)
+    zb = _biased(z, b)
+    return _put(out, xp.where(zb > 0, zb, LEAKY_SLOPE * zb))
+
+
+def leaky_relu_bwd(s, a, out, scratch, rows):
+    xp = array_namespace(s)
+    return _put(out, xp.where(a > 0, s, LEAKY_SLOPE * s))
+
+
+def softplus_fwd(z, b, out, scratch, rows):
+    xp = array_namespace(z)
+    return _put(out, xp.logaddexp(_biased(z, b), xp.zeros_like(z)))
+
+
+def softplus_bwd(s, a, out, scratch, rows):
+    return _put(out, -s * array_namespace(a).expm1(-a))
+
+
+def softmax_fwd(z, b, out, scratch, rows):
+    xp = array_namespace(z)
+    zb = _biased(z, b)
+    e = xp.exp(zb - xp.max(zb, axis=1, keepdims=True))
+    return _put(out, e / xp.sum(e, axis=1, keepdims=True))
+
+
+def softmax_bwd(s, a, out, scratch, rows):
+    xp = array_namespace(s)
+    return _put(out, a * (s - xp.sum(s * a, axis=1, keepdims=True)))
+
+
+def _clip_unit(a):
+    xp = array_namespace(a)
+    info = xp.finfo(a.dtype)
+    one = xp.asarray(1.0, dtype=a.dtype)
+    return xp.clip(a, info.smallest_normal, xp.nextafter(one, xp.zeros_like(one)))
+
+
+def squared_error_fwd(a, t, scratch, rows):
+    r = a - t
+    return 0.5 * array_namespace(a).sum(r * r)
+
+
+def squared_error_bwd(a, t, c, out, scratch):
+    return _put(out, c * (a - t))
+
+
+def binary_cross_entropy_fwd(a, t, scratch, rows):
+    xp = array_namespace(a)
+    p = _clip_unit(a)
+    return -xp.sum(t * xp.log(p) + (1.0 - t) * xp.log1p(-p))
+
+
+def binary_cross_entropy_bwd(a, t, c, out, scratch):
+    p = _clip_unit(a)
+    return _put(out, c * (a - t) / (p * (1.0 - p)))
+
+
+def cross_entropy_fwd(a, t, scratch, rows):
+    xp = array_namespace(a)
+    return -xp.sum(t * xp.log(_clip_unit(a)))
+
+
+def cross_entropy_bwd(a, t, c, out, scratch):
+    return _put(out, -c * t / _clip_unit(a))
+
+
+def sigmoid_binary_cross_entropy_fwd(z, t, scratch, rows):
+    xp = array_namespace(z)
+    return xp.sum(xp.logaddexp(z, xp.zeros_like(z)) - t * z)
+
+
+def softmax_cross_entropy_fwd(z, t, scratch, rows):
+    xp = array_namespace(z)
+    top = xp.max(z, axis=1, keepdims=True)
+    lse = top + xp.log(xp.sum(xp.exp(z - top), axis=1, keepdims=True))
+    return xp.sum(xp.sum(t, axis=1, keepdims=True) * lse) - xp.sum(t * z)

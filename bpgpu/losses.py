@@ -1,0 +1,66 @@
+"""Cost functions J and the output delta δ(L) = ∂J/∂z(L).
+
+Per sample n (the seeds' forms; ``reduction="mean"`` divides the sum by m):
+
+    squared_error          J_n = ½ ‖a − t‖²                        canonical output: identity
+    binary_cross_entropy   J_n = −Σ_k t_k log a_k + (1 − t_k) log(1 − a_k)   canonical: sigmoid
+    cross_entropy          J_n = −Σ_k t_k log a_k                    canonical: softmax
+
+For a canonical pair the link cancels and δ(L) = c (a − t) with c = 1/m or 1;
+the loss is then computed from the logits z, so saturated outputs give exact,
+finite values. Every other pair uses δ(L) = c ∂J/∂a ⊙ g′, with a clipped away
+from 0 and 1 inside the logarithms.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from bpgpu.activations import Activation
+from bpgpu.kernels import LOSSES
+
+_CANONICAL = {
+    "squared_error": ("identity", "squared_error_fwd"),
+    "binary_cross_entropy": ("sigmoid", "sigmoid_binary_cross_entropy_fwd"),
+    "cross_entropy": ("softmax", "softmax_cross_entropy_fwd"),
+}
+
+
+@dataclass(frozen=True)
+class Loss:
+    name: str
+
+    @property
+    def canonical_output(self) -> str:
+        return _CANONICAL[self.name][0]
+
+    @property
+    def needs_probabilities(self) -> bool:
+        return self.name != "squared_error"
+
+    def is_canonical(self, output: Activation) -> bool:
+        return output.name == self.canonical_output
+
+    def value_and_delta(self, ops: Any, output: Activation, z, a, t, c, delta, scratch, rows):
+        """Return Σ_n J_n (unscaled, on the device) and write δ(L) into ``delta``."""
+        if self.is_canonical(output):
+            total = getattr(ops, _CANONICAL[self.name][1])(z, t, scratch, rows)
+            ops.squared_error_bwd(a, t, c, delta, scratch)  # δ = c (a − t)
+            return total
+        total = getattr(ops, f"{self.name}_fwd")(a, t, scratch, rows)
+        getattr(ops, f"{self.name}_bwd")(a, t, c, delta, scratch)  # c ∂J/∂a
+        getattr(ops, output.bwd)(delta, a, delta, scratch, rows)  # ⊙ g′
+        return total
+
+
+def get(name: object, output: Activation, n_layers: int) -> Loss:
+    if not isinstance(name, str) or name not in LOSSES:
+        raise ValueError(f"unknown loss {name!r}; choose one of {', '.join(LOSSES)}")
+    loss = Loss(name)
+    if loss.needs_probabilities and not output.probabilistic:
+        raise ValueError(
+            f"loss={name!r} needs outputs in (0, 1), but the output activation of layer "
+            f"{n_layers} is {output.name!r}; use 'sigmoid' or 'softmax' there"
+        )
+    return loss

@@ -1,0 +1,282 @@
+"""The multilayer perceptron: flat parameters, workspaces, forward pass and backpropagation.
+
+Notation (seed 000): layer l maps a(l−1) to a(l) = g(z(l)), z(l) = Θ(l) a(l−1)
+with a_0 = 1. Θ(l) is (n_l, n_{l−1} + 1) with the bias in column 0. All Θ(l)
+live in one flat vector w, each stored column-major: the bias column comes
+first, then the weight block, whose transpose Wᵀ (n_{l−1}, n_l) is an ordinary
+C-contiguous matrix that BLAS takes with no copy. A batch is row-major, so
+Z = A_prev @ Wᵀ + b.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any, Sequence
+
+import numpy as np
+
+from bpgpu import activations, losses, validation
+from bpgpu.backend import Backend, resolve
+
+INITS = ("uniform", "glorot", "he")
+REDUCTIONS = ("mean", "sum")
+
+
+class _Workspace:
+    """Buffers for one batch size, allocated once and reused by every pass."""
+
+    def __init__(self, net: MLP, m: int):
+        xp, dt = net.backend.xp, net._xp_dtype
+        hidden = net.sizes[1:]
+        self.m = m
+        self.A = [None] + [xp.empty((m, n), dtype=dt) for n in hidden]  # a(l); A[0] is the input
+        self.D = [None] + [xp.empty((m, n), dtype=dt) for n in hidden]  # δ(l)
+        self.Z = xp.empty((m, net.sizes[-1]), dtype=dt)  # z(L), kept for a stable loss
+        flat = xp.empty(m * max(hidden), dtype=dt)
+        self.scratch = [None] + [xp.reshape(flat[: m * n], (m, n)) for n in hidden]
+        self.rows = xp.empty((m, 2), dtype=dt)
+        self.grad = xp.empty(net.n_params, dtype=dt)
+
+
+class MLP:
+    """A multilayer perceptron trained by backpropagation on numpy or CuPy.
+
+    Parameters
+    ----------
+    layer_sizes : [n0, n1, ..., nL], input width first.
+    hidden, output : activation name, or one per hidden layer.
+    loss : "squared_error", "binary_cross_entropy" or "cross_entropy".
+    reduction : "mean" (sum over samples / m) or "sum".
+    dtype : "float32" or "float64"; every computation stays in it.
+    backend : "auto", "numpy", "cupy" or an array-API namespace.
+    init : "uniform" (U[−epsilon, epsilon], seed 004), "glorot" or "he".
+    seed : int for reproducible initial parameters (drawn on the host in
+        float64, so the same seed gives the same net on every backend).
+    """
+
+    def __init__(
+        self,
+        layer_sizes: Sequence[int],
+        hidden: str | Sequence[str] = "sigmoid",
+        output: str = "sigmoid",
+        loss: str = "squared_error",
+        reduction: str = "mean",
+        dtype: str = "float32",
+        backend: Any = "auto",
+        init: str = "uniform",
+        epsilon: float = 0.12,
+        seed: int | None = None,
+    ):
+        self.sizes = validation.layer_sizes(layer_sizes)
+        L = self.n_layers = len(self.sizes) - 1
+        hidden_names = validation.per_layer(hidden, L - 1, "hidden")
+        self.activations = [
+            activations.get(name, l, is_output=False) for l, name in enumerate(hidden_names, start=1)
+        ] + [activations.get(output, L, is_output=True)]
+        if self.activations[-1].name == "softmax" and self.sizes[-1] < 2:
+            raise ValueError(
+                f"output='softmax' needs at least 2 units in layer {L} (it is constant 1 on one unit), "
+                f"got layer_sizes={list(self.sizes)}"
+            )
+        self.loss_function = losses.get(loss, self.activations[-1], L)
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {', '.join(REDUCTIONS)}, got {reduction!r}")
+        self.reduction = reduction
+        self.dtype = validation.dtype_name(dtype)
+        self.backend: Backend = resolve(backend)
+        self._xp_dtype = self.backend.dtype(self.dtype)
+        self._offsets = np.cumsum([0] + [n * (k + 1) for k, n in zip(self.sizes, self.sizes[1:])]).tolist()
+        self.n_params = self._offsets[-1]
+        self.params = self.backend.xp.zeros(self.n_params, dtype=self._xp_dtype)
+        self._workspaces: OrderedDict[int, _Workspace] = OrderedDict()
+        self.init, self.epsilon, self.seed = init, epsilon, seed
+        self.initialize(init, epsilon, seed)
+
+    # --- configuration -----------------------------------------------------
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """Everything needed to rebuild this net (except the parameters)."""
+        return {
+            "layer_sizes": list(self.sizes),
+            "hidden": [g.name for g in self.activations[:-1]],
+            "output": self.activations[-1].name,
+            "loss": self.loss_function.name,
+            "reduction": self.reduction,
+            "dtype": self.dtype,
+        }
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (
+            f"MLP({c['layer_sizes']}, hidden={c['hidden']}, output={c['output']!r}, "
+            f"loss={c['loss']!r}, dtype={c['dtype']!r}, backend={self.backend.name!r})"
+        )
+
+    # --- parameters --------------------------------------------------------
+
+    def initialize(self, init: str = "uniform", epsilon: float = 0.12, seed: int | None = None) -> None:
+        """Draw new parameters in place (the symmetry breaking of seed 004)."""
+        if init not in INITS:
+            raise ValueError(f"init must be one of {', '.join(INITS)}, got {init!r}")
+        rng = np.random.default_rng(seed)
+        host = np.zeros(self.n_params)
+        for l in range(1, self.n_layers + 1):
+            n_in, n_out = self.sizes[l - 1], self.sizes[l]
+            theta = self._theta_of(host, l)
+            if init == "uniform":
+                theta[...] = rng.uniform(-epsilon, epsilon, size=theta.shape)
+            elif init == "glorot":
+                bound = np.sqrt(6.0 / (n_in + n_out))
+                theta[:, 1:] = rng.uniform(-bound, bound, size=(n_out, n_in))
+            else:
+                theta[:, 1:] = rng.normal(0.0, np.sqrt(2.0 / n_in), size=(n_out, n_in))
+        self.set_params(host)
+
+    def _theta_of(self, vec: Any, l: int) -> Any:
+        n_in, n_out = self.sizes[l - 1], self.sizes[l]
+        block = vec[self._offsets[l - 1] : self._offsets[l]]
+        xp = self.backend.xp if not isinstance(vec, np.ndarray) else np
+        return xp.reshape(block, (n_in + 1, n_out)).T
+
+    def theta(self, l: int, vec: Any = None) -> Any:
+        """View of Θ(l), shape (n_l, n_{l−1} + 1), column 0 the bias, l = 1..L.
+
+        With ``vec`` (any flat vector in the params layout, e.g. a gradient) the
+        same block of that vector. Always a view: writing into it writes into
+        the flat vector.
+        """
+        if isinstance(l, bool) or not isinstance(l, (int, np.integer)) or not 1 <= l <= self.n_layers:
+            raise ValueError(f"layer l must be an int in 1..{self.n_layers}, got {l!r}")
+        vec = self.params if vec is None else vec
+        if tuple(vec.shape) != (self.n_params,):
+            raise ValueError(
+                f"vec must be a flat vector of length n_params={self.n_params}, got shape {tuple(vec.shape)}"
+            )
+        return self._theta_of(vec, l)
+
+    def _wt(self, l: int, vec: Any) -> Any:
+        """Wᵀ(l): the weight block of Θ(l), transposed, (n_{l−1}, n_l), C-contiguous."""
+        n_in, n_out = self.sizes[l - 1], self.sizes[l]
+        start = self._offsets[l - 1] + n_out
+        return self.backend.xp.reshape(vec[start : self._offsets[l]], (n_in, n_out))
+
+    def _bias(self, l: int, vec: Any) -> Any:
+        start = self._offsets[l - 1]
+        return vec[start : start + self.sizes[l]]
+
+    def set_params(self, w: Any) -> None:
+        """Copy ``w`` into the parameters in place (existing views stay valid)."""
+        validation.numeric_kind(w, "w")
+        w = self.backend.asarray(w, self._xp_dtype)
+        if tuple(w.shape) != (self.n_params,):
+            raise ValueError(
+                f"w must be a flat vector of length n_params={self.n_params} for MLP {list(self.sizes)}, "
+                f"got shape {tuple(w.shape)}"
+            )
+        if not bool(self.backend.xp.all(self.backend.xp.isfinite(w))):
+            raise ValueError("w contains NaN or Inf")
+        self.params[...] = w
+
+    def copy(self) -> MLP:
+        """An independent net with the same configuration and a copy of the parameters."""
+        twin = MLP.__new__(MLP)
+        twin.__dict__.update(self.__dict__)
+        twin.params = self.backend.xp.asarray(self.params, copy=True)
+        twin._workspaces = OrderedDict()
+        return twin
+
+    # --- inputs ------------------------------------------------------------
+
+    def _inputs(self, X: Any, T: Any = None) -> tuple[Any, Any]:
+        """Move X (and T) to the backend in the net's dtype, and check them."""
+        validation.numeric_kind(X, "X")
+        X = self.backend.asarray(X, self._xp_dtype)
+        validation.batch(X, self.backend.xp, "X", self.sizes[0], "layer 0 (input)", self.sizes)
+        if T is None:
+            return X, None
+        validation.numeric_kind(T, "T")
+        T = self.backend.asarray(T, self._xp_dtype)
+        if T.ndim == 1 and self.sizes[-1] == 1:
+            T = self.backend.xp.reshape(T, (-1, 1))
+        validation.batch(T, self.backend.xp, "T", self.sizes[-1], f"layer {self.n_layers} (output)", self.sizes)
+        if T.shape[0] != X.shape[0]:
+            raise ValueError(
+                f"X and T must have the same number of rows: X.shape={tuple(X.shape)}, T.shape={tuple(T.shape)}"
+            )
+        return X, T
+
+    def workspace(self, m: int) -> _Workspace:
+        """The buffers for batch size m (a few sizes are kept, least recently used dropped)."""
+        ws = self._workspaces.get(m)
+        if ws is None:
+            ws = self._workspaces[m] = _Workspace(self, m)
+            while len(self._workspaces) > 4:
+                self._workspaces.popitem(last=False)
+        else:
+            self._workspaces.move_to_end(m)
+        return ws
+
+    # --- forward and backward ----------------------------------------------
+
+    def _forward(self, X: Any, ws: _Workspace, w: Any) -> Any:
+        """a(l) = g(A(l−1) Wᵀ + b) for l = 1..L into the workspace; returns a(L)."""
+        ops, L = self.backend.ops, self.n_layers
+        a = X
+        for l in range(1, L + 1):
+            z = ws.Z if l == L else ws.A[l]  # hidden layers activate in place
+            ops.matmul(a, self._wt(l, w), z)
+            a = getattr(ops, self.activations[l - 1].fwd)(z, self._bias(l, w), ws.A[l], ws.scratch[l], ws.rows)
+        return a
+
+    def _backward(self, X: Any, T: Any, ws: _Workspace, w: Any, grad: Any) -> Any:
+        """Backpropagation: δ(L) from the loss, δ(l) = (δ(l+1) W(l+1)) ⊙ g′(z(l)),
+        ∂J/∂Wᵀ(l) = A(l−1)ᵀ δ(l), ∂J/∂b(l) = Σ_n δ(l). Returns Σ_n J_n (device)."""
+        ops, L = self.backend.ops, self.n_layers
+        c = 1.0 / ws.m if self.reduction == "mean" else 1.0
+        total = self.loss_function.value_and_delta(
+            ops, self.activations[-1], ws.Z, ws.A[L], T, c, ws.D[L], ws.scratch[L], ws.rows
+        )
+        for l in range(L, 0, -1):
+            delta = ws.D[l]
+            ops.matmul(X.T if l == 1 else ws.A[l - 1].T, delta, self._wt(l, grad))
+            ops.colsum(delta, self._bias(l, grad))
+            if l > 1:
+                s = ops.matmul(delta, self._wt(l, w).T, ws.D[l - 1])
+                getattr(ops, self.activations[l - 2].bwd)(s, ws.A[l - 1], s, ws.scratch[l - 1], ws.rows)
+        return total * c
+
+    def _loss(self, X: Any, T: Any, ws: _Workspace, w: Any) -> Any:
+        L = self.n_layers
+        self._forward(X, ws, w)
+        c = 1.0 / ws.m if self.reduction == "mean" else 1.0
+        return c * self.loss_function.value_and_delta(
+            self.backend.ops, self.activations[-1], ws.Z, ws.A[L], T, c, ws.D[L], ws.scratch[L], ws.rows
+        )
+
+    # --- public API ----------------------------------------------------------
+
+    def forward(self, X: Any) -> Any:
+        """a(L) for a batch X of shape (m, n0): a new array of shape (m, nL)."""
+        X, _ = self._inputs(X)
+        a = self._forward(X, self.workspace(X.shape[0]), self.params)
+        return self.backend.xp.asarray(a, copy=True)
+
+    predict = forward
+
+    def loss(self, X: Any, T: Any) -> float:
+        """The cost J as a Python float."""
+        X, T = self._inputs(X, T)
+        return float(self._loss(X, T, self.workspace(X.shape[0]), self.params))
+
+    def loss_and_gradient(self, X: Any, T: Any) -> tuple[float, Any]:
+        """(J, dJ/dw): the loss and a new flat gradient in the params layout."""
+        X, T = self._inputs(X, T)
+        ws = self.workspace(X.shape[0])
+        self._forward(X, ws, self.params)
+        J = self._backward(X, T, ws, self.params, ws.grad)
+        return float(J), self.backend.xp.asarray(ws.grad, copy=True)
+
+    def gradient(self, X: Any, T: Any) -> Any:
+        """dJ/dw by backpropagation: a new flat vector in the params layout."""
+        return self.loss_and_gradient(X, T)[1]

@@ -1,0 +1,86 @@
+"""Checks at the edge: every bad input gets an error naming the argument, layer and shapes."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+DTYPES = ("float32", "float64")
+
+
+def layer_sizes(sizes: Any) -> tuple[int, ...]:
+    try:
+        sizes = tuple(sizes)
+    except TypeError:
+        raise TypeError(f"layer_sizes must be a sequence of ints, got {type(sizes).__name__}") from None
+    if len(sizes) < 2:
+        raise ValueError(f"layer_sizes needs at least an input and an output layer, got {list(sizes)}")
+    for l, n in enumerate(sizes):
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
+            raise TypeError(f"layer_sizes[{l}] (layer {l}) must be an int, got {n!r}")
+        if n < 1:
+            raise ValueError(f"layer {l} must have at least 1 unit, got layer_sizes[{l}]={n} in {list(sizes)}")
+    return tuple(int(n) for n in sizes)
+
+
+def per_layer(value: Any, count: int, argument: str) -> list[Any]:
+    """One name for every layer, or a list with exactly one name per layer."""
+    if isinstance(value, str):
+        return [value] * count
+    values = list(value)
+    if len(values) != count:
+        raise ValueError(f"{argument} has {len(values)} entries but the net has {count} such layers")
+    return values
+
+
+def _dtype_str(dtype: Any) -> str:
+    """numpy's name of a dtype given as a string, numpy dtype or array-API dtype object."""
+    if isinstance(dtype, str):
+        return dtype
+    try:
+        return np.dtype(dtype).name
+    except TypeError:
+        return str(dtype).rsplit(".", 1)[-1]  # e.g. array_api_strict.float64
+
+
+def dtype_name(dtype: Any) -> str:
+    name = _dtype_str(dtype)
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    return name
+
+
+def _shape_of(x: Any) -> tuple[int, ...]:
+    return tuple(getattr(x, "shape", np.shape(x)))
+
+
+def numeric_kind(x: Any, argument: str) -> None:
+    """Reject strings, objects and complex numbers before any conversion tries them."""
+    dtype = getattr(x, "dtype", None)
+    if dtype is None:
+        try:
+            dtype = np.asarray(x).dtype
+        except (ValueError, TypeError) as exc:
+            raise TypeError(f"{argument} is not a rectangular numeric array: {exc}") from None
+    if not _dtype_str(dtype).startswith(("bool", "int", "uint", "float")):
+        raise TypeError(f"{argument} must hold real numbers, got dtype {dtype} with shape {_shape_of(x)}")
+
+
+def batch(x: Any, xp: Any, argument: str, width: int, layer: str, sizes: Sequence[int]) -> None:
+    """Check a converted 2-D batch: width, emptiness and finiteness."""
+    if x.ndim != 2:
+        raise ValueError(
+            f"{argument} must be 2-D (samples, features) for {layer} of MLP {list(sizes)}, "
+            f"got shape {tuple(x.shape)}"
+        )
+    rows, cols = x.shape
+    if rows == 0:
+        raise ValueError(f"{argument} is an empty batch: shape {tuple(x.shape)}")
+    if cols != width:
+        raise ValueError(
+            f"{argument} has {cols} columns but {layer} of MLP {list(sizes)} has {width} units: "
+            f"{argument}.shape={tuple(x.shape)}"
+        )
+    if not bool(xp.all(xp.isfinite(x))):
+        raise ValueError(f"{argument} contains NaN or Inf (shape {tuple(x.shape)})")

@@ -1,0 +1,46 @@
+"""Test helpers written independently of the library's own derivative code."""
+
+import numpy as np
+
+from bpgpu.activations import HIDDEN, OUTPUT
+
+# Every (output activation, loss) pair the library accepts: squared error with
+# any output; the cross-entropies with the probabilistic outputs.
+OUTPUT_LOSS_PAIRS = [(g, "squared_error") for g in OUTPUT] + [
+    (g, loss) for g in ("sigmoid", "softmax") for loss in ("binary_cross_entropy", "cross_entropy")
+]
+
+
+def central_difference_gradient(net, X, T, h=1e-3):
+    """dJ/dw_i by the fourth-order central stencil, one parameter at a time (float64):
+
+    (−J(w + 2h e_i) + 8 J(w + h e_i) − 8 J(w − h e_i) + J(w − 2h e_i)) / 12h
+
+    Its truncation error is O(h⁴), so a step large enough to keep rounding
+    error near 1e-12 still resolves a 1e-6 relative check.
+    """
+    w0 = np.array(net.params, dtype=np.float64, copy=True)
+    grad = np.empty_like(w0)
+
+    def loss_at(i, step):
+        w = w0.copy()
+        w[i] += step
+        net.set_params(w)
+        return net.loss(X, T)
+
+    for i in range(w0.size):
+        grad[i] = (-loss_at(i, 2 * h) + 8 * loss_at(i, h) - 8 * loss_at(i, -h) + loss_at(i, -2 * h)) / (12 * h)
+    net.set_params(w0)
+    return grad
+
+
+def targets_for(loss, output, m, n, rng):
+    """Targets in the loss's domain: one-hot rows for softmax cross-entropy, (0, 1) otherwise."""
+    if loss == "squared_error":
+        return rng.normal(size=(m, n))
+    if loss == "cross_entropy" and output == "softmax":
+        return np.eye(n)[rng.integers(0, n, size=m)]
+    return rng.uniform(0.05, 0.95, size=(m, n))
+
+
+__all__ = ["HIDDEN", "OUTPUT_LOSS_PAIRS", "central_difference_gradient", "targets_for"]

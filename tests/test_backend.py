@@ -1,0 +1,52 @@
+"""Backend selection: explicit > BPGPU_BACKEND > auto, with reasons."""
+
+import logging
+
+import numpy as np
+import pytest
+
+import bpgpu as bp
+from bpgpu import backend
+
+
+def test_auto_picks_numpy_when_no_gpu_and_says_why():
+    status = bp.gpu_status()
+    assert isinstance(status.reason, str) and status.reason
+    chosen = backend.resolve("auto")
+    if not status.usable:
+        assert chosen.name == "numpy"
+        assert status.reason in chosen.reason
+
+
+def test_env_overrides_auto(monkeypatch):
+    monkeypatch.setenv("BPGPU_BACKEND", "cpu")
+    assert backend.resolve("auto").name == "numpy"
+    assert "BPGPU_BACKEND" in backend.resolve("auto").reason
+    monkeypatch.setenv("BPGPU_BACKEND", "quantum")
+    with pytest.raises(ValueError, match=r"BPGPU_BACKEND='quantum' is not a backend"):
+        bp.MLP([2, 1])
+
+
+def test_explicit_argument_beats_env(monkeypatch):
+    monkeypatch.setenv("BPGPU_BACKEND", "quantum")
+    assert bp.MLP([2, 1], backend="numpy").backend.name == "numpy"
+
+
+@pytest.mark.skipif(bp.gpu_status().usable, reason="this machine has a usable GPU")
+def test_cupy_without_gpu_is_a_clear_error():
+    with pytest.raises(RuntimeError, match=r"backend='cupy' asks for the GPU, but CuPy cannot run here: "):
+        bp.MLP([2, 1], backend="cupy")
+
+
+def test_auto_logs_one_line(caplog):
+    backend._auto.cache_clear()
+    with caplog.at_level(logging.INFO, logger="bpgpu"):
+        backend.resolve("auto")
+        backend.resolve("auto")
+    lines = [r.getMessage() for r in caplog.records if "bpgpu backend" in r.getMessage()]
+    assert len(lines) == 1 and "because" in lines[0] or "usable" in lines[0]
+
+
+def test_to_numpy_round_trip():
+    x = np.arange(3.0)
+    assert bp.to_numpy(x) is x
