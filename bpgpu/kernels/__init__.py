@@ -17,4 +17,5 @@ OPS = (
     + tuple(f"{g}_{d}" for g in ACTIVATIONS for d in ("fwd", "bwd"))
     + tuple(f"{j}_{d}" for j in LOSSES for d in ("fwd", "bwd"))
     + ("sigmoid_binary_cross_entropy_fwd", "softmax_cross_entropy_fwd")
+    + ("sgd_update", "momentum_update", "nesterov_update", "adam_update", "l2_grad", "outer_sgd_update")
 )

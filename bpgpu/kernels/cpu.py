@@ -215,3 +215,67 @@ def softmax_cross_entropy_fwd(z, t, scratch, rows):
     lse += top
     np.sum(t, axis=1, keepdims=True, out=top)
     return np.vdot(top, lse) - np.vdot(t, z)
+
+
+# --- optimizer updates -------------------------------------------------------
+# One pass over the flat parameter vector w (or, for outer_sgd_update, over one
+# layer's views of it), in place; scikit-learn's equations (_stochastic_optimizers.py).
+# ``scratch`` is an optimizer-owned buffer shaped like w (like wt for the outer
+# update): numpy needs it to hold lr·g and similar terms without temporaries.
+
+
+def sgd_update(w, g, lr, scratch):
+    # w ← w − lr g
+    np.multiply(g, lr, out=scratch)
+    return np.subtract(w, scratch, out=w)
+
+
+def momentum_update(w, g, v, lr, mu, scratch):
+    # v ← μ v − lr g ;  w ← w + v
+    np.multiply(g, lr, out=scratch)
+    v *= mu
+    v -= scratch
+    return np.add(w, v, out=w)
+
+
+def nesterov_update(w, g, v, lr, mu, scratch):
+    # v ← μ v − lr g ;  w ← w + μ v − lr g  (the look-ahead step, with the new v)
+    np.multiply(g, lr, out=scratch)
+    v *= mu
+    v -= scratch
+    w -= scratch
+    np.multiply(v, mu, out=scratch)
+    return np.add(w, scratch, out=w)
+
+
+def adam_update(w, g, m, v, lr_t, beta1, beta2, eps, scratch):
+    # m ← β1 m + (1 − β1) g ;  v ← β2 v + (1 − β2) g² ;  w ← w − lr_t m / (√v + ε)
+    np.multiply(g, 1.0 - beta1, out=scratch)
+    m *= beta1
+    m += scratch
+    np.multiply(g, g, out=scratch)
+    scratch *= 1.0 - beta2
+    v *= beta2
+    v += scratch
+    np.sqrt(v, out=scratch)
+    scratch += eps
+    np.divide(m, scratch, out=scratch)
+    scratch *= lr_t
+    return np.subtract(w, scratch, out=w)
+
+
+def l2_grad(g, w, mask, alpha, scratch):
+    # g ← g + α mask ⊙ w: the gradient of (α/2)‖weights‖², biases masked out
+    np.multiply(w, mask, out=scratch)
+    scratch *= alpha
+    return np.add(g, scratch, out=g)
+
+
+def outer_sgd_update(wt, b, a, delta, lr, scratch):
+    # One sample: Wᵀ ← Wᵀ − lr a ⊗ δ ;  b ← b − lr δ  (the gradient matrix is never stored)
+    np.multiply.outer(a, delta, out=scratch)
+    scratch *= lr
+    np.subtract(wt, scratch, out=wt)
+    step = scratch[0]
+    np.multiply(delta, lr, out=step)
+    return np.subtract(b, step, out=b)

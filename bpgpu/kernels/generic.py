@@ -146,3 +146,37 @@ def softmax_cross_entropy_fwd(z, t, scratch, rows):
     top = xp.max(z, axis=1, keepdims=True)
     lse = top + xp.log(xp.sum(xp.exp(z - top), axis=1, keepdims=True))
     return xp.sum(xp.sum(t, axis=1, keepdims=True) * lse) - xp.sum(t * z)
+
+
+# --- optimizer updates (scratch is ignored: temporaries are fine here) --------
+
+
+def sgd_update(w, g, lr, scratch):
+    return _put(w, w - lr * g)
+
+
+def momentum_update(w, g, v, lr, mu, scratch):
+    _put(v, mu * v - lr * g)
+    return _put(w, w + v)
+
+
+def nesterov_update(w, g, v, lr, mu, scratch):
+    _put(v, mu * v - lr * g)
+    return _put(w, w + mu * v - lr * g)
+
+
+def adam_update(w, g, m, v, lr_t, beta1, beta2, eps, scratch):
+    xp = array_namespace(w)
+    _put(m, beta1 * m + (1.0 - beta1) * g)
+    _put(v, beta2 * v + (1.0 - beta2) * (g * g))
+    return _put(w, w - lr_t * m / (xp.sqrt(v) + eps))
+
+
+def l2_grad(g, w, mask, alpha, scratch):
+    return _put(g, g + alpha * (mask * w))
+
+
+def outer_sgd_update(wt, b, a, delta, lr, scratch):
+    xp = array_namespace(wt)
+    _put(wt, wt - lr * (xp.reshape(a, (-1, 1)) * xp.reshape(delta, (1, -1))))
+    return _put(b, b - lr * delta)
