@@ -18,4 +18,5 @@ OPS = (
     + tuple(f"{j}_{d}" for j in LOSSES for d in ("fwd", "bwd"))
     + ("sigmoid_binary_cross_entropy_fwd", "softmax_cross_entropy_fwd")
     + ("sgd_update", "momentum_update", "nesterov_update", "adam_update", "l2_grad", "outer_sgd_update")
+    + ("take_rows",)
 )

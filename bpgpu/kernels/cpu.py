@@ -279,3 +279,8 @@ def outer_sgd_update(wt, b, a, delta, lr, scratch):
     step = scratch[0]
     np.multiply(delta, lr, out=step)
     return np.subtract(b, step, out=b)
+
+
+def take_rows(x, idx, out):
+    # out ← x[idx]: gather one shuffled batch into a reused buffer (no new array per step)
+    return np.take(x, idx, axis=0, out=out)

@@ -180,3 +180,7 @@ def outer_sgd_update(wt, b, a, delta, lr, scratch):
     xp = array_namespace(wt)
     _put(wt, wt - lr * (xp.reshape(a, (-1, 1)) * xp.reshape(delta, (1, -1))))
     return _put(b, b - lr * delta)
+
+
+def take_rows(x, idx, out):
+    return _put(out, array_namespace(x).take(x, idx, axis=0))

@@ -1,0 +1,468 @@
+"""Training: one step (forward, backprop, fused update) and the epoch loop :func:`fit`.
+
+Host traffic is kept to the edges (DESIGN "Precision and devices"): per epoch one
+host→device copy of the shuffled sample order (drawn with numpy's seeded
+generator, so a seed gives the same batches on every backend) and one
+device→host copy of the epoch's loss (and validation loss) for the history,
+the progress bar and the stopping rules. Inside an epoch batches are gathered
+on the device (``take_rows`` with an index vector into reused buffers) and each
+batch loss is written into a device vector; nothing is synchronised.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import numpy as np
+
+from bpgpu.backend import to_numpy
+from bpgpu.optim import SGD, Optimizer, make_optimizer
+
+
+class DivergenceError(FloatingPointError):
+    """The loss (or a parameter) became NaN or Inf; the net holds its last finite parameters.
+
+    Attributes: ``epoch`` and ``step`` (1-based) where it was seen, ``history``
+    (the epochs completed before it).
+    """
+
+    def __init__(self, message: str, epoch: int, step: int, history: History):
+        super().__init__(message)
+        self.epoch, self.step, self.history = epoch, step, history
+
+
+@dataclass
+class History:
+    """Per-epoch record of a :func:`fit` (also readable as ``history["loss"]``).
+
+    loss: training loss per epoch (mean over the epoch's batches, weighted by
+    batch size, L2 term included, as scikit-learn's ``loss_curve_``);
+    validation_loss / validation_score: per epoch when there is a validation
+    set (the score is ``validation_score(net, X_val, T_val)`` when given, else
+    −validation_loss); learning_rate: the rate in force at the end of each
+    epoch; stop_reason: "epochs", "tol", "early_stopping", "callback",
+    "interrupted" or L-BFGS's message.
+    """
+
+    loss: list[float] = field(default_factory=list)
+    validation_loss: list[float] = field(default_factory=list)
+    validation_score: list[float] = field(default_factory=list)
+    learning_rate: list[float] = field(default_factory=list)
+    best_loss: float = math.inf
+    best_validation_score: float = -math.inf
+    stop_reason: str = ""
+
+    @property
+    def epochs(self) -> int:
+        return len(self.loss)
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in self.__dataclass_fields__:
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def keys(self) -> list[str]:
+        return list(self.__dataclass_fields__)
+
+
+# --- one step ------------------------------------------------------------------
+
+
+def _reduction_factor(net: Any, m: int) -> float:
+    return 1.0 / m if net.reduction == "mean" else 1.0
+
+
+def train_step(net: Any, X: Any, T: Any, optimizer: Optimizer) -> Any:
+    """Forward, backprop, L2 term and one fused update on a batch already on the backend.
+
+    X (m, n0) and T (m, nL) must be backend arrays in the net's dtype (as
+    ``net._inputs`` returns them). Returns the batch loss as a device scalar
+    (no host transfer). After the first call for a batch size it allocates
+    nothing on numpy: the workspace, gradient and optimizer state are reused.
+    """
+    ws = net.workspace(X.shape[0])
+    net._forward(X, ws, net.params)
+    loss = net._backward(X, T, ws, net.params, ws.grad)
+    loss = loss + optimizer.penalize(ws.grad, _reduction_factor(net, X.shape[0]))
+    optimizer.update(ws.grad)
+    return loss
+
+
+def _sample_sgd_step(net: Any, X: Any, T: Any, optimizer: SGD) -> Any:
+    """Plain SGD on one sample with the update fused into backprop, layer by layer.
+
+    ∂J/∂Wᵀ(l) = a(l−1) ⊗ δ(l) is never stored: ``outer_sgd_update`` applies
+    Wᵀ ← Wᵀ − lr a ⊗ δ directly. δ(l−1) = (δ(l) W(l)) ⊙ g′ is computed first,
+    while W(l) still holds the weights the forward pass used, so the step is
+    exactly :func:`train_step`'s (tests/test_training.py compares them).
+    """
+    ops, L, w = net.backend.ops, net.n_layers, net.params
+    ws = net.workspace(1)
+    net._forward(X, ws, w)
+    loss = net.loss_function.value_and_delta(
+        ops, net.activations[-1], ws.Z, ws.A[L], T, 1.0, ws.D[L], ws.scratch[L], ws.rows
+    )
+    scratch = _outer_scratch(net, optimizer)
+    for l in range(L, 0, -1):
+        if l > 1:
+            s = ops.matmul(ws.D[l], net._wt(l, w).T, ws.D[l - 1])
+            getattr(ops, net.activations[l - 2].bwd)(s, ws.A[l - 1], s, ws.scratch[l - 1], ws.rows)
+        a_prev = X[0] if l == 1 else ws.A[l - 1][0]
+        ops.outer_sgd_update(net._wt(l, w), net._bias(l, w), a_prev, ws.D[l][0], optimizer.learning_rate,
+                             scratch[l])
+    return loss
+
+
+def _outer_scratch(net: Any, optimizer: Optimizer) -> list[Any]:
+    """(n_{l−1}, n_l) views into the optimizer's flat scratch vector, made once."""
+    views = getattr(optimizer, "_outer_views", None)
+    if views is None:
+        xp, flat = net.backend.xp, optimizer._scratch
+        views = [None] + [
+            xp.reshape(flat[: n_in * n_out], (n_in, n_out)) for n_in, n_out in zip(net.sizes, net.sizes[1:])
+        ]
+        optimizer._outer_views = views
+    return views
+
+
+# --- argument checks -----------------------------------------------------------
+
+
+def _positive_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    return int(value)
+
+
+def _batch_size(batch_size: Any, m: int) -> int:
+    if batch_size is None:
+        return m
+    if batch_size == "auto":
+        return min(200, m)
+    size = _positive_int(batch_size, "batch_size")
+    if size > m:
+        warnings.warn(f"batch_size={size} is larger than the {m} training samples; using {m}", stacklevel=3)
+    return min(size, m)
+
+
+def _progress_bar(progress: bool, epochs: int) -> Any:
+    if not progress:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        raise ImportError(
+            "progress=True needs tqdm, an optional dependency: pip install 'bpgpu[sklearn]' "
+            "(or pass progress=False)"
+        ) from None
+    return tqdm(total=epochs, desc="bpgpu fit", unit="epoch", leave=True)
+
+
+def _split_validation(net: Any, X: Any, T: Any, validation_data: Any, fraction: float, rng: Any):
+    """(X_train, T_train, X_val, T_val); the split draws from the fit's seeded generator."""
+    if validation_data is not None:
+        if fraction:
+            raise ValueError("give either validation_data or validation_fraction, not both")
+        try:
+            Xv, Tv = validation_data
+        except (TypeError, ValueError):
+            raise TypeError("validation_data must be a pair (X_val, T_val)") from None
+        Xv, Tv = net._inputs(Xv, Tv)
+        return X, T, Xv, Tv
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction < 1:
+        raise ValueError(f"validation_fraction must be a number in [0, 1), got {fraction!r}")
+    if fraction == 0:
+        return X, T, None, None
+    m = X.shape[0]
+    n_val = math.ceil(fraction * m)  # as scikit-learn's train_test_split
+    if n_val < 1 or m - n_val < 1:
+        raise ValueError(f"validation_fraction={fraction} leaves no training or no validation sample out of {m}")
+    order = net.backend.asarray(rng.permutation(m), net.backend.xp.int64)
+    xp = net.backend.xp
+    val, train = order[:n_val], order[n_val:]
+    return xp.take(X, train, axis=0), xp.take(T, train, axis=0), xp.take(X, val, axis=0), xp.take(T, val, axis=0)
+
+
+# --- the epoch loop ------------------------------------------------------------
+
+
+def fit(
+    net: Any,
+    X: Any,
+    T: Any,
+    optimizer: str | Optimizer = "sgd",
+    learning_rate: float = 0.1,
+    epochs: int = 200,
+    batch_size: int | str | None = None,
+    shuffle: bool = True,
+    seed: int | None = None,
+    validation_data: tuple[Any, Any] | None = None,
+    validation_fraction: float = 0.0,
+    early_stopping: bool = False,
+    callbacks: Iterable[Callable[[int, History, Any], Any]] = (),
+    progress: bool = True,
+    *,
+    tol: float | None = 1e-4,
+    n_iter_no_change: int = 10,
+    max_fun: int = 15000,
+    validation_score: Callable[[Any, Any, Any], float] | None = None,
+    **optimizer_options: Any,
+) -> History:
+    """Train ``net`` in place on (X, T) and return its :class:`History`.
+
+    optimizer: "sgd", "momentum", "nesterov", "adam", "lbfgs", or an
+        :class:`bpgpu.optim.Optimizer` already bound to this net (its state and
+        options carry over, e.g. for scikit-learn's partial_fit; then
+        learning_rate and optimizer_options are not used).
+    batch_size: None (full batch: gradient descent), an int (1 is per-sample
+        SGD), or "auto" = min(200, m) as scikit-learn. L-BFGS is full batch.
+    epochs: passes over the data (L-BFGS: its iterations, as sklearn's max_iter).
+    shuffle: draw a new sample order each epoch from ``seed``'s generator.
+    validation_data / validation_fraction: a held-out set scored each epoch;
+        early_stopping=True stops on it and restores its best parameters.
+    tol, n_iter_no_change: scikit-learn's rule: when the training loss (or,
+        with early_stopping, the validation score) fails to improve by tol for
+        more than n_iter_no_change epochs, stop (lr_schedule="adaptive":
+        divide the learning rate by 5 instead, until it is ≤ 1e-6).
+        tol=None disables the rule.
+    callbacks: each called as ``cb(epoch, history, net)`` after every epoch;
+        a True return value stops training.
+    progress: a tqdm bar with the epoch, loss and validation figures.
+    validation_score: ``f(net, X_val, T_val) -> float``, higher is better
+        (default −validation loss).
+    optimizer_options: alpha (L2, weights only), lr_schedule, power_t,
+        momentum, beta_1, beta_2, epsilon (see :mod:`bpgpu.optim`).
+
+    Raises :class:`DivergenceError` when the loss or the parameters become
+    non-finite; the net then holds the parameters from the start of that epoch.
+    """
+    epochs = _positive_int(epochs, "epochs")
+    if tol is not None and (not isinstance(tol, (int, float)) or tol < 0):
+        raise ValueError(f"tol must be a number >= 0 or None, got {tol!r}")
+    n_iter_no_change = _positive_int(n_iter_no_change, "n_iter_no_change")
+    callbacks = tuple(callbacks)
+    for cb in callbacks:
+        if not callable(cb):
+            raise TypeError(f"callbacks must be callables cb(epoch, history, net), got {cb!r}")
+    X, T = net._inputs(X, T)
+    rng = np.random.default_rng(seed)
+    X, T, Xv, Tv = _split_validation(net, X, T, validation_data, validation_fraction, rng)
+    if early_stopping and Xv is None:
+        raise ValueError("early_stopping=True needs validation_data or validation_fraction > 0")
+    if optimizer == "lbfgs":
+        alpha = optimizer_options.pop("alpha", 0.0)
+        if optimizer_options:
+            raise TypeError(f"optimizer 'lbfgs' does not take {', '.join(sorted(optimizer_options))}")
+        return _fit_lbfgs(net, X, T, Xv, Tv, epochs, alpha, tol, max_fun, callbacks, progress, validation_score)
+    if isinstance(optimizer, Optimizer):
+        if optimizer.net is not net:
+            raise ValueError("the optimizer given is bound to another net; make one with make_optimizer(name, net)")
+        opt = optimizer
+    else:
+        opt = make_optimizer(optimizer, net, learning_rate, **optimizer_options)
+    loop = _EpochLoop(net, X, T, opt, _batch_size(batch_size, X.shape[0]), shuffle, rng)
+    history = History()
+    monitor = _Monitor(net, Xv, Tv, early_stopping, tol, n_iter_no_change, validation_score)
+    bar = _progress_bar(progress, epochs)
+    try:
+        for epoch in range(1, epochs + 1):
+            try:
+                loss, val_loss = loop.run_epoch(epoch, Xv, Tv, history)
+            except KeyboardInterrupt:
+                warnings.warn("training interrupted by the user", stacklevel=2)
+                history.stop_reason = "interrupted"
+                break
+            opt.iteration_ends(opt.samples_seen + X.shape[0])
+            stop = monitor.epoch_done(history, loss, val_loss, opt)
+            _show(bar, epoch, history)
+            if any(bool(cb(epoch, history, net)) for cb in callbacks):
+                history.stop_reason = "callback"
+                break
+            if stop:
+                history.stop_reason = stop
+                break
+        else:
+            history.stop_reason = "epochs"
+    finally:
+        if bar is not None:
+            bar.close()
+    monitor.restore_best(history)
+    return history
+
+
+class _EpochLoop:
+    """Batches, steps and the one host transfer per epoch, with buffers made once."""
+
+    def __init__(self, net: Any, X: Any, T: Any, opt: Optimizer, batch: int, shuffle: bool, rng: Any):
+        xp, dt = net.backend.xp, net._xp_dtype
+        self.net, self.X, self.T, self.opt, self.rng = net, X, T, opt, rng
+        m = X.shape[0]
+        self.bounds = [(lo, min(lo + batch, m)) for lo in range(0, m, batch)]
+        self.shuffle = shuffle and len(self.bounds) > 1  # a full batch's gradient ignores order
+        self.step = (
+            _sample_sgd_step if batch == 1 and type(opt) is SGD and opt.alpha == 0.0 else train_step
+        )
+        self.step_losses = xp.zeros(len(self.bounds), dtype=dt)
+        # epoch loss = Σ_b loss_b m_b / m (mean reduction) or Σ_b loss_b (sum), as sklearn's loss_curve_
+        weights = [(hi - lo) / m if net.reduction == "mean" else 1.0 for lo, hi in self.bounds]
+        self.weights = net.backend.asarray(weights, dt)
+        self.good = xp.empty_like(net.params)  # the parameters at the start of the epoch
+        if self.shuffle:
+            sizes = {hi - lo for lo, hi in self.bounds}
+            self.Xb = {b: xp.empty((b, X.shape[1]), dtype=dt) for b in sizes}
+            self.Tb = {b: xp.empty((b, T.shape[1]), dtype=dt) for b in sizes}
+
+    def run_epoch(self, epoch: int, Xv: Any, Tv: Any, history: History) -> tuple[float, float | None]:
+        net, xp, ops = self.net, self.net.backend.xp, self.net.backend.ops
+        self.good[...] = net.params
+        if self.shuffle:
+            order = net.backend.asarray(self.rng.permutation(self.X.shape[0]), xp.int64)  # host → device
+        for s, (lo, hi) in enumerate(self.bounds):
+            if self.shuffle:
+                rows = order[lo:hi]
+                xb = ops.take_rows(self.X, rows, self.Xb[hi - lo])
+                tb = ops.take_rows(self.T, rows, self.Tb[hi - lo])
+            else:
+                xb, tb = self.X[lo:hi], self.T[lo:hi]
+            self.step_losses[s] = self.step(net, xb, tb, self.opt)
+        # 0 · Σw is NaN when any parameter is non-finite, so one number checks loss and parameters.
+        figures = [xp.sum(self.step_losses * self.weights) + 0.0 * xp.sum(net.params)]
+        if Xv is not None:
+            figures.append(net._loss(Xv, Tv, net.workspace(Xv.shape[0]), net.params))
+        host = to_numpy(xp.stack(figures))  # the one device → host transfer of the epoch
+        loss = float(host[0])
+        if not math.isfinite(loss):
+            self._diverged(epoch, history)
+        return loss, (float(host[1]) if Xv is not None else None)
+
+    def _diverged(self, epoch: int, history: History) -> None:
+        losses = to_numpy(self.step_losses)
+        bad = np.flatnonzero(~np.isfinite(losses))
+        step = int(bad[0]) + 1 if bad.size else len(self.bounds)  # else: the last update broke w
+        self.net.params[...] = self.good
+        history.stop_reason = "diverged"
+        raise DivergenceError(
+            f"training diverged at epoch {epoch}, step {step} of {len(self.bounds)}: the loss or the "
+            f"parameters became NaN or Inf (learning_rate={self.opt.learning_rate:g}, "
+            f"optimizer={self.opt.name!r}). The net holds its parameters from the start of epoch {epoch}, "
+            f"all finite; try a smaller learning rate.",
+            epoch,
+            step,
+            history,
+        )
+
+
+class _Monitor:
+    """scikit-learn's _update_no_improvement_count, early stopping and the best parameters."""
+
+    def __init__(self, net: Any, Xv: Any, Tv: Any, early_stopping: bool, tol: float | None,
+                 n_iter_no_change: int, score: Callable | None):
+        self.net, self.Xv, self.Tv = net, Xv, Tv
+        self.early_stopping, self.tol, self.patience, self.score = early_stopping, tol, n_iter_no_change, score
+        self.count = 0
+        self.best = net.backend.xp.asarray(net.params, copy=True) if early_stopping else None
+
+    def epoch_done(self, history: History, loss: float, val_loss: float | None, opt: Any) -> str:
+        history.loss.append(loss)
+        history.learning_rate.append(opt.learning_rate)
+        if val_loss is not None:
+            history.validation_loss.append(val_loss)
+            score = float(self.score(self.net, self.Xv, self.Tv)) if self.score else -val_loss
+            history.validation_score.append(score)
+        if self.early_stopping:
+            if score < history.best_validation_score + (self.tol or 0.0):
+                self.count += 1
+            else:
+                self.count = 0
+            if score > history.best_validation_score:
+                history.best_validation_score = score
+                self.best[...] = self.net.params
+        elif self.tol is not None:
+            self.count = self.count + 1 if loss > history.best_loss - self.tol else 0
+        history.best_loss = min(history.best_loss, loss)
+        if (self.tol is None and not self.early_stopping) or self.count <= self.patience:
+            return ""
+        if opt.trigger_stopping():
+            return "early_stopping" if self.early_stopping else "tol"
+        self.count = 0
+        return ""
+
+    def restore_best(self, history: History) -> None:
+        """With early stopping, put back the parameters of the best validation score."""
+        if self.best is not None and history.best_validation_score > -math.inf:
+            self.net.params[...] = self.best
+
+
+def _show(bar: Any, epoch: int, history: History) -> None:
+    if bar is None:
+        return
+    figures = {"loss": f"{history.loss[-1]:.4g}"}
+    if history.validation_score:
+        figures["val_score"] = f"{history.validation_score[-1]:.4g}"
+    bar.set_postfix(figures, refresh=False)
+    bar.update(1)
+
+
+# --- L-BFGS ----------------------------------------------------------------------
+
+
+def _fit_lbfgs(net: Any, X: Any, T: Any, Xv: Any, Tv: Any, epochs: int, alpha: float, tol: float | None,
+               max_fun: int, callbacks: tuple, progress: bool, validation_score: Callable | None) -> History:
+    """scipy's L-BFGS-B on the flat parameter vector, full batch, as scikit-learn's solver="lbfgs".
+
+    scipy works on host float64 vectors, so each evaluation makes two explicit
+    transfers: x → device (``backend.asarray``) and J, ∂J/∂w → host
+    (``to_numpy``). An "epoch" is one L-BFGS iteration; maxiter=epochs,
+    maxfun=max_fun, gtol=tol.
+    """
+    try:
+        from scipy.optimize import minimize
+    except ImportError:
+        raise ImportError("optimizer='lbfgs' needs scipy, an optional dependency: pip install 'bpgpu[sklearn]'") from None
+    max_fun = _positive_int(max_fun, "max_fun")
+    backend, dt = net.backend, net._xp_dtype
+    ws = net.workspace(X.shape[0])
+    l2 = SGD(net, 1.0, alpha=alpha)  # only its L2 term (mask and scratch) is used
+    c = _reduction_factor(net, X.shape[0])
+
+    def loss_and_grad(x: np.ndarray) -> tuple[float, np.ndarray]:
+        net.params[...] = backend.asarray(x, dt)  # host → device
+        net._forward(X, ws, net.params)
+        J = net._backward(X, T, ws, net.params, ws.grad) + l2.penalize(ws.grad, c)
+        return float(J), to_numpy(ws.grad).astype(np.float64)  # device → host
+
+    history = History()
+    monitor = _Monitor(net, Xv, Tv, False, None, 1, validation_score)
+    bar = _progress_bar(progress, epochs)
+    epoch = 0
+
+    def iteration(intermediate_result: Any) -> None:
+        nonlocal epoch
+        epoch += 1
+        val_loss = None
+        if Xv is not None:
+            net.params[...] = backend.asarray(intermediate_result.x, dt)
+            val_loss = float(net._loss(Xv, Tv, net.workspace(Xv.shape[0]), net.params))
+        monitor.epoch_done(history, float(intermediate_result.fun), val_loss, l2)
+        _show(bar, epoch, history)
+        if any(bool(cb(epoch, history, net)) for cb in callbacks):
+            history.stop_reason = "callback"
+            raise StopIteration
+
+    try:
+        options = {"maxiter": epochs, "maxfun": max_fun}
+        if tol is not None:
+            options["gtol"] = tol
+        result = minimize(loss_and_grad, to_numpy(net.params).astype(np.float64), jac=True, method="L-BFGS-B",
+                          options=options, callback=iteration)
+    finally:
+        if bar is not None:
+            bar.close()
+    if not np.all(np.isfinite(result.x)):
+        raise DivergenceError(f"L-BFGS produced non-finite parameters at iteration {epoch}", epoch, 0, history)
+    net.params[...] = backend.asarray(result.x, dt)
+    history.stop_reason = history.stop_reason or str(result.message)
+    return history
