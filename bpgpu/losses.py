@@ -20,11 +20,7 @@ from typing import Any
 from bpgpu.activations import Activation
 from bpgpu.kernels import LOSSES
 
-_CANONICAL = {
-    "squared_error": ("identity", "squared_error_fwd"),
-    "binary_cross_entropy": ("sigmoid", "sigmoid_binary_cross_entropy_fwd"),
-    "cross_entropy": ("softmax", "softmax_cross_entropy_fwd"),
-}
+_CANONICAL = {"squared_error": "identity", "binary_cross_entropy": "sigmoid", "cross_entropy": "softmax"}
 
 
 @dataclass(frozen=True)
@@ -33,7 +29,7 @@ class Loss:
 
     @property
     def canonical_output(self) -> str:
-        return _CANONICAL[self.name][0]
+        return _CANONICAL[self.name]
 
     @property
     def needs_probabilities(self) -> bool:
@@ -45,9 +41,8 @@ class Loss:
     def value_and_delta(self, ops: Any, output: Activation, z, a, t, c, delta, scratch, rows):
         """Return Σ_n J_n (unscaled, on the device) and write δ(L) into ``delta``."""
         if self.is_canonical(output):
-            total = getattr(ops, _CANONICAL[self.name][1])(z, t, scratch, rows)
-            ops.squared_error_bwd(a, t, c, delta, scratch)  # δ = c (a − t)
-            return total
+            # the loss from the logits z and δ = c (a − t), fused into one pass where the backend can
+            return ops.canonical_value_and_delta(self.name, z, a, t, c, delta, scratch, rows)
         total = getattr(ops, f"{self.name}_fwd")(a, t, scratch, rows)
         getattr(ops, f"{self.name}_bwd")(a, t, c, delta, scratch)  # c ∂J/∂a
         getattr(ops, output.bwd)(delta, a, delta, scratch, rows)  # ⊙ g′

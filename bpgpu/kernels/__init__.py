@@ -16,7 +16,7 @@ OPS = (
     ("matmul", "colsum")
     + tuple(f"{g}_{d}" for g in ACTIVATIONS for d in ("fwd", "bwd"))
     + tuple(f"{j}_{d}" for j in LOSSES for d in ("fwd", "bwd"))
-    + ("sigmoid_binary_cross_entropy_fwd", "softmax_cross_entropy_fwd")
+    + ("sigmoid_binary_cross_entropy_fwd", "softmax_cross_entropy_fwd", "canonical_value_and_delta")
     + ("sgd_update", "momentum_update", "nesterov_update", "adam_update", "l2_grad", "outer_sgd_update")
     + ("take_rows",)
 )

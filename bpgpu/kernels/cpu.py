@@ -217,6 +217,21 @@ def softmax_cross_entropy_fwd(z, t, scratch, rows):
     return np.vdot(top, lse) - np.vdot(t, z)
 
 
+_FROM_LOGITS = {
+    "squared_error": squared_error_fwd,
+    "binary_cross_entropy": sigmoid_binary_cross_entropy_fwd,
+    "cross_entropy": softmax_cross_entropy_fwd,
+}
+
+
+def canonical_value_and_delta(loss, z, a, t, c, delta, scratch, rows):
+    # A canonical (output, loss) pair: Σ_n J_n from the logits z, and δ(L) = c (a − t),
+    # the link's derivative cancelling ∂J/∂a (one fused pass in the CUDA twin).
+    total = _FROM_LOGITS[loss](z, t, scratch, rows)
+    squared_error_bwd(a, t, c, delta, scratch)
+    return total
+
+
 # --- optimizer updates -------------------------------------------------------
 # One pass over the flat parameter vector w (or, for outer_sgd_update, over one
 # layer's views of it), in place; scikit-learn's equations (_stochastic_optimizers.py).

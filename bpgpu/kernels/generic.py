@@ -148,6 +148,19 @@ def softmax_cross_entropy_fwd(z, t, scratch, rows):
     return xp.sum(xp.sum(t, axis=1, keepdims=True) * lse) - xp.sum(t * z)
 
 
+_FROM_LOGITS = {
+    "squared_error": squared_error_fwd,
+    "binary_cross_entropy": sigmoid_binary_cross_entropy_fwd,
+    "cross_entropy": softmax_cross_entropy_fwd,
+}
+
+
+def canonical_value_and_delta(loss, z, a, t, c, delta, scratch, rows):
+    total = _FROM_LOGITS[loss](z, t, scratch, rows)
+    squared_error_bwd(a, t, c, delta, scratch)
+    return total
+
+
 # --- optimizer updates (scratch is ignored: temporaries are fine here) --------
 
 
