@@ -135,6 +135,17 @@ def to_numpy(x: Any) -> np.ndarray:
     return np.asarray(x)
 
 
+def of_array(x: Any) -> Backend:
+    """The backend that owns array ``x``: CuPy for a CuPy array, numpy for a numpy
+    array, the generic kernels for another array-API array. For code handed arrays
+    it did not make, such as Dask chunks living on a worker's host or GPU."""
+    if array_api_compat.is_cupy_array(x):
+        return _named("cupy", source="array")
+    if array_api_compat.is_numpy_array(x):
+        return _numpy_backend("numpy array")
+    return _namespace_backend(array_api_compat.array_namespace(x))
+
+
 def _numpy_backend(reason: str) -> Backend:
     from bpgpu.kernels import cpu
 

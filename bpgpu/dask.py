@@ -1,0 +1,359 @@
+"""Data-parallel loss, gradient, Hessian-vector product and training on Dask.
+
+X and T are dask arrays chunked along the samples (rows) alike, one chunk along
+the columns. Every chunk is computed where it lives, by a net rebuilt there from
+``net.config`` with the backend the chunk's array type asks for (numpy chunks on
+numpy, CuPy chunks on CuPy), with reduction "sum": the cost and its derivatives
+are sums over samples (seed: J = (1/m) Σ_n J_n), so the per-chunk sums add up in
+a tree reduction and the driver divides once by the total m for a "mean" net.
+Only the flat parameter vector (and v for the HVP) travels to the workers, once
+per evaluation: scattered to every worker under dask.distributed, one graph key
+under the local schedulers. Training runs on the driver (the dask-glm pattern):
+L-BFGS from scipy and gradient descent call the distributed loss and gradient;
+mini-batch SGD sums every chunk's share of each mini-batch.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from typing import Any, Callable
+
+import dask
+import dask.array as da
+import numpy as np
+
+from bpgpu import validation
+from bpgpu.backend import of_array, to_numpy
+from bpgpu.network import MLP
+from bpgpu.training import History
+
+# --- on the workers ----------------------------------------------------------
+
+_local = threading.local()  # a thread of a worker reuses its nets (and their workspaces) across tasks
+_NETS_KEPT = 8
+
+
+def _worker_net(config: dict[str, Any], chunk: Any) -> MLP:
+    """A "sum"-reduction twin of the driver's net on the chunk's backend, cached per thread."""
+    backend = of_array(chunk)
+    key = (json.dumps(config, sort_keys=True), backend.name)
+    nets = _local.__dict__.setdefault("nets", {})
+    net = nets.get(key)
+    if net is None:
+        if len(nets) >= _NETS_KEPT:
+            nets.clear()
+        net = nets[key] = MLP(**{**config, "reduction": "sum"}, backend=backend, seed=0)
+    return net
+
+
+def _row_slice(n: int, step: int, steps: int) -> slice:
+    """Part ``step`` of ``steps`` near-equal contiguous parts of n rows (numpy's array_split rule)."""
+    size, extra = divmod(n, steps)
+    start = step * size + min(step, extra)
+    return slice(start, start + size + (step < extra))
+
+
+def _loss_sum(net: MLP, x: Any, t: Any) -> np.ndarray:
+    return np.array([net.loss(x, t)])
+
+
+def _loss_and_gradient_sum(net: MLP, x: Any, t: Any) -> np.ndarray:
+    J, g = net.loss_and_gradient(x, t)
+    return np.concatenate(([J], to_numpy(g)))
+
+
+def _hvp_sum(net: MLP, x: Any, t: Any, v: Any) -> np.ndarray:
+    from bpgpu.derivatives import hvp
+
+    return to_numpy(hvp(net, x, t, v))
+
+
+def _chunk_sums(x, t, *, part, config, w, v=None, rows=None, width):
+    """One row (1, width) of per-chunk sums; ``rows`` = (step, steps) picks a mini-batch share."""
+    if rows is not None:
+        share = _row_slice(x.shape[0], *rows)
+        x, t = x[share], t[share]
+    if x.shape[0] == 0:  # a chunk smaller than the number of mini-batches has no share in some
+        return np.zeros((1, width))
+    net = _worker_net(config, x)
+    net.set_params(w)
+    extra = () if v is None else (v,)
+    # float64 partial sums: the tree adds many of them, and a float32 net loses nothing by it
+    return np.asarray(part(net, x, t, *extra), dtype=np.float64).reshape(1, width)
+
+
+# --- on the driver -------------------------------------------------------------
+
+
+def _distributed_client():
+    """The dask.distributed Client that dask.compute would use now, or None."""
+    get = dask.base.get_scheduler()
+    try:
+        from distributed import Client
+    except ImportError:
+        return None
+    owner = getattr(get, "__self__", None)
+    return owner if isinstance(owner, Client) else None
+
+
+def _broadcast(vector: Any) -> Any:
+    """Ship a host vector once: scattered to every worker, or one key in the local graph."""
+    client = _distributed_client()
+    if client is None:
+        return dask.delayed(vector, pure=True)
+    # a fresh key each time: a content-hashed key could be released by the previous
+    # evaluation's future while this one is being scattered
+    return client.scatter(vector, broadcast=True, hash=False)
+
+
+def _known_chunks(a: Any, argument: str) -> None:
+    if any(np.isnan(c) for axis in a.chunks for c in axis):
+        raise ValueError(
+            f"{argument} has unknown chunk sizes (chunks={a.chunks}); call "
+            f"{argument}.compute_chunk_sizes() first"
+        )
+
+
+def _check(net: MLP, X: Any, T: Any) -> tuple[Any, Any]:
+    """X, T as 2-D dask arrays with matching row chunks and one column chunk each."""
+    if not isinstance(net, MLP):
+        raise TypeError(f"net must be a bpgpu.MLP, got {type(net).__name__}")
+    for a, argument in ((X, "X"), (T, "T")):
+        if not isinstance(a, da.Array):
+            raise TypeError(
+                f"{argument} must be a dask.array.Array chunked along the rows, got {type(a).__name__}; "
+                "wrap an in-memory array with dask.array.from_array(a, chunks=(rows, -1))"
+            )
+        _known_chunks(a, argument)
+    if T.ndim == 1 and net.sizes[-1] == 1:
+        T = T.reshape(-1, 1)
+    for a, argument, width, layer in (
+        (X, "X", net.sizes[0], "layer 0 (input)"),
+        (T, "T", net.sizes[-1], f"layer {net.n_layers} (output)"),
+    ):
+        if a.ndim != 2:
+            raise ValueError(
+                f"{argument} must be 2-D (samples, features) for {layer} of MLP {list(net.sizes)}, "
+                f"got shape {a.shape}"
+            )
+        if a.shape[1] != width:
+            raise ValueError(
+                f"{argument} has {a.shape[1]} columns but {layer} of MLP {list(net.sizes)} has {width} units: "
+                f"{argument}.shape={a.shape}"
+            )
+        if len(a.chunks[1]) != 1:
+            raise ValueError(
+                f"{argument} must be one chunk along the columns, got {argument}.chunks[1]={a.chunks[1]}; "
+                f"use {argument}.rechunk({{1: -1}})"
+            )
+    if X.shape[0] == 0:
+        raise ValueError(f"X is an empty batch: shape {X.shape}")
+    if X.chunks[0] != T.chunks[0]:
+        raise ValueError(
+            f"X and T must be chunked alike along the rows (samples): X.chunks[0]={X.chunks[0]}, "
+            f"T.chunks[0]={T.chunks[0]}; use T.rechunk({{0: X.chunks[0]}})"
+        )
+    return X, T
+
+
+def _summed(net: MLP, X: Any, T: Any, part: Callable, width: int, w: Any, v: Any = None, rows=None) -> da.Array:
+    """Σ over chunks of part(chunk), lazily: a tree reduction (split_every from dask.config)."""
+    kwargs = {"part": part, "config": net.config, "w": _broadcast(to_numpy(w)), "rows": rows, "width": width}
+    if v is not None:
+        kwargs["v"] = _broadcast(to_numpy(v))
+    per_chunk = da.map_blocks(
+        _chunk_sums, X, T, chunks=((1,) * X.numblocks[0], (width,)), dtype=np.float64, meta=np.empty((0, 0)), **kwargs
+    )
+    return per_chunk.sum(axis=0)
+
+
+def _sums(*args, **kwargs) -> np.ndarray:
+    return np.asarray(_summed(*args, **kwargs).compute())
+
+
+def _scale(net: MLP, m: int) -> float:
+    return 1.0 / m if net.reduction == "mean" else 1.0
+
+
+def _loss_and_gradient_at(net: MLP, X: Any, T: Any, w: Any, rows=None, m: int | None = None):
+    """(J, dJ/dw as host float64) at parameters w, over all rows or one mini-batch of m rows."""
+    sums = _sums(net, X, T, _loss_and_gradient_sum, 1 + net.n_params, w, rows=rows)
+    c = _scale(net, X.shape[0] if m is None else m)
+    return float(sums[0] * c), sums[1:] * c
+
+
+def loss(net: MLP, X: Any, T: Any) -> float:
+    """The cost J over all rows of the dask arrays X, T, as a Python float."""
+    X, T = _check(net, X, T)
+    return float(_sums(net, X, T, _loss_sum, 1, net.params)[0] * _scale(net, X.shape[0]))
+
+
+def loss_and_gradient(net: MLP, X: Any, T: Any) -> tuple[float, Any]:
+    """(J, dJ/dw) over the dask arrays X, T: the gradient as a new flat vector on net's backend."""
+    X, T = _check(net, X, T)
+    J, g = _loss_and_gradient_at(net, X, T, net.params)
+    return J, net.backend.asarray(g, net._xp_dtype)
+
+
+def gradient(net: MLP, X: Any, T: Any) -> Any:
+    """dJ/dw over the dask arrays X, T, summed from every chunk's backpropagation."""
+    return loss_and_gradient(net, X, T)[1]
+
+
+def hvp(net: MLP, X: Any, T: Any, v: Any) -> Any:
+    """H v, the exact Hessian-vector product of J over the dask arrays X, T (R-operator per chunk)."""
+    X, T = _check(net, X, T)
+    validation.numeric_kind(v, "v")
+    v = net.backend.asarray(v, net._xp_dtype)
+    if tuple(v.shape) != (net.n_params,):
+        raise ValueError(
+            f"v must be a flat vector of length n_params={net.n_params} for MLP {list(net.sizes)}, "
+            f"got shape {tuple(v.shape)}"
+        )
+    sums = _sums(net, X, T, _hvp_sum, net.n_params, net.params, v=v)
+    return net.backend.asarray(sums * _scale(net, X.shape[0]), net._xp_dtype)
+
+
+# --- training -------------------------------------------------------------------
+
+FIT_OPTIMIZERS = ("lbfgs", "gd", "sgd")
+
+
+class _Stopped:
+    """Turn a failed distributed evaluation into one clear error saying what net.params hold."""
+
+    def __init__(self, optimizer: str):
+        self.optimizer, self.updates = optimizer, 0
+
+    def __enter__(self) -> _Stopped:
+        return self
+
+    def __exit__(self, kind, exc, tb) -> None:
+        if exc is None or not isinstance(exc, Exception):
+            return
+        held = (
+            "unchanged (L-BFGS writes them only at the end)"
+            if self.optimizer == "lbfgs"
+            else f"the result of the {self.updates} complete update(s) before it"
+        )
+        raise RuntimeError(
+            f"bpgpu.dask.fit(optimizer={self.optimizer!r}) stopped: a Dask computation failed "
+            f"({type(exc).__name__}: {exc}); net.params are {held}"
+        ) from exc
+
+
+def fit(
+    net: MLP,
+    X: Any,
+    T: Any,
+    optimizer: str = "lbfgs",
+    *,
+    max_iter: int = 100,
+    tol: float = 1e-6,
+    learning_rate: float = 0.1,
+    update: str = "sgd",
+    batch_size: int = 200,
+    seed: int | None = None,
+    **options: Any,
+) -> History:
+    """Train ``net`` in place on the dask arrays X, T; return a :class:`bpgpu.training.History`
+    (loss and learning rate per iteration, or per epoch for "sgd"; stop_reason "max_iter",
+    "tol" or L-BFGS's message).
+
+    optimizer:
+      "lbfgs"  scipy's L-BFGS-B on the driver, each evaluation a distributed loss and
+               gradient (the dask-glm pattern); at most max_iter iterations, gtol=tol.
+      "gd"     full-batch gradient descent: max_iter steps (fewer once max |g| <= tol),
+               each the step rule ``update`` of :mod:`bpgpu.optim` ("sgd", "momentum",
+               "nesterov", "adam"; ``options`` such as momentum or alpha go to it).
+      "sgd"    synchronous data-parallel mini-batch SGD for max_iter epochs: an epoch
+               has S = ceil(m / batch_size) steps; step s takes the s-th of S contiguous
+               near-equal slices of every chunk (so every worker computes its share of
+               every mini-batch), the steps in an order drawn from ``seed`` each epoch;
+               the summed share gradients make the mini-batch gradient, one update
+               per step. Shuffle the rows once beforehand if they are sorted.
+
+    A failed Dask computation raises RuntimeError; net.params then hold the parameters
+    before the failed step (a complete update, never a partial one).
+    """
+    from bpgpu.optim import make_optimizer
+
+    if optimizer not in FIT_OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {', '.join(FIT_OPTIMIZERS)}, got {optimizer!r}")
+    if isinstance(max_iter, bool) or not isinstance(max_iter, (int, np.integer)) or max_iter < 1:
+        raise ValueError(f"max_iter must be an int >= 1, got {max_iter!r}")
+    X, T = _check(net, X, T)
+    if optimizer == "lbfgs":
+        if options:
+            raise TypeError(f"optimizer='lbfgs' takes no step-rule options, got {sorted(options)}")
+        return _fit_lbfgs(net, X, T, max_iter, tol)
+    step_rule = make_optimizer(update, net, learning_rate, **options)
+    if optimizer == "gd":
+        return _fit_gd(net, X, T, step_rule, max_iter, tol)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    return _fit_sgd(net, X, T, step_rule, max_iter, batch_size, seed)
+
+
+def _penalized_gradient(net: MLP, X: Any, T: Any, step_rule: Any, rows=None, m: int | None = None):
+    """(J, g) at net.params with the step rule's L2 term, g on net's backend, ready for update(g)."""
+    m = X.shape[0] if m is None else m
+    J, g = _loss_and_gradient_at(net, X, T, net.params, rows=rows, m=m)
+    g = net.backend.asarray(g, net._xp_dtype)
+    return J + float(step_rule.penalize(g, _scale(net, m))), g
+
+
+def _fit_gd(net: MLP, X: Any, T: Any, step_rule: Any, max_iter: int, tol: float) -> History:
+    history = History(stop_reason="max_iter")
+    xp = net.backend.xp
+    with _Stopped("gd") as stopped:
+        for _ in range(max_iter):
+            J, g = _penalized_gradient(net, X, T, step_rule)
+            history.loss.append(J)
+            history.learning_rate.append(step_rule.learning_rate)
+            if float(xp.max(xp.abs(g))) <= tol:
+                history.stop_reason = "tol"
+                break
+            step_rule.update(g)
+            stopped.updates += 1
+    return history
+
+
+def _fit_sgd(net: MLP, X: Any, T: Any, step_rule: Any, epochs: int, batch_size: int, seed) -> History:
+    m = X.shape[0]
+    steps = -(-m // batch_size)
+    batch_rows = [sum(len(range(n)[_row_slice(n, s, steps)]) for n in X.chunks[0]) for s in range(steps)]
+    weight = (lambda s: batch_rows[s] / m) if net.reduction == "mean" else (lambda s: 1.0)
+    rng = np.random.default_rng(seed)
+    history = History(stop_reason="max_iter")
+    with _Stopped("sgd") as stopped:
+        for _ in range(epochs):
+            epoch_loss = 0.0
+            for s in rng.permutation(steps).tolist():
+                J, g = _penalized_gradient(net, X, T, step_rule, rows=(s, steps), m=batch_rows[s])
+                step_rule.update(g)
+                stopped.updates += 1
+                epoch_loss += J * weight(s)  # the mean (or sum) over the epoch's samples
+            history.loss.append(epoch_loss)
+            step_rule.iteration_ends(step_rule.samples_seen + m)
+            history.learning_rate.append(step_rule.learning_rate)
+    return history
+
+
+def _fit_lbfgs(net: MLP, X: Any, T: Any, max_iter: int, tol: float) -> History:
+    """scipy's L-BFGS-B on host float64 vectors; net.params are written once, at the end.
+
+    history.loss holds the loss after each L-BFGS iteration."""
+    from scipy.optimize import minimize
+
+    history = History()
+
+    w0 = to_numpy(net.params).astype(np.float64)
+    with _Stopped("lbfgs"):
+        result = minimize(lambda w: _loss_and_gradient_at(net, X, T, w), w0, jac=True, method="L-BFGS-B",
+                          options={"maxiter": max_iter, "gtol": tol},
+                          callback=lambda intermediate_result: history.loss.append(float(intermediate_result.fun)))
+    net.set_params(result.x)
+    history.stop_reason = str(result.message)
+    return history
