@@ -1,0 +1,63 @@
+"""Gradient cost versus W: backprop O(W), finite differences O(W²), on every backend.
+
+The nets, batch and single-threaded host BLAS are those of ``bpgpu bench``
+(see :func:`bpgpu.bench.gradient_net`). Finite differences stop at
+--fd-max-log10-W; the session summary fits the exponents and extrapolates.
+"""
+
+import pytest
+from threadpoolctl import threadpool_limits
+
+from bpgpu import bench
+
+PLAN = bench.plan_for("full")
+BACKENDS = {b.name: b for b in bench.available_backends()}
+GRID = PLAN.gradient_log10_W[::2]  # half decades, 10^2 .. 10^6
+DTYPE = "float64"
+
+from conftest import RESULTS, best  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def one_blas_thread():
+    with threadpool_limits(1, user_api="blas"):
+        yield
+
+
+def _net(backend, e):
+    return bench.gradient_net(10**e, PLAN.gradient_batch, DTYPE, BACKENDS[backend])
+
+
+@pytest.mark.parametrize("e", GRID, ids=lambda e: f"W1e{e:g}")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backprop(benchmark, backend, e):
+    net, X, T = _net(backend, e)
+    case = bench.backprop_case(net, X, T)
+    benchmark.group = f"gradient {backend} W=1e{e:g}"
+    benchmark.extra_info["W"] = net.n_params
+    benchmark(lambda: case.finish(case.fn()))
+    RESULTS["gradient"][(backend, "backprop", net.n_params)] = best(benchmark)
+
+
+@pytest.mark.parametrize("e", GRID, ids=lambda e: f"W1e{e:g}")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_loss_evaluation(benchmark, backend, e):
+    """One forward pass: the unit finite differences repeat W or 2W times."""
+    net, X, T = _net(backend, e)
+    ws = net.workspace(X.shape[0])
+    benchmark.group = f"gradient {backend} W=1e{e:g}"
+    benchmark(lambda: bench.sync_scalar(net._loss(X, T, ws, net.params)))
+    RESULTS["gradient"][(backend, "loss_pass", net.n_params)] = best(benchmark)
+
+
+@pytest.mark.parametrize("e", GRID, ids=lambda e: f"W1e{e:g}")
+@pytest.mark.parametrize("method", ["central_difference", "forward_difference"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_finite_differences(benchmark, backend, method, e, fd_max_log10_W):
+    if e > fd_max_log10_W:
+        pytest.skip(f"W = 1e{e:g} is beyond --fd-max-log10-W={fd_max_log10_W:g} (O(W^2)); extrapolated in the summary")
+    net, X, T = _net(backend, e)
+    case = bench.finite_difference_case(net, X, T, method)
+    benchmark.group = f"gradient {backend} W=1e{e:g}"
+    benchmark.pedantic(lambda: case.finish(case.fn()), rounds=3, iterations=1, warmup_rounds=0)
+    RESULTS["gradient"][(backend, method, net.n_params)] = best(benchmark)

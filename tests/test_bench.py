@@ -1,0 +1,87 @@
+"""`bpgpu bench` end to end on a tiny plan, and the pieces its numbers rest on."""
+
+import json
+
+import numpy as np
+import pytest
+
+from bpgpu import bench
+from bpgpu.backend import resolve
+from bpgpu.cli import main
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    assert main(["bench", "--smoke", "--out", str(out)]) == 0
+    return out, json.loads((out / "results.json").read_text())
+
+
+def test_results_json_has_the_schema_runs_are_compared_by(smoke_run):
+    _, r = smoke_run
+    assert r["backend"] == resolve("auto").name and r["device"]
+    assert {"date", "command", "machine", "mode"} <= r.keys() and r["mode"] == "smoke"
+    g = r["gradient_cost"]
+    assert set(g["exponents"]) == {"backprop", "central_difference", "forward_difference"}
+    assert all(np.isfinite(k) for k in g["exponents"].values())
+    lo, hi = g["fit_range"]
+    assert isinstance(lo, int) and isinstance(hi, int) and 0 < lo < hi
+    assert all(p["backprop"] > 0 for p in g["points"])
+    # finite differences cost far more than backprop at the same W
+    timed = [p for p in g["points"] if p.get("central_difference")]
+    assert timed and all(p["central_difference"] > 10 * p["backprop"] for p in timed)
+    rows = r["train_step"]["rows"]
+    assert {(row["config"], row["impl"]) for row in rows} == {
+        (c, i) for c in ("tiny", "small") for i in ("bpgpu", "numpy_reference")
+    }
+    for row in rows:
+        assert row["seconds"] > 0 and row["gemm_gflops"] > 0 and row["ratio_to_gemm"] > 0
+        assert row["gflops"] == pytest.approx(bench.step_flops(row["layer_sizes"], row["batch"]) / row["seconds"] / 1e9)
+    assert all(row["ratio_to_bpgpu"] == 1.0 for row in rows if row["impl"] == "bpgpu")
+    assert len(r["train_step"]["memory"]) == 2
+
+
+def test_plots_are_written_as_png(smoke_run):
+    out, _ = smoke_run
+    for name in ("gradient_cost.png", "train_step.png"):
+        data = (out / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+def test_power_law_fit_recovers_the_exponent():
+    W = np.array([1e3, 1e4, 1e5])
+    fit = bench.fit_power_law(W, 3e-9 * W**2)
+    assert fit["exponent"] == pytest.approx(2.0) and fit["prefactor"] == pytest.approx(3e-9)
+    assert fit["fit_range"] == [1000, 100000]
+
+
+def test_step_flops_counts_three_gemms_per_layer_but_the_first():
+    assert bench.step_flops([4, 3, 2], 5) == 2 * 5 * 4 * 3 * 2 + 2 * 5 * 3 * 2 * 3
+
+
+def test_extrapolation_scales_the_last_measured_point_by_loss_evaluations():
+    points = [
+        {"W": 100, "loss_pass": 1e-5, "backprop": 1e-5, "central_difference": 4e-3, "forward_difference": 2e-3},
+        {"W": 1000, "loss_pass": 1e-4, "backprop": 1e-4},
+    ]
+    (row,) = bench.extrapolate_differences(points)
+    # measured 4e-3 s for 200 evaluations of 1e-5 s: 2x overhead, kept at W = 1000
+    assert row["W"] == 1000
+    assert row["central_difference"] == pytest.approx(2 * 2000 * 1e-4)
+    assert row["forward_difference"] == pytest.approx(2 * 1000 * 1e-4)
+
+
+def test_allocation_probe_sees_temporaries_and_in_place_work():
+    backend = resolve("numpy")
+    a, out = np.ones(100_000), np.empty(100_000)
+    allocating = bench.bytes_allocated_per_step(bench.Case(lambda: a * 2.0), backend)
+    in_place = bench.bytes_allocated_per_step(bench.Case(lambda: np.multiply(a, 2.0, out=out)), backend)
+    assert allocating["peak"] >= a.nbytes
+    assert in_place["peak"] < 1000 and in_place["retained"] == 0
+
+
+def test_unknown_mode_and_implementation_are_rejected():
+    with pytest.raises(ValueError, match="mode"):
+        bench.plan_for("slow")
+    with pytest.raises(ValueError, match="impl"):
+        bench.step_case("tensorflow", [2, 1], 1, "float32", resolve("numpy"))
