@@ -161,8 +161,8 @@ SPECS: dict[str, Elementwise | Reduction] = {
     ),
     # canonical pairs: the loss and δ(L) in one pass (delta is written by the reduction's map)
     "squared_error_value_and_delta": _sum(
-        "T act, T tgt, T c, _non_const T delta", "total",
-        f"({_DELTA_CANONICAL}, (act - tgt) * (act - tgt))", "total = T(a / 2)",
+        "T logit, T act, T tgt, T c, _non_const T delta", "total",
+        f"({_DELTA_CANONICAL}, (logit - tgt) * (logit - tgt))", "total = T(a / 2)",
     ),
     "sigmoid_binary_cross_entropy_value_and_delta": _sum(
         "T logit, T act, T tgt, T c, _non_const T delta", "total",
@@ -377,7 +377,7 @@ def softmax_cross_entropy_fwd(z, t, scratch, rows):
 def canonical_value_and_delta(loss, z, a, t, c, delta, scratch, rows):
     """Σ_n J_n from the logits z for a canonical (output, loss) pair, and δ(L) = c (a − t) into delta."""
     if loss == "squared_error":
-        return kernel("squared_error_value_and_delta")(a, t, c, delta)
+        return kernel("squared_error_value_and_delta")(z, a, t, c, delta)
     if loss == "binary_cross_entropy":
         return kernel("sigmoid_binary_cross_entropy_value_and_delta")(z, a, t, c, delta)
     top, total_exp = _row_stats(z, 0.0, rows)
