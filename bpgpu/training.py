@@ -367,7 +367,8 @@ class _Monitor:
 
     def epoch_done(self, history: History, loss: float, val_loss: float | None, opt: Any) -> str:
         history.loss.append(loss)
-        history.learning_rate.append(opt.learning_rate)
+        if opt is not None:  # L-BFGS has no learning rate
+            history.learning_rate.append(opt.learning_rate)
         if val_loss is not None:
             history.validation_loss.append(val_loss)
             score = float(self.score(self.net, self.Xv, self.Tv)) if self.score else -val_loss
@@ -446,7 +447,7 @@ def _fit_lbfgs(net: Any, X: Any, T: Any, Xv: Any, Tv: Any, epochs: int, alpha: f
         if Xv is not None:
             net.params[...] = backend.asarray(intermediate_result.x, dt)
             val_loss = float(net._loss(Xv, Tv, net.workspace(Xv.shape[0]), net.params))
-        monitor.epoch_done(history, float(intermediate_result.fun), val_loss, l2)
+        monitor.epoch_done(history, float(intermediate_result.fun), val_loss, None)
         _show(bar, epoch, history)
         if any(bool(cb(epoch, history, net)) for cb in callbacks):
             history.stop_reason = "callback"
@@ -456,13 +457,22 @@ def _fit_lbfgs(net: Any, X: Any, T: Any, Xv: Any, Tv: Any, epochs: int, alpha: f
         options = {"maxiter": epochs, "maxfun": max_fun}
         if tol is not None:
             options["gtol"] = tol
-        result = minimize(loss_and_grad, to_numpy(net.params).astype(np.float64), jac=True, method="L-BFGS-B",
+        x0 = to_numpy(net.params).astype(np.float64)  # device → host, also kept to restore on divergence
+        result = minimize(loss_and_grad, x0, jac=True, method="L-BFGS-B",
                           options=options, callback=iteration)
     finally:
         if bar is not None:
             bar.close()
-    if not np.all(np.isfinite(result.x)):
-        raise DivergenceError(f"L-BFGS produced non-finite parameters at iteration {epoch}", epoch, 0, history)
+    if not (np.all(np.isfinite(result.x)) and np.isfinite(result.fun)):
+        net.params[...] = backend.asarray(x0, dt)
+        history.stop_reason = "diverged"
+        raise DivergenceError(
+            f"L-BFGS diverged at iteration {epoch + 1}, step 1: the loss or the parameters became NaN or Inf. "
+            f"The net holds its parameters from before the fit, all finite.",
+            epoch + 1,
+            1,
+            history,
+        )
     net.params[...] = backend.asarray(result.x, dt)
     history.stop_reason = history.stop_reason or str(result.message)
     return history

@@ -128,3 +128,93 @@ def test_kernel_table_lists_the_optimizer_ops():
 
     for op in FLAT_OPS + ["outer_sgd_update"]:
         assert op in OPS and callable(getattr(cpu, op)) and callable(getattr(generic, op))
+
+
+# --- the optimizer objects against scikit-learn's own -----------------------------
+
+import bpgpu as bp  # noqa: E402
+
+
+def _net(dtype="float64"):
+    return bp.MLP([3, 4, 2], hidden="tanh", output="identity", dtype=dtype, backend="numpy", init="glorot", seed=1)
+
+
+@pytest.mark.parametrize(
+    ("name", "schedule", "sk_kwargs"),
+    [
+        ("sgd", "constant", {"momentum": 0.0, "nesterov": False}),
+        ("sgd", "invscaling", {"momentum": 0.0, "nesterov": False}),
+        ("momentum", "constant", {"momentum": 0.8, "nesterov": False}),
+        ("nesterov", "invscaling", {"momentum": 0.8, "nesterov": True}),
+        ("nesterov", "adaptive", {"momentum": 0.9, "nesterov": True}),
+        ("adam", "constant", {}),
+    ],
+)
+def test_optimizers_follow_scikit_learns_trajectory(name, schedule, sk_kwargs):
+    sk = pytest.importorskip("sklearn.neural_network._stochastic_optimizers")
+    net = _net()
+    w_sk = np.array(net.params, copy=True)
+    if name == "adam":
+        ours = bp.make_optimizer("adam", net, 0.01, beta_1=0.8, beta_2=0.99, epsilon=1e-7)
+        theirs = sk.AdamOptimizer([w_sk], 0.01, beta_1=0.8, beta_2=0.99, epsilon=1e-7)
+    else:
+        options = {"momentum": sk_kwargs["momentum"]} if name != "sgd" else {}
+        ours = bp.make_optimizer(name, net, 0.05, lr_schedule=schedule, power_t=0.4, **options)
+        theirs = sk.SGDOptimizer([w_sk], 0.05, lr_schedule=schedule, power_t=0.4, **sk_kwargs)
+    rng = np.random.default_rng(2)
+    samples = 0
+    for epoch in range(4):
+        for _ in range(3):
+            g = rng.normal(size=net.n_params)
+            ours.update(np.array(g))
+            theirs.update_params([w_sk], [g])
+        samples += 10
+        ours.iteration_ends(samples)
+        theirs.iteration_ends(samples)
+        assert ours.learning_rate == pytest.approx(theirs.learning_rate, rel=1e-15)
+        if epoch == 2:
+            assert ours.trigger_stopping() == theirs.trigger_stopping("", False)
+            assert ours.learning_rate == pytest.approx(theirs.learning_rate, rel=1e-15)
+        np.testing.assert_allclose(net.params, w_sk, rtol=1e-13, atol=1e-15)
+
+
+def test_l2_penalty_is_scikit_learns_and_spares_the_biases():
+    net = _net()
+    opt = bp.make_optimizer("sgd", net, 0.1, alpha=0.3)
+    grad = np.zeros(net.n_params)
+    penalty = opt.penalize(grad, 1.0 / 8)  # a batch of 8, reduction="mean"
+    w = np.asarray(net.params)
+    weights = [net.theta(l)[:, 1:] for l in (1, 2)]
+    expected_penalty = 0.5 * 0.3 * sum(np.sum(W**2) for W in weights) / 8  # sklearn: (alpha/2) Σ‖W‖² / m
+    assert float(penalty) == pytest.approx(expected_penalty, rel=1e-14)
+    for l in (1, 2):
+        np.testing.assert_array_equal(net.theta(l, grad)[:, 0], 0.0)  # biases: no penalty
+        np.testing.assert_allclose(net.theta(l, grad)[:, 1:], 0.3 * net.theta(l)[:, 1:] / 8, rtol=1e-15)
+    assert opt.penalize(grad, 1.0) != 0.0 and bp.make_optimizer("sgd", net, 0.1).penalize(grad, 1.0) == 0.0
+    assert np.all(np.isfinite(w))
+
+
+def test_state_vectors_are_flat_on_the_nets_backend():
+    net = bp.MLP([3, 4, 2], dtype="float32", backend=array_api_strict, seed=0)
+    opt = bp.make_optimizer("adam", net, 1e-3)
+    for v in (opt.m, opt.v, opt._scratch):
+        assert v.shape == (net.n_params,) and v.dtype == array_api_strict.float32
+        assert type(v) is type(net.params)
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "error", "match"),
+    [
+        ("sgd", {"momentum": 0.9}, TypeError, "momentum"),
+        ("momentum", {"momentum": 1.0}, ValueError, r"momentum must be in \[0, 1\)"),
+        ("adam", {"beta_1": -0.1}, ValueError, "beta_1"),
+        ("adam", {"epsilon": 0.0}, ValueError, "epsilon"),
+        ("sgd", {"alpha": -1.0}, ValueError, "alpha"),
+        ("sgd", {"lr_schedule": "cosine"}, ValueError, "lr_schedule"),
+        ("lbfgs", {}, ValueError, "not a step optimizer"),
+        ("rmsprop", {}, ValueError, "optimizer must be one of"),
+    ],
+)
+def test_make_optimizer_rejects_bad_options(name, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        bp.make_optimizer(name, _net(), 0.1, **kwargs)
