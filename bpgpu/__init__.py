@@ -8,5 +8,17 @@ from bpgpu.io import load, save
 
 __version__ = "0.1.0"
 
-__all__ = ["MLP", "Backend", "gpu_status", "resolve_backend", "to_numpy", "__version__",
+__all__ = ["MLP", "Backend", "gpu_status", "resolve_backend", "to_numpy", "__version__", "MLPClassifier", "MLPRegressor",
            "fit", "train_step", "History", "DivergenceError", "Optimizer", "make_optimizer", "save", "load"]
+
+# Names whose modules need an optional extra: imported on first use, so that
+# ``import bpgpu`` never imports scikit-learn (public name -> its module).
+_LAZY = {"MLPClassifier": "bpgpu.estimators", "MLPRegressor": "bpgpu.estimators"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'bpgpu' has no attribute {name!r}")

@@ -1,0 +1,589 @@
+"""scikit-learn drop-ins: MLPClassifier and MLPRegressor trained by :func:`bpgpu.fit`.
+
+Same constructor parameters, defaults and meanings as
+``sklearn.neural_network.MLPClassifier`` / ``MLPRegressor``, plus ``device``
+("auto", "cpu", "gpu") and ``dtype``. The model is a :class:`bpgpu.MLP` that
+lives on the chosen device; ``coefs_[i]`` is exactly its Wᵀ block (n_in, n_out)
+and ``intercepts_[i]`` its bias column, read from the flat parameter vector
+(on the CPU these are views of the live parameters, on the GPU host copies
+made once at the end of each fit).
+
+Matching scikit-learn's definitions:
+  - initialisation: Glorot uniform ±√(6 / (fan_in + fan_out)) for weights *and*
+    biases (factor 2 instead of 6 for "logistic"), drawn from the same
+    RandomState in the same order, so the same random_state starts from the
+    same parameters;
+  - output layer: softmax + cross-entropy for multiclass, logistic + binary
+    cross-entropy for binary and multilabel, identity + ½ squared error for
+    regression, all with reduction="mean" (sklearn's δ = (a − y), grads / m);
+  - L2 penalty alpha/(2 m_batch) Σ‖W‖² on the weights, not the biases.
+
+``dtype`` defaults to "float32": the GPU runs float32 many times faster than
+float64, and trained accuracy is the same (tests/test_estimators.py compares
+with scikit-learn). Pass dtype="float64" to compute exactly in sklearn's
+precision for float64 input.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import numpy as np
+
+try:
+    from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.metrics import accuracy_score, r2_score
+    from sklearn.model_selection import train_test_split
+    from sklearn.neural_network import MLPClassifier as _SklearnMLPClassifier
+    from sklearn.preprocessing import LabelBinarizer
+    from sklearn.utils import check_random_state, column_or_1d
+    from sklearn.utils._param_validation import StrOptions
+    from sklearn.utils.metaestimators import available_if
+    from sklearn.utils.multiclass import _check_partial_fit_first_call, type_of_target, unique_labels
+    from sklearn.utils.validation import check_is_fitted, validate_data
+except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
+    raise ImportError(
+        "bpgpu.MLPClassifier and bpgpu.MLPRegressor need scikit-learn, an optional dependency: "
+        "pip install 'bpgpu[sklearn]'"
+    ) from exc
+
+from bpgpu import io
+from bpgpu.backend import to_numpy
+from bpgpu.network import MLP
+from bpgpu.optim import make_optimizer
+from bpgpu.training import fit
+
+# scikit-learn's hidden activation names -> bpgpu's
+_HIDDEN = {"identity": "identity", "logistic": "sigmoid", "tanh": "tanh", "relu": "relu"}
+# out_activation_ (sklearn's name) -> (bpgpu output activation, loss)
+_OUTPUT = {
+    "identity": ("identity", "squared_error"),
+    "logistic": ("sigmoid", "binary_cross_entropy"),
+    "softmax": ("softmax", "cross_entropy"),
+}
+_STOCHASTIC = ("sgd", "adam")
+
+
+class _BaseMLP(BaseEstimator):
+    """What the classifier and the regressor share: parameters, net, fit loop glue."""
+
+    # sklearn's own constraints (so the meanings stay in step with the installed
+    # version), plus the two bpgpu parameters.
+    _parameter_constraints: dict = {
+        **_SklearnMLPClassifier._parameter_constraints,
+        "device": [StrOptions({"auto", "cpu", "gpu"})],
+        "dtype": [StrOptions({"float32", "float64"})],
+    }
+
+    def __init__(
+        self,
+        hidden_layer_sizes=(100,),
+        activation="relu",
+        *,
+        solver="adam",
+        alpha=0.0001,
+        batch_size="auto",
+        learning_rate="constant",
+        learning_rate_init=0.001,
+        power_t=0.5,
+        max_iter=200,
+        shuffle=True,
+        random_state=None,
+        tol=1e-4,
+        verbose=False,
+        warm_start=False,
+        momentum=0.9,
+        nesterovs_momentum=True,
+        early_stopping=False,
+        validation_fraction=0.1,
+        beta_1=0.9,
+        beta_2=0.999,
+        epsilon=1e-8,
+        n_iter_no_change=10,
+        max_fun=15000,
+        device="auto",
+        dtype="float32",
+    ):
+        self.hidden_layer_sizes = hidden_layer_sizes
+        self.activation = activation
+        self.solver = solver
+        self.alpha = alpha
+        self.batch_size = batch_size
+        self.learning_rate = learning_rate
+        self.learning_rate_init = learning_rate_init
+        self.power_t = power_t
+        self.max_iter = max_iter
+        self.shuffle = shuffle
+        self.random_state = random_state
+        self.tol = tol
+        self.verbose = verbose
+        self.warm_start = warm_start
+        self.momentum = momentum
+        self.nesterovs_momentum = nesterovs_momentum
+        self.early_stopping = early_stopping
+        self.validation_fraction = validation_fraction
+        self.beta_1 = beta_1
+        self.beta_2 = beta_2
+        self.epsilon = epsilon
+        self.n_iter_no_change = n_iter_no_change
+        self.max_fun = max_fun
+        self.device = device
+        self.dtype = dtype
+
+    # --- the net -----------------------------------------------------------
+
+    def _layer_units(self, n_features: int, n_outputs: int) -> list[int]:
+        hidden = self.hidden_layer_sizes
+        hidden = list(hidden) if hasattr(hidden, "__iter__") else [hidden]
+        if any(n <= 0 for n in hidden):
+            raise ValueError(f"hidden_layer_sizes must be > 0, got {hidden}.")
+        return [n_features, *hidden, n_outputs]
+
+    def _build_net(self, layer_units: list[int], backend: Any = None) -> MLP:
+        """The net for out_activation_, on ``backend`` (default: this estimator's device)."""
+        output, loss = _OUTPUT[self.out_activation_]
+        return MLP(
+            layer_units,
+            hidden=_HIDDEN[self.activation],
+            output=output,
+            loss=loss,
+            reduction="mean",
+            dtype=self.dtype,
+            backend=self.device if backend is None else backend,
+        )
+
+    def _initialize(self, n_features: int, n_outputs: int, random_state: np.random.RandomState) -> None:
+        """First fit: fitted attributes, a new net, and sklearn's Glorot draw."""
+        self.n_iter_ = 0
+        self.t_ = 0
+        self.n_outputs_ = n_outputs
+        units = self._layer_units(n_features, n_outputs)
+        self.n_layers_ = len(units)
+        self.out_activation_ = self._out_activation()
+        self._net = self._build_net(units)
+        # sklearn's _init_coef, in its order (coef then intercept, layer by layer),
+        # packed into the flat layout: per layer [bias (n_out), Wᵀ (n_in, n_out) row-major].
+        factor = 2.0 if self.activation == "logistic" else 6.0
+        blocks = []
+        for fan_in, fan_out in zip(units, units[1:]):
+            bound = np.sqrt(factor / (fan_in + fan_out))
+            coef = random_state.uniform(-bound, bound, (fan_in, fan_out))
+            intercept = random_state.uniform(-bound, bound, fan_out)
+            blocks += [intercept, coef.ravel()]
+        self._net.set_params(np.concatenate(blocks))
+        self._optimizer = None
+        self.loss_curve_ = []
+        if self.early_stopping:
+            self.validation_scores_ = []
+            self.best_validation_score_ = -np.inf
+            self.best_loss_ = None
+        else:
+            self.validation_scores_ = None
+            self.best_validation_score_ = None
+            self.best_loss_ = np.inf
+        self._publish()
+
+    def _publish(self) -> None:
+        """coefs_ and intercepts_ in sklearn's shapes, from the flat parameters.
+
+        to_numpy is the explicit device -> host transfer (on the CPU it returns
+        the parameters themselves, so these are live views)."""
+        host = to_numpy(self._net.params)
+        offsets = self._net._offsets
+        self.coefs_, self.intercepts_ = [], []
+        for l in range(1, self._net.n_layers + 1):
+            n_in, n_out = self._net.sizes[l - 1], self._net.sizes[l]
+            block = host[offsets[l - 1] : offsets[l]]
+            self.intercepts_.append(block[:n_out])
+            self.coefs_.append(block[n_out:].reshape(n_in, n_out))
+
+    def _check_warm_shapes(self, n_features: int, n_outputs: int) -> None:
+        units = self._layer_units(n_features, n_outputs)
+        if list(self._net.sizes) != units:
+            raise ValueError(
+                f"warm_start/partial_fit needs the same layer sizes as the fitted net: it has "
+                f"{list(self._net.sizes)}, the current parameters and data give {units}"
+            )
+
+    # --- fitting -----------------------------------------------------------
+
+    def fit(self, X, y):
+        """Fit the model to data matrix X and target(s) y (sklearn's meaning)."""
+        self._validate_params()
+        return self._fit(X, y, incremental=False)
+
+    def _fit(self, X, y, incremental: bool):
+        first_pass = not hasattr(self, "coefs_") or (not self.warm_start and not incremental)
+        X, Y = self._validate_input(X, y, incremental, reset=first_pass)
+        if Y.ndim == 1:
+            Y = Y.reshape(-1, 1)
+        random_state = check_random_state(self.random_state)
+        if first_pass:
+            self._initialize(X.shape[1], Y.shape[1], random_state)
+        else:
+            self._check_warm_shapes(X.shape[1], Y.shape[1])
+        if self.solver in _STOCHASTIC:
+            self._fit_stochastic(X, Y, random_state, incremental)
+        else:
+            self._fit_lbfgs(X, Y)
+        self._publish()
+        return self
+
+    def _make_optimizer(self):
+        """sklearn's solver and its options as a bpgpu optimizer bound to the net."""
+        if self.solver == "adam":
+            return make_optimizer("adam", self._net, self.learning_rate_init, alpha=self.alpha,
+                                  beta_1=self.beta_1, beta_2=self.beta_2, epsilon=self.epsilon)
+        name = "sgd"
+        if self.momentum > 0:  # sklearn's velocity update with momentum 0 is plain SGD
+            name = "nesterov" if self.nesterovs_momentum else "momentum"
+        options = dict(momentum=self.momentum) if name != "sgd" else {}
+        optimizer = make_optimizer(name, self._net, self.learning_rate_init, alpha=self.alpha,
+                                   lr_schedule=self.learning_rate, power_t=self.power_t, **options)
+        optimizer.samples_seen = self.t_  # the invscaling schedule counts every sample seen
+        return optimizer
+
+    def _fit_stochastic(self, X, Y, random_state, incremental: bool) -> None:
+        if self.early_stopping and incremental:
+            raise ValueError("partial_fit does not support early_stopping=True")
+        if not incremental or self._optimizer is None:
+            self._optimizer = self._make_optimizer()
+        validation = {}
+        if self.early_stopping:
+            X, X_val, Y, Y_val = self._validation_split(X, Y, random_state)
+            y_val = self._validation_targets(Y_val)
+            validation = dict(
+                validation_data=(X_val, Y_val),
+                validation_score=lambda net, Xv, Tv: self._validation_score(Xv, y_val),
+            )
+        patience = self.max_iter if np.isinf(self.n_iter_no_change) else int(self.n_iter_no_change)
+        history = fit(
+            self._net, X, Y,
+            optimizer=self._optimizer,
+            epochs=1 if incremental else self.max_iter,
+            batch_size=self.batch_size,
+            shuffle=self.shuffle,
+            seed=int(random_state.randint(np.iinfo(np.int32).max)),
+            early_stopping=self.early_stopping,
+            progress=bool(self.verbose),
+            tol=self.tol,
+            n_iter_no_change=patience,
+            **validation,
+        )
+        self.n_iter_ = history.epochs  # sklearn counts the epochs of the last call
+        self.t_ = self._optimizer.samples_seen
+        self.loss_curve_ += history.loss
+        self.loss_ = history.loss[-1]
+        if self.early_stopping:
+            self.validation_scores_ += history.validation_score
+            self.best_validation_score_ = max(self.best_validation_score_, history.best_validation_score)
+        else:
+            self.best_loss_ = min(self.best_loss_, history.best_loss)
+        if history.stop_reason == "epochs" and not incremental:
+            warnings.warn(
+                f"Stochastic Optimizer: Maximum iterations ({self.max_iter}) reached and the optimization "
+                "hasn't converged yet.",
+                ConvergenceWarning,
+            )
+
+    def _fit_lbfgs(self, X, Y) -> None:
+        self._optimizer = None
+        history = fit(self._net, X, Y, optimizer="lbfgs", epochs=self.max_iter, alpha=self.alpha, tol=self.tol,
+                      max_fun=self.max_fun, progress=bool(self.verbose))
+        self.n_iter_ = history.epochs
+        self.loss_curve_ += history.loss
+        self.loss_ = history.loss[-1] if history.loss else self._penalized_loss(X, Y)  # 0 iterations: the start
+        self.best_loss_ = min(self.best_loss_, history.best_loss)
+        if self.n_iter_ >= self.max_iter:
+            warnings.warn(
+                f"lbfgs failed to converge after {self.n_iter_} iteration(s) (status=1): {history.stop_reason}. "
+                "Increase the number of iterations (max_iter) or scale the data.",
+                ConvergenceWarning,
+            )
+
+    def _penalized_loss(self, X, Y) -> float:
+        """sklearn's loss_: mean loss + alpha/(2m) Σ‖W‖² (weights only)."""
+        self._publish()
+        squares = sum(float(np.dot(c.ravel(), c.ravel())) for c in self.coefs_)
+        return self._net.loss(X, Y) + 0.5 * self.alpha * squares / X.shape[0]
+
+    def _validation_split(self, X, Y, random_state):
+        """sklearn's held-out split for early stopping (stratified unless multilabel)."""
+        stratify = Y if isinstance(self, ClassifierMixin) and self.n_outputs_ == 1 else None
+        X_train, X_val, Y_train, Y_val = train_test_split(
+            X, Y, random_state=random_state, test_size=self.validation_fraction, stratify=stratify
+        )
+        if X_val.shape[0] < 2:
+            raise ValueError(
+                "The validation set is too small. Increase 'validation_fraction' or the size of your dataset."
+            )
+        return X_train, X_val, Y_train, Y_val
+
+    # --- prediction --------------------------------------------------------
+
+    def _forward_host(self, X) -> np.ndarray:
+        """a(L) for X as a numpy array on the host (one explicit transfer)."""
+        check_is_fitted(self)
+        X = validate_data(self, X, reset=False, dtype=(np.float64, np.float32))
+        return to_numpy(self._net.forward(X))
+
+    def _validation_score(self, X_val: np.ndarray, y_val: np.ndarray) -> float:
+        out = to_numpy(self._net.forward(X_val))
+        prediction = self._decode(out)
+        if np.issubdtype(prediction.dtype, np.floating) and not np.isfinite(prediction).all():
+            return float("nan")
+        return float(self._score_function(y_val, prediction))
+
+    # --- pickling and bp.save ------------------------------------------------
+    # The net and the optimizer hold modules (the backend namespace and kernel
+    # table), which do not pickle. What is stored instead is host data: the flat
+    # parameter vector and the optimizer's state vectors; unpickling rebuilds
+    # both on this estimator's device, so partial_fit goes on where it stopped.
+
+    def __getstate__(self):
+        state = dict(super().__getstate__())  # object.__getstate__ returns __dict__ itself
+        net = state.pop("_net", None)
+        if net is not None:
+            state.pop("coefs_", None)
+            state.pop("intercepts_", None)
+            state["_params_host"] = np.array(to_numpy(net.params), copy=True)
+            state["_layer_units"] = list(net.sizes)
+        optimizer = state.pop("_optimizer", None)
+        if optimizer is not None:
+            fields = {k: v for k, v in vars(optimizer).items() if k not in ("net", "_outer_views")}
+            state["_optimizer_host"] = (type(optimizer), {
+                k: np.array(to_numpy(v), copy=True) if hasattr(v, "shape") else v for k, v in fields.items()
+            })
+        return state
+
+    def __setstate__(self, state):
+        params = state.pop("_params_host", None)
+        units = state.pop("_layer_units", None)
+        optimizer = state.pop("_optimizer_host", None)
+        super().__setstate__(state)
+        if params is not None:
+            self._net = self._build_net(units)
+            self._net.set_params(params)
+            self._publish()
+        self._optimizer = None
+        if optimizer is not None:
+            cls, fields = optimizer
+            self._optimizer = cls.__new__(cls)
+            backend, dtype = self._net.backend, self._net._xp_dtype
+            vars(self._optimizer).update(
+                {k: backend.asarray(v, dtype) if isinstance(v, np.ndarray) else v for k, v in fields.items()}
+            )
+            self._optimizer.net = self._net
+
+    # bp.save / bp.load (bpgpu/io.py's protocol): JSON metadata plus host arrays. The
+    # optimizer state is not part of a model file: partial_fit after bp.load starts a
+    # fresh optimizer (pickle keeps it).
+
+    _FITTED = ("n_features_in_", "n_outputs_", "n_layers_", "out_activation_", "loss_", "loss_curve_",
+               "best_loss_", "n_iter_", "t_", "validation_scores_", "best_validation_score_")
+
+    def _bpgpu_state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        check_is_fitted(self)
+        params = self.get_params()
+        if not isinstance(params["random_state"], (int, type(None))):
+            params["random_state"] = None  # a RandomState object has no JSON form; refits draw afresh
+        if not np.isfinite(params["n_iter_no_change"]):
+            params["n_iter_no_change"] = "inf"
+        hidden = params["hidden_layer_sizes"]
+        params["hidden_layer_sizes"] = [int(n) for n in hidden] if hasattr(hidden, "__iter__") else int(hidden)
+        fitted = {name: _json_value(getattr(self, name)) for name in self._FITTED}
+        state = {"params": params, "fitted": fitted, "layer_units": list(self._net.sizes), "dtype": self.dtype}
+        arrays = {"params": np.array(to_numpy(self._net.params), copy=True)}  # device -> host, explicit
+        if hasattr(self, "feature_names_in_"):
+            arrays["feature_names_in_"] = self.feature_names_in_.astype(str)
+        state.update(self._label_state(arrays))
+        return state, arrays
+
+    @classmethod
+    def _bpgpu_from_state(cls, state: dict[str, Any], arrays: dict[str, np.ndarray], backend: Any = "auto"):
+        """Rebuild a fitted estimator; its net goes on ``backend`` (its ``device`` parameter is kept)."""
+        params = dict(state["params"])
+        if params["n_iter_no_change"] == "inf":
+            params["n_iter_no_change"] = np.inf
+        if isinstance(params["hidden_layer_sizes"], list):
+            params["hidden_layer_sizes"] = tuple(params["hidden_layer_sizes"])
+        est = cls(**params)
+        est._validate_params()
+        for name in cls._FITTED:
+            setattr(est, name, state["fitted"][name])
+        if "feature_names_in_" in arrays:
+            est.feature_names_in_ = arrays["feature_names_in_"].astype(object)
+        est._restore_labels(state, arrays)
+        est._net = est._build_net(state["layer_units"], backend)
+        est._net.set_params(arrays["params"])  # checks the length against the architecture
+        est._optimizer = None
+        est._publish()
+        return est
+
+
+def _json_value(value: Any) -> Any:
+    """Fitted attributes as plain JSON (numpy scalars to Python, ±inf to None as sklearn's "not set")."""
+    if isinstance(value, list):
+        return [_json_value(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return float(value) if np.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def _stochastic_solver(estimator) -> bool:
+    """partial_fit exists only for the stochastic solvers, as in scikit-learn."""
+    if estimator.solver not in _STOCHASTIC:
+        raise AttributeError(
+            f"partial_fit is only available for stochastic optimizers. {estimator.solver} is not stochastic."
+        )
+    return True
+
+
+class MLPClassifier(ClassifierMixin, _BaseMLP):
+    """Multi-layer perceptron classifier: scikit-learn's MLPClassifier, trained by bpgpu.
+
+    Parameters are scikit-learn's (same names, defaults and meanings), plus
+    ``device`` ("auto", "cpu" or "gpu": where the net lives and trains) and
+    ``dtype`` ("float32" or "float64": the precision of every computation).
+    ``verbose=True`` shows a progress bar with the loss per epoch.
+    """
+
+    _score_function = staticmethod(accuracy_score)
+
+    def _validate_input(self, X, y, incremental, reset):
+        X, y = validate_data(
+            self, X, y, multi_output=True, dtype=(np.float64, np.float32), reset=reset
+        )
+        if y.ndim == 2 and y.shape[1] == 1:
+            y = column_or_1d(y, warn=True)
+        # sklearn's rules: a fresh fit redefines the classes; warm_start must see the
+        # same classes; partial_fit must see only known classes.
+        if not hasattr(self, "classes_") or (not self.warm_start and not incremental):
+            self._label_binarizer = LabelBinarizer().fit(y)
+            self.classes_ = self._label_binarizer.classes_
+        else:
+            classes = unique_labels(y)
+            if self.warm_start:
+                if set(classes) != set(self.classes_):
+                    raise ValueError(
+                        "warm_start can only be used where `y` has the same classes as in the previous "
+                        f"call to fit. Previously got {self.classes_}, `y` has {classes}"
+                    )
+            elif len(np.setdiff1d(classes, self.classes_, assume_unique=True)):
+                raise ValueError(
+                    f"`y` has classes not in `self.classes_`. `self.classes_` has {self.classes_}. 'y' has {classes}."
+                )
+        return X, self._label_binarizer.transform(y).astype(X.dtype)
+
+    def _out_activation(self) -> str:
+        return "softmax" if self._label_binarizer.y_type_ == "multiclass" else "logistic"
+
+    def _decode(self, out: np.ndarray) -> np.ndarray:
+        if self.n_outputs_ == 1:
+            out = out.ravel()
+        return self._label_binarizer.inverse_transform(out)
+
+    def _validation_targets(self, Y_val: np.ndarray) -> np.ndarray:
+        return self._label_binarizer.inverse_transform(Y_val.ravel() if self.n_outputs_ == 1 else Y_val)
+
+    def _label_state(self, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
+        classes = self.classes_
+        arrays["classes_"] = classes.astype(str) if classes.dtype.hasobject else classes
+        return {"y_type": self._label_binarizer.y_type_}
+
+    def _restore_labels(self, state: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+        y_type, classes = state["y_type"], arrays["classes_"]
+        # LabelBinarizer refitted on what it learnt: the classes, or an indicator matrix.
+        self._label_binarizer = LabelBinarizer().fit(
+            np.eye(len(classes), dtype=int) if y_type == "multilabel-indicator" else classes
+        )
+        if self._label_binarizer.y_type_ != y_type:
+            raise ValueError(f"classes_ {classes.tolist()} do not make a {y_type!r} target")
+        self.classes_ = self._label_binarizer.classes_
+
+    def predict(self, X) -> np.ndarray:
+        """The predicted classes (numpy, on the host)."""
+        return self._decode(self._forward_host(X))
+
+    def predict_proba(self, X) -> np.ndarray:
+        """Probability of each class, columns ordered as ``classes_`` (numpy, on the host)."""
+        out = self._forward_host(X)
+        if self.n_outputs_ == 1:
+            return np.hstack([1 - out, out])
+        return out
+
+    def predict_log_proba(self, X) -> np.ndarray:
+        """log(predict_proba(X))."""
+        proba = self.predict_proba(X)
+        return np.log(proba, out=proba)
+
+    @available_if(_stochastic_solver)
+    def partial_fit(self, X, y, classes=None):
+        """One epoch over (X, y), continuing from the current parameters and optimizer state.
+
+        ``classes`` (all the labels there will ever be) is required on the first call.
+        """
+        self._validate_params()
+        if _check_partial_fit_first_call(self, classes):
+            self._label_binarizer = LabelBinarizer()
+            if type_of_target(y).startswith("multilabel"):
+                self._label_binarizer.fit(y)
+            else:
+                self._label_binarizer.fit(classes)
+        return self._fit(X, y, incremental=True)
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.classifier_tags.multi_label = True
+        return tags
+
+
+class MLPRegressor(RegressorMixin, _BaseMLP):
+    """Multi-layer perceptron regressor: scikit-learn's MLPRegressor (squared error), trained by bpgpu.
+
+    Parameters are scikit-learn's (same names, defaults and meanings), plus
+    ``device`` ("auto", "cpu" or "gpu") and ``dtype`` ("float32" or "float64").
+    """
+
+    _score_function = staticmethod(r2_score)
+
+    def _validate_input(self, X, y, incremental, reset):
+        X, y = validate_data(
+            self, X, y, multi_output=True, y_numeric=True, dtype=(np.float64, np.float32), reset=reset
+        )
+        if y.ndim == 2 and y.shape[1] == 1:
+            y = column_or_1d(y, warn=True)
+        return X, y.astype(X.dtype, copy=False)
+
+    def _out_activation(self) -> str:
+        return "identity"
+
+    def _decode(self, out: np.ndarray) -> np.ndarray:
+        return out.ravel() if out.shape[1] == 1 else out
+
+    def _validation_targets(self, Y_val: np.ndarray) -> np.ndarray:
+        return self._decode(Y_val)
+
+    def _label_state(self, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
+        return {}
+
+    def _restore_labels(self, state: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+        """A regressor has no labels."""
+
+    def predict(self, X) -> np.ndarray:
+        """The predicted values (numpy, on the host)."""
+        return self._decode(self._forward_host(X))
+
+    @available_if(_stochastic_solver)
+    def partial_fit(self, X, y):
+        """One epoch over (X, y), continuing from the current parameters and optimizer state."""
+        self._validate_params()
+        return self._fit(X, y, incremental=True)
+
+
+io.register("MLPClassifier", MLPClassifier)
+io.register("MLPRegressor", MLPRegressor)
