@@ -122,6 +122,9 @@ class Optimizer:
         """w ← w + step(grad): one fused kernel over the flat parameter vector."""
         self.net.backend.ops.sgd_update(self.net.params, grad, self.learning_rate, self._scratch)
 
+    def reset_state(self) -> None:
+        """Zero the velocity / moments (after a divergence they may hold NaN or Inf)."""
+
     # --- epoch boundaries (scikit-learn's iteration_ends / trigger_stopping) ---
 
     def iteration_ends(self, samples_seen: int) -> None:
@@ -153,6 +156,9 @@ class Momentum(Optimizer):
         super().__init__(net, learning_rate, **options)
         self.momentum = _unit_interval(momentum, "momentum")
         self.velocity = self._zeros()
+
+    def reset_state(self) -> None:
+        self.velocity[...] = 0.0
 
     def update(self, grad: Any) -> None:
         ops = self.net.backend.ops
@@ -189,6 +195,11 @@ class Adam(Optimizer):
         self.t = 0
         self.m = self._zeros()
         self.v = self._zeros()
+
+    def reset_state(self) -> None:
+        self.t = 0
+        self.m[...] = 0.0
+        self.v[...] = 0.0
 
     def update(self, grad: Any) -> None:
         self.t += 1

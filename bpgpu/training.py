@@ -237,7 +237,10 @@ def fit(
         momentum, beta_1, beta_2, epsilon (see :mod:`bpgpu.optim`).
 
     Raises :class:`DivergenceError` when the loss or the parameters become
-    non-finite; the net then holds the parameters from the start of that epoch.
+    non-finite; the net then holds the parameters from the start of that epoch
+    (and the optimizer's velocity or moments are zeroed). Divergence is seen
+    once per epoch, from the one number transferred; numpy may also print
+    overflow RuntimeWarnings on the way.
     """
     epochs = _positive_int(epochs, "epochs")
     if tol is not None and (not isinstance(tol, (int, float)) or tol < 0):
@@ -343,12 +346,13 @@ class _EpochLoop:
         bad = np.flatnonzero(~np.isfinite(losses))
         step = int(bad[0]) + 1 if bad.size else len(self.bounds)  # else: the last update broke w
         self.net.params[...] = self.good
+        self.opt.reset_state()  # its velocity or moments are poisoned too; the rest of its state is kept
         history.stop_reason = "diverged"
         raise DivergenceError(
             f"training diverged at epoch {epoch}, step {step} of {len(self.bounds)}: the loss or the "
             f"parameters became NaN or Inf (learning_rate={self.opt.learning_rate:g}, "
             f"optimizer={self.opt.name!r}). The net holds its parameters from the start of epoch {epoch}, "
-            f"all finite; try a smaller learning rate.",
+            f"all finite, and the optimizer's velocity/moments were zeroed; try a smaller learning rate.",
             epoch,
             step,
             history,

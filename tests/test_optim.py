@@ -218,3 +218,21 @@ def test_state_vectors_are_flat_on_the_nets_backend():
 def test_make_optimizer_rejects_bad_options(name, kwargs, error, match):
     with pytest.raises(error, match=match):
         bp.make_optimizer(name, _net(), 0.1, **kwargs)
+
+
+@pytest.mark.parametrize("name", ["sgd", "momentum", "nesterov", "adam"])
+def test_reset_state_zeroes_velocity_and_moments(name):
+    net = _net()
+    opt = bp.make_optimizer(name, net, 0.1)
+    opt.update(np.ones(net.n_params))
+    opt.reset_state()
+    for attr in ("velocity", "m", "v"):
+        if hasattr(opt, attr):
+            assert not np.any(getattr(opt, attr))
+    assert getattr(opt, "t", 0) == 0
+    w = np.array(net.params, copy=True)
+    opt.update(np.ones(net.n_params))  # a first step again: for adam lr_t = lr·√(1−β2)/(1−β1)
+    step = w - np.asarray(net.params)
+    root = np.sqrt(1 - 0.999)  # √v after one step of g = 1
+    expected = {"nesterov": 0.9 * 0.1 + 0.1, "adam": 0.1 * root / 0.1 * 0.1 / (root + 1e-8)}.get(name, 0.1)
+    np.testing.assert_allclose(step, expected, rtol=1e-12)

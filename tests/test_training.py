@@ -141,6 +141,20 @@ def test_divergence_restores_the_last_finite_parameters_and_names_epoch_and_step
     np.testing.assert_array_equal(final, seen[-1])
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_after_divergence_the_same_optimizer_can_go_on_with_a_smaller_rate():
+    X, T = regression_data(32, seed=12)
+    net = regression_net(seed=13)
+    opt = bp.make_optimizer("momentum", net, 50.0)
+    with pytest.raises(bp.DivergenceError):
+        bp.fit(net, X, T, optimizer=opt, epochs=100, batch_size=8, progress=False, tol=None)
+    assert not np.any(opt.velocity)
+    opt.learning_rate = 0.01
+    before = net.loss(X, T)
+    bp.fit(net, X, T, optimizer=opt, epochs=20, batch_size=8, progress=False, tol=None)
+    assert net.loss(X, T) < before
+
+
 def test_tol_rule_stops_like_scikit_learn():
     X, T = regression_data(16)
     net = regression_net()
