@@ -10,6 +10,7 @@ import pytest
 
 import bpgpu as bp
 from bpgpu.testing import cases
+from bpgpu.kernels import ACTIVATIONS, LOSSES
 from helpers import HIDDEN, OUTPUT_LOSS_PAIRS, targets_for
 
 STATUS = bp.gpu_status()
@@ -66,6 +67,30 @@ def test_op_matches_its_numpy_twin_on_device_arrays(case):
         close(got, want, "returned total")
     for i in case.compared():
         close(device[i], reference[i], f"argument {case.signature()[i].name}")
+
+
+NAN_OPS = [f"{g}_fwd" for g in ACTIVATIONS] + [f"{j}_fwd" for j in LOSSES] + [
+    "sigmoid_binary_cross_entropy_fwd", "softmax_cross_entropy_fwd", "canonical_value_and_delta/cross_entropy"]
+
+
+@pytest.mark.parametrize("op", NAN_OPS)
+def test_nan_propagates_as_in_numpy(op):
+    """A diverged value must stay NaN on the GPU too (CUDA's max(NaN, 0) is 0)."""
+    from bpgpu.kernels import cuda
+
+    case = cases.Case(op, np.float64, "random")
+    host = case.build(seed=2)
+    host[0][2, 3] = np.nan
+    reference = [a.copy() if isinstance(a, np.ndarray) else a for a in host]
+    device = [to_device(a) for a in host]
+    got = case.call(cuda, device)
+    with np.errstate(invalid="ignore"):
+        want = case.reference(reference)
+    if np.ndim(want) == 0:
+        assert np.isnan(float(want)) and np.isnan(float(got))
+    for i in case.compared():
+        np.testing.assert_array_equal(np.isnan(device[i].get()), np.isnan(reference[i]), err_msg=f"{op}: arg {i}")
+    assert any(np.isnan(reference[i]).any() for i in case.compared()) or np.ndim(want) == 0
 
 
 def _problem(sizes, loss, output, m=17, seed=0):

@@ -9,6 +9,9 @@ lists: importing this module or building every kernel never touches a device,
 so the sources can be generated and checked on a machine without a GPU, see
 :mod:`bpgpu.testing`). :data:`OP_KERNELS` says which kernels each op launches.
 
+NaN propagates as in numpy (so divergence is seen on every backend): CUDA's
+max/min return the other argument for a NaN, so clips and relu use comparisons.
+
 Float16 safety: in CuPy's headers ``float16 op float16`` yields ``float`` and
 ``max``/``min`` have (float16, float16) and (float, float) overloads, so every
 literal is written ``T(...)``, both arguments of max/min are cast to one type,
@@ -16,11 +19,13 @@ results are cast back with ``T(...)``, and sums accumulate in float for float16
 (``bpgpu_acc``). Scalars (c, lr, the clip bounds...) are Python numbers that
 CuPy casts to T.
 
-Matrix products go to cuBLAS through ``cupy.matmul(a, b, out=out)``. For 2-D
-operands CuPy's ``dot`` hands C- and F-contiguous operands to GEMM with a
-transpose flag and copies only an operand that is neither; ``out`` must be
-C-contiguous (CuPy raises otherwise, so a strided ``out`` can never be filled by
-a silent copy). The network only passes contiguous matrices: Wᵀ is a reshaped
+Matrix products go to cuBLAS through ``cupy.matmul(a, b, out=out)`` (CuPy 14:
+same dtypes take the fast path straight to ``_core.matmul`` → ``dot`` →
+``tensordot_core`` → ``gemmEx``, with ``out`` as the GEMM's C). There, C- and
+F-contiguous operands go to GEMM with a transpose flag and only an operand that
+is neither is copied; ``out`` must be C-contiguous (CuPy raises otherwise, so a
+strided ``out`` is never filled through a silent copy). A 1×1 result (one
+sample, one output unit) is a dot product done by a reduction into a temporary. The network only passes contiguous matrices: Wᵀ is a reshaped
 slice of the flat vector (C-contiguous), W = (Wᵀ).T and Aᵀ are F-contiguous
 views, and the gradient block ∂J/∂Wᵀ is again a C-contiguous slice; so no GEMM
 of the forward or backward pass copies an operand (tests/test_gpu.py checks
@@ -44,9 +49,10 @@ PREAMBLE = r"""
 template <typename X> struct bpgpu_acc { typedef X type; };
 template <> struct bpgpu_acc<float16> { typedef float type; };
 
-// v clipped into [lo, hi] (keeps log and 1/a finite for saturated outputs).
+// v clipped into [lo, hi] (keeps log and 1/a finite for saturated outputs). Comparisons,
+// not min/max: CUDA's max(NaN, lo) is lo, and a NaN must stay NaN, as in numpy's clip.
 template <typename X> __device__ X bpgpu_clip(X v, X lo, X hi) {
-  return min(max(v, lo), hi);
+  return v < lo ? lo : (v > hi ? hi : v);
 }
 
 // softplus log(1 + e^v) = max(v, 0) + log1p(e^{-|v|}): no overflow for any v.
@@ -123,7 +129,7 @@ SPECS: dict[str, Elementwise | Reduction] = {
     "identity_fwd": _bias_act("v"),
     "sigmoid_fwd": _bias_act("T(0.5) * (T(1) + tanh(T(0.5) * v))"),  # (1 + tanh(z/2)) / 2
     "tanh_fwd": _bias_act("tanh(v)"),
-    "relu_fwd": _bias_act("max(v, T(0))"),
+    "relu_fwd": _bias_act("v < T(0) ? T(0) : v"),  # not max(v, 0): NaN stays NaN, as in numpy
     "leaky_relu_fwd": _bias_act(f"v > T(0) ? v : T({_SLOPE} * v)"),
     "softplus_fwd": _bias_act("bpgpu_softplus(v)"),
     # softmax: row max and row sum of e^{z − max} by reductions, then one normalising pass
@@ -160,6 +166,9 @@ SPECS: dict[str, Elementwise | Reduction] = {
         "T logit, T tgt, T top, T total_exp", "total", "tgt * (log(total_exp) + top - logit)"
     ),
     # canonical pairs: the loss and δ(L) in one pass (delta is written by the reduction's map)
+    # A reduction maps every element at least once; when a block has more lanes than outputs
+    # (out size 1 here) CuPy's loop maps a few elements twice, discarding the extra sums: the
+    # repeated write of delta stores the same value, so it is harmless.
     "squared_error_value_and_delta": _sum(
         "T logit, T act, T tgt, T c, _non_const T delta", "total",
         f"({_DELTA_CANONICAL}, (logit - tgt) * (logit - tgt))", "total = T(a / 2)",
