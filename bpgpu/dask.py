@@ -268,7 +268,8 @@ def fit(
                each the step rule ``update`` of :mod:`bpgpu.optim` ("sgd", "momentum",
                "nesterov", "adam"; ``options`` such as momentum or alpha go to it).
       "sgd"    synchronous data-parallel mini-batch SGD for max_iter epochs: an epoch
-               has S = ceil(m / batch_size) steps; step s takes the s-th of S contiguous
+               has S = min(ceil(m / batch_size), rows of the largest chunk) steps;
+               step s takes the s-th of S contiguous
                near-equal slices of every chunk (so every worker computes its share of
                every mini-batch), the steps in an order drawn from ``seed`` each epoch;
                the summed share gradients make the mini-batch gradient, one update
@@ -322,7 +323,8 @@ def _fit_gd(net: MLP, X: Any, T: Any, step_rule: Any, max_iter: int, tol: float)
 
 def _fit_sgd(net: MLP, X: Any, T: Any, step_rule: Any, epochs: int, batch_size: int, seed) -> History:
     m = X.shape[0]
-    steps = -(-m // batch_size)
+    # never more steps than the largest chunk has rows: every step then has a sample
+    steps = min(-(-m // batch_size), max(X.chunks[0]))
     batch_rows = [sum(len(range(n)[_row_slice(n, s, steps)]) for n in X.chunks[0]) for s in range(steps)]
     weight = (lambda s: batch_rows[s] / m) if net.reduction == "mean" else (lambda s: 1.0)
     rng = np.random.default_rng(seed)

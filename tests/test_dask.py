@@ -160,10 +160,11 @@ def test_graph_is_a_tree_reduction_carrying_the_vector_once():
 
 def one_process_sgd(net, X, T, epochs, batch_size, seed, chunk_rows, update, learning_rate, **options):
     """Mini-batch SGD in one process with bpgpu.dask.fit's batching, written out directly:
-    step s of an epoch takes the s-th of S = ceil(m / batch_size) np.array_split parts of every chunk."""
+    step s of an epoch takes the s-th of S np.array_split parts of every chunk,
+    S = min(ceil(m / batch_size), largest chunk's rows)."""
     from bpgpu.optim import make_optimizer
 
-    steps = -(-len(X) // batch_size)
+    steps = min(-(-len(X) // batch_size), max(chunk_rows))
     starts = np.cumsum((0,) + chunk_rows)
     parts = [np.array_split(np.arange(a, b), steps) for a, b in zip(starts, starts[1:])]
     rule, rng = make_optimizer(update, net, learning_rate, **options), np.random.default_rng(seed)
@@ -185,6 +186,16 @@ def test_minibatch_sgd_equals_one_process(update, options, reduction):
         history = bd.fit(net, Xd, Td, "sgd", max_iter=2, batch_size=64, seed=7, update=update,
                          learning_rate=lr, **options)
     assert history.epochs == 2 and history.loss[1] < history.loss[0] and history.stop_reason == "max_iter"
+    assert relative(net.params, reference.params) <= 1e-10
+
+
+def test_sgd_with_more_steps_than_rows_in_a_chunk():
+    net, X, T = make()
+    reference = net.copy()
+    one_process_sgd(reference, X, T, 1, 5, 2, (ROWS,) * 6 + (18,), "sgd", 0.05)  # 97 steps: empty shares
+    Xd, Td = chunked(X, T)
+    with dask.config.set(scheduler="sync"):
+        bd.fit(net, Xd, Td, "sgd", max_iter=1, batch_size=5, seed=2, learning_rate=0.05)
     assert relative(net.params, reference.params) <= 1e-10
 
 
