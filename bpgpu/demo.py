@@ -68,6 +68,10 @@ def run(args: argparse.Namespace) -> int:
 
     import bpgpu as bp
 
+    try:
+        backend = bp.resolve_backend(args.device)
+    except RuntimeError as exc:  # --device gpu where CuPy cannot run: say why, no traceback
+        raise SystemExit(f"bpgpu demo: {exc}") from None
     X_train, X_test, y_train, y_test = _load_split(args.seed)
     print(f"digits: {len(X_train)} training and {len(X_test)} test images, 8x8 pixels, 10 classes")
     clf = bp.MLPClassifier(
@@ -80,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
         warnings.simplefilter("ignore", ConvergenceWarning)
         clf.fit(X_train, y_train)
     seconds = time.perf_counter() - start
-    print(f"trained MLPClassifier(hidden_layer_sizes={HIDDEN}) on {clf._net.backend.name} "
+    print(f"trained MLPClassifier(hidden_layer_sizes={HIDDEN}) on {backend.name} "
           f"for {clf.n_iter_} epochs in {seconds:.1f} s, final loss {clf.loss_:.4f}")
     accuracy = clf.score(X_test, y_test)
     print(f"test accuracy: {accuracy:.4f}")

@@ -18,6 +18,15 @@ Matching scikit-learn's definitions:
     regression, all with reduction="mean" (sklearn's δ = (a − y), grads / m);
   - L2 penalty alpha/(2 m_batch) Σ‖W‖² on the weights, not the biases.
 
+Where it differs from scikit-learn (1.9): ``fit`` takes no ``sample_weight``;
+sparse X is refused (sklearn's "dense data is required" error); ``verbose=True``
+shows a progress bar instead of printing each iteration; for multi-output
+regression ``loss_`` sums the half squared error over the outputs where sklearn
+averages it (the gradients, hence the training, are the same); the sample order
+of each epoch comes from bpgpu's generator (seeded from random_state), so the
+results equal sklearn's to rounding only without shuffling (shuffle=False, or
+one batch) and in float64; predictions come back in the net's dtype.
+
 ``dtype`` defaults to "float32": the GPU runs float32 many times faster than
 float64, and trained accuracy is the same (tests/test_estimators.py compares
 with scikit-learn). Pass dtype="float64" to compute exactly in sklearn's
@@ -353,8 +362,8 @@ class _BaseMLP(BaseEstimator):
         optimizer = state.pop("_optimizer", None)
         if optimizer is not None:
             fields = {k: v for k, v in vars(optimizer).items() if k not in ("net", "_outer_views")}
-            state["_optimizer_host"] = (type(optimizer), {
-                k: np.array(to_numpy(v), copy=True) if hasattr(v, "shape") else v for k, v in fields.items()
+            state["_optimizer_host"] = (type(optimizer), {  # its state vectors to the host, scalars as they are
+                k: np.array(to_numpy(v), copy=True) if getattr(v, "ndim", 0) else v for k, v in fields.items()
             })
         return state
 

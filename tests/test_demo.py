@@ -9,6 +9,7 @@ import pytest
 pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 
+import bpgpu as bp  # noqa: E402
 from bpgpu import cli  # noqa: E402
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -39,3 +40,9 @@ def test_demo_reaches_097_and_writes_the_loss_curve(tmp_path, capsys):
     assert f"loss curve: {png}" in printed.out
     width, height = _png_size(png.read_bytes())
     assert (width, height) == (600, 400)
+
+
+@pytest.mark.skipif(bp.gpu_status().usable, reason="checks the refusal on a machine without a usable GPU")
+def test_demo_on_a_machine_without_gpu_says_why(tmp_path):
+    with pytest.raises(SystemExit, match="asks for the GPU, but CuPy cannot run here"):
+        cli.main(["demo", "--out", str(tmp_path), "--device", "gpu"])

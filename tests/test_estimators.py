@@ -113,6 +113,22 @@ def test_partial_fit_keeps_optimizer_state_like_sklearn():
     assert ours.n_iter_ == 1 and ours.t_ == 3 * len(X) and len(ours.loss_curve_) == 3
 
 
+def test_warm_start_continues_like_sklearn():
+    X, y = _blobs(2)
+    params = dict(EXACT, solver="sgd", learning_rate="invscaling", learning_rate_init=0.1, warm_start=True)
+    ours = bp.MLPClassifier(**params, dtype="float64", device="cpu")
+    theirs = sk.MLPClassifier(**params)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        for _ in range(2):
+            ours.fit(X, y)
+            theirs.fit(X, y)
+    _assert_same_model(ours, theirs)  # the invscaling schedule went on counting samples (t_)
+    assert len(ours.loss_curve_) == 2 * ours.n_iter_ and ours.t_ == 2 * ours.n_iter_ * len(X)
+    with pytest.raises(ValueError, match="same classes"):
+        ours.fit(X, y + 1)
+
+
 def test_early_stopping_and_lbfgs_follow_sklearn():
     X, y = load_digits(return_X_y=True)
     X = X[:600] / 16.0
@@ -134,6 +150,12 @@ def test_early_stopping_and_lbfgs_follow_sklearn():
     assert ours.n_iter_ == theirs.n_iter_
     assert ours.loss_ == pytest.approx(theirs.loss_, rel=1e-4)
     assert not hasattr(ours, "partial_fit")
+    # a gradient already below tol: no iteration, loss_ is the starting loss (L2 term included)
+    params.update(tol=1e6, alpha=0.5)
+    ours = bp.MLPClassifier(**params, dtype="float64", device="cpu").fit(X, y)
+    theirs = sk.MLPClassifier(**params).fit(X, y)
+    assert ours.n_iter_ == theirs.n_iter_ == 0
+    assert ours.loss_ == pytest.approx(theirs.loss_, rel=1e-12)
 
 
 # --- comparable accuracy with the default float32 and shuffling -----------------
