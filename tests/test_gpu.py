@@ -1,8 +1,9 @@
 """The CuPy path against the numpy path, on a real CUDA device (marker ``gpu``).
 
-Skipped, with the reason from ``bp.gpu_status()``, where no device is usable
-(the kernel sources are still compiled and executed on the CPU by the
-bpgpu.testing checks). Run them on a GPU box with scripts/gpu-check.sh.
+The ``gpu`` tests skip, with the reason from ``bp.gpu_status()``, where no device
+is usable (the kernel sources are still compiled and executed on the CPU by the
+bpgpu.testing checks); run them on a GPU box with scripts/gpu-check.sh. The
+first tests check the CUDA kernel table itself and need no device.
 """
 
 import numpy as np
@@ -14,7 +15,12 @@ from bpgpu.kernels import ACTIVATIONS, LOSSES
 from helpers import HIDDEN, OUTPUT_LOSS_PAIRS, targets_for
 
 STATUS = bp.gpu_status()
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not STATUS.usable, reason=f"no usable GPU: {STATUS.reason}")]
+
+
+def gpu(test):
+    """Mark a test ``gpu`` and skip it, with the reason, where CuPy cannot run."""
+    return pytest.mark.gpu(pytest.mark.skipif(not STATUS.usable, reason=f"no usable GPU: {STATUS.reason}")(test))
+
 
 # Tolerances of one op against its numpy twin: the GPU contracts a*b + c into an
 # FMA and flushes float32 denormals, and float16 sums are carried in float there.
@@ -35,6 +41,29 @@ def to_device(x):
     return cupy.ndarray(x.shape, x.dtype, memptr=buf.data, strides=x.strides)
 
 
+def test_cuda_table_has_every_op_with_the_cpu_signature():
+    import inspect
+
+    from bpgpu.kernels import OPS, cpu, cuda
+
+    for op in OPS:
+        assert inspect.signature(getattr(cuda, op)) == inspect.signature(getattr(cpu, op)), op
+    assert set(cuda.OP_KERNELS) == set(OPS)
+    launched = {k for names in cuda.OP_KERNELS.values() for k in names}
+    assert launched == set(cuda.SPECS)  # no kernel that no op launches
+
+
+def test_kernels_build_without_a_device_named_as_in_the_table():
+    pytest.importorskip("cupy")
+    from bpgpu.kernels import cuda
+
+    built = cuda.all_kernels()
+    assert set(built) == set(cuda.SPECS)
+    assert all(k.name == name for name, k in built.items())
+    assert cuda.kernel("relu_fwd") is built["relu_fwd"]  # created once, cached
+
+
+@gpu
 def test_auto_backend_is_cupy_here():
     from bpgpu.kernels import cuda
 
@@ -43,6 +72,7 @@ def test_auto_backend_is_cupy_here():
     assert backend.device.startswith("cuda:")
 
 
+@gpu
 @pytest.mark.parametrize("case", cases.all_cases(), ids=lambda c: c.id)
 def test_op_matches_its_numpy_twin_on_device_arrays(case):
     from bpgpu.kernels import cuda
@@ -73,6 +103,7 @@ NAN_OPS = [f"{g}_fwd" for g in ACTIVATIONS] + [f"{j}_fwd" for j in LOSSES] + [
     "sigmoid_binary_cross_entropy_fwd", "softmax_cross_entropy_fwd", "canonical_value_and_delta/cross_entropy"]
 
 
+@gpu
 @pytest.mark.parametrize("op", NAN_OPS)
 def test_nan_propagates_as_in_numpy(op):
     """A diverged value must stay NaN on the GPU too (CUDA's max(NaN, 0) is 0)."""
@@ -98,6 +129,7 @@ def _problem(sizes, loss, output, m=17, seed=0):
     return rng.normal(size=(m, sizes[0])), targets_for(loss, output, m, sizes[-1], rng)
 
 
+@gpu
 @pytest.mark.parametrize("hidden", HIDDEN)
 @pytest.mark.parametrize("output,loss", OUTPUT_LOSS_PAIRS)
 def test_cupy_mlp_matches_numpy_in_float64(hidden, output, loss):
@@ -119,6 +151,7 @@ def test_cupy_mlp_matches_numpy_in_float64(hidden, output, loss):
     np.testing.assert_allclose(g.get(), g_ref, rtol=1e-10, atol=1e-13)
 
 
+@gpu
 @pytest.mark.parametrize("output,loss", [("sigmoid", "binary_cross_entropy"), ("softmax", "cross_entropy")])
 def test_saturated_logits_give_finite_equal_losses(output, loss):
     sizes = [3, 4, 2]
@@ -131,6 +164,7 @@ def test_saturated_logits_give_finite_equal_losses(output, loss):
     np.testing.assert_allclose(g.get(), g_ref, rtol=1e-10, atol=1e-12)
 
 
+@gpu
 def test_float32_forward_and_gradient_agree_with_numpy():
     sizes = [8, 32, 16, 4]
     X, T = _problem(sizes, "cross_entropy", "softmax", m=64)
@@ -143,6 +177,7 @@ def test_float32_forward_and_gradient_agree_with_numpy():
     assert np.abs(g.get() - g_ref).max() <= 1e-5 * np.abs(g_ref).max()
 
 
+@gpu
 @pytest.mark.parametrize("optimizer", ["sgd", "momentum", "nesterov", "adam"])
 @pytest.mark.parametrize("batch_size", [1, 6])
 def test_cupy_training_matches_numpy(optimizer, batch_size):
@@ -159,6 +194,7 @@ def test_cupy_training_matches_numpy(optimizer, batch_size):
     np.testing.assert_allclose(bp.to_numpy(nets[1].params), nets[0].params, rtol=1e-10, atol=1e-12)
 
 
+@gpu
 def test_gemms_of_a_training_step_write_into_their_buffers_without_copies():
     """The three GEMMs of backprop on Wᵀ views of the flat vector allocate nothing
     (CuPy copies an operand that is neither C- nor F-contiguous: the control)."""
@@ -184,6 +220,7 @@ def test_gemms_of_a_training_step_write_into_their_buffers_without_copies():
         allocations.append(size)
         return pool.malloc(size)
 
+    strided = cupy.zeros((129, 66), dtype=cupy.float32)[:, ::2]  # neither C- nor F-contiguous
     for call in calls:  # warm up: cuBLAS handle and workspace
         call()
     cupy.cuda.set_allocator(counting_malloc)
@@ -192,7 +229,6 @@ def test_gemms_of_a_training_step_write_into_their_buffers_without_copies():
             call()
         cupy.cuda.Device().synchronize()
         assert allocations == []
-        strided = cupy.empty((129, 66), dtype=cupy.float32)[:, ::2]
         cuda.matmul(strided, net._wt(1, net.params), ws.A[1])
         assert allocations, "the allocation counter saw no copy of a strided operand"
     finally:
@@ -201,8 +237,3 @@ def test_gemms_of_a_training_step_write_into_their_buffers_without_copies():
     np.testing.assert_allclose(ws.D[1].get(), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_every_kernel_is_named_after_its_op():
-    from bpgpu.kernels import cuda
-
-    for name, k in cuda.all_kernels().items():
-        assert k.name == name
