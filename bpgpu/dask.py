@@ -26,7 +26,7 @@ import numpy as np
 from bpgpu import validation
 from bpgpu.backend import of_array, to_numpy
 from bpgpu.network import MLP
-from bpgpu.training import History
+from bpgpu.training import History, _reduction_factor
 
 # --- on the workers ----------------------------------------------------------
 
@@ -172,21 +172,17 @@ def _sums(*args, **kwargs) -> np.ndarray:
     return np.asarray(_summed(*args, **kwargs).compute())
 
 
-def _scale(net: MLP, m: int) -> float:
-    return 1.0 / m if net.reduction == "mean" else 1.0
-
-
 def _loss_and_gradient_at(net: MLP, X: Any, T: Any, w: Any, rows=None, m: int | None = None):
     """(J, dJ/dw as host float64) at parameters w, over all rows or one mini-batch of m rows."""
     sums = _sums(net, X, T, _loss_and_gradient_sum, 1 + net.n_params, w, rows=rows)
-    c = _scale(net, X.shape[0] if m is None else m)
+    c = _reduction_factor(net, X.shape[0] if m is None else m)
     return float(sums[0] * c), sums[1:] * c
 
 
 def loss(net: MLP, X: Any, T: Any) -> float:
     """The cost J over all rows of the dask arrays X, T, as a Python float."""
     X, T = _check(net, X, T)
-    return float(_sums(net, X, T, _loss_sum, 1, net.params)[0] * _scale(net, X.shape[0]))
+    return float(_sums(net, X, T, _loss_sum, 1, net.params)[0] * _reduction_factor(net, X.shape[0]))
 
 
 def loss_and_gradient(net: MLP, X: Any, T: Any) -> tuple[float, Any]:
@@ -212,7 +208,7 @@ def hvp(net: MLP, X: Any, T: Any, v: Any) -> Any:
             f"got shape {tuple(v.shape)}"
         )
     sums = _sums(net, X, T, _hvp_sum, net.n_params, net.params, v=v)
-    return net.backend.asarray(sums * _scale(net, X.shape[0]), net._xp_dtype)
+    return net.backend.asarray(sums * _reduction_factor(net, X.shape[0]), net._xp_dtype)
 
 
 # --- training -------------------------------------------------------------------
@@ -302,7 +298,7 @@ def _penalized_gradient(net: MLP, X: Any, T: Any, step_rule: Any, rows=None, m: 
     m = X.shape[0] if m is None else m
     J, g = _loss_and_gradient_at(net, X, T, net.params, rows=rows, m=m)
     g = net.backend.asarray(g, net._xp_dtype)
-    return J + float(step_rule.penalize(g, _scale(net, m))), g
+    return J + float(step_rule.penalize(g, _reduction_factor(net, m))), g
 
 
 def _fit_gd(net: MLP, X: Any, T: Any, step_rule: Any, max_iter: int, tol: float) -> History:

@@ -221,6 +221,24 @@ def test_full_batch_gd_equals_one_process_and_stops_at_tol():
         assert stopped.stop_reason == "tol"
 
 
+def test_gd_with_l2_penalty_equals_one_process():
+    from bpgpu.optim import make_optimizer
+
+    net, X, T = make()
+    reference = net.copy()
+    rule = make_optimizer("momentum", reference, 0.3, momentum=0.5, alpha=0.2)
+    losses = []
+    for _ in range(4):
+        J, g = reference.loss_and_gradient(X, T)
+        losses.append(J + float(rule.penalize(g, 1.0 / M)))
+        rule.update(g)
+    Xd, Td = chunked(X, T)
+    with dask.config.set(scheduler="threads"):
+        history = bd.fit(net, Xd, Td, "gd", max_iter=4, update="momentum", learning_rate=0.3, momentum=0.5, alpha=0.2)
+    np.testing.assert_allclose(history.loss, losses, rtol=1e-10)
+    assert relative(net.params, reference.params) <= 1e-10
+
+
 def test_lbfgs_equals_scipy_on_one_process():
     from scipy.optimize import minimize
 
