@@ -1,0 +1,138 @@
+"""A compiled CPU training step: forward, backprop, L2 term and update in one numba call.
+
+On small nets the numpy path spends its time in Python and in numpy's per-call
+overhead (4–8 calls per layer and pass), not in arithmetic. This module gives
+the numpy backend one compiled call per step instead
+(:mod:`bpgpu.kernels.numba_step`), with the numpy path's arithmetic; the numpy
+path stays the reference. numba is optional (the ``jit`` extra): it is looked
+for once, on first use, and without it the hooks return None and callers keep
+the numpy path.
+
+    step = compiled_train_step(net, optimizer_or_lr)   # None when not applicable
+    loss = step(X, T)   # X (m, n0), T (m, nL): numpy arrays in the net's dtype
+
+The step updates ``net.params`` in place, in its Θ layout, with buffers
+allocated once per batch size; after that a step allocates nothing.
+SGD, momentum and Nesterov run entirely inside the compiled call; Adam (whose
+step size depends on a host-side step counter) runs the compiled gradient and
+then its own one-kernel update.
+"""
+
+from __future__ import annotations
+
+import functools
+import numbers
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from bpgpu.kernels import ACTIVATIONS, LOSSES
+from bpgpu.kernels.cpu import LEAKY_SLOPE
+
+_BUFFERS_KEPT = 4  # batch sizes whose buffers are kept, like MLP.workspace
+_IN_KERNEL = ("sgd", "momentum", "nesterov")  # optimizers whose update is compiled too
+_AFTER_KERNEL = ("adam",)  # optimizers that update with their own kernel after the compiled gradient
+
+
+@functools.cache
+def kernels() -> ModuleType | None:
+    """The compiled kernels, or None when numba is not installed (decided once)."""
+    try:
+        from bpgpu.kernels import numba_step
+    except ImportError:
+        return None
+    return numba_step
+
+
+def available() -> bool:
+    """Whether numba is installed, so compiled steps can be built."""
+    return kernels() is not None
+
+
+class CompiledStep:
+    """``step(X, T) -> loss``: one compiled training step of ``net`` on validated numpy arrays.
+
+    The learning rate, momentum and velocity are read from the optimizer on
+    every call, so schedules and state shared with the numpy path keep working.
+    """
+
+    def __init__(self, net: Any, optimizer_or_lr: Any, module: ModuleType):
+        self.net = net
+        self.optimizer = None if isinstance(optimizer_or_lr, numbers.Real) else optimizer_or_lr
+        self._lr = float(optimizer_or_lr) if self.optimizer is None else None
+        name = "sgd" if self.optimizer is None else self.optimizer.name
+        self._update_after = name in _AFTER_KERNEL
+        self._rule = module.GRADIENT_ONLY if self._update_after else getattr(module, name.upper())
+        self._has_velocity = hasattr(self.optimizer, "velocity")
+        self._kernel = module.train_step
+        self._plan = np.empty((3, net.n_layers + 1), dtype=np.int64)
+        self._plan[module.SIZE] = net.sizes
+        self._plan[module.OFFSET] = net._offsets
+        self._plan[module.CODE] = [-1] + [ACTIVATIONS.index(g.name) for g in net.activations]
+        self._loss = LOSSES.index(net.loss_function.name)
+        self._mean = net.reduction == "mean"
+        self._tiny = float(np.finfo(net._xp_dtype).tiny)
+        self._alpha = 0.0 if self.optimizer is None else float(self.optimizer.alpha)
+        self._grad = np.empty(net.n_params, dtype=net._xp_dtype)
+        self._work: dict[int, np.ndarray] = {}
+
+    def _buffers(self, m: int) -> np.ndarray:
+        """a(l), δ(l) for l = 1..L and z(L) for a batch of m, in one flat vector."""
+        work = self._work.get(m)
+        if work is None:
+            if len(self._work) >= _BUFFERS_KEPT:
+                self._work.pop(next(iter(self._work)))
+            units = sum(self.net.sizes[1:])
+            work = self._work[m] = np.empty(m * (2 * units + self.net.sizes[-1]), dtype=self._grad.dtype)
+        return work
+
+    @property
+    def gradient(self) -> np.ndarray:
+        """The gradient of the last step, in the params layout (one buffer, reused by every step)."""
+        return self._grad
+
+    def __call__(self, X: np.ndarray, T: np.ndarray) -> float:
+        if not (X.flags.c_contiguous and T.flags.c_contiguous):  # one compiled layout only
+            X, T = np.ascontiguousarray(X), np.ascontiguousarray(T)
+        opt = self.optimizer
+        lr = self._lr if opt is None else float(opt.learning_rate)
+        if self._has_velocity:
+            mu, velocity = opt.momentum, opt.velocity
+        else:
+            mu, velocity = 0.0, self._grad  # not read by this rule
+        loss = self._kernel(
+            X, T, self.net.params, self._grad, self._buffers(X.shape[0]), self._plan, self._loss, self._mean,
+            LEAKY_SLOPE, self._tiny, self._alpha, self._rule, lr, mu, velocity,
+        )
+        if self._update_after:  # the optimizer's own one-kernel update (Adam)
+            opt.update(self._grad)
+        return loss
+
+
+def compiled_train_step(net: Any, optimizer_or_lr: Any) -> CompiledStep | None:
+    """A compiled ``step(X, T) -> loss`` (forward, backprop, L2 term, update), or None.
+
+    optimizer_or_lr: a learning rate (plain SGD), or a :mod:`bpgpu.optim`
+    optimizer ("sgd", "momentum", "nesterov", "adam"; L2 penalty included).
+    The loss is the batch loss with the penalty, as :func:`bpgpu.training.train_step`
+    returns it. None (the caller keeps the numpy path) when numba is missing, the
+    backend is not numpy, or the optimizer is of another kind. X and T must be
+    numpy arrays of the net's dtype, T of shape (m, nL), already validated (as
+    ``net._inputs`` returns them).
+    """
+    module = kernels()
+    if module is None or net.backend.name != "numpy":
+        return None
+    if not isinstance(optimizer_or_lr, numbers.Real):
+        if getattr(optimizer_or_lr, "name", None) not in _IN_KERNEL + _AFTER_KERNEL:
+            return None
+    return CompiledStep(net, optimizer_or_lr, module)
+
+
+def train_step_for(net: Any, optimizer: Any) -> CompiledStep | None:
+    """``compiled_train_step(net, optimizer)``, built once per optimizer and kept on it."""
+    cached = optimizer.__dict__.get("_compiled_step", False)
+    if cached is False or (cached is not None and cached.net is not net):
+        cached = optimizer._compiled_step = compiled_train_step(net, optimizer)
+    return cached

@@ -1,0 +1,235 @@
+"""The compiled CPU step (bpgpu/kernels/jit.py) against the numpy path, its reference.
+
+One compiled step must give the numpy step's loss and updated parameters within
+float tolerance (float64 1e-12, float32 1e-5, relative) for every hidden
+activation, every accepted (output, loss) pair, random architectures, and every
+optimizer, and must allocate nothing once warm. Each comparison is one step from
+the same parameters: in float32 two summation orders (BLAS versus a loop) already
+differ by more than 1e-5 where a relu sits on its kink or a gradient cancels, so
+the float32 problems are well conditioned (layers at least 2 wide, first steps)
+and float64 checks the same cases at 1e-12.
+"""
+
+import itertools
+import tracemalloc
+import zlib
+
+import numpy as np
+import pytest
+
+import bpgpu as bp
+from bpgpu import activations, optim
+from bpgpu.kernels import jit
+
+pytest.importorskip("numba", reason="numba is not installed (pip install 'bpgpu[jit]'): the compiled step is optional")
+
+TOL = {"float64": 1e-12, "float32": 1e-5}
+ARRAY_ARGUMENTS = 7  # X, T, w, grad, work, plan, velocity
+PAIRS = [(g, "squared_error") for g in activations.OUTPUT] + [
+    (g, loss) for g in ("sigmoid", "softmax") for loss in ("binary_cross_entropy", "cross_entropy")
+]
+
+
+def reference_step(net, X, T, optimizer):
+    """The numpy path, spelled out: forward, backprop, L2 term, one optimizer kernel."""
+    ws = net.workspace(X.shape[0])
+    net._forward(X, ws, net.params)
+    loss = net._backward(X, T, ws, net.params, ws.grad)
+    c = 1.0 / X.shape[0] if net.reduction == "mean" else 1.0
+    loss = loss + optimizer.penalize(ws.grad, c)
+    optimizer.update(ws.grad)
+    return float(loss)
+
+
+def relative(a, b):
+    return float(np.linalg.norm(np.asarray(a, np.float64) - b) / max(np.linalg.norm(np.asarray(b, np.float64)), 1e-300))
+
+
+def problem(rng, sizes, output, dtype, m, scale=1.0):
+    X = (scale * rng.standard_normal((m, sizes[0]))).astype(dtype)
+    if output == "softmax":  # rows of class probabilities (soft targets exercise every term)
+        T = rng.dirichlet(np.ones(sizes[-1]), size=m).astype(dtype)
+    elif output == "sigmoid":
+        T = rng.uniform(size=(m, sizes[-1])).astype(dtype)
+    else:
+        T = rng.standard_normal((m, sizes[-1])).astype(dtype)
+    return X, T
+
+
+def twins(sizes, dtype, make_optimizer, **net_options):
+    """Two identical nets: one stepped by the numpy path, one by the compiled step."""
+    ref = bp.MLP(sizes, dtype=dtype, backend="numpy", init="glorot", seed=7, **net_options)
+    net = ref.copy()
+    return ref, make_optimizer(ref), net, make_optimizer(net)
+
+
+def assert_same_steps(ref, ref_opt, net, step, X, T, dtype, steps=1):
+    """Each step starts both nets from the same parameters (optimizer states carry over)."""
+    tol, eps = TOL[dtype], np.finfo(dtype).eps
+    for _ in range(steps):
+        net.params[...] = ref.params
+        before = np.array(ref.params, np.float64)
+        expected = reference_step(ref, X, T, ref_opt)
+        got = step(X, T)
+        assert abs(got - expected) <= tol * abs(expected), (got, expected)
+        assert relative(step.gradient, ref.workspace(X.shape[0]).grad) <= tol
+        assert relative(net.params, ref.params) <= tol
+        # the update itself, up to the rounding of w to the dtype
+        update, expected_update = net.params - before, ref.params - before
+        bound = tol * np.linalg.norm(expected_update) + 4 * eps * np.linalg.norm(before)
+        assert np.linalg.norm(update - expected_update) <= bound
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("hidden", activations.HIDDEN)
+@pytest.mark.parametrize("output,loss", PAIRS)
+def test_sgd_step_matches_numpy_path(hidden, output, loss, dtype):
+    rng = np.random.default_rng(zlib.crc32(f"{hidden} {output} {loss} {dtype}".encode()))
+    depth = int(rng.integers(1, 4))
+    sizes = [int(n) for n in rng.integers(2, 9, size=depth + 1)] + [int(rng.integers(2, 6))]
+    m = int(rng.integers(1, 8))
+    ref, ref_opt, net, opt = twins(sizes, dtype, lambda n: optim.SGD(n, learning_rate=0.3),
+                                   hidden=hidden, output=output, loss=loss)
+    X, T = problem(rng, sizes, output, dtype, m)
+    step = jit.compiled_train_step(net, opt)
+    assert step is not None
+    assert_same_steps(ref, ref_opt, net, step, X, T, dtype, steps=1)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("name,options", [
+    ("sgd", {"alpha": 0.3}),
+    ("momentum", {"momentum": 0.9}),
+    ("momentum", {"momentum": 0.5, "alpha": 0.1}),
+    ("nesterov", {"momentum": 0.9, "alpha": 0.2}),
+    ("adam", {}),
+    ("adam", {"alpha": 0.1}),
+])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_optimizers_and_l2_match_numpy_path(name, options, reduction, dtype):
+    rng = np.random.default_rng(3)
+    sizes = [6, 9, 5, 3]
+    lr = 0.05 if reduction == "mean" else 0.01
+    ref, ref_opt, net, opt = twins(sizes, dtype, lambda n: optim.make_optimizer(name, n, lr, **options),
+                                   hidden="tanh", output="softmax", loss="cross_entropy", reduction=reduction)
+    X, T = problem(rng, sizes, "softmax", dtype, 11)
+    step = jit.compiled_train_step(net, opt)
+    assert_same_steps(ref, ref_opt, net, step, X, T, dtype, steps=4)  # velocity and moments carried over
+
+
+def test_matches_at_the_benchmark_sizes_with_blas_products():
+    """Layers big enough for the np.dot branch, with the benchmarks' net (relu, identity, squared error)."""
+    rng = np.random.default_rng(0)
+    sizes, dtype = [64, 32, 10], "float32"
+    ref, ref_opt, net, opt = twins(sizes, dtype, lambda n: optim.SGD(n, learning_rate=0.01),
+                                   hidden="relu", output="identity", loss="squared_error")
+    X, T = problem(rng, sizes, "identity", dtype, 32)
+    assert_same_steps(ref, ref_opt, net, jit.compiled_train_step(net, opt), X, T, dtype, steps=3)
+
+
+def test_saturated_logits_give_the_same_finite_losses():
+    """Logits of ±1000: the losses from the logits stay exact and finite, as on the numpy path."""
+    rng = np.random.default_rng(1)
+    for output, loss in [("sigmoid", "binary_cross_entropy"), ("softmax", "cross_entropy")]:
+        ref, ref_opt, net, opt = twins([3, 4, 3], "float64", lambda n: optim.SGD(n, learning_rate=1e-3),
+                                       hidden="identity", output=output, loss=loss)
+        ref.params[...] *= 300.0
+        net.params[...] = ref.params
+        X, T = problem(rng, [3, 4, 3], output, "float64", 5, scale=30.0)
+        step = jit.compiled_train_step(net, opt)
+        assert_same_steps(ref, ref_opt, net, step, X, T, "float64")
+        assert np.isfinite(net.params).all()
+
+
+def test_learning_rate_is_read_on_every_call_and_strided_inputs_work():
+    rng = np.random.default_rng(2)
+    ref, ref_opt, net, opt = twins([4, 5, 2], "float64", lambda n: optim.SGD(n, learning_rate=0.1))
+    X, T = problem(rng, [4, 5, 2], "sigmoid", "float64", 12)
+    step = jit.compiled_train_step(net, opt)
+    ref_opt.learning_rate = opt.learning_rate = 0.7  # as a schedule does between epochs
+    assert_same_steps(ref, ref_opt, net, step, np.ascontiguousarray(X[::2]), T[::2].copy(), "float64")
+    assert_same_steps(ref, ref_opt, net, step, X[::2], T[::2], "float64")
+
+
+def test_a_plain_learning_rate_is_sgd():
+    rng = np.random.default_rng(4)
+    ref, ref_opt, net, _ = twins([3, 4, 1], "float64", lambda n: optim.SGD(n, learning_rate=0.25))
+    X, T = problem(rng, [3, 4, 1], "sigmoid", "float64", 6)
+    assert_same_steps(ref, ref_opt, net, jit.compiled_train_step(net, 0.25), X, T, "float64", steps=2)
+
+
+def test_no_allocation_per_step_after_warm_up():
+    from numba.core.runtime import _nrt_python, rtsys
+
+    rng = np.random.default_rng(5)
+    for sizes, m in [([2, 2, 2, 1], 1), ([64, 32, 10], 32)]:
+        net = bp.MLP(sizes, hidden="sigmoid", output="softmax" if sizes[-1] > 1 else "sigmoid",
+                     loss="cross_entropy", dtype="float32", backend="numpy", seed=0)
+        step = jit.compiled_train_step(net, optim.Momentum(net, 0.1, alpha=0.01))
+        X, T = problem(rng, sizes, net.activations[-1].name, "float32", m)
+        step(X, T)
+        _nrt_python.memsys_enable_stats()
+        tracemalloc.start()
+        try:
+            before = rtsys.get_allocation_stats()
+            start, _ = tracemalloc.get_traced_memory()
+            tracemalloc.reset_peak()
+            for _ in range(20):
+                step(X, T)
+            end, peak = tracemalloc.get_traced_memory()
+            after = rtsys.get_allocation_stats()
+        finally:
+            tracemalloc.stop()
+            _nrt_python.memsys_disable_stats()
+        # numba wraps each of the 7 array arguments in a small MemInfo header for the call and
+        # frees it on return; anything else (a buffer, a copy) would show up here.
+        assert after.alloc - before.alloc == 20 * ARRAY_ARGUMENTS, (before, after)
+        assert after.alloc - before.alloc == after.free - before.free
+        assert end - start == 0 and peak - start < 1024, (start, end, peak)  # no array: at most a float box
+
+
+def test_not_applicable_returns_none():
+    strict = pytest.importorskip("array_api_strict")
+    net = bp.MLP([2, 3, 1], backend=strict)
+    assert jit.compiled_train_step(net, 0.1) is None  # not the numpy backend
+    numpy_net = bp.MLP([2, 3, 1], backend="numpy")
+
+    class Custom:
+        name = "rmsprop"
+
+    assert jit.compiled_train_step(numpy_net, Custom()) is None
+
+
+def test_without_numba_every_hook_returns_none(monkeypatch):
+    import sys
+
+    import bpgpu.kernels
+
+    jit.kernels.cache_clear()
+    monkeypatch.setitem(sys.modules, "numba", None)  # import numba now raises ImportError
+    monkeypatch.delitem(sys.modules, "bpgpu.kernels.numba_step", raising=False)
+    monkeypatch.delattr(bpgpu.kernels, "numba_step", raising=False)
+    try:
+        net = bp.MLP([2, 3, 1], backend="numpy")
+        assert not jit.available()
+        assert jit.compiled_train_step(net, 0.1) is None
+        assert jit.train_step_for(net, optim.SGD(net)) is None
+    finally:
+        jit.kernels.cache_clear()
+
+
+def test_train_step_for_builds_once_per_optimizer():
+    net = bp.MLP([2, 3, 1], backend="numpy", seed=0)
+    opt = optim.SGD(net, 0.1)
+    first = jit.train_step_for(net, opt)
+    assert first is not None and jit.train_step_for(net, opt) is first
+    twin = net.copy()
+    assert jit.train_step_for(twin, opt).net is twin  # a different net gets its own step
+
+
+def test_every_activation_and_loss_has_a_code():
+    from bpgpu.kernels import ACTIVATIONS, LOSSES, numba_step
+
+    names = [n.upper() for n in itertools.chain(ACTIVATIONS, LOSSES)]
+    codes = [getattr(numba_step, n) for n in names]
+    assert codes == list(range(len(ACTIVATIONS))) + list(range(len(LOSSES)))
