@@ -3,7 +3,7 @@
 The 1797 8x8 images ship inside scikit-learn (no download). A quarter is held
 out (stratified); the rest trains a one-hidden-layer net with Adam, with a
 progress bar. Prints the test accuracy and writes the loss curve as a PNG.
-Needs the extras ``sklearn`` and ``plot`` (matplotlib).
+Needs the extra ``sklearn`` (scikit-learn, tqdm, matplotlib).
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
         import matplotlib  # noqa: F401
         import sklearn  # noqa: F401
     except ImportError as exc:
-        raise SystemExit(f"bpgpu demo needs scikit-learn and matplotlib: pip install 'bpgpu[sklearn,plot]' ({exc})")
+        raise SystemExit(f"bpgpu demo needs scikit-learn and matplotlib: pip install 'bpgpu[sklearn]' ({exc})")
     from sklearn.exceptions import ConvergenceWarning
 
     import bpgpu as bp

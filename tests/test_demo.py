@@ -2,6 +2,8 @@
 
 import re
 import struct
+import subprocess
+import sys
 import zlib
 
 import pytest
@@ -27,6 +29,7 @@ def _png_size(data: bytes) -> tuple[int, int]:
     return struct.unpack(">II", body[:8])
 
 
+@pytest.mark.slow
 def test_demo_reaches_097_and_writes_the_loss_curve(tmp_path, capsys):
     out = tmp_path / "demo"
     assert cli.main(["demo", "--out", str(out), "--device", "cpu"]) == 0
@@ -46,3 +49,14 @@ def test_demo_reaches_097_and_writes_the_loss_curve(tmp_path, capsys):
 def test_demo_on_a_machine_without_gpu_says_why(tmp_path):
     with pytest.raises(SystemExit, match="asks for the GPU, but CuPy cannot run here"):
         cli.main(["demo", "--out", str(tmp_path), "--device", "gpu"])
+
+
+def test_demo_without_sklearn_names_the_extra():
+    code = (
+        "import sys\n"
+        "sys.modules['sklearn'] = None  # as if it were not installed\n"
+        "from bpgpu import cli\n"
+        "cli.main(['demo'])\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 1 and "pip install 'bpgpu[sklearn]'" in done.stderr, done.stderr

@@ -294,7 +294,7 @@ def test_import_bpgpu_does_not_import_sklearn_and_missing_sklearn_names_the_extr
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not bp.gpu_status().usable, reason=f"no usable GPU: {bp.gpu_status().reason}")
-def test_gpu_matches_cpu_and_returns_numpy():
+def test_gpu_matches_cpu_and_returns_numpy(tmp_path):
     X, y = _blobs(3)
     params = dict(hidden_layer_sizes=(8,), max_iter=20, random_state=0, shuffle=False, dtype="float64")
     with warnings.catch_warnings():
@@ -306,3 +306,6 @@ def test_gpu_matches_cpu_and_returns_numpy():
     np.testing.assert_allclose(proba, cpu.predict_proba(X), rtol=1e-8, atol=1e-10)
     twin = pickle.loads(pickle.dumps(gpu))
     np.testing.assert_array_equal(twin.predict(X), gpu.predict(X))
+    bp.save(gpu, tmp_path / "gpu.npz")  # saved from the GPU, loaded on the CPU
+    on_cpu = bp.load(tmp_path / "gpu.npz", backend="numpy")
+    np.testing.assert_allclose(on_cpu.predict_proba(X), proba, rtol=1e-12)
