@@ -32,7 +32,8 @@ def pytest_collection_modifyitems(config, items):
     if config.getoption("--no-large"):
         skip = pytest.mark.skip(reason="--no-large")
         for item in items:
-            if "large" in item.callspec.params.values() if hasattr(item, "callspec") else False:
+            callspec = getattr(item, "callspec", None)
+            if callspec is not None and callspec.params.get("config") == "large":
                 item.add_marker(skip)
 
 

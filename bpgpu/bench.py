@@ -68,15 +68,16 @@ class Plan:
     fd_budget_s: float  # total seconds for the finite-difference sweeps
     min_time_s: float  # seconds of calls behind each timing
     peers: bool
+    repeats: int = 5  # interleaved rounds per training-step group
 
 
 def plan_for(mode: str) -> Plan:
     """full: everything; quick: under 2 minutes on 2 cores; smoke: a few seconds (tests)."""
     grid = tuple(np.round(np.arange(2.0, 6.01, 0.25), 2))
     if mode == "full":
-        return Plan(tuple(CONFIGS), ("float32", "float64"), 512, grid, 120.0, 0.5, True)
+        return Plan(tuple(CONFIGS), ("float32", "float64"), 512, grid, 120.0, 1.0, True, 10)
     if mode == "quick":
-        return Plan(("tiny", "small", "medium"), ("float32", "float64"), 512, grid, 20.0, 0.15, True)
+        return Plan(("tiny", "small", "medium"), ("float32", "float64"), 512, grid, 20.0, 0.3, True, 7)
     if mode == "smoke":
         return Plan(("tiny", "small"), ("float32",), 64, (2.0, 2.5, 3.0, 3.5), 0.5, 0.01, False)
     raise ValueError(f"mode must be 'full', 'quick' or 'smoke', got {mode!r}")
@@ -96,24 +97,42 @@ class Case:
 
 
 def seconds_per_call(case: Case, min_time: float = 0.2, repeats: int = 5, long_call: float = 1.0) -> dict:
-    """Time ``case.fn`` after one warm-up call: ``repeats`` rounds of n calls each,
-    n chosen so a round lasts about min_time / repeats. Returns the best and the
-    median round, per call. A call longer than ``long_call`` is timed once
-    (finite differences at large W) and no warm-up is spent on it."""
-    t0 = time.perf_counter()
-    case.finish(case.fn())
-    first = time.perf_counter() - t0
-    if first >= long_call:
-        return {"best": first, "median": first, "calls": 1}
-    n = max(1, int(min_time / repeats / max(first, 1e-7)))
-    rounds = []
-    for _ in range(repeats):
+    """Time one case: see :func:`interleaved_timings`."""
+    return interleaved_timings({"case": case}, min_time, repeats, long_call)["case"]
+
+
+def interleaved_timings(cases: dict[str, Case], min_time: float = 0.2, repeats: int = 5,
+                        long_call: float = 1.0) -> dict[str, dict]:
+    """Time several cases in interleaved rounds, so they share the machine's state.
+
+    Each case gets one warm-up call, then ``repeats`` rounds; in every round each
+    case runs n calls (n chosen so its round lasts about min_time / repeats) before
+    the next case runs. On a shared machine a burst of load then hits all cases
+    alike and the ratios between them stay meaningful. Returns, per case, the best
+    and median round in seconds per call. A call longer than ``long_call`` is timed
+    once (finite differences at large W), with no warm-up spent on it.
+    """
+    calls, stats = {}, {}
+    for name, case in cases.items():
         t0 = time.perf_counter()
-        for _ in range(n):
-            handle = case.fn()
-        case.finish(handle)
-        rounds.append((time.perf_counter() - t0) / n)
-    return {"best": min(rounds), "median": float(np.median(rounds)), "calls": n * repeats}
+        case.finish(case.fn())
+        first = time.perf_counter() - t0
+        if first >= long_call:
+            stats[name] = {"best": first, "median": first, "calls": 1}
+        else:
+            calls[name] = max(1, int(min_time / repeats / max(first, 1e-7)))
+    rounds: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, n in calls.items():
+            case = cases[name]
+            t0 = time.perf_counter()
+            for _ in range(n):
+                handle = case.fn()
+            case.finish(handle)
+            rounds[name].append((time.perf_counter() - t0) / n)
+    for name, times in rounds.items():
+        stats[name] = {"best": min(times), "median": float(np.median(times)), "calls": calls[name] * repeats}
+    return {name: stats[name] for name in cases}
 
 
 def sync_scalar(handle: Any) -> float:
@@ -519,13 +538,10 @@ def _gradient_cost(backend: Backend, plan: Plan, dtype: str, tick: Callable[[str
         W = net.n_params
         tick(f"gradient W={W}")
         ws = net.workspace(plan.gradient_batch)
-        point = {
-            "W": W,
-            "n": net.sizes[0],
-            "backprop": seconds_per_call(backprop_case(net, X, T), plan.min_time_s)["best"],
-            "loss_pass": seconds_per_call(Case(lambda: net._loss(X, T, ws, net.params), sync_scalar),
-                                          plan.min_time_s)["best"],
-        }
+        passes = {"backprop": backprop_case(net, X, T),
+                  "loss_pass": Case(lambda: net._loss(X, T, ws, net.params), sync_scalar)}
+        point = {"W": W, "n": net.sizes[0],
+                 **{k: t["best"] for k, t in interleaved_timings(passes, plan.min_time_s).items()}}
         for method in spent:
             if stopped[method]:
                 continue
@@ -570,14 +586,16 @@ def train_step_rows(backends: list[Backend], plan: Plan, tick: Callable[[str], N
         k, n = largest_layer(sizes)
         for dtype in plan.dtypes:
             for backend in backends:
-                tick(f"{name} {dtype} {backend.name} gemm")
-                gemm = seconds_per_call(gemm_case(backend, m, k, n, dtype), plan.min_time_s)
-                gemm_gflops = 2 * m * k * n / gemm["best"] / 1e9
-                group = []
+                cases = {"gemm": gemm_case(backend, m, k, n, dtype)}
                 for impl in implementations(backend, peers):
                     tick(f"{name} {dtype} {backend.name} {impl}")
-                    case = step_case(impl, sizes, m, dtype, backend)
-                    t = seconds_per_call(case, plan.min_time_s)
+                    cases[impl] = step_case(impl, sizes, m, dtype, backend)
+                tick(f"{name} {dtype} {backend.name} timing")
+                timings = interleaved_timings(cases, plan.min_time_s, repeats=plan.repeats)
+                gemm_gflops = 2 * m * k * n / timings.pop("gemm")["best"] / 1e9
+                group = []
+                for impl, t in timings.items():
+                    case = cases[impl]
                     group.append({
                         "config": name, "layer_sizes": sizes, "batch": m, "dtype": dtype, "backend": backend.name,
                         "impl": impl, "device": backend.device if impl == "bpgpu" else peer_device(backend, impl),
@@ -596,7 +614,8 @@ def train_step_rows(backends: list[Backend], plan: Plan, tick: Callable[[str], N
                 rows.extend(group)
     return {
         "net": "relu hidden, identity output, squared error (mean over the batch), SGD lr=0.01",
-        "timing": "best of 5 rounds of repeated calls after a warm-up call; seconds per step",
+        "timing": "best of interleaved rounds (every implementation and the GEMM of a group take turns) "
+        "of repeated calls after a warm-up call; seconds per step",
         "flops": "GEMM flops only: 2 m n_in n_out per product, 2 products for layer 1, 3 for the others",
         "ratio_to_gemm": "step GFLOP/s / GFLOP/s of (m, n_in) @ (n_in, n_out) for the config's largest layer",
         "ratios": "seconds / bpgpu's seconds (>1: slower than bpgpu) and / the plain numpy step's",
@@ -617,6 +636,7 @@ def machine_info(backend: Backend) -> dict:
         "numpy": np.__version__,
         "bpgpu": bpgpu.__version__,
         "gpu": gpu_status().reason,
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
     try:
         from threadpoolctl import threadpool_info
@@ -653,7 +673,9 @@ def duration(seconds: float) -> str:
 def table(results: dict) -> str:
     """The text table ``bpgpu bench`` prints."""
     g = results["gradient_cost"]
-    lines = [f"backend {results['backend']} on {results['device']}", "",
+    load = results.get("machine", {}).get("load_average")
+    lines = [f"backend {results['backend']} on {results['device']}"
+             + (f" (1-minute load average {load[0]:.1f} on {os.cpu_count()} CPUs at the end)" if load else ""), "",
              f"gradient cost vs W ({g['backend']}, {g['dtype']}, batch {g['batch']}); "
              f"fitted exponents over W in [{g['fit_range'][0]}, {g['fit_range'][1]}]:"]
     for method in METHODS:
@@ -707,8 +729,9 @@ def plot(results: dict, out: Path) -> list[str]:
         if not pts:
             continue
         k = g["fits"][method]["exponent"] if g["fits"][method] else float("nan")
-        ax.loglog(*zip(*pts), marker=marker, color=color, label=f"{method.replace('_', ' ')}: slope {k:.2f}")
         fit = g["fits"][method]
+        where = f" over W in [{fit['fit_range'][0]:.0e}, {fit['fit_range'][1]:.0e}]" if fit else ""
+        ax.loglog(*zip(*pts), marker=marker, color=color, label=f"{method.replace('_', ' ')}: slope {k:.2f}{where}")
         if fit:
             Ws = np.array(fit["fit_range"], dtype=float)
             ax.loglog(Ws, fit["prefactor"] * Ws ** fit["exponent"], color=color, lw=6, alpha=0.25)
@@ -727,17 +750,21 @@ def plot(results: dict, out: Path) -> list[str]:
 
     rows = results["train_step"]["rows"]
     configs = list(dict.fromkeys(r["config"] for r in rows))
-    series = list(dict.fromkeys((r["impl"], r["backend"], r["dtype"]) for r in rows))
-    fig, ax = plt.subplots(figsize=(8, 5))
+    impls = list(dict.fromkeys((r["impl"], r["backend"]) for r in rows))
+    dtypes = list(dict.fromkeys(r["dtype"] for r in rows))
+    series = [(impl, backend, dtype) for dtype in dtypes for impl, backend in impls]
+    fig, ax = plt.subplots(figsize=(9, 5))
     width = 0.8 / max(1, len(series))
-    for i, key in enumerate(series):
+    for i, (impl, backend, dtype) in enumerate(series):
         xs, ys = [], []
         for j, c in enumerate(configs):
-            match = [r for r in rows if (r["impl"], r["backend"], r["dtype"]) == key and r["config"] == c]
+            match = [r for r in rows if (r["impl"], r["backend"], r["dtype"], r["config"]) == (impl, backend, dtype, c)]
             if match:
                 xs.append(j + (i - (len(series) - 1) / 2) * width)
                 ys.append(match[0]["seconds"])
-        ax.bar(xs, ys, width=width, label=f"{key[0]} ({key[1]}, {key[2]})", color=f"C{i % 10}")
+        # one colour per implementation, float64 hatched
+        ax.bar(xs, ys, width=width, color=f"C{impls.index((impl, backend)) % 10}", edgecolor="black", linewidth=0.3,
+               hatch="//" if dtype != dtypes[0] else None, label=f"{impl} ({backend}, {dtype})")
     ax.set_yscale("log")
     ax.set_xticks(range(len(configs)))
     ax.set_xticklabels([f"{c}\n{CONFIGS[c][0]} b{CONFIGS[c][1]}" for c in configs], fontsize=8)
@@ -784,6 +811,7 @@ def run(args: argparse.Namespace) -> int:
         bar.update(1)
 
     started = time.perf_counter()
+    load_before = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     results = {
         "backend": backend.name,
         "device": backend.device if backend.name != "numpy" else _cpu_model(),
@@ -795,7 +823,7 @@ def run(args: argparse.Namespace) -> int:
         "train_step": train_step_rows(backends, plan, tick=tick),
     }
     bar.close()
-    results["machine"] = machine_info(backend)
+    results["machine"] = {**machine_info(backend), "load_average_before": load_before}
     results["seconds"] = time.perf_counter() - started
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print(table(results))
