@@ -8,7 +8,10 @@ signature.  A :class:`Case` builds them for one dtype and one layout:
 ``broadcast``  every read-only matrix / vector input is a stride-0 broadcast of
                one row (the bias row over a matrix is broadcast in every layout);
 ``strided``    every array, outputs included, is a non-contiguous view
-               (every other column / element of a larger buffer).
+               (every other column / element of a larger buffer);
+``inplace``    contiguous, and ``out`` is the very array the op documents it may
+               alias (z for the forward ops, s for the backward ops): the calls
+               the network makes for hidden layers.  Only for ops with such an alias.
 
 Arguments the CUDA twins ignore (``scratch``, ``rows``) are fresh buffers for the
 numpy twin; everything else is compared after the call, inputs included (so an
@@ -23,7 +26,7 @@ import numpy as np
 from bpgpu.kernels import ACTIVATIONS, LOSSES, OPS
 
 M, N, N_IN, P = 13, 7, 5, 97  # odd sizes: no kernel gets a power-of-two shortcut
-LAYOUTS = ("random", "broadcast", "strided")
+LAYOUTS = ("random", "broadcast", "strided", "inplace")
 DTYPES = (np.float16, np.float32, np.float64)
 # Ops whose CUDA twin calls a CuPy routine rather than a bpgpu kernel: nothing of ours to
 # generate; on numpy arrays CuPy would just hand the call to numpy. The GPU tests cover them.
@@ -85,14 +88,15 @@ class Arg:
     shape: tuple  # a tuple of ints, or None for a Python scalar
     domain: object = normal  # a function (rng, shape) -> float64 values, or the scalar's value
     role: str = "in"  # "in" (read-only), "io" (updated in place), "out", "aux" (numpy-only buffer)
+    alias: str = ""  # for an output: the argument it is in the "inplace" layout
 
 
 def _act(g):
     a_dom = {"sigmoid": unit_open, "tanh": tanh_out, "relu": relu_out, "softplus": softplus_out,
              "softmax": softmax_rows}.get(g, normal)
-    fwd = (Arg("z", (M, N), logits, "io"), Arg("b", (N,)), Arg("out", (M, N), role="out"),
+    fwd = (Arg("z", (M, N), logits, "io"), Arg("b", (N,)), Arg("out", (M, N), role="out", alias="z"),
            Arg("scratch", (M, N), role="aux"), Arg("rows", (M, 2), role="aux"))
-    bwd = (Arg("s", (M, N)), Arg("a", (M, N), a_dom), Arg("out", (M, N), role="out"),
+    bwd = (Arg("s", (M, N)), Arg("a", (M, N), a_dom), Arg("out", (M, N), role="out", alias="s"),
            Arg("scratch", (M, N), role="aux"), Arg("rows", (M, 2), role="aux"))
     return {f"{g}_fwd": fwd, f"{g}_bwd": bwd}
 
@@ -200,21 +204,34 @@ class Case:
         """The arguments (numpy arrays and Python scalars) of one call."""
         key = sum(map(ord, self.op))  # stable across runs, unlike hash()
         rng = np.random.default_rng([seed, key, LAYOUTS.index(self.layout), np.dtype(self.dtype).itemsize])
-        args = []
+        args, by_name = [], {}
         for arg in self.signature():
-            if arg.shape is None:
+            if arg.alias and self.layout == "inplace":
+                args.append(by_name[arg.alias])
+            elif arg.shape is None:
                 args.append(arg.domain)
             elif arg.role == "out":
                 args.append(_layout(np.zeros(arg.shape), self.dtype, self.layout, arg.role, rng))
             else:
                 values = arg.domain(rng, arg.shape)
                 args.append(_layout(values, self.dtype, self.layout, arg.role, rng))
+            by_name[arg.name] = args[-1]
         return args
+
+    def launches_kernels(self):
+        """False only where the op has nothing to compute: identity_bwd with out = s."""
+        return not (self.op == "identity_bwd" and self.layout == "inplace")
 
     def compared(self):
         """Indices of the arguments compared after the call (all but the numpy-only buffers)."""
         return [i for i, a in enumerate(self.signature()) if a.shape is not None and a.role != "aux"]
 
 
+def _has_alias(op):
+    sig = CANONICAL.get(op) or SIGNATURES[op]
+    return any(a.alias for a in sig)
+
+
 def all_cases(dtypes=DTYPES, layouts=LAYOUTS):
-    return [Case(op, dt, lay) for op in checked_ops() for dt in dtypes for lay in layouts]
+    return [Case(op, dt, lay) for op in checked_ops() for dt in dtypes for lay in layouts
+            if lay != "inplace" or _has_alias(op)]
