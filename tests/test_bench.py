@@ -41,6 +41,13 @@ def test_results_json_has_the_schema_runs_are_compared_by(smoke_run):
     assert len(r["train_step"]["memory"]) == 2
 
 
+def test_markdown_report_names_machine_command_and_every_row(smoke_run):
+    out, r = smoke_run
+    text = (out / "results.md").read_text()
+    assert r["command"] in text and r["machine"]["processor"] in text
+    assert text.count("| numpy | bpgpu |") == 2 and "forward difference" in text
+
+
 def test_plots_are_written_as_png(smoke_run):
     out, _ = smoke_run
     for name in ("gradient_cost.png", "train_step.png"):
