@@ -13,7 +13,7 @@ import pytest
 
 from bpgpu import bench
 
-RESULTS: dict = {"gradient": {}, "gemm": {}, "step": {}, "memory": {}}
+RESULTS: dict = {"gradient": {}, "gemm": {}, "gemm_seconds": {}, "step": {}, "memory": {}}
 
 
 def pytest_addoption(parser):
@@ -37,8 +37,16 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(skip)
 
 
-def best(benchmark) -> float:
-    return benchmark.stats.stats.min
+@pytest.fixture(scope="session")
+def record():
+    """record(kind, key, benchmark) keeps the benchmark's best time for the summary;
+    record(kind, key, value=...) keeps a number (GFLOP/s, bytes). Returns the value."""
+
+    def keep(kind: str, key: tuple, benchmark=None, value=None):
+        RESULTS[kind][key] = benchmark.stats.stats.min if benchmark is not None else value
+        return RESULTS[kind][key]
+
+    return keep
 
 
 def pytest_terminal_summary(terminalreporter):

@@ -8,31 +8,28 @@ from bpgpu import bench
 BACKENDS = {b.name: b for b in bench.available_backends()}
 DTYPES = ("float32", "float64")
 
-from conftest import RESULTS, best  # noqa: E402
-
 PEER_MODULES = {"torch_eager": "torch", "jax_jit": "jax", "sklearn": "sklearn"}
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("config", bench.CONFIGS)
-def test_gemm(benchmark, config, backend, dtype):
+def test_gemm(benchmark, record, config, backend, dtype):
     """(m, n_in) @ (n_in, n_out) for the config's largest layer: the rate a step is judged against."""
     sizes, m = bench.CONFIGS[config]
     k, n = bench.largest_layer(sizes)
     case = bench.gemm_case(BACKENDS[backend], m, k, n, dtype)
     benchmark.group = f"step {config} {dtype}"
     benchmark(lambda: case.finish(case.fn()))
-    gflops = 2 * m * k * n / best(benchmark) / 1e9
-    benchmark.extra_info["gflops"] = gflops
-    RESULTS["gemm"][(config, dtype, backend)] = gflops
+    seconds = record("gemm_seconds", (config, dtype, backend), benchmark)
+    benchmark.extra_info["gflops"] = record("gemm", (config, dtype, backend), value=2 * m * k * n / seconds / 1e9)
 
 
 @pytest.mark.parametrize("impl", bench.IMPLEMENTATIONS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("config", bench.CONFIGS)
-def test_train_step(benchmark, config, backend, dtype, impl):
+def test_train_step(benchmark, record, config, backend, dtype, impl):
     if impl in PEER_MODULES:
         pytest.importorskip(PEER_MODULES[impl])
     if impl not in bench.implementations(BACKENDS[backend], list(PEER_MODULES)):
@@ -41,10 +38,8 @@ def test_train_step(benchmark, config, backend, dtype, impl):
     case = bench.step_case(impl, sizes, m, dtype, BACKENDS[backend])
     benchmark.group = f"step {config} {dtype}"
     benchmark(lambda: case.finish(case.fn()))
-    t = best(benchmark)
-    benchmark.extra_info["gflops"] = bench.step_flops(sizes, m) / t / 1e9
-    RESULTS["step"][(config, dtype, backend, impl)] = t
+    seconds = record("step", (config, dtype, backend, impl), benchmark)
+    benchmark.extra_info["gflops"] = bench.step_flops(sizes, m) / seconds / 1e9
     if impl == "bpgpu":
         memory = bench.bytes_allocated_per_step(case, BACKENDS[backend])
-        benchmark.extra_info["bytes_per_step"] = memory
-        RESULTS["memory"][(config, dtype, backend)] = memory
+        benchmark.extra_info["bytes_per_step"] = record("memory", (config, dtype, backend), value=memory)
