@@ -146,6 +146,18 @@ class Optimizer:
 class SGD(Optimizer):
     """Plain gradient step w ← w − lr g (full batch, mini-batch or one sample)."""
 
+    _layer_views: list[Any] | None = None
+
+    def layer_scratch(self) -> list[Any]:
+        """Per layer l, an (n_{l−1}, n_l) view into the flat scratch vector (index 0 unused),
+        made once: the scratch of ``outer_sgd_update`` in the fused one-sample step."""
+        if self._layer_views is None:
+            net, xp = self.net, self.net.backend.xp
+            self._layer_views = [None] + [
+                xp.reshape(self._scratch[: n_in * n_out], (n_in, n_out)) for n_in, n_out in zip(net.sizes, net.sizes[1:])
+            ]
+        return self._layer_views
+
 
 class Momentum(Optimizer):
     """Heavy-ball momentum: v ← μ v − lr g, w ← w + v."""

@@ -105,7 +105,7 @@ def _sample_sgd_step(net: Any, X: Any, T: Any, optimizer: SGD) -> Any:
     loss = net.loss_function.value_and_delta(
         ops, net.activations[-1], ws.Z, ws.A[L], T, 1.0, ws.D[L], ws.scratch[L], ws.rows
     )
-    scratch = _outer_scratch(net, optimizer)
+    scratch = optimizer.layer_scratch()
     for l in range(L, 0, -1):
         if l > 1:
             s = ops.matmul(ws.D[l], net._wt(l, w).T, ws.D[l - 1])
@@ -114,18 +114,6 @@ def _sample_sgd_step(net: Any, X: Any, T: Any, optimizer: SGD) -> Any:
         ops.outer_sgd_update(net._wt(l, w), net._bias(l, w), a_prev, ws.D[l][0], optimizer.learning_rate,
                              scratch[l])
     return loss
-
-
-def _outer_scratch(net: Any, optimizer: Optimizer) -> list[Any]:
-    """(n_{l−1}, n_l) views into the optimizer's flat scratch vector, made once."""
-    views = getattr(optimizer, "_outer_views", None)
-    if views is None:
-        xp, flat = net.backend.xp, optimizer._scratch
-        views = [None] + [
-            xp.reshape(flat[: n_in * n_out], (n_in, n_out)) for n_in, n_out in zip(net.sizes, net.sizes[1:])
-        ]
-        optimizer._outer_views = views
-    return views
 
 
 # --- argument checks -----------------------------------------------------------

@@ -145,10 +145,13 @@ def test_divergence_restores_the_last_finite_parameters_and_names_epoch_and_step
 def test_after_divergence_the_same_optimizer_can_go_on_with_a_smaller_rate():
     X, T = regression_data(32, seed=12)
     net = regression_net(seed=13)
-    opt = bp.make_optimizer("momentum", net, 50.0)
+    start = bp.to_numpy(net.params).copy()
+    opt = bp.make_optimizer("momentum", net, 1e30)
     with pytest.raises(bp.DivergenceError):
-        bp.fit(net, X, T, optimizer=opt, epochs=100, batch_size=8, progress=False, tol=None)
+        bp.fit(net, X, T, optimizer=opt, epochs=100, batch_size=8, seed=0, progress=False, tol=None)
     assert not np.any(opt.velocity)
+    # the epoch-start parameters are finite but may be huge after such steps: start over from the init
+    net.set_params(start)
     opt.learning_rate = 0.01
     before = net.loss(X, T)
     bp.fit(net, X, T, optimizer=opt, epochs=20, batch_size=8, progress=False, tol=None)
@@ -249,14 +252,15 @@ def test_train_step_allocates_nothing_after_warm_up():
         bp.train_step(net, X, T, opt)
     tracemalloc.start()
     base = tracemalloc.get_traced_memory()[0]
-    for _ in range(20):  # Python's free lists settle (a few kB once, under tracemalloc)
+    for _ in range(50):  # Python's free lists settle (a few kB once, under tracemalloc)
         bp.train_step(net, X, T, opt)
     settled = tracemalloc.get_traced_memory()[0]
-    for _ in range(200):
+    for _ in range(1000):
         bp.train_step(net, X, T, opt)
     current, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    assert current - settled < 1_000, f"memory grew by {current - settled} bytes over 200 steps"
+    # a leak of even one 0-d array per step would be ≥ 100 kB here; a few kB is interpreter noise
+    assert current - settled < 8_000, f"memory grew by {current - settled} bytes over 1000 steps"
     # numpy's ufunc iterator buffers a broadcast bias add in at most 8192 elements (32 kB here, whatever
     # the batch); anything the size of the gradient (88 kB) or a layer (51 kB) would be a hidden temporary.
     assert net.n_params * 4 > 80_000
