@@ -2,6 +2,7 @@
 
 from bpgpu.backend import Backend, gpu_status, resolve as resolve_backend, to_numpy
 from bpgpu.network import MLP
+from bpgpu.derivatives import GradientCheck, check_gradient, hessian, hvp, jacobian, numerical_gradient
 from bpgpu.optim import Optimizer, make_optimizer
 from bpgpu.training import DivergenceError, History, fit, train_step
 from bpgpu.io import load, save
@@ -9,7 +10,7 @@ from bpgpu.io import load, save
 __version__ = "0.1.0"
 
 __all__ = ["MLP", "Backend", "gpu_status", "resolve_backend", "to_numpy", "__version__", "MLPClassifier", "MLPRegressor",
-           "fit", "train_step", "History", "DivergenceError", "Optimizer", "make_optimizer", "save", "load"]
+           "fit", "train_step", "History", "DivergenceError", "Optimizer", "make_optimizer", "save", "load", "GradientCheck", "check_gradient", "hessian", "hvp", "jacobian", "numerical_gradient"]
 
 # Names whose modules need an optional extra: imported on first use, so that
 # ``import bpgpu`` never imports scikit-learn (public name -> its module).
