@@ -90,23 +90,27 @@ def test_a_typo_fails_to_compile_and_shows_the_nvrtc_log():
 
 
 @pytest.mark.parametrize(
-    ("op", "kernel", "changes"),
+    ("op", "kernel", "layout", "changes"),
     [
         # elementwise: σ(v) = (1 + tanh(v/2))/2 with the /2 inside tanh dropped
-        ("sigmoid_fwd", "sigmoid_fwd", {"operation": cuda.SPECS["sigmoid_fwd"].operation.replace(
+        ("sigmoid_fwd", "sigmoid_fwd", "random", {"operation": cuda.SPECS["sigmoid_fwd"].operation.replace(
             "tanh(T(0.5) * v)", "tanh(v)")}),
         # reduction: the bias gradient summing δ² instead of δ
-        ("colsum", "colsum", {"map_expr": "delta * delta"}),
+        ("colsum", "colsum", "strided", {"map_expr": "delta * delta"}),
         # a row reduction feeding an elementwise pass: e^{z − max} without the bias
-        ("softmax_fwd", "softmax_fwd_rowsum", {"map_expr": "exp(z - top)"}),
+        ("softmax_fwd", "softmax_fwd_rowsum", "broadcast", {"map_expr": "exp(z - top)"}),
         # an optimizer's state update: Adam's second moment without (1 − β2)
-        ("adam_update", "adam_update", {"operation": cuda.SPECS["adam_update"].operation.replace(
+        ("adam_update", "adam_update", "random", {"operation": cuda.SPECS["adam_update"].operation.replace(
             "(T(1) - beta2) * (g * g)", "(g * g)")}),
+        # numerically unsafe: softmax without the max shift overflows e^z for large logits
+        ("softmax_fwd", "softmax_fwd", "extreme", {"operation": cuda.SPECS["softmax_fwd"].operation.replace(
+            "exp(v - top) / total_exp", "exp(v) / (total_exp * exp(top))")}),
     ],
 )
-def test_wrong_arithmetic_fails_the_cpu_comparison(host_run, op, kernel, changes):
+def test_wrong_arithmetic_fails_the_cpu_comparison(host_run, op, kernel, layout, changes):
+    assert dataclasses.replace(cuda.SPECS[kernel], **changes) != cuda.SPECS[kernel], "the edit must change the kernel"
     broken = _broken(kernel, **changes)
-    case = cases.Case(op, np.float32, "random")
+    case = cases.Case(op, np.float32, layout)
     assert host_run[0][case.id].ok  # the intact kernel passes...
     result = checks.run_cases([case], replace={kernel: broken})[0]
     assert not result.ok and "numpy twin" in result.failure  # ...the broken one does not

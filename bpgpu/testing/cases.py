@@ -11,7 +11,12 @@ signature.  A :class:`Case` builds them for one dtype and one layout:
                (every other column / element of a larger buffer);
 ``inplace``    contiguous, and ``out`` is the very array the op documents it may
                alias (z for the forward ops, s for the backward ops): the calls
-               the network makes for hidden layers.  Only for ops with such an alias.
+               the network makes for hidden layers.  Only for ops with such an alias;
+``extreme``    contiguous, with the values that break naive formulas: logits up to
+               |z| ≈ 150 (e^z overflows float32 beyond 88) and outputs/targets
+               exactly 0 and 1 (the clip in log a, 1/a).  float32 and float64 only,
+               compared with the numpy twin run in the same dtype (its clip bounds
+               depend on the dtype).
 
 Arguments the CUDA twins ignore (``scratch``, ``rows``) are fresh buffers for the
 numpy twin; everything else is compared after the call, inputs included (so an
@@ -26,7 +31,7 @@ import numpy as np
 from bpgpu.kernels import ACTIVATIONS, LOSSES, OPS
 
 M, N, N_IN, P = 13, 7, 5, 97  # odd sizes: no kernel gets a power-of-two shortcut
-LAYOUTS = ("random", "broadcast", "strided", "inplace")
+LAYOUTS = ("random", "broadcast", "strided", "inplace", "extreme")
 DTYPES = (np.float16, np.float32, np.float64)
 # Ops whose CUDA twin calls a CuPy routine rather than a bpgpu kernel: nothing of ours to
 # generate; on numpy arrays CuPy would just hand the call to numpy. The GPU tests cover them.
@@ -80,6 +85,19 @@ def positive(rng, shape):
 
 def logits(rng, shape):
     return 2.0 * rng.standard_normal(shape)
+
+
+def _saturated(rng, shape):
+    return rng.choice([0.0, 1.0, 0.5, 1e-30], shape)
+
+
+def _one_hot_exact(rng, shape):
+    return one_hot(rng, shape)
+
+
+# "extreme" layout: the domain each ordinary domain is replaced by
+EXTREME = {logits: lambda rng, shape: 50.0 * rng.standard_normal(shape), unit_open: _saturated,
+           softmax_rows: _one_hot_exact}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,7 +231,8 @@ class Case:
             elif arg.role == "out":
                 args.append(_layout(np.zeros(arg.shape), self.dtype, self.layout, arg.role, rng))
             else:
-                values = arg.domain(rng, arg.shape)
+                domain = EXTREME.get(arg.domain, arg.domain) if self.layout == "extreme" else arg.domain
+                values = domain(rng, arg.shape)
                 args.append(_layout(values, self.dtype, self.layout, arg.role, rng))
             by_name[arg.name] = args[-1]
         return args
@@ -232,6 +251,14 @@ def _has_alias(op):
     return any(a.alias for a in sig)
 
 
+def _applies(op, dtype, layout):
+    if layout == "inplace":
+        return _has_alias(op)
+    if layout == "extreme":
+        return np.dtype(dtype) != np.float16
+    return True
+
+
 def all_cases(dtypes=DTYPES, layouts=LAYOUTS):
     return [Case(op, dt, lay) for op in checked_ops() for dt in dtypes for lay in layouts
-            if lay != "inplace" or _has_alias(op)]
+            if _applies(op, dt, lay)]
