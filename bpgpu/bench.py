@@ -854,7 +854,11 @@ def run(args: argparse.Namespace) -> int:
     plan = plan_for(mode)
     if args.no_peers:
         plan = Plan(**{**plan.__dict__, "peers": False})
-    backend = resolve(args.backend)
+    try:
+        backend = resolve(args.backend)
+    except (RuntimeError, ValueError) as exc:
+        print(f"bpgpu bench: {exc}", file=sys.stderr)
+        return 2
     backends = [backend] if backend.name == "numpy" else [resolve("numpy"), backend]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -87,6 +87,11 @@ def test_allocation_probe_sees_temporaries_and_in_place_work():
     assert in_place["peak"] < 1000 and in_place["retained"] == 0
 
 
+def test_an_unknown_backend_is_a_clear_error(capsys, tmp_path):
+    assert main(["bench", "--smoke", "--backend", "tpu", "--out", str(tmp_path)]) == 2
+    assert "'tpu' is not a backend" in capsys.readouterr().err
+
+
 def test_unknown_mode_and_implementation_are_rejected():
     with pytest.raises(ValueError, match="mode"):
         bench.plan_for("slow")
