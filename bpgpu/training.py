@@ -269,7 +269,7 @@ def fit(
             opt.iteration_ends(opt.samples_seen + X.shape[0])
             stop = monitor.epoch_done(history, loss, val_loss, opt)
             _show(bar, epoch, history)
-            if any(bool(cb(epoch, history, net)) for cb in callbacks):
+            if _run_callbacks(callbacks, epoch, history, net):
                 history.stop_reason = "callback"
                 break
             if stop:
@@ -318,7 +318,10 @@ class _EpochLoop:
                 tb = ops.take_rows(self.T, rows, self.Tb[hi - lo])
             else:
                 xb, tb = self.X[lo:hi], self.T[lo:hi]
-            self.step_losses[s] = self.step(net, xb, tb, self.opt)
+            try:
+                self.step_losses[s] = self.step(net, xb, tb, self.opt)
+            except (ArithmeticError, RuntimeWarning) as exc:  # np.seterr(...="raise") or -W error: caught at once
+                self._diverged(epoch, history, s + 1, exc)
         # 0 · Σw is NaN when any parameter is non-finite, so one number checks loss and parameters.
         figures = [xp.sum(self.step_losses * self.weights) + 0.0 * xp.sum(net.params)]
         if Xv is not None:
@@ -326,25 +329,26 @@ class _EpochLoop:
         host = to_numpy(xp.stack(figures))  # the one device → host transfer of the epoch
         loss = float(host[0])
         if not math.isfinite(loss):
-            self._diverged(epoch, history)
+            losses = to_numpy(self.step_losses)  # only now: find the first non-finite step
+            bad = np.flatnonzero(~np.isfinite(losses))
+            self._diverged(epoch, history, int(bad[0]) + 1 if bad.size else len(self.bounds), None)
         return loss, (float(host[1]) if Xv is not None else None)
 
-    def _diverged(self, epoch: int, history: History) -> None:
-        losses = to_numpy(self.step_losses)
-        bad = np.flatnonzero(~np.isfinite(losses))
-        step = int(bad[0]) + 1 if bad.size else len(self.bounds)  # else: the last update broke w
+    def _diverged(self, epoch: int, history: History, step: int, cause: BaseException | None) -> None:
+        """Restore the epoch-start parameters and raise. step: the first bad one (the last step when
+        every batch loss was finite and only the final update broke w)."""
         self.net.params[...] = self.good
         self.opt.reset_state()  # its velocity or moments are poisoned too; the rest of its state is kept
         history.stop_reason = "diverged"
         raise DivergenceError(
             f"training diverged at epoch {epoch}, step {step} of {len(self.bounds)}: the loss or the "
-            f"parameters became NaN or Inf (learning_rate={self.opt.learning_rate:g}, "
+            f"parameters became NaN or Inf{f' ({cause})' if cause else ''} (learning_rate={self.opt.learning_rate:g}, "
             f"optimizer={self.opt.name!r}). The net holds its parameters from the start of epoch {epoch}, "
             f"all finite, and the optimizer's velocity/moments were zeroed; try a smaller learning rate.",
             epoch,
             step,
             history,
-        )
+        ) from cause
 
 
 class _Monitor:
@@ -387,6 +391,12 @@ class _Monitor:
         """With early stopping, put back the parameters of the best validation score."""
         if self.best is not None and history.best_validation_score > -math.inf:
             self.net.params[...] = self.best
+
+
+def _run_callbacks(callbacks: tuple, epoch: int, history: History, net: Any) -> bool:
+    """Call every callback (none is skipped because an earlier one asked to stop); True to stop."""
+    answers = [bool(cb(epoch, history, net)) for cb in callbacks]
+    return any(answers)
 
 
 def _show(bar: Any, epoch: int, history: History) -> None:
@@ -441,7 +451,7 @@ def _fit_lbfgs(net: Any, X: Any, T: Any, Xv: Any, Tv: Any, epochs: int, alpha: f
             val_loss = float(net._loss(Xv, Tv, net.workspace(Xv.shape[0]), net.params))
         monitor.epoch_done(history, float(intermediate_result.fun), val_loss, None)
         _show(bar, epoch, history)
-        if any(bool(cb(epoch, history, net)) for cb in callbacks):
+        if _run_callbacks(callbacks, epoch, history, net):
             history.stop_reason = "callback"
             raise StopIteration
 

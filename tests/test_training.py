@@ -141,6 +141,20 @@ def test_divergence_restores_the_last_finite_parameters_and_names_epoch_and_step
     np.testing.assert_array_equal(final, seen[-1])
 
 
+def test_floating_point_errors_mid_epoch_are_a_divergence_at_that_step():
+    # numpy set to raise (or RuntimeWarning as an error, as in this test suite): caught at the step itself
+    X, T = regression_data(32, seed=12)
+    net = regression_net(seed=13)
+    start = bp.to_numpy(net.params).copy()
+    # step 1 makes w ~ 1e200 (finite); step 2's matmul overflows
+    with np.errstate(over="raise", invalid="raise"), \
+            pytest.raises(bp.DivergenceError, match="epoch 1, step 2 of 4") as info:
+        bp.fit(net, X, T, optimizer="sgd", learning_rate=1e200, epochs=5, batch_size=8, shuffle=False,
+               progress=False)
+    assert isinstance(info.value.__cause__, FloatingPointError)
+    np.testing.assert_array_equal(net.params, start)
+
+
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 def test_after_divergence_the_same_optimizer_can_go_on_with_a_smaller_rate():
     X, T = regression_data(32, seed=12)
@@ -222,8 +236,10 @@ def test_callbacks_get_epoch_history_net_and_can_stop():
         seen.append((epoch, history.epochs, n is net))
         return epoch == 3
 
-    history = bp.fit(net, X, T, epochs=10, callbacks=[callback], progress=False)
+    later = []
+    history = bp.fit(net, X, T, epochs=10, callbacks=[callback, lambda e, h, n: later.append(e)], progress=False)
     assert seen == [(1, 1, True), (2, 2, True), (3, 3, True)] and history.stop_reason == "callback"
+    assert later == [1, 2, 3]  # every callback still sees the epoch that stops training
 
 
 def test_progress_bar_shows_epoch_and_loss(capsys):
