@@ -323,7 +323,9 @@ def _split(net: MLP, V: Any, l: int) -> tuple[Any, Any]:
 def _r_output_delta(net: MLP, ws: Any, T: Any, Rz: Any, Ra: Any, m: int) -> Any:
     """R{δ(L)} = c ∂²ℓ/∂z(L)² R{z(L)}.
 
-    Canonical pairs: δ(L) = c (a − t), so R{δ(L)} = c R{a}. Otherwise
+    Canonical pairs: δ(L) = c (a − t), so R{δ(L)} = c R{a} (for softmax +
+    cross_entropy that is the loss's Hessian when every target row sums to 1,
+    which that δ(L) assumes too). Otherwise
     δ(L) = J_gᵀ r with r = c ∂ℓ/∂a, and
     R{δ(L)} = J_gᵀ (c ℓ″ ⊙ R{a}) + [second-order term of g contracted with r]:
     elementwise g: r ⊙ g″ ⊙ R{z}; softmax (δ = a ⊙ (r − aᵀr)):
@@ -426,8 +428,10 @@ def hessian(net: MLP, X: Any, T: Any, method: str = "exact", eps: float | None =
           (squared error: 1, so again Σ_n ∇y_n ∇y_nᵀ with y = a(L)).
         H − G = c Σ_n Σ_k r_nk ∇²u_nk (u = z(L) with r = a − t for canonical pairs;
         u = a(L) with r = ∂ℓ/∂a otherwise), so G is exact when (1) the residual r
-        is zero on every sample (e.g. T = net.forward(X) with squared error, or
-        with binary_cross_entropy and t in (0, 1)), or (2) u is linear in w: a
+        is zero on every sample: T = net.forward(X) with squared_error (any
+        output), binary_cross_entropy, or softmax + cross_entropy (not sigmoid +
+        cross_entropy, whose ∂ℓ/∂a = −t/a vanishes only at t = 0), or
+        (2) u is linear in w: a
         net without hidden layer (linear, logistic or softmax regression) with
         its canonical loss, for any targets. A deeper net is not linear in w
         even with identity activations (z(L) is a product of the Θs), so there G
