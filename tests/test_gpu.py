@@ -63,6 +63,58 @@ def test_kernels_build_without_a_device_named_as_in_the_table():
     assert cuda.kernel("relu_fwd") is built["relu_fwd"]  # created once, cached
 
 
+def test_network_and_fit_driven_by_the_cuda_table_match_numpy_on_the_cpu(monkeypatch):
+    """The whole library on bpgpu.kernels.cuda, with no change to callers: every
+    hidden activation, every (output, loss) pair and the optimizer updates (the fused
+    per-sample one included) run the exact CuPy-generated kernel sources, executed on
+    the CPU by bpgpu.testing (numpy arrays stand in for device arrays, numpy's matmul
+    and take for cuBLAS and CuPy's gather)."""
+    pytest.importorskip("cupy")
+    import array_api_compat
+
+    from bpgpu.backend import Backend
+    from bpgpu.kernels import cpu, cuda
+    from bpgpu.testing import host, runner
+
+    if host.gxx() is None:
+        pytest.skip("no C++ compiler to run the kernel sources on the CPU")
+    build = cuda.kernel
+    monkeypatch.setattr(cuda, "kernel", lambda name: runner.HostKernel(build(name)))
+    monkeypatch.setattr(cuda, "matmul", cpu.matmul)
+    monkeypatch.setattr(cuda, "take_rows", cpu.take_rows)
+    simulated = Backend("numpy", array_api_compat.array_namespace(np.empty(0)), cuda, "cuda table on the CPU")
+
+    def compare():
+        sizes = [4, 6, 5, 3]
+        for hidden, (output, loss) in zip(HIDDEN * 2, OUTPUT_LOSS_PAIRS):
+            X, T = _problem(sizes, loss, output)
+            kw = dict(hidden=hidden, output=output, loss=loss, dtype="float64", init="uniform", epsilon=0.8, seed=3)
+            ref, sim = bp.MLP(sizes, backend="numpy", **kw), bp.MLP(sizes, backend=simulated, **kw)
+            np.testing.assert_allclose(sim.forward(X), ref.forward(X), rtol=1e-13, atol=1e-15)
+            J, g = sim.loss_and_gradient(X, T)
+            J_ref, g_ref = ref.loss_and_gradient(X, T)
+            assert J == pytest.approx(J_ref, rel=1e-13), (hidden, output, loss)
+            np.testing.assert_allclose(g, g_ref, rtol=1e-11, atol=1e-14, err_msg=f"{hidden} {output} {loss}")
+        rng = np.random.default_rng(4)
+        X = rng.uniform(-2, 2, size=(8, 2))
+        T = np.sin(X[:, :1]) * np.cos(X[:, 1:])
+        for optimizer, batch_size, alpha in [("sgd", 1, 0.0), ("adam", 4, 1e-3), ("nesterov", 4, 0.0)]:
+            nets = [bp.MLP([2, 5, 1], hidden="tanh", output="identity", dtype="float64", backend=b,
+                           init="glorot", seed=2) for b in ("numpy", simulated)]
+            for net in nets:
+                bp.fit(net, X, T, optimizer=optimizer, learning_rate=0.05, epochs=2, batch_size=batch_size,
+                       seed=1, alpha=alpha, progress=False, tol=None)
+            np.testing.assert_allclose(nets[1].params, nets[0].params, rtol=1e-12, atol=1e-14, err_msg=optimizer)
+
+    session = runner.HostSession()
+    try:  # a dry pass plans every kernel call, so all sources build in one compiler run
+        session.record(compare)
+    except Exception:  # nothing was computed in this pass: its values and asserts mean nothing
+        pass
+    session.compile()
+    session.replay(compare)
+
+
 @gpu
 def test_auto_backend_is_cupy_here():
     from bpgpu.kernels import cuda
