@@ -524,10 +524,12 @@ def gradient_cost(backend: Backend, plan: Plan, dtype: str = "float64", tick: Ca
     size threshold (a kink in the curve), and threads on a shared machine turn
     small GEMMs erratic. The slopes are about the algorithms, not the threading.
     """
-    from threadpoolctl import threadpool_limits
-
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # the bench extra brings it; without it the BLAS keeps its threads
+        return {**_gradient_cost(backend, plan, dtype, tick), "blas_threads": "default (threadpoolctl missing)"}
     with threadpool_limits(1, user_api="blas"):
-        return _gradient_cost(backend, plan, dtype, tick)
+        return {**_gradient_cost(backend, plan, dtype, tick), "blas_threads": 1}
 
 
 def _gradient_cost(backend: Backend, plan: Plan, dtype: str, tick: Callable[[str], None]) -> dict:
@@ -564,7 +566,6 @@ def _gradient_cost(backend: Backend, plan: Plan, dtype: str, tick: Callable[[str
         "dtype": dtype,
         "batch": plan.gradient_batch,
         "net": f"[n, {GRADIENT_HIDDEN}, 1], tanh hidden, identity output, squared error; W = {GRADIENT_HIDDEN}(n + 1) + {GRADIENT_HIDDEN + 1}",
-        "blas_threads": 1,
         "finite_differences": "bpgpu.numerical_gradient(net, X, T, method='central'|'forward')",
         "extrapolation": "finite differences beyond the budget: loss evaluations x one timed loss evaluation, "
         "scaled to the last measured point (estimates, not measurements)",
@@ -733,7 +734,7 @@ def markdown(results: dict) -> str:
         + (f"; 1-minute load average {load[0]:.1f} at the end (shared machine)" if load else ""),
         f"Date: {results['date']}. Command: `{results['command']}` ({results['seconds']:.0f} s).",
         "",
-        f"Gradient cost vs W ({g['backend']}, {g['dtype']}, batch {g['batch']}, one BLAS thread; {g['net']}). "
+        f"Gradient cost vs W ({g['backend']}, {g['dtype']}, batch {g['batch']}, BLAS threads: {g['blas_threads']}; {g['net']}). "
         f"Fitted exponent k of t ∝ W^k over W ∈ [{g['fit_range'][0]}, {g['fit_range'][1]}]{_range_kind(g)}:",
         "",
         "| method | exponent (common range) | own fit range | exponent (own range) |",
