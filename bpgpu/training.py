@@ -110,8 +110,8 @@ def _sample_sgd_step(net: Any, X: Any, T: Any, optimizer: SGD) -> Any:
         if l > 1:
             s = ops.matmul(ws.D[l], net._wt(l, w).T, ws.D[l - 1])
             getattr(ops, net.activations[l - 2].bwd)(s, ws.A[l - 1], s, ws.scratch[l - 1], ws.rows)
-        a_prev = X[0] if l == 1 else ws.A[l - 1][0]
-        ops.outer_sgd_update(net._wt(l, w), net._bias(l, w), a_prev, ws.D[l][0], optimizer.learning_rate,
+        a_prev = X[0, :] if l == 1 else ws.A[l - 1][0, :]
+        ops.outer_sgd_update(net._wt(l, w), net._bias(l, w), a_prev, ws.D[l][0, :], optimizer.learning_rate,
                              scratch[l])
     return loss
 

@@ -254,3 +254,11 @@ def test_gpu_model_loads_on_the_cpu_and_back(tmp_path):
     gpu = bp.load(tmp_path / "cpu.npz", backend="cupy")
     assert gpu.backend.name == "cupy"
     np.testing.assert_array_equal(bp.to_numpy(gpu.params), cpu.params)
+
+
+def test_a_net_on_another_namespace_saves_host_arrays(tmp_path):
+    net = small_net("float64", backend=array_api_strict)
+    bp.save(net, tmp_path / "strict.npz")
+    back = bp.load(tmp_path / "strict.npz", backend="numpy")
+    assert isinstance(back.params, np.ndarray)
+    np.testing.assert_array_equal(back.params, np.asarray(net.params))

@@ -296,12 +296,22 @@ def test_fit_epochs_do_not_grow_memory():
     assert grown < 20_000, grown
 
 
-def test_generic_path_on_array_api_strict_matches_numpy():
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"optimizer": "momentum", "batch_size": 6, "alpha": 1e-3, "validation_fraction": 0.2},
+        {"optimizer": "sgd", "batch_size": 1},  # the fused one-sample update
+        {"optimizer": "lbfgs", "epochs": 10},
+    ],
+)
+def test_generic_path_on_array_api_strict_matches_numpy(options):
     X, T = regression_data(20)
     nets = [regression_net(seed=3, backend=b) for b in ("numpy", array_api_strict)]
+    options = {"learning_rate": 0.05, "epochs": 3, "seed": 2, **options}
+    if options["optimizer"] == "lbfgs":
+        del options["learning_rate"]
     for net in nets:
-        bp.fit(net, X, T, optimizer="momentum", learning_rate=0.05, epochs=3, batch_size=6, seed=2, alpha=1e-3,
-               progress=False)
+        bp.fit(net, X, T, progress=False, **options)
     np.testing.assert_allclose(np.asarray(nets[1].params), nets[0].params, rtol=1e-12, atol=1e-14)
 
 
