@@ -24,12 +24,13 @@ same dtypes take the fast path straight to ``_core.matmul`` → ``dot`` →
 ``tensordot_core`` → ``gemmEx``, with ``out`` as the GEMM's C). There, C- and
 F-contiguous operands go to GEMM with a transpose flag and only an operand that
 is neither is copied; ``out`` must be C-contiguous (CuPy raises otherwise, so a
-strided ``out`` is never filled through a silent copy). A 1×1 result (one
-sample, one output unit) is a dot product done by a reduction into a temporary. The network only passes contiguous matrices: Wᵀ is a reshaped
-slice of the flat vector (C-contiguous), W = (Wᵀ).T and Aᵀ are F-contiguous
-views, and the gradient block ∂J/∂Wᵀ is again a C-contiguous slice; so no GEMM
-of the forward or backward pass copies an operand (tests/test_gpu.py checks
-this with the memory pool on a GPU).
+strided ``out`` is never filled through a silent copy). The network only passes
+contiguous matrices: Wᵀ is a reshaped slice of the flat vector (C-contiguous),
+W = (Wᵀ).T and Aᵀ are F-contiguous views, and the gradient block ∂J/∂Wᵀ is again
+a C-contiguous slice; so no GEMM of the forward or backward pass copies an
+operand (tests/test_gpu.py counts allocations on a GPU to check it). A 1×1
+result (one sample, one output unit) is a dot product that CuPy computes by a
+reduction into a temporary.
 """
 
 from __future__ import annotations
@@ -165,7 +166,8 @@ SPECS: dict[str, Elementwise | Reduction] = {
     "softmax_cross_entropy_fwd": _sum(
         "T logit, T tgt, T top, T total_exp", "total", "tgt * (log(total_exp) + top - logit)"
     ),
-    # canonical pairs: the loss and δ(L) in one pass (delta is written by the reduction's map)
+    # canonical pairs: the loss and δ(L) in one pass. ``_non_const`` (CuPy's parameter keyword)
+    # makes delta a writable reference inside the reduction, and its map writes it.
     # A reduction maps every element at least once; when a block has more lanes than outputs
     # (out size 1 here) CuPy's loop maps a few elements twice, discarding the extra sums: the
     # repeated write of delta stores the same value, so it is harmless.
