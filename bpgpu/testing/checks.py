@@ -3,8 +3,10 @@
 :func:`run_cases` calls each op of :mod:`bpgpu.kernels.cuda` (the real Python
 wrappers, so argument order and in-place contracts are checked too) on numpy
 arrays, with every kernel call executed on the CPU from the source CuPy generates
-(:mod:`bpgpu.testing.runner`), and compares every array argument with the numpy
-twin of :mod:`bpgpu.kernels.cpu` run in float64 on the same inputs.
+(:mod:`bpgpu.testing.runner`), and compares every array argument (and a loss
+value) with the numpy twin of :mod:`bpgpu.kernels.cpu` run on the same inputs in
+float64 (in the case's own dtype for the "extreme" layout, whose clip bounds
+depend on the dtype).
 :func:`compile_sources` compiles the recorded sources with NVRTC for sm_80 and sm_90.
 """
 

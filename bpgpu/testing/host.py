@@ -1,12 +1,15 @@
 """Run CuPy-generated kernel source on the CPU: g++ compiles it against CuPy's own headers.
 
 Each planned launch (:class:`bpgpu.testing.sources.Launch`) becomes a unit of one
-translation unit: the generated code unchanged, wrapped in its own namespace, plus a
-small ``extern "C"`` launcher that builds the CArray / CIndexer / scalar arguments
-from the numpy arrays' pointers, shapes and strides.  ``include/cuda_host.h``
-defines the CUDA built-ins; ``include/cuda_fp16.h`` a binary16 half type.  All
-launches of a batch compile at once (one g++ call) and the shared object is cached
-on disk by the hash of its source.
+translation unit: the generated code, wrapped in its own namespace (its ``#include``
+lines hoisted to the top and ``extern "C"`` dropped, so kernels of one name can sit
+side by side; nothing else is touched), plus a small ``extern "C"`` launcher that
+builds the CArray / CIndexer / scalar arguments from the numpy arrays' pointers,
+shapes and strides.  ``include/cuda_host.h`` defines the CUDA built-ins;
+``include/cuda_fp16.h`` a binary16 half type.  CuPy's header list is included
+except ``complex.cuh`` (it needs thrust; no bpgpu kernel is complex).  All launches
+of a batch compile at once (one g++ call) and the shared object is cached on disk
+by the hash of its source.
 """
 
 from __future__ import annotations

@@ -62,15 +62,16 @@ def require_cupy():
 def nvrtc_available():
     """(True, '') when NVRTC loads, else (False, why)."""
     try:
-        cupy = require_cupy()
+        require_cupy()
         from cupy.cuda import nvrtc
 
         nvrtc.getVersion()
     except ImportError as exc:
         return False, str(exc)
+    except CupyInternalsError:
+        raise  # a CuPy other than the pinned one is an error to report, not a reason to skip
     except Exception as exc:  # NVRTC library missing: cupy raises its own error types
         return False, f"NVRTC is not loadable: {type(exc).__name__}: {exc}"
-    del cupy
     return True, ""
 
 
@@ -195,12 +196,10 @@ class Launch:
     ``args`` holds, per kernel parameter, a numpy array (a view of the caller's
     data), a numpy scalar, or a shape tuple for a CIndexer."""
 
-    kind: str  # "elementwise" or "reduction"
     name: str
     code: str
     options: tuple
     args: list
-    arginfos: tuple
     block_size: int = 1
     n_blocks: int = 1
 
@@ -265,8 +264,7 @@ def plan_elementwise(kernel, *args):
     code = _kernel._get_elementwise_kernel_code(
         infos, type_map, params, kernel.operation, kernel.name, kernel.preamble, **kernel.kwargs
     )
-    return Launch("elementwise", kernel.name, code, tuple(kernel.kwargs.get("options", ())),
-                  allargs + [tuple(shape)], infos), out_args
+    return Launch(kernel.name, code, tuple(kernel.kwargs.get("options", ())), allargs + [tuple(shape)]), out_args
 
 
 def plan_reduction(kernel, *args, axis=None, keepdims=False):
@@ -283,7 +281,7 @@ def plan_reduction(kernel, *args, axis=None, keepdims=False):
     a_shape = np.broadcast_shapes(*(a.shape for a in arrays))
     in_args = [np.broadcast_to(a, a_shape) if isinstance(a, np.ndarray) else a for a in in_args]
     reduce_axis, out_axis = _reduction._get_axis(axis, len(a_shape))
-    if len(in_args) == 1 and len(out_axis) <= 1 and not in_args[0].flags.c_contiguous:
+    if len(in_args) == 1 and len(out_axis) <= 1 and not _c_contiguous(in_args[0]):
         key = lambda i: -abs(in_args[0].strides[i])  # noqa: E731  (CuPy's _sort_axis)
         reduce_axis, out_axis = tuple(sorted(reduce_axis, key=key)), tuple(sorted(out_axis, key=key))
     if keepdims:
@@ -331,8 +329,7 @@ def plan_reduction(kernel, *args, axis=None, keepdims=False):
         kernel.reduce_type, kernel.identity, kernel.map_expr, kernel.reduce_expr, kernel.post_map_expr,
         kernel.preamble, tuple(kernel.options),
     )
-    return Launch("reduction", kernel.name, code, tuple(kernel.options), allargs, infos,
-                  block_size=block_size, n_blocks=n_blocks), out_args
+    return Launch(kernel.name, code, tuple(kernel.options), allargs, block_size, n_blocks), out_args
 
 
 def plan(kernel, *args, **kwargs):
