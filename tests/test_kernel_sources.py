@@ -124,3 +124,15 @@ def test_an_op_that_bypasses_the_kernels_is_flagged(monkeypatch):
     monkeypatch.setattr(cuda, "sigmoid_fwd", cpu.sigmoid_fwd)
     result = checks.run_cases([cases.Case("sigmoid_fwd", np.float64, "random")])[0]
     assert not result.ok and "launched no kernel" in result.failure
+
+
+def test_a_stride_bug_passes_contiguous_inputs_and_fails_the_strided_layout():
+    # Indexing a raw argument through its data pointer ignores its strides.
+    operation = cuda.SPECS["outer_sgd_update"].operation
+    assert "d_raw[i]" in operation
+    broken = {"outer_sgd_update": _broken("outer_sgd_update", operation=operation.replace("d_raw[i]", "(&d_raw[0])[i]"))}
+    contiguous, strided = checks.run_cases(
+        [cases.Case("outer_sgd_update", np.float32, layout) for layout in ("random", "strided")], replace=broken
+    )
+    assert contiguous.ok
+    assert not strided.ok and strided.worst == "b"
