@@ -68,18 +68,41 @@ def test_generated_source_compiles_with_nvrtc(host_run, name, dtype, arch):
 
 
 # --- each check fails on a deliberately broken kernel -----------------------------
+# The breakages are built from the kernels' parameter lists, not from the text of
+# their bodies, so they keep working when a body is rewritten.
 
 
 def _broken(name, **changes):
     spec = dataclasses.replace(cuda.SPECS[name], **changes)
+    assert spec != cuda.SPECS[name], "the edit must change the kernel"
     return spec.build(cupy, name)
 
 
+def _last_output(name):
+    return cuda.SPECS[name].out_params.split(",")[-1].split()[-1]
+
+
+def _off_by_one_percent(name):
+    """The kernel with its last output (elementwise) or every mapped term (reduction) 1 % off."""
+    spec = cuda.SPECS[name]
+    if isinstance(spec, cuda.Reduction):
+        return _broken(name, map_expr=f"({spec.map_expr}) * T(1.01)")
+    out = _last_output(name)
+    return _broken(name, operation=f"{spec.operation} {out} = T({out} * T(1.01));")
+
+
+def _with_operation(name, operation, *params):
+    spec = cuda.SPECS[name]
+    missing = [p for p in params if p not in f"{spec.in_params}, {spec.out_params}".replace(",", " ").split()]
+    assert not missing, f"{name} no longer has the parameters {missing} this test's body uses"
+    return _broken(name, operation=operation)
+
+
 def test_a_typo_fails_to_compile_and_shows_the_nvrtc_log():
-    spec = cuda.SPECS["sigmoid_fwd"]
-    typo = _broken("sigmoid_fwd", operation=spec.operation.replace("tanh(", "tanhh("))
-    z, b, out = np.zeros((4, 3), np.float32), np.zeros(3, np.float32), np.zeros((4, 3), np.float32)
-    launch, _ = sources.plan(typo, b, z, out)
+    out = _last_output("sigmoid_fwd")
+    typo = _broken("sigmoid_fwd", operation=f"{cuda.SPECS['sigmoid_fwd'].operation} {out} = tanhh({out});")
+    z, b, act = np.zeros((4, 3), np.float32), np.zeros(3, np.float32), np.zeros((4, 3), np.float32)
+    launch, _ = sources.plan(typo, b, z, act)
     with pytest.raises(sources.KernelCompileError) as info:
         sources.nvrtc_compile(launch, "sm_90")
     message = str(info.value)
@@ -90,31 +113,47 @@ def test_a_typo_fails_to_compile_and_shows_the_nvrtc_log():
 
 
 @pytest.mark.parametrize(
-    ("op", "kernel", "layout", "changes"),
+    ("op", "kernel", "layout"),
     [
-        # elementwise: σ(v) = (1 + tanh(v/2))/2 with the /2 inside tanh dropped
-        ("sigmoid_fwd", "sigmoid_fwd", "random", {"operation": cuda.SPECS["sigmoid_fwd"].operation.replace(
-            "tanh(T(0.5) * v)", "tanh(v)")}),
-        # reduction: the bias gradient summing δ² instead of δ
-        ("colsum", "colsum", "strided", {"map_expr": "delta * delta"}),
-        # a row reduction feeding an elementwise pass: e^{z − max} without the bias
-        ("softmax_fwd", "softmax_fwd_rowsum", "broadcast", {"map_expr": "exp(z - top)"}),
-        # an optimizer's state update: Adam's second moment without (1 − β2)
-        ("adam_update", "adam_update", "random", {"operation": cuda.SPECS["adam_update"].operation.replace(
-            "(T(1) - beta2) * (g * g)", "(g * g)")}),
-        # numerically unsafe: softmax without the max shift overflows e^z for large logits
-        ("softmax_fwd", "softmax_fwd", "extreme", {"operation": cuda.SPECS["softmax_fwd"].operation.replace(
-            "exp(v - top) / total_exp", "exp(v) / (total_exp * exp(top))")}),
+        ("sigmoid_fwd", "sigmoid_fwd", "random"),  # an activation
+        ("colsum", "colsum", "strided"),  # a reduction, on strided δ
+        ("softmax_fwd", "softmax_fwd_rowsum", "broadcast"),  # a row reduction feeding an elementwise pass
+        ("adam_update", "adam_update", "random"),  # an optimizer's state (v is Adam's last output)
+        ("canonical_value_and_delta/cross_entropy", "softmax_cross_entropy_value_and_delta", "random"),  # loss + δ
     ],
 )
-def test_wrong_arithmetic_fails_the_cpu_comparison(host_run, op, kernel, layout, changes):
-    assert dataclasses.replace(cuda.SPECS[kernel], **changes) != cuda.SPECS[kernel], "the edit must change the kernel"
-    broken = _broken(kernel, **changes)
+def test_wrong_arithmetic_fails_the_cpu_comparison(host_run, op, kernel, layout):
     case = cases.Case(op, np.float32, layout)
     assert host_run[0][case.id].ok  # the intact kernel passes...
-    result = checks.run_cases([case], replace={kernel: broken})[0]
+    result = checks.run_cases([case], replace={kernel: _off_by_one_percent(kernel)})[0]
     assert not result.ok and "numpy twin" in result.failure  # ...the broken one does not
     assert kernel in result.kernels
+
+
+def test_an_unsafe_softmax_passes_ordinary_inputs_and_fails_extreme_ones():
+    # e^v / (Σ e^{v − top} · e^top) is softmax too, but e^v overflows for large logits.
+    naive = _with_operation("softmax_fwd", "const T v = T(z + bias); z = v; act = T(exp(v) / (total_exp * exp(top)));",
+                            "bias", "top", "total_exp", "z", "act")
+    ordinary, extreme = checks.run_cases(
+        [cases.Case("softmax_fwd", np.float32, layout) for layout in ("random", "extreme")], replace={"softmax_fwd": naive}
+    )
+    assert ordinary.ok
+    assert not extreme.ok and "nan" in extreme.failure
+
+
+def test_a_stride_bug_passes_contiguous_inputs_and_fails_the_strided_layout():
+    # Indexing a raw argument through its data pointer ignores its strides.
+    ignores_strides = _with_operation(
+        "outer_sgd_update",
+        "wt = T(wt - lr * (a_col * d_row)); if (i < bias.size()) bias[i] = T(bias[i] - lr * (&d_raw[0])[i]);",
+        "a_col", "d_row", "d_raw", "lr", "wt", "bias",
+    )
+    contiguous, strided = checks.run_cases(
+        [cases.Case("outer_sgd_update", np.float32, layout) for layout in ("random", "strided")],
+        replace={"outer_sgd_update": ignores_strides},
+    )
+    assert contiguous.ok
+    assert not strided.ok and strided.worst == "b"
 
 
 def test_an_op_that_bypasses_the_kernels_is_flagged(monkeypatch):
@@ -124,15 +163,3 @@ def test_an_op_that_bypasses_the_kernels_is_flagged(monkeypatch):
     monkeypatch.setattr(cuda, "sigmoid_fwd", cpu.sigmoid_fwd)
     result = checks.run_cases([cases.Case("sigmoid_fwd", np.float64, "random")])[0]
     assert not result.ok and "launched no kernel" in result.failure
-
-
-def test_a_stride_bug_passes_contiguous_inputs_and_fails_the_strided_layout():
-    # Indexing a raw argument through its data pointer ignores its strides.
-    operation = cuda.SPECS["outer_sgd_update"].operation
-    assert "d_raw[i]" in operation
-    broken = {"outer_sgd_update": _broken("outer_sgd_update", operation=operation.replace("d_raw[i]", "(&d_raw[0])[i]"))}
-    contiguous, strided = checks.run_cases(
-        [cases.Case("outer_sgd_update", np.float32, layout) for layout in ("random", "strided")], replace=broken
-    )
-    assert contiguous.ok
-    assert not strided.ok and strided.worst == "b"
