@@ -163,3 +163,34 @@ def test_an_op_that_bypasses_the_kernels_is_flagged(monkeypatch):
     monkeypatch.setattr(cuda, "sigmoid_fwd", cpu.sigmoid_fwd)
     result = checks.run_cases([cases.Case("sigmoid_fwd", np.float64, "random")])[0]
     assert not result.ok and "launched no kernel" in result.failure
+
+
+# --- on a GPU: the source planned here is the one CuPy really compiles --------------
+
+_GPU = __import__("bpgpu").gpu_status()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _GPU.usable, reason=f"no usable GPU: {_GPU.reason}")
+@pytest.mark.parametrize("dtype", cases.DTYPES, ids=DTYPE_NAMES)
+def test_planned_source_is_the_one_cupy_compiles(monkeypatch, dtype):
+    """Every kernel call's source, as bpgpu.testing plans it from numpy arrays, equals the
+    source CuPy generates for the same call on device arrays (its ``cached_codes``)."""
+    plans = []
+    for case in (c for c in CASES if c.layout == "random" and c.dtype is dtype):
+        session = runner.HostSession()
+        with checks.kernels_on_host(cuda):
+            session.record(case.call, cuda, case.build())
+        plans.append((case, {(session.launches[code].name, code) for code in session.planned}))
+    fresh = {}  # new kernel objects per case, so cached_codes holds this call's sources only
+    monkeypatch.setattr(cuda, "kernel", lambda name: fresh.setdefault(name, cuda.SPECS[name].build(cupy, name)))
+    mismatches = []
+    for case, planned in plans:
+        fresh.clear()
+        case.call(cuda, [cupy.asarray(a) if isinstance(a, np.ndarray) else a for a in case.build()])
+        cupy.cuda.Device().synchronize()
+        compiled = {(name, code) for name, k in fresh.items() for code in k.cached_codes.values()}
+        if compiled != planned:
+            mismatches.append(f"{case.id}: planned only {sorted(n for n, _ in planned - compiled)}, "
+                              f"CuPy only {sorted(n for n, _ in compiled - planned)}")
+    assert not mismatches, "\n".join(mismatches)
