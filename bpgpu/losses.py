@@ -38,6 +38,22 @@ class Loss:
     def is_canonical(self, output: Activation) -> bool:
         return output.name == self.canonical_output
 
+    def check_targets(self, output: Activation, t: Any, xp: Any) -> None:
+        """softmax + cross_entropy: δ(L) = a − t is the gradient of −Σ t log a only when
+        every target row is a distribution (t ≥ 0, Σ_k t_k = 1); reject anything else
+        rather than train on a gradient that does not belong to the loss."""
+        if not (self.name == "cross_entropy" and output.name == "softmax"):
+            return
+        tol = 1e-3 if t.dtype == xp.float32 else 1e-9
+        sums = xp.sum(t, axis=1)
+        bad = xp.logical_or(xp.abs(sums - 1.0) > tol, xp.any(t < 0, axis=1))
+        if bool(xp.any(bad)):
+            row = int(xp.argmax(xp.astype(bad, xp.int8)))
+            raise ValueError(
+                f"T must hold probability distributions (rows >= 0 that sum to 1) for loss='cross_entropy' "
+                f"with a softmax output; row {row} sums to {float(sums[row]):.6g} (T.shape={tuple(t.shape)})"
+            )
+
     def value_and_delta(self, ops: Any, output: Activation, z, a, t, c, delta, scratch, rows):
         """Return Σ_n J_n (unscaled, on the device) and write δ(L) into ``delta``."""
         if self.is_canonical(output):

@@ -204,6 +204,7 @@ class MLP:
             raise ValueError(
                 f"X and T must have the same number of rows: X.shape={tuple(X.shape)}, T.shape={tuple(T.shape)}"
             )
+        self.loss_function.check_targets(self.activations[-1], T, self.backend.xp)
         return X, T
 
     def workspace(self, m: int) -> _Workspace:

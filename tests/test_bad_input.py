@@ -69,6 +69,14 @@ def test_bad_params(net):
         net.theta(1, np.zeros(4))
 
 
+@pytest.mark.parametrize("T", [np.full((4, 2), 0.5) * [1, 2], np.array([[1.5, -0.5]] * 4)])
+def test_softmax_cross_entropy_needs_distributions(T):
+    net = bp.MLP([3, 2], output="softmax", loss="cross_entropy", backend="numpy")
+    with pytest.raises(ValueError, match=r"T must hold probability distributions .* row 0 sums to"):
+        net.gradient(np.zeros((4, 3)), T)
+    net.gradient(np.zeros((4, 3)), np.full((4, 2), 0.5))  # soft labels that sum to 1 are fine
+
+
 def test_bad_input_leaves_params_alone(net):
     before = net.params.copy()
     with pytest.raises(ValueError):

@@ -48,13 +48,13 @@ def identity_bwd(s, a, out, scratch, rows):
 
 
 def sigmoid_fwd(z, b, out, scratch, rows):
-    # σ(z) = (1 + tanh(z/2)) / 2: no overflow for any z, unlike 1 / (1 + e^{-z}).
+    # σ(z) = exp(−softplus(−z)): no overflow for any z, and full relative precision
+    # where σ is tiny (the (1 + tanh(z/2))/2 form cancels there, which spoils log σ).
     np.add(z, b, out=z)
-    np.multiply(z, 0.5, out=out)
-    np.tanh(out, out=out)
-    out += 1.0
-    out *= 0.5
-    return out
+    np.negative(z, out=out)
+    np.logaddexp(out, 0.0, out=out)
+    np.negative(out, out=out)
+    return np.exp(out, out=out)
 
 
 def sigmoid_bwd(s, a, out, scratch, rows):

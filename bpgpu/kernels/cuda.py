@@ -128,7 +128,9 @@ SPECS: dict[str, Elementwise | Reduction] = {
     "colsum": _sum("T delta", "bias_grad", "delta"),
     # activations, forward: a = g(z + b)
     "identity_fwd": _bias_act("v"),
-    "sigmoid_fwd": _bias_act("T(0.5) * (T(1) + tanh(T(0.5) * v))"),  # (1 + tanh(z/2)) / 2
+    # 1 / (1 + e^{−z}): e^{−z} = inf gives 0 with no trap on the GPU, and unlike
+    # (1 + tanh(z/2)) / 2 it keeps full relative precision where σ is tiny.
+    "sigmoid_fwd": _bias_act("T(1) / (T(1) + exp(-v))"),
     "tanh_fwd": _bias_act("tanh(v)"),
     "relu_fwd": _bias_act("v < T(0) ? T(0) : v"),  # not max(v, 0): NaN stays NaN, as in numpy
     "leaky_relu_fwd": _bias_act(f"v > T(0) ? v : T({_SLOPE} * v)"),

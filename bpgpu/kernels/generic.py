@@ -42,7 +42,8 @@ def identity_bwd(s, a, out, scratch, rows):
 
 def sigmoid_fwd(z, b, out, scratch, rows):
     xp = array_namespace(z)
-    return _put(out, 0.5 * (1.0 + xp.tanh(0.5 * _biased(z, b))))
+    zb = _biased(z, b)
+    return _put(out, xp.exp(-xp.logaddexp(-zb, xp.zeros_like(zb))))  # exp(−softplus(−z))
 
 
 def sigmoid_bwd(s, a, out, scratch, rows):
