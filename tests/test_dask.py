@@ -287,6 +287,8 @@ def test_cluster_gradient_hvp_and_sgd_equal_one_process(client):
     from bpgpu.derivatives import hvp
 
     assert bd._distributed_client() is client
+    with dask.config.set(scheduler="sync"):  # an explicit local scheduler wins: no scatter then
+        assert bd._distributed_client() is None
     net, X, T = make(output="softmax", loss="cross_entropy")
     Xd, Td = chunked(X, T)
     J, g = bd.loss_and_gradient(net, Xd, Td)
