@@ -93,7 +93,7 @@ def test_one_output_accepts_1d_targets():
         assert relative(bd.gradient(net, Xd, td), net.gradient(X, T)) <= 1e-10
 
 
-def test_driver_params_untouched_and_only_vector_in_graph():
+def test_driver_params_untouched():
     net, X, T = make()
     before = net.params.copy()
     Xd, Td = chunked(X, T)
