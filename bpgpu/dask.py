@@ -23,7 +23,6 @@ import dask
 import dask.array as da
 import numpy as np
 
-from bpgpu import validation
 from bpgpu.backend import of_array, to_numpy
 from bpgpu.network import MLP
 from bpgpu.training import History, _reduction_factor
@@ -200,13 +199,7 @@ def gradient(net: MLP, X: Any, T: Any) -> Any:
 def hvp(net: MLP, X: Any, T: Any, v: Any) -> Any:
     """H v, the exact Hessian-vector product of J over the dask arrays X, T (R-operator per chunk)."""
     X, T = _check(net, X, T)
-    validation.numeric_kind(v, "v")
-    v = net.backend.asarray(v, net._xp_dtype)
-    if tuple(v.shape) != (net.n_params,):
-        raise ValueError(
-            f"v must be a flat vector of length n_params={net.n_params} for MLP {list(net.sizes)}, "
-            f"got shape {tuple(v.shape)}"
-        )
+    v = net.flat_vector(v, "v")
     sums = _sums(net, X, T, _hvp_sum, net.n_params, net.params, v=v)
     return net.backend.asarray(sums * _reduction_factor(net, X.shape[0]), net._xp_dtype)
 

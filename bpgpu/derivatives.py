@@ -23,7 +23,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from bpgpu import validation
 from bpgpu.kernels.generic import _clip_unit
 from bpgpu.network import MLP
 
@@ -391,18 +390,9 @@ def hvp(net: MLP, X: Any, T: Any, v: Any) -> Any:
     v: a flat vector of length n_params in the params layout. Returns a new one.
     """
     X, T = net._inputs(X, T)
-    validation.numeric_kind(v, "v")
-    v = net.backend.asarray(v, net._xp_dtype)
-    if tuple(v.shape) != (net.n_params,):
-        raise ValueError(
-            f"v must be a flat vector of length n_params={net.n_params} for MLP {list(net.sizes)}, "
-            f"got shape {tuple(v.shape)}"
-        )
-    xp = net.backend.xp
-    if not bool(xp.all(xp.isfinite(v))):
-        raise ValueError("v contains NaN or Inf")
+    v = net.flat_vector(v, "v")
     ws = _forward_backward(net, X, T)
-    return _r_pass(net, X, T, ws, xp.reshape(v, (1, -1)))[0, :]
+    return _r_pass(net, X, T, ws, net.backend.xp.reshape(v, (1, -1)))[0, :]
 
 
 # --- the Hessian -------------------------------------------------------------------

@@ -165,18 +165,22 @@ class MLP:
         start = self._offsets[l - 1]
         return vec[start : start + self.sizes[l]]
 
+    def flat_vector(self, v: Any, argument: str) -> Any:
+        """``v`` checked and moved to the backend as a finite flat vector in the params layout."""
+        validation.numeric_kind(v, argument)
+        v = self.backend.asarray(v, self._xp_dtype)
+        if tuple(v.shape) != (self.n_params,):
+            raise ValueError(
+                f"{argument} must be a flat vector of length n_params={self.n_params} for MLP "
+                f"{list(self.sizes)}, got shape {tuple(v.shape)}"
+            )
+        if not bool(self.backend.xp.all(self.backend.xp.isfinite(v))):
+            raise ValueError(f"{argument} contains NaN or Inf")
+        return v
+
     def set_params(self, w: Any) -> None:
         """Copy ``w`` into the parameters in place (existing views stay valid)."""
-        validation.numeric_kind(w, "w")
-        w = self.backend.asarray(w, self._xp_dtype)
-        if tuple(w.shape) != (self.n_params,):
-            raise ValueError(
-                f"w must be a flat vector of length n_params={self.n_params} for MLP {list(self.sizes)}, "
-                f"got shape {tuple(w.shape)}"
-            )
-        if not bool(self.backend.xp.all(self.backend.xp.isfinite(w))):
-            raise ValueError("w contains NaN or Inf")
-        self.params[...] = w
+        self.params[...] = self.flat_vector(w, "w")
 
     def copy(self) -> MLP:
         """An independent net with the same configuration and a copy of the parameters."""

@@ -273,7 +273,7 @@ def plan_reduction(kernel, *args, axis=None, keepdims=False):
     require_cupy()
     from cupy._core import _kernel, _reduction
 
-    nin, nout = kernel.nin, kernel.nout
+    nin = kernel.nin
     in_args, out_args = list(args[:nin]), list(args[nin:])
     in_types, out_types, type_map = _param_dtypes(kernel, in_args, out_args)
     in_args = [a if isinstance(a, np.ndarray) else _as_scalar(a, t) for a, t in zip(in_args, in_types)]
