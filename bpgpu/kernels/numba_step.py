@@ -26,7 +26,7 @@ GRADIENT_ONLY, SGD, MOMENTUM, NESTEROV = range(4)  # the update applied after ba
 SIZE, OFFSET, CODE = range(3)  # the rows of train_step's plan
 
 # Below this many multiply-adds (m k n) a plain loop beats the BLAS call made
-# through np.dot (measured in benchmarks/NOTES.md, "Compiled CPU step").
+# through np.dot (measured: benchmarks/NOTES.md, "Compiled CPU step (numba)", G1).
 SMALL_GEMM = 512
 
 
@@ -219,8 +219,9 @@ def train_step(X, T, w, grad, work, plan, loss, mean, slope, tiny, alpha, rule, 
     sizes, offsets, codes = plan[SIZE], plan[OFFSET], plan[CODE]
     dt = w.dtype.type
     m, L = X.shape[0], sizes.shape[0] - 1
-    c = dt(1.0 / m) if mean else dt(1.0)
-    slope_, rest, tiny_, decay = dt(slope), dt(1.0 - slope), dt(tiny), dt(alpha * (1.0 / m if mean else 1.0))
+    scale = 1.0 / m if mean else 1.0  # the reduction factor c
+    c = dt(scale)
+    slope_, rest, tiny_, decay = dt(slope), dt(1.0 - slope), dt(tiny), dt(alpha * scale)
     total_units = 0
     for l in range(1, L + 1):
         total_units += sizes[l]
@@ -263,4 +264,4 @@ def train_step(X, T, w, grad, work, plan, loss, mean, slope, tiny, alpha, rule, 
 
     if rule != GRADIENT_ONLY:
         _update(rule, w, grad, velocity, lr, mu)
-    return total * c + 0.5 * alpha * (1.0 / m if mean else 1.0) * squares
+    return total * scale + 0.5 * alpha * scale * squares
