@@ -227,6 +227,25 @@ def test_train_step_for_builds_once_per_optimizer():
     assert jit.train_step_for(twin, opt).net is twin  # a different net gets its own step
 
 
+def test_a_compiled_step_pickles_as_not_built_and_is_rebuilt():
+    """Estimators pickle their optimizer: the step inside must not break that, nor survive it."""
+    import pickle
+
+    net = bp.MLP([3, 4, 2], backend="numpy", dtype="float64", seed=0)
+    opt = optim.Momentum(net, 0.1)
+    X, T = problem(np.random.default_rng(6), [3, 4, 2], "sigmoid", "float64", 5)
+    built = jit.train_step_for(net, opt)
+    built(X, T)
+    assert pickle.loads(pickle.dumps(built)) is False
+    opt._compiled_step = pickle.loads(pickle.dumps(opt._compiled_step))  # as an unpickled optimizer holds it
+    rebuilt = jit.train_step_for(net, opt)
+    assert rebuilt is not built and rebuilt.optimizer is opt
+    twin = net.copy()
+    expected = optim.Momentum(twin, 0.1)
+    expected.velocity[...] = opt.velocity
+    assert rebuilt(X, T) == pytest.approx(reference_step(twin, X, T, expected), rel=1e-12)
+
+
 def test_every_activation_and_loss_has_a_code():
     from bpgpu.kernels import ACTIVATIONS, LOSSES, numba_step
 

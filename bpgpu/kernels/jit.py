@@ -87,6 +87,11 @@ class CompiledStep:
             work = self._work[m] = np.empty(m * (2 * units + self.net.sizes[-1]), dtype=self._grad.dtype)
         return work
 
+    def __reduce__(self):
+        # Not serialized: pickles (and deep-copies) as False, which train_step_for
+        # reads as "not built yet", so a pickled optimizer or estimator rebuilds it on first use.
+        return (bool, ())
+
     @property
     def gradient(self) -> np.ndarray:
         """The gradient of the last step, in the params layout (one buffer, reused by every step)."""
