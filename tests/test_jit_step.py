@@ -252,3 +252,20 @@ def test_every_activation_and_loss_has_a_code():
     names = [n.upper() for n in itertools.chain(ACTIVATIONS, LOSSES)]
     codes = [getattr(numba_step, n) for n in names]
     assert codes == list(range(len(ACTIVATIONS))) + list(range(len(LOSSES)))
+
+
+def test_compare_step_script_times_the_compiled_step(capsys):
+    """benchmarks/compare_step.py end to end on the tiny net, peers left out (a smoke run)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parent.parent / "benchmarks" / "compare_step.py"
+    spec = importlib.util.spec_from_file_location("compare_step", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    args = ["--sizes", "tiny", "--rounds", "2", "--round-seconds", "0.001", "--settle", "0", "--only", "bpgpu_jit"]
+    assert script.main(args) == 0
+    rows = [line.split("|") for line in capsys.readouterr().out.splitlines() if line.startswith("| tiny")]
+    assert {r[3].strip() for r in rows} == {"numpy_reference", "bpgpu_jit", "gemm"}
+    ratio = {r[3].strip(): float(r[6]) for r in rows}
+    assert ratio["numpy_reference"] == 1.0 and ratio["bpgpu_jit"] > 0
