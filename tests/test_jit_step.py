@@ -218,6 +218,15 @@ def test_without_numba_every_hook_returns_none(monkeypatch):
         jit.kernels.cache_clear()
 
 
+def test_bpgpu_jit_0_turns_the_compiled_step_off(monkeypatch):
+    jit.kernels.cache_clear()
+    monkeypatch.setenv("BPGPU_JIT", "0")
+    try:
+        assert jit.compiled_train_step(bp.MLP([2, 3, 1], backend="numpy"), 0.1) is None
+    finally:
+        jit.kernels.cache_clear()
+
+
 def test_train_step_for_builds_once_per_optimizer():
     net = bp.MLP([2, 3, 1], backend="numpy", seed=0)
     opt = optim.SGD(net, 0.1)

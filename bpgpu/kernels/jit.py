@@ -5,8 +5,8 @@ overhead (4–8 calls per layer and pass), not in arithmetic. This module gives
 the numpy backend one compiled call per step instead
 (:mod:`bpgpu.kernels.numba_step`), with the numpy path's arithmetic; the numpy
 path stays the reference. numba is optional (the ``jit`` extra): it is looked
-for once, on first use, and without it the hooks return None and callers keep
-the numpy path.
+for once, on first use, and without it (or with BPGPU_JIT=0 in the environment)
+the hooks return None and callers keep the numpy path.
 
     step = compiled_train_step(net, optimizer_or_lr)   # None when not applicable
     loss = step(X, T)   # X (m, n0), T (m, nL): numpy arrays in the net's dtype
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import numbers
+import os
 from types import ModuleType
 from typing import Any
 
@@ -37,7 +38,13 @@ _AFTER_KERNEL = ("adam",)  # optimizers that update with their own kernel after 
 
 @functools.cache
 def kernels() -> ModuleType | None:
-    """The compiled kernels, or None when numba is not installed (decided once)."""
+    """The compiled kernels, or None when numba is not installed or BPGPU_JIT=0 (decided once).
+
+    The first step of a dtype compiles for some seconds; numba caches the result
+    next to this module, so later processes load it in well under a second.
+    """
+    if os.environ.get("BPGPU_JIT", "1") == "0":
+        return None
     try:
         from bpgpu.kernels import numba_step
     except ImportError:
