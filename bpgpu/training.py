@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from bpgpu.backend import to_numpy
+from bpgpu.kernels import jit
 from bpgpu.optim import SGD, Optimizer, make_optimizer
 
 
@@ -82,7 +83,14 @@ def train_step(net: Any, X: Any, T: Any, optimizer: Optimizer) -> Any:
     ``net._inputs`` returns them). Returns the batch loss as a device scalar
     (no host transfer). After the first call for a batch size it allocates
     nothing on numpy: the workspace, gradient and optimizer state are reused.
+
+    On the numpy backend with numba installed the whole step is one compiled
+    call (:mod:`bpgpu.kernels.jit`, the same arithmetic; ``BPGPU_JIT=0`` turns
+    it off), which removes numpy's per-call overhead on small nets.
     """
+    compiled = jit.train_step_for(net, optimizer)
+    if compiled is not None:
+        return compiled(X, T)
     ws = net.workspace(X.shape[0])
     net._forward(X, ws, net.params)
     loss = net._backward(X, T, ws, net.params, ws.grad)
@@ -293,9 +301,9 @@ class _EpochLoop:
         m = X.shape[0]
         self.bounds = [(lo, min(lo + batch, m)) for lo in range(0, m, batch)]
         self.shuffle = shuffle and len(self.bounds) > 1  # a full batch's gradient ignores order
-        self.step = (
-            _sample_sgd_step if batch == 1 and type(opt) is SGD and opt.alpha == 0.0 else train_step
-        )
+        fused_sample = batch == 1 and type(opt) is SGD and opt.alpha == 0.0
+        # the compiled step, where there is one, beats even the fused per-sample update
+        self.step = _sample_sgd_step if fused_sample and jit.train_step_for(net, opt) is None else train_step
         self.step_losses = xp.zeros(len(self.bounds), dtype=dt)
         # epoch loss = Σ_b loss_b m_b / m (mean reduction) or Σ_b loss_b (sum), as sklearn's loss_curve_
         weights = [(hi - lo) / m if net.reduction == "mean" else 1.0 for lo, hi in self.bounds]
