@@ -50,3 +50,23 @@ def test_auto_logs_one_line(caplog):
 def test_to_numpy_round_trip():
     x = np.arange(3.0)
     assert bp.to_numpy(x) is x
+
+
+def test_bpgpu_info_prints_versions_and_the_decision(capsys):
+    from bpgpu import cli
+
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert f"bpgpu {bp.__version__}" in out and f"numpy {np.__version__}" in out
+    status = bp.gpu_status()
+    assert f"gpu: {'usable' if status.usable else 'not usable'}: {status.reason}" in out
+    assert f"backend: {backend.resolve('auto').name} (" in out
+
+
+def test_unknown_command_is_a_usage_error(capsys):
+    from bpgpu import cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["frobnicate"])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'frobnicate'" in capsys.readouterr().err
