@@ -9,8 +9,12 @@ from bpgpu.io import load, save
 
 __version__ = "0.1.0"
 
-__all__ = ["MLP", "Backend", "gpu_status", "resolve_backend", "to_numpy", "__version__", "MLPClassifier", "MLPRegressor",
-           "fit", "train_step", "History", "DivergenceError", "Optimizer", "make_optimizer", "save", "load", "GradientCheck", "check_gradient", "hessian", "hvp", "jacobian", "numerical_gradient"]
+__all__ = [
+    "MLP", "Backend", "gpu_status", "resolve_backend", "to_numpy", "__version__",
+    "GradientCheck", "check_gradient", "hessian", "hvp", "jacobian", "numerical_gradient",
+    "Optimizer", "make_optimizer", "DivergenceError", "History", "fit", "train_step",
+    "load", "save", "MLPClassifier", "MLPRegressor",
+]
 
 # Names whose modules need an optional extra: imported on first use, so that
 # ``import bpgpu`` never imports scikit-learn (public name -> its module).
