@@ -105,8 +105,9 @@ def interleaved_timings(cases: dict[str, Case], min_time: float = 0.2, repeats: 
                         long_call: float = 1.0) -> dict[str, dict]:
     """Time several cases in interleaved rounds, so they share the machine's state.
 
-    Each case gets one warm-up call, then ``repeats`` rounds; in every round each
-    case runs n calls (n chosen so its round lasts about min_time / repeats) before
+    Each case gets a warm-up call and a calibration call, then ``repeats`` rounds; in
+    every round each case runs n calls (n chosen from the calibration call so its
+    round lasts about min_time / repeats) before
     the next case runs. On a shared machine a burst of load then hits all cases
     alike and the ratios between them stay meaningful. Returns, per case, the best
     and median round in seconds per call. A call longer than ``long_call`` is timed
@@ -119,8 +120,11 @@ def interleaved_timings(cases: dict[str, Case], min_time: float = 0.2, repeats: 
         first = time.perf_counter() - t0
         if first >= long_call:
             stats[name] = {"best": first, "median": first, "calls": 1}
-        else:
-            calls[name] = max(1, int(min_time / repeats / max(first, 1e-7)))
+            continue
+        # calibrate on a second call: the first may have compiled (numba, XLA, NVRTC)
+        t0 = time.perf_counter()
+        case.finish(case.fn())
+        calls[name] = max(1, int(min_time / repeats / max(time.perf_counter() - t0, 1e-7)))
     rounds: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(repeats):
         for name, n in calls.items():
