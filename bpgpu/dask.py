@@ -25,7 +25,7 @@ import numpy as np
 
 from bpgpu.backend import of_array, to_numpy
 from bpgpu.network import MLP
-from bpgpu.training import History, _reduction_factor
+from bpgpu.training import History
 
 # --- on the workers ----------------------------------------------------------
 
@@ -174,14 +174,14 @@ def _sums(*args, **kwargs) -> np.ndarray:
 def _loss_and_gradient_at(net: MLP, X: Any, T: Any, w: Any, rows=None, m: int | None = None):
     """(J, dJ/dw as host float64) at parameters w, over all rows or one mini-batch of m rows."""
     sums = _sums(net, X, T, _loss_and_gradient_sum, 1 + net.n_params, w, rows=rows)
-    c = _reduction_factor(net, X.shape[0] if m is None else m)
+    c = net.reduction_factor(X.shape[0] if m is None else m)
     return float(sums[0] * c), sums[1:] * c
 
 
 def loss(net: MLP, X: Any, T: Any) -> float:
     """The cost J over all rows of the dask arrays X, T, as a Python float."""
     X, T = _check(net, X, T)
-    return float(_sums(net, X, T, _loss_sum, 1, net.params)[0] * _reduction_factor(net, X.shape[0]))
+    return float(_sums(net, X, T, _loss_sum, 1, net.params)[0] * net.reduction_factor(X.shape[0]))
 
 
 def loss_and_gradient(net: MLP, X: Any, T: Any) -> tuple[float, Any]:
@@ -201,7 +201,7 @@ def hvp(net: MLP, X: Any, T: Any, v: Any) -> Any:
     X, T = _check(net, X, T)
     v = net.flat_vector(v, "v")
     sums = _sums(net, X, T, _hvp_sum, net.n_params, net.params, v=v)
-    return net.backend.asarray(sums * _reduction_factor(net, X.shape[0]), net._xp_dtype)
+    return net.backend.asarray(sums * net.reduction_factor(X.shape[0]), net._xp_dtype)
 
 
 # --- training -------------------------------------------------------------------
@@ -291,7 +291,7 @@ def _penalized_gradient(net: MLP, X: Any, T: Any, step_rule: Any, rows=None, m: 
     m = X.shape[0] if m is None else m
     J, g = _loss_and_gradient_at(net, X, T, net.params, rows=rows, m=m)
     g = net.backend.asarray(g, net._xp_dtype)
-    return J + float(step_rule.penalize(g, _reduction_factor(net, m))), g
+    return J + float(step_rule.penalize(g, net.reduction_factor(m))), g
 
 
 def _fit_gd(net: MLP, X: Any, T: Any, step_rule: Any, max_iter: int, tol: float) -> History:

@@ -88,10 +88,6 @@ def _steps(xp: Any, x: Any, eps: float) -> Any:
     return eps * xp.maximum(xp.abs(x), xp.ones_like(x))
 
 
-def _reduction_scale(net: MLP, m: int) -> float:
-    return 1.0 / m if net.reduction == "mean" else 1.0
-
-
 def _times_g1(net: MLP, l: int, s: Any, a: Any) -> Any:
     """s ⊙ g′_l(z(l)) (softmax: S s per row, S = diag(a) − a aᵀ) through layer l's
     backward kernel. s is (..., m, n_l), a is (m, n_l); returns a new array."""
@@ -122,7 +118,7 @@ def _output_residual(net: MLP, ws: Any, T: Any, m: int) -> Any:
     """c ∂ℓ/∂a(L) through the loss's backward kernel (clipping and all)."""
     xp, a = net.backend.xp, ws.A[net.n_layers]
     out, scratch = xp.empty_like(a), xp.empty_like(a)
-    getattr(net.backend.ops, f"{net.loss_function.name}_bwd")(a, T, _reduction_scale(net, m), out, scratch)
+    getattr(net.backend.ops, f"{net.loss_function.name}_bwd")(a, T, net.reduction_factor(m), out, scratch)
     return out
 
 
@@ -332,7 +328,7 @@ def _r_output_delta(net: MLP, ws: Any, T: Any, Rz: Any, Ra: Any, m: int) -> Any:
     """
     xp, L = net.backend.xp, net.n_layers
     output, a = net.activations[-1], ws.A[L]
-    c = _reduction_scale(net, m)
+    c = net.reduction_factor(m)
     if net.loss_function.is_canonical(output):
         return c * Ra
     curvature = c * _LOSS_CURVATURE[net.loss_function.name](xp, a, T)
@@ -482,7 +478,7 @@ def _gauss_newton(net: MLP, X: Any, T: Any) -> Any:
     ws = net.workspace(m)
     net._forward(X, ws, net.params)
     A = [X] + ws.A[1:]
-    c = _reduction_scale(net, m)
+    c = net.reduction_factor(m)
     Ja = _per_sample_gradients(net, A, _output_seeds(net, A[L], through_output=True))
     if net.loss_function.is_canonical(net.activations[-1]):
         # M J_z = J_a since M = ∂a/∂z for a canonical pair, so G = c J_zᵀ J_a.

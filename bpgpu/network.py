@@ -234,14 +234,23 @@ class MLP:
             a = getattr(ops, self.activations[l - 1].fwd)(z, self._bias(l, w), ws.A[l], ws.scratch[l], ws.rows)
         return a
 
+    def reduction_factor(self, m: int) -> float:
+        """c in J = c Σ_n J_n: 1/m for reduction="mean", 1 for "sum"."""
+        return 1.0 / m if self.reduction == "mean" else 1.0
+
+    def _output_delta(self, T: Any, ws: _Workspace) -> Any:
+        """Σ_n J_n (unscaled, on the device) after a forward pass, with δ(L) written into ws.D[L]."""
+        L = self.n_layers
+        return self.loss_function.value_and_delta(
+            self.backend.ops, self.activations[-1], ws.Z, ws.A[L], T, self.reduction_factor(ws.m),
+            ws.D[L], ws.scratch[L], ws.rows,
+        )
+
     def _backward(self, X: Any, T: Any, ws: _Workspace, w: Any, grad: Any) -> Any:
         """Backpropagation: δ(L) from the loss, δ(l) = (δ(l+1) W(l+1)) ⊙ g′(z(l)),
         ∂J/∂Wᵀ(l) = A(l−1)ᵀ δ(l), ∂J/∂b(l) = Σ_n δ(l). Returns Σ_n J_n (device)."""
         ops, L = self.backend.ops, self.n_layers
-        c = 1.0 / ws.m if self.reduction == "mean" else 1.0
-        total = self.loss_function.value_and_delta(
-            ops, self.activations[-1], ws.Z, ws.A[L], T, c, ws.D[L], ws.scratch[L], ws.rows
-        )
+        total = self._output_delta(T, ws)
         for l in range(L, 0, -1):
             delta = ws.D[l]
             ops.matmul(X.T if l == 1 else ws.A[l - 1].T, delta, self._wt(l, grad))
@@ -249,15 +258,11 @@ class MLP:
             if l > 1:
                 s = ops.matmul(delta, self._wt(l, w).T, ws.D[l - 1])
                 getattr(ops, self.activations[l - 2].bwd)(s, ws.A[l - 1], s, ws.scratch[l - 1], ws.rows)
-        return total * c
+        return total * self.reduction_factor(ws.m)
 
     def _loss(self, X: Any, T: Any, ws: _Workspace, w: Any) -> Any:
-        L = self.n_layers
         self._forward(X, ws, w)
-        c = 1.0 / ws.m if self.reduction == "mean" else 1.0
-        return c * self.loss_function.value_and_delta(
-            self.backend.ops, self.activations[-1], ws.Z, ws.A[L], T, c, ws.D[L], ws.scratch[L], ws.rows
-        )
+        return self.reduction_factor(ws.m) * self._output_delta(T, ws)
 
     # --- public API ----------------------------------------------------------
 

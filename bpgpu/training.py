@@ -72,10 +72,6 @@ class History:
 # --- one step ------------------------------------------------------------------
 
 
-def _reduction_factor(net: Any, m: int) -> float:
-    return 1.0 / m if net.reduction == "mean" else 1.0
-
-
 def train_step(net: Any, X: Any, T: Any, optimizer: Optimizer) -> Any:
     """Forward, backprop, L2 term and one fused update on a batch already on the backend.
 
@@ -94,7 +90,7 @@ def train_step(net: Any, X: Any, T: Any, optimizer: Optimizer) -> Any:
     ws = net.workspace(X.shape[0])
     net._forward(X, ws, net.params)
     loss = net._backward(X, T, ws, net.params, ws.grad)
-    loss = loss + optimizer.penalize(ws.grad, _reduction_factor(net, X.shape[0]))
+    loss = loss + optimizer.penalize(ws.grad, net.reduction_factor(X.shape[0]))
     optimizer.update(ws.grad)
     return loss
 
@@ -110,9 +106,7 @@ def _sample_sgd_step(net: Any, X: Any, T: Any, optimizer: SGD) -> Any:
     ops, L, w = net.backend.ops, net.n_layers, net.params
     ws = net.workspace(1)
     net._forward(X, ws, w)
-    loss = net.loss_function.value_and_delta(
-        ops, net.activations[-1], ws.Z, ws.A[L], T, 1.0, ws.D[L], ws.scratch[L], ws.rows
-    )
+    loss = net._output_delta(T, ws)  # c = 1 for one sample under either reduction
     scratch = optimizer.layer_scratch()
     for l in range(L, 0, -1):
         if l > 1:
@@ -437,7 +431,7 @@ def _fit_lbfgs(net: Any, X: Any, T: Any, Xv: Any, Tv: Any, epochs: int, alpha: f
     backend, dt = net.backend, net._xp_dtype
     ws = net.workspace(X.shape[0])
     l2 = SGD(net, 1.0, alpha=alpha)  # only its L2 term (mask and scratch) is used
-    c = _reduction_factor(net, X.shape[0])
+    c = net.reduction_factor(X.shape[0])
 
     def loss_and_grad(x: np.ndarray) -> tuple[float, np.ndarray]:
         net.params[...] = backend.asarray(x, dt)  # host → device
