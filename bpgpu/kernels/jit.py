@@ -13,9 +13,10 @@ the hooks return None and callers keep the numpy path.
 
 The step updates ``net.params`` in place, in its Θ layout, with buffers
 allocated once per batch size; after that a step allocates nothing.
-SGD, momentum and Nesterov run entirely inside the compiled call; Adam (whose
-step size depends on a host-side step counter) runs the compiled gradient and
-then its own one-kernel update.
+SGD, momentum and Nesterov run entirely inside the compiled call, SGD and
+momentum fused into the weight-gradient products (the gradient is never
+stored); Adam (whose step size depends on a host-side step counter) runs the
+compiled gradient and then its own one-kernel update.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from bpgpu.kernels.cpu import LEAKY_SLOPE
 
 _BUFFERS_KEPT = 4  # batch sizes whose buffers are kept, like MLP.workspace
 _IN_KERNEL = ("sgd", "momentum", "nesterov")  # optimizers whose update is compiled too
+_FUSED = ("sgd", "momentum")  # of those, the ones applied inside the gradient products (no gradient buffer)
 _AFTER_KERNEL = ("adam",)  # optimizers that update with their own kernel after the compiled gradient
 
 
@@ -42,10 +44,14 @@ def kernels() -> ModuleType | None:
 
     The first step of a dtype compiles for some seconds; numba caches the result
     next to this module, so later processes load it in well under a second.
+    The products go through numba's BLAS helper, which calls SciPy's BLAS, so
+    SciPy is needed as well.
     """
     if os.environ.get("BPGPU_JIT", "1") == "0":
         return None
     try:
+        import scipy.linalg.cython_blas  # noqa: F401  (loaded by numba's BLAS helper on the first product)
+
         from bpgpu.kernels import numba_step
     except ImportError:
         return None
@@ -72,6 +78,7 @@ class CompiledStep:
         self._update_after = name in _AFTER_KERNEL
         self._rule = module.GRADIENT_ONLY if self._update_after else getattr(module, name.upper())
         self._has_velocity = hasattr(self.optimizer, "velocity")
+        self._fused = name in _FUSED
         self._kernel = module.train_step
         self._plan = np.empty((3, net.n_layers + 1), dtype=np.int64)
         self._plan[module.SIZE] = net.sizes
@@ -81,17 +88,18 @@ class CompiledStep:
         self._mean = net.reduction == "mean"
         self._tiny = float(np.finfo(net._xp_dtype).tiny)
         self._alpha = 0.0 if self.optimizer is None else float(self.optimizer.alpha)
-        self._grad = np.empty(net.n_params, dtype=net._xp_dtype)
+        self._grad = np.empty(0 if self._fused else net.n_params, dtype=net._xp_dtype)
         self._work: dict[int, np.ndarray] = {}
 
     def _buffers(self, m: int) -> np.ndarray:
-        """a(l), δ(l) for l = 1..L and z(L) for a batch of m, in one flat vector."""
+        """a(l), δ(l) for l = 1..L, z(L), a row of the widest layer and BLAS's α, β, in one flat vector."""
         work = self._work.get(m)
         if work is None:
             if len(self._work) >= _BUFFERS_KEPT:
                 self._work.pop(next(iter(self._work)))
-            units = sum(self.net.sizes[1:])
-            work = self._work[m] = np.empty(m * (2 * units + self.net.sizes[-1]), dtype=self._grad.dtype)
+            sizes = self.net.sizes
+            work = self._work[m] = np.empty(m * (2 * sum(sizes[1:]) + sizes[-1]) + max(sizes[1:]) + 2,
+                                            dtype=self._grad.dtype)
         return work
 
     def __reduce__(self):
@@ -100,9 +108,13 @@ class CompiledStep:
         return (bool, ())
 
     @property
-    def gradient(self) -> np.ndarray:
-        """The gradient of the last step, in the params layout (one buffer, reused by every step)."""
-        return self._grad
+    def gradient(self) -> np.ndarray | None:
+        """The gradient of the last step, in the params layout (one buffer, reused by every step).
+
+        None for SGD and momentum: their update is fused into the gradient products,
+        so the gradient never exists as an array.
+        """
+        return None if self._fused else self._grad
 
     def __call__(self, X: np.ndarray, T: np.ndarray) -> float:
         if not (X.flags.c_contiguous and T.flags.c_contiguous):  # one compiled layout only
@@ -112,7 +124,7 @@ class CompiledStep:
         if self._has_velocity:
             mu, velocity = opt.momentum, opt.velocity
         else:
-            mu, velocity = 0.0, self._grad  # not read by this rule
+            mu, velocity = 0.0, self.net.params  # not read by this rule: any vector of the params' length
         loss = self._kernel(
             X, T, self.net.params, self._grad, self._buffers(X.shape[0]), self._plan, self._loss, self._mean,
             LEAKY_SLOPE, self._tiny, self._alpha, self._rule, lr, mu, velocity,

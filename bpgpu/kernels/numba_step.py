@@ -10,14 +10,21 @@ float32. Only the loss sum is accumulated in float64 (numpy sums pairwise;
 a float64 running sum is at least as accurate).
 
 Buffers: the caller passes one flat ``work`` vector of length
-m (2 Σ_l n_l + n_L) holding a(l), δ(l) for l = 1..L and z(L); the kernel
-slices it into (m, n_l) views, so a step allocates nothing.
+m (2 Σ_l n_l + n_L) + 2 holding a(l), δ(l) for l = 1..L, z(L) and the two
+scalars BLAS reads through pointers (α, β); the kernel slices it into views,
+so a step allocates nothing.
+
+SGD and momentum are fused into backprop: the weight-gradient product of each
+layer is one BLAS call C ← α a(l−1)ᵀ δ(l) + β C with C the weights (SGD) or
+the velocity (momentum), so the gradient of the weights is never written to
+memory and no extra pass over the parameters reads it back (measured in
+benchmarks/NOTES.md, "N1").
 """
 
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from numba import njit, types
 
 # Codes in the order of bpgpu.kernels.ACTIVATIONS and LOSSES (jit.py maps names to them).
 IDENTITY, SIGMOID, TANH, RELU, LEAKY_RELU, SOFTPLUS, SOFTMAX = range(7)
@@ -29,22 +36,53 @@ SIZE, OFFSET, CODE = range(3)  # the rows of train_step's plan
 # through np.dot (measured: benchmarks/NOTES.md, "Compiled CPU step (numba)", G1).
 SMALL_GEMM = 512
 
+# ?gemm through the helper numba's own np.dot calls (numba's helper library, which
+# loads scipy.linalg.cython_blas): a named symbol, so the kernels stay cacheable,
+# unlike a ctypes pointer to scipy's function. np.dot has no α and β, which the fused
+# updates need. Arguments: kind ('s' or 'd'), transa, transb, m, n, k, &α, A, lda,
+# B, ldb, &β, C, ldc, in BLAS's column-major terms.
+_xxgemm = types.ExternalFunction("numba_xxgemm", types.intc(
+    types.char, types.char, types.char, types.intp, types.intp, types.intp,
+    types.voidptr, types.voidptr, types.intp, types.voidptr, types.intp, types.voidptr, types.voidptr, types.intp,
+))
+
 
 @njit(cache=True)
-def _gemm(a, b, out):
-    """out = a @ b: BLAS for real layers, an axpy loop for tiny ones."""
+def _operand(x):
+    """(trans, ld) of a row-major matrix or a transposed view of one, as column-major BLAS sees it."""
+    size = x.itemsize
+    if x.strides[1] == size or x.shape[1] == 1:  # row-major: BLAS sees xᵀ, no transpose needed
+        return ord("n"), max(x.strides[0] // size, x.shape[1], 1)
+    return ord("t"), max(x.strides[1] // size, x.shape[0], 1)
+
+
+@njit(cache=True)
+def _gemm(a, b, out, alpha, beta, slots):
+    """out ← α a @ b + β out (β = 0: out is only written): BLAS for real layers, a loop for tiny ones.
+
+    slots: two elements of the work vector that hold α and β for BLAS, which takes them by pointer.
+    """
     m, k = a.shape
     n = b.shape[1]
     if m * k * n >= SMALL_GEMM:
-        np.dot(a, b, out)
+        slots[0], slots[1] = alpha, beta
+        tb, ldb = _operand(b)
+        ta, lda = _operand(a)
+        kind = ord("s") if out.itemsize == 4 else ord("d")
+        # row-major out = a @ b is column-major outᵀ = bᵀ aᵀ
+        _xxgemm(kind, tb, ta, n, m, k, slots[0:].ctypes, b.ctypes, ldb, a.ctypes, lda, slots[1:].ctypes,
+                out.ctypes, max(out.strides[0] // out.itemsize, n, 1))
         return
+    alpha_, beta_ = out.dtype.type(alpha), out.dtype.type(beta)
     for i in range(m):
         for j in range(n):
-            out[i, j] = 0
-        for p in range(k):
-            aip = a[i, p]
-            for j in range(n):
-                out[i, j] += aip * b[p, j]
+            total = out.dtype.type(0)
+            for p in range(k):
+                total += a[i, p] * b[p, j]
+            if beta == 0.0:
+                out[i, j] = total if alpha == 1.0 else total * alpha_
+            else:
+                out[i, j] = total * alpha_ + out[i, j] * beta_
 
 
 @njit(cache=True)
@@ -55,6 +93,33 @@ def _colsum(d, out):
     for i in range(1, m):
         for j in range(n):
             out[j] += d[i, j]
+
+
+@njit(cache=True)
+def _fused_update(rule, a_in, delta, wt, b, vt, vb, colsum, lr, mu, decay, slots):
+    """SGD or momentum on one layer, the weight gradient a_inᵀ δ + decay Wᵀ folded into one BLAS call.
+
+    SGD:      Wᵀ ← (1 − lr decay) Wᵀ − lr a_inᵀ δ           b ← b − lr Σ_n δ_n
+    momentum: Vᵀ ← μ Vᵀ − lr a_inᵀ δ − lr decay Wᵀ ; Wᵀ ← Wᵀ + Vᵀ ;  the same for b with no decay.
+    colsum: a scratch row of length n_out for Σ_n δ_n.
+    """
+    step, mu_ = b.dtype.type(lr), b.dtype.type(mu)
+    _colsum(delta, colsum)
+    if rule == SGD:
+        _gemm(a_in.T, delta, wt, -lr, 1.0 - lr * decay, slots)
+        for j in range(b.shape[0]):
+            b[j] = b[j] - colsum[j] * step
+        return
+    _gemm(a_in.T, delta, vt, -lr, mu, slots)
+    shrink = b.dtype.type(lr * decay)
+    for i in range(wt.shape[0]):
+        for j in range(wt.shape[1]):
+            if decay != 0.0:
+                vt[i, j] = vt[i, j] - wt[i, j] * shrink
+            wt[i, j] = wt[i, j] + vt[i, j]
+    for j in range(b.shape[0]):
+        vb[j] = vb[j] * mu_ - colsum[j] * step
+        b[j] = b[j] + vb[j]
 
 
 @njit(cache=True)
@@ -190,30 +255,29 @@ def _view(work, start, m, n):
 
 
 @njit(cache=True)
-def _update(rule, w, grad, velocity, lr, mu):
-    """The optimizer's one pass over the flat vector, as the *_update twins in cpu.py."""
+def _nesterov(w, grad, velocity, lr, mu):
+    """v ← μ v − lr g ;  w ← w + μ v − lr g: one pass after backprop, as nesterov_update in cpu.py.
+
+    Not fused into the gradient product like SGD and momentum: the new w needs
+    both lr g and the new v, so g has to exist on its own.
+    """
     step, mu_ = w.dtype.type(lr), w.dtype.type(mu)
     for i in range(w.shape[0]):
         g = grad[i] * step
-        if rule == SGD:  # w ← w − lr g
-            w[i] = w[i] - g
-        elif rule == MOMENTUM:  # v ← μ v − lr g ;  w ← w + v
-            velocity[i] = velocity[i] * mu_ - g
-            w[i] = w[i] + velocity[i]
-        elif rule == NESTEROV:  # v ← μ v − lr g ;  w ← w + μ v − lr g
-            velocity[i] = velocity[i] * mu_ - g
-            w[i] = (w[i] - g) + velocity[i] * mu_
+        velocity[i] = velocity[i] * mu_ - g
+        w[i] = (w[i] - g) + velocity[i] * mu_
 
 
 @njit(cache=True)
 def train_step(X, T, w, grad, work, plan, loss, mean, slope, tiny, alpha, rule, lr, mu, velocity):
-    """Forward, backprop (plus the L2 term) into grad, then the update ``rule``; returns the batch loss.
+    """Forward, backprop and the update ``rule``; returns the batch loss (with the L2 term).
 
     plan (3, L + 1) int64, one column per layer l = 0..L: row SIZE n_l, row
     OFFSET where Θ(l + 1) starts in w (Θ column-major: the bias, then Wᵀ
     (n_l, n_{l+1})), row CODE the activation of layer l (column 0 unused).
-    alpha: the L2 weight (0 for none); rule: GRADIENT_ONLY, SGD, MOMENTUM or
-    NESTEROV, with lr, mu and the velocity vector (any vector for SGD).
+    alpha: the L2 weight (0 for none); rule: GRADIENT_ONLY or NESTEROV (the
+    gradient, with the L2 term, is written to grad) or SGD or MOMENTUM (fused,
+    grad is not touched), with lr, mu and the velocity vector (any vector for SGD).
     The loss is c Σ_n J_n + (alpha c / 2) ‖W‖², c = 1/m (mean) or 1 (sum).
     """
     sizes, offsets, codes = plan[SIZE], plan[OFFSET], plan[CODE]
@@ -222,11 +286,15 @@ def train_step(X, T, w, grad, work, plan, loss, mean, slope, tiny, alpha, rule, 
     scale = 1.0 / m if mean else 1.0  # the reduction factor c
     c = dt(scale)
     slope_, rest, tiny_, decay = dt(slope), dt(1.0 - slope), dt(tiny), dt(alpha * scale)
-    total_units = 0
+    total_units, widest = 0, 0
     for l in range(1, L + 1):
         total_units += sizes[l]
-    d_start = m * total_units  # work = [a(1)..a(L) | δ(1)..δ(L) | z(L)]
+        widest = max(widest, sizes[l])
+    d_start = m * total_units  # work = [a(1)..a(L) | δ(1)..δ(L) | z(L) | a row | α, β]
     z_out = _view(work, 2 * d_start, m, sizes[L])
+    row_start = 2 * d_start + m * sizes[L]
+    slots = work[row_start + widest : row_start + widest + 2]
+    fused = rule == SGD or rule == MOMENTUM
 
     a_prev = X
     start = 0
@@ -234,7 +302,7 @@ def train_step(X, T, w, grad, work, plan, loss, mean, slope, tiny, alpha, rule, 
         n_in, n_out, off = sizes[l - 1], sizes[l], offsets[l - 1]
         a = _view(work, start, m, n_out)
         z = z_out if l == L else a  # hidden layers activate in place
-        _gemm(a_prev, w[off + n_out : off + n_out * (n_in + 1)].reshape(n_in, n_out), z)
+        _gemm(a_prev, w[off + n_out : off + n_out * (n_in + 1)].reshape(n_in, n_out), z, 1.0, 0.0, slots)
         _activate(codes[l], z, w[off : off + n_out], a, slope_)
         a_prev = a
         start += m * n_out
@@ -246,22 +314,32 @@ def train_step(X, T, w, grad, work, plan, loss, mean, slope, tiny, alpha, rule, 
     squares = 0.0
     for l in range(L, 0, -1):
         n_in, n_out, off = sizes[l - 1], sizes[l], offsets[l - 1]
-        wt = w[off + n_out : off + n_out * (n_in + 1)]
-        gt = grad[off + n_out : off + n_out * (n_in + 1)]
+        wt = w[off + n_out : off + n_out * (n_in + 1)].reshape(n_in, n_out)
         delta = _view(work, d_start + start, m, n_out)
         a_in = X if l == 1 else _view(work, start - m * n_in, m, n_in)
-        _gemm(a_in.T, delta, gt.reshape(n_in, n_out))
-        _colsum(delta, grad[off : off + n_out])
-        if alpha != 0.0:  # L2 on the weights only: g ← g + alpha c w, J += (alpha c / 2) ‖W‖²
-            for i in range(wt.shape[0]):
-                gt[i] = gt[i] + wt[i] * decay
-                squares += wt[i] * wt[i]
-        if l > 1:
+        if alpha != 0.0:  # L2 on the weights only: J += (alpha c / 2) ‖W‖², before W changes
+            for i in range(n_in):
+                for j in range(n_out):
+                    squares += wt[i, j] * wt[i, j]
+        if l > 1:  # δ(l − 1) = (δ(l) W(l)) ⊙ g′, while W(l) still holds the forward pass's weights
             s = _view(work, d_start + start - m * n_in, m, n_in)
-            _gemm(delta, wt.reshape(n_in, n_out).T, s)
+            _gemm(delta, wt.T, s, 1.0, 0.0, slots)
+        if fused:
+            _fused_update(rule, a_in, delta, wt, w[off : off + n_out],
+                          velocity[off + n_out : off + n_out * (n_in + 1)].reshape(n_in, n_out),
+                          velocity[off : off + n_out], work[row_start : row_start + n_out], lr, mu, decay, slots)
+        else:  # the gradient: ∂J/∂Wᵀ = a_inᵀ δ (+ alpha c Wᵀ), ∂J/∂b = Σ_n δ_n
+            gt = grad[off + n_out : off + n_out * (n_in + 1)].reshape(n_in, n_out)
+            _gemm(a_in.T, delta, gt, 1.0, 0.0, slots)
+            _colsum(delta, grad[off : off + n_out])
+            if alpha != 0.0:
+                for i in range(n_in):
+                    for j in range(n_out):
+                        gt[i, j] = gt[i, j] + wt[i, j] * decay
+        if l > 1:
             _derive(codes[l - 1], s, a_in, slope_, rest)
             start -= m * n_in
 
-    if rule != GRADIENT_ONLY:
-        _update(rule, w, grad, velocity, lr, mu)
+    if rule == NESTEROV:
+        _nesterov(w, grad, velocity, lr, mu)
     return total * scale + 0.5 * alpha * scale * squares
