@@ -29,6 +29,7 @@ import datetime
 import json
 import os
 import platform
+import random
 import sys
 import time
 from dataclasses import dataclass
@@ -69,6 +70,7 @@ class Plan:
     min_time_s: float  # seconds of calls behind each timing
     peers: bool
     repeats: int = 5  # interleaved rounds per training-step group
+    settle_s: float = 0.05  # idle seconds before each burst of a training-step group (see interleaved_timings)
 
 
 def plan_for(mode: str) -> Plan:
@@ -79,7 +81,7 @@ def plan_for(mode: str) -> Plan:
     if mode == "quick":
         return Plan(("tiny", "small", "medium"), ("float32", "float64"), 512, grid, 20.0, 0.3, True, 7)
     if mode == "smoke":
-        return Plan(("tiny", "small"), ("float32",), 64, (2.0, 2.5, 3.0, 3.5), 0.5, 0.01, False)
+        return Plan(("tiny", "small"), ("float32",), 64, (2.0, 2.5, 3.0, 3.5), 0.5, 0.01, False, settle_s=0.0)
     raise ValueError(f"mode must be 'full', 'quick' or 'smoke', got {mode!r}")
 
 
@@ -102,7 +104,7 @@ def seconds_per_call(case: Case, min_time: float = 0.2, repeats: int = 5, long_c
 
 
 def interleaved_timings(cases: dict[str, Case], min_time: float = 0.2, repeats: int = 5,
-                        long_call: float = 1.0) -> dict[str, dict]:
+                        long_call: float = 1.0, settle: float = 0.0, seed: int = 0) -> dict[str, dict]:
     """Time several cases in interleaved rounds, so they share the machine's state.
 
     Each case gets a warm-up call and a calibration call, then ``repeats`` rounds; in
@@ -112,6 +114,11 @@ def interleaved_timings(cases: dict[str, Case], min_time: float = 0.2, repeats: 
     alike and the ratios between them stay meaningful. Returns, per case, the best
     and median round in seconds per call. A call longer than ``long_call`` is timed
     once (finite differences at large W), with no warm-up spent on it.
+
+    The order of the cases is shuffled in every round (``seed``) and each burst
+    starts after ``settle`` idle seconds: thread pools (OpenBLAS, PyTorch's OpenMP,
+    XLA's) spin for a while after their last call, and on 2 cores that spinning
+    would slow whichever case always came next (benchmarks/NOTES.md, N2).
     """
     calls, stats = {}, {}
     for name, case in cases.items():
@@ -126,9 +133,12 @@ def interleaved_timings(cases: dict[str, Case], min_time: float = 0.2, repeats: 
         case.finish(case.fn())
         calls[name] = max(1, int(min_time / repeats / max(time.perf_counter() - t0, 1e-7)))
     rounds: dict[str, list[float]] = {name: [] for name in calls}
+    order, shuffle = list(calls), random.Random(seed).shuffle
     for _ in range(repeats):
-        for name, n in calls.items():
-            case = cases[name]
+        shuffle(order)
+        for name in order:
+            case, n = cases[name], calls[name]
+            time.sleep(settle)
             t0 = time.perf_counter()
             for _ in range(n):
                 handle = case.fn()
@@ -599,7 +609,7 @@ def train_step_rows(backends: list[Backend], plan: Plan, tick: Callable[[str], N
                     tick(f"{name} {dtype} {backend.name} {impl}")
                     cases[impl] = step_case(impl, sizes, m, dtype, backend)
                 tick(f"{name} {dtype} {backend.name} timing")
-                timings = interleaved_timings(cases, plan.min_time_s, repeats=plan.repeats)
+                timings = interleaved_timings(cases, plan.min_time_s, repeats=plan.repeats, settle=plan.settle_s)
                 gemm_gflops = 2 * m * k * n / timings.pop("gemm")["best"] / 1e9
                 group = []
                 for impl, t in timings.items():
@@ -622,8 +632,9 @@ def train_step_rows(backends: list[Backend], plan: Plan, tick: Callable[[str], N
                 rows.extend(group)
     return {
         "net": "relu hidden, identity output, squared error (mean over the batch), SGD lr=0.01",
-        "timing": "best of interleaved rounds (every implementation and the GEMM of a group take turns) "
-        "of repeated calls after a warm-up call; seconds per step",
+        "timing": "best of interleaved rounds (every implementation and the GEMM of a group take turns, in an "
+        f"order shuffled per round, each burst after {plan.settle_s:g} s idle) of repeated calls after a warm-up "
+        "call; seconds per step",
         "flops": "GEMM flops only: 2 m n_in n_out per product, 2 products for layer 1, 3 for the others",
         "ratio_to_gemm": "step GFLOP/s / GFLOP/s of (m, n_in) @ (n_in, n_out) for the config's largest layer",
         "ratios": "seconds / bpgpu's seconds (>1: slower than bpgpu) and / the plain numpy step's",

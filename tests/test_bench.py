@@ -97,3 +97,13 @@ def test_unknown_mode_and_implementation_are_rejected():
         bench.plan_for("slow")
     with pytest.raises(ValueError, match="impl"):
         bench.step_case("tensorflow", [2, 1], 1, "float32", resolve("numpy"))
+
+
+def test_interleaved_rounds_shuffle_the_order_and_time_every_case():
+    log = []
+    cases = {name: bench.Case(lambda name=name: log.append(name)) for name in "abcd"}
+    stats = bench.interleaved_timings(cases, min_time=1e-9, repeats=6, settle=0.0, seed=1)
+    assert set(stats) == set("abcd") and all(s["calls"] == 6 for s in stats.values())
+    rounds = [tuple(log[8 + 4 * r : 12 + 4 * r]) for r in range(6)]  # after 2 untimed calls per case
+    assert all(sorted(r) == list("abcd") for r in rounds)  # each case once per round
+    assert len(set(rounds)) > 1  # and not always in the same order
