@@ -36,6 +36,7 @@ def test_train_step(benchmark, record, config, backend, dtype, impl):
         pytest.skip(f"{impl} runs on the CPU: timed with the numpy backend")
     sizes, m = bench.CONFIGS[config]
     case = bench.step_case(impl, sizes, m, dtype, BACKENDS[backend])
+    case.finish(case.fn())  # compile (numba, XLA) or load its cache before pytest-benchmark calibrates
     benchmark.group = f"step {config} {dtype}"
     benchmark(lambda: case.finish(case.fn()))
     seconds = record("step", (config, dtype, backend, impl), benchmark)

@@ -607,7 +607,8 @@ def train_step_rows(backends: list[Backend], plan: Plan, tick: Callable[[str], N
                 cases = {"gemm": gemm_case(backend, m, k, n, dtype)}
                 for impl in implementations(backend, peers):
                     tick(f"{name} {dtype} {backend.name} {impl}")
-                    cases[impl] = step_case(impl, sizes, m, dtype, backend)
+                    case = cases[impl] = step_case(impl, sizes, m, dtype, backend)
+                    case.finish(case.fn())  # compile (numba, XLA) or load its cache: not a step to time
                 tick(f"{name} {dtype} {backend.name} timing")
                 timings = interleaved_timings(cases, plan.min_time_s, repeats=plan.repeats, settle=plan.settle_s)
                 gemm_gflops = 2 * m * k * n / timings.pop("gemm")["best"] / 1e9

@@ -10,6 +10,8 @@ scikit-learn's MLP does, so the pre-activation never has to be stored.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 LEAKY_SLOPE = 0.01
@@ -23,9 +25,20 @@ def matmul(a, b, out):
     return np.matmul(a, b, out=out)
 
 
+@functools.lru_cache(maxsize=8)
+def _ones(m, dtype):
+    """A read-only vector of m ones, made once per batch size and dtype."""
+    ones = np.ones(m, dtype=dtype)
+    ones.flags.writeable = False
+    return ones
+
+
 def colsum(d, out):
-    """out = Σ_rows d: the bias gradient ∂J/∂b = Σ_n δ_n."""
-    return np.sum(d, axis=0, out=out)
+    """out = Σ_rows d = 1ᵀ d: the bias gradient ∂J/∂b = Σ_n δ_n.
+
+    As a BLAS product because np.sum(axis=0, out=) allocates a reduction buffer on every call.
+    """
+    return np.dot(_ones(d.shape[0], d.dtype), d, out=out)
 
 
 # --- activations: bias + g forward, s ⊙ g′(a) backward ----------------------
@@ -34,8 +47,15 @@ def colsum(d, out):
 # writes s ⊙ g′(z) into out (out may be s), with g′ expressed through a.
 
 
+def _add_bias(z, b, scratch):
+    # z ← z + b on every row. np.add(z, b) with b broadcast allocates numpy's 8192-element
+    # iterator buffer on every call; a broadcast copy and a same-shape add allocate nothing.
+    np.copyto(scratch, b)
+    return np.add(z, scratch, out=z)
+
+
 def identity_fwd(z, b, out, scratch, rows):
-    np.add(z, b, out=z)
+    _add_bias(z, b, scratch)
     if out is not z:
         np.copyto(out, z)
     return out
@@ -50,7 +70,7 @@ def identity_bwd(s, a, out, scratch, rows):
 def sigmoid_fwd(z, b, out, scratch, rows):
     # σ(z) = exp(−softplus(−z)): no overflow for any z, and full relative precision
     # where σ is tiny (the (1 + tanh(z/2))/2 form cancels there, which spoils log σ).
-    np.add(z, b, out=z)
+    _add_bias(z, b, scratch)
     np.negative(z, out=out)
     np.logaddexp(out, 0.0, out=out)
     np.negative(out, out=out)
@@ -66,7 +86,7 @@ def sigmoid_bwd(s, a, out, scratch, rows):
 
 
 def tanh_fwd(z, b, out, scratch, rows):
-    np.add(z, b, out=z)
+    _add_bias(z, b, scratch)
     return np.tanh(z, out=out)
 
 
@@ -78,26 +98,26 @@ def tanh_bwd(s, a, out, scratch, rows):
 
 
 def relu_fwd(z, b, out, scratch, rows):
-    np.add(z, b, out=z)
+    _add_bias(z, b, scratch)
     return np.maximum(z, 0.0, out=out)
 
 
 def relu_bwd(s, a, out, scratch, rows):
-    # relu′ = [a > 0]
-    np.greater(a, 0.0, out=scratch)
+    # relu′ = [a > 0], as floats straight away (np.greater would cast bools through a buffer)
+    np.heaviside(a, 0.0, out=scratch)
     return np.multiply(s, scratch, out=out)
 
 
 def leaky_relu_fwd(z, b, out, scratch, rows):
     # max(z, k z) for a slope 0 < k < 1
-    np.add(z, b, out=z)
+    _add_bias(z, b, scratch)
     np.multiply(z, LEAKY_SLOPE, out=scratch)
     return np.maximum(z, scratch, out=out)
 
 
 def leaky_relu_bwd(s, a, out, scratch, rows):
     # g′ = 1 where a > 0, else k  (a has the sign of z)
-    np.greater(a, 0.0, out=scratch)
+    np.heaviside(a, 0.0, out=scratch)
     scratch *= 1.0 - LEAKY_SLOPE
     scratch += LEAKY_SLOPE
     return np.multiply(s, scratch, out=out)
@@ -105,7 +125,7 @@ def leaky_relu_bwd(s, a, out, scratch, rows):
 
 def softplus_fwd(z, b, out, scratch, rows):
     # log(1 + e^z), overflow-free through logaddexp
-    np.add(z, b, out=z)
+    _add_bias(z, b, scratch)
     return np.logaddexp(z, 0.0, out=out)
 
 
@@ -119,7 +139,7 @@ def softplus_bwd(s, a, out, scratch, rows):
 
 def softmax_fwd(z, b, out, scratch, rows):
     # a_k = e^{z_k − max z} / Σ_j e^{z_j − max z}: the shift keeps exp from overflowing.
-    np.add(z, b, out=z)
+    _add_bias(z, b, scratch)
     top = rows[:, :1]
     np.max(z, axis=1, keepdims=True, out=top)
     np.subtract(z, top, out=out)

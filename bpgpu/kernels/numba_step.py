@@ -87,7 +87,7 @@ def _gemm(a, b, out, alpha, beta, slots):
 
 @njit(cache=True)
 def _colsum(d, out):
-    """out = Σ_rows d, row after row as np.sum(axis=0) adds them."""
+    """out = Σ_rows d, row after row."""
     m, n = d.shape
     out[:] = d[0]
     for i in range(1, m):
