@@ -95,30 +95,31 @@ def _colsum(d, out):
             out[j] += d[i, j]
 
 
-@njit(cache=True)
-def _fused_update(rule, a_in, delta, wt, b, vt, vb, colsum, lr, mu, decay, slots):
-    """SGD or momentum on one layer, the weight gradient a_inᵀ δ + decay Wᵀ folded into one BLAS call.
+@njit(cache=True, inline="always")
+def _sgd_layer(a_in, delta, wt, b, row, lr, decay, slots):
+    """SGD on one layer, the weight gradient a_inᵀ δ + decay Wᵀ folded into one BLAS call:
+    Wᵀ ← (1 − lr decay) Wᵀ − lr a_inᵀ δ ;  b ← b − lr Σ_n δ_n  (row: scratch for the sum)."""
+    _colsum(delta, row)
+    _gemm(a_in.T, delta, wt, -lr, 1.0 - lr * decay, slots)
+    step = b.dtype.type(lr)
+    for j in range(b.shape[0]):
+        b[j] = b[j] - row[j] * step
 
-    SGD:      Wᵀ ← (1 − lr decay) Wᵀ − lr a_inᵀ δ           b ← b − lr Σ_n δ_n
-    momentum: Vᵀ ← μ Vᵀ − lr a_inᵀ δ − lr decay Wᵀ ; Wᵀ ← Wᵀ + Vᵀ ;  the same for b with no decay.
-    colsum: a scratch row of length n_out for Σ_n δ_n.
-    """
-    step, mu_ = b.dtype.type(lr), b.dtype.type(mu)
-    _colsum(delta, colsum)
-    if rule == SGD:
-        _gemm(a_in.T, delta, wt, -lr, 1.0 - lr * decay, slots)
-        for j in range(b.shape[0]):
-            b[j] = b[j] - colsum[j] * step
-        return
+
+@njit(cache=True, inline="always")
+def _momentum_layer(a_in, delta, wt, b, vt, vb, row, lr, mu, decay, slots):
+    """Momentum on one layer, the product folded into the velocity:
+    Vᵀ ← μ Vᵀ − lr a_inᵀ δ − lr decay Wᵀ ;  Wᵀ ← Wᵀ + Vᵀ ;  the same for b, with no decay."""
+    _colsum(delta, row)
     _gemm(a_in.T, delta, vt, -lr, mu, slots)
-    shrink = b.dtype.type(lr * decay)
+    step, mu_, shrink = b.dtype.type(lr), b.dtype.type(mu), b.dtype.type(lr * decay)
     for i in range(wt.shape[0]):
         for j in range(wt.shape[1]):
             if decay != 0.0:
                 vt[i, j] = vt[i, j] - wt[i, j] * shrink
             wt[i, j] = wt[i, j] + vt[i, j]
     for j in range(b.shape[0]):
-        vb[j] = vb[j] * mu_ - colsum[j] * step
+        vb[j] = vb[j] * mu_ - row[j] * step
         b[j] = b[j] + vb[j]
 
 
@@ -294,7 +295,6 @@ def train_step(X, T, w, grad, work, plan, loss, mean, slope, tiny, alpha, rule, 
     z_out = _view(work, 2 * d_start, m, sizes[L])
     row_start = 2 * d_start + m * sizes[L]
     slots = work[row_start + widest : row_start + widest + 2]
-    fused = rule == SGD or rule == MOMENTUM
 
     a_prev = X
     start = 0
@@ -324,10 +324,12 @@ def train_step(X, T, w, grad, work, plan, loss, mean, slope, tiny, alpha, rule, 
         if l > 1:  # δ(l − 1) = (δ(l) W(l)) ⊙ g′, while W(l) still holds the forward pass's weights
             s = _view(work, d_start + start - m * n_in, m, n_in)
             _gemm(delta, wt.T, s, 1.0, 0.0, slots)
-        if fused:
-            _fused_update(rule, a_in, delta, wt, w[off : off + n_out],
-                          velocity[off + n_out : off + n_out * (n_in + 1)].reshape(n_in, n_out),
-                          velocity[off : off + n_out], work[row_start : row_start + n_out], lr, mu, decay, slots)
+        if rule == SGD:
+            _sgd_layer(a_in, delta, wt, w[off : off + n_out], work[row_start : row_start + n_out], lr, decay, slots)
+        elif rule == MOMENTUM:
+            _momentum_layer(a_in, delta, wt, w[off : off + n_out],
+                            velocity[off + n_out : off + n_out * (n_in + 1)].reshape(n_in, n_out),
+                            velocity[off : off + n_out], work[row_start : row_start + n_out], lr, mu, decay, slots)
         else:  # the gradient: ∂J/∂Wᵀ = a_inᵀ δ (+ alpha c Wᵀ), ∂J/∂b = Σ_n δ_n
             gt = grad[off + n_out : off + n_out * (n_in + 1)].reshape(n_in, n_out)
             _gemm(a_in.T, delta, gt, 1.0, 0.0, slots)
