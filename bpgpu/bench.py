@@ -882,6 +882,9 @@ def run(args: argparse.Namespace) -> int:
 
     peers = available_peers() if plan.peers else []
     n_steps = len(plan.configs) * len(plan.dtypes) * sum(1 + len(implementations(b, peers)) for b in backends)
+    # No tqdm monitor thread: tracemalloc counts every thread's Python allocations, and the
+    # monitor waking up inside the large steps' memory probe showed up as 2 KB "per step".
+    tqdm.monitor_interval = 0
     bar = tqdm(total=len(plan.gradient_log10_W) + n_steps, desc=f"bpgpu bench ({mode})", unit="task")
 
     def tick(what: str) -> None:

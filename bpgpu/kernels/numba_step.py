@@ -70,8 +70,10 @@ def _gemm(a, b, out, alpha, beta, slots):
         ta, lda = _operand(a)
         kind = ord("s") if out.itemsize == 4 else ord("d")
         # row-major out = a @ b is column-major outᵀ = bᵀ aᵀ
-        _xxgemm(kind, tb, ta, n, m, k, slots[0:].ctypes, b.ctypes, ldb, a.ctypes, lda, slots[1:].ctypes,
-                out.ctypes, max(out.strides[0] // out.itemsize, n, 1))
+        status = _xxgemm(kind, tb, ta, n, m, k, slots[0:].ctypes, b.ctypes, ldb, a.ctypes, lda, slots[1:].ctypes,
+                         out.ctypes, max(out.strides[0] // out.itemsize, n, 1))
+        if status < 0:  # the helper could not load SciPy's BLAS: out was not written
+            raise RuntimeError("BLAS ?gemm failed: numba's BLAS helper could not load scipy.linalg.cython_blas")
         return
     alpha_, beta_ = out.dtype.type(alpha), out.dtype.type(beta)
     for i in range(m):
