@@ -10,9 +10,9 @@ float32. Only the loss sum is accumulated in float64 (numpy sums pairwise;
 a float64 running sum is at least as accurate).
 
 Buffers: the caller passes one flat ``work`` vector of length
-m (2 Σ_l n_l + n_L) + 2 holding a(l), δ(l) for l = 1..L, z(L) and the two
-scalars BLAS reads through pointers (α, β); the kernel slices it into views,
-so a step allocates nothing.
+m (2 Σ_l n_l + n_L) + max_l n_l + 2 holding a(l), δ(l) for l = 1..L, z(L), a
+row for the bias-gradient sums and the two scalars BLAS reads through pointers
+(α, β); the kernel slices it into views, so a step allocates nothing.
 
 SGD and momentum are fused into backprop: the weight-gradient product of each
 layer is one BLAS call C ← α a(l−1)ᵀ δ(l) + β C with C the weights (SGD) or
