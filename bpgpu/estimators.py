@@ -18,8 +18,11 @@ Matching scikit-learn's definitions:
     regression, all with reduction="mean" (sklearn's δ = (a − y), grads / m);
   - L2 penalty alpha/(2 m_batch) Σ‖W‖² on the weights, not the biases.
 
-Where it differs from scikit-learn (1.9): ``fit`` takes no ``sample_weight``;
-sparse X is refused (sklearn's "dense data is required" error); ``verbose=True``
+``sample_weight`` (fit and partial_fit) weighs each sample's loss as scikit-learn
+does: Σ s_n J_n / Σ s_n per batch, the L2 term divided by Σ s_n, the early-stopping
+split and score weighted too.
+
+Where it differs from scikit-learn (1.9): sparse X is refused (sklearn's "dense data is required" error); ``verbose=True``
 shows a progress bar instead of printing each iteration; for multi-output
 regression ``loss_`` sums the half squared error over the outputs where sklearn
 averages it (the gradients, hence the training, are the same); the sample order
@@ -51,7 +54,7 @@ try:
     from sklearn.utils._param_validation import StrOptions
     from sklearn.utils.metaestimators import available_if
     from sklearn.utils.multiclass import _check_partial_fit_first_call, type_of_target, unique_labels
-    from sklearn.utils.validation import check_is_fitted, validate_data
+    from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
 except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
     raise ImportError(
         "bpgpu.MLPClassifier and bpgpu.MLPRegressor need scikit-learn, an optional dependency: "
@@ -218,14 +221,17 @@ class _BaseMLP(BaseEstimator):
 
     # --- fitting -----------------------------------------------------------
 
-    def fit(self, X, y):
-        """Fit the model to data matrix X and target(s) y (sklearn's meaning)."""
+    def fit(self, X, y, sample_weight=None):
+        """Fit the model to data matrix X and target(s) y (sklearn's meaning), each sample
+        weighted by ``sample_weight`` when given."""
         self._validate_params()
-        return self._fit(X, y, incremental=False)
+        return self._fit(X, y, incremental=False, sample_weight=sample_weight)
 
-    def _fit(self, X, y, incremental: bool):
+    def _fit(self, X, y, incremental: bool, sample_weight=None):
         first_pass = not hasattr(self, "coefs_") or (not self.warm_start and not incremental)
         X, Y = self._validate_input(X, y, incremental, reset=first_pass)
+        if sample_weight is not None:
+            sample_weight = _check_sample_weight(sample_weight, X, dtype=np.float64, ensure_non_negative=True)
         if Y.ndim == 1:
             Y = Y.reshape(-1, 1)
         random_state = check_random_state(self.random_state)
@@ -234,9 +240,9 @@ class _BaseMLP(BaseEstimator):
         else:
             self._check_warm_shapes(X.shape[1], Y.shape[1])
         if self.solver in _STOCHASTIC:
-            self._fit_stochastic(X, Y, random_state, incremental)
+            self._fit_stochastic(X, Y, random_state, incremental, sample_weight)
         else:
-            self._fit_lbfgs(X, Y)
+            self._fit_lbfgs(X, Y, sample_weight)
         self._publish()
         return self
 
@@ -254,18 +260,18 @@ class _BaseMLP(BaseEstimator):
         optimizer.samples_seen = self.t_  # the invscaling schedule counts every sample seen
         return optimizer
 
-    def _fit_stochastic(self, X, Y, random_state, incremental: bool) -> None:
+    def _fit_stochastic(self, X, Y, random_state, incremental: bool, sample_weight) -> None:
         if self.early_stopping and incremental:
             raise ValueError("partial_fit does not support early_stopping=True")
         if not incremental or self._optimizer is None:
             self._optimizer = self._make_optimizer()
         validation = {}
         if self.early_stopping:
-            X, X_val, Y, Y_val = self._validation_split(X, Y, random_state)
+            X, X_val, Y, Y_val, sample_weight, weight_val = self._validation_split(X, Y, sample_weight, random_state)
             y_val = self._validation_targets(Y_val)
             validation = dict(
                 validation_data=(X_val, Y_val),
-                validation_score=lambda net, Xv, Tv: self._validation_score(Xv, y_val),
+                validation_score=lambda net, Xv, Tv: self._validation_score(Xv, y_val, weight_val),
             )
         patience = self.max_iter if np.isinf(self.n_iter_no_change) else int(self.n_iter_no_change)
         history = fit(
@@ -279,6 +285,7 @@ class _BaseMLP(BaseEstimator):
             progress=bool(self.verbose),
             tol=self.tol,
             n_iter_no_change=patience,
+            sample_weight=sample_weight,
             **validation,
         )
         self.n_iter_ = history.epochs  # sklearn counts the epochs of the last call
@@ -297,13 +304,16 @@ class _BaseMLP(BaseEstimator):
                 ConvergenceWarning,
             )
 
-    def _fit_lbfgs(self, X, Y) -> None:
+    def _fit_lbfgs(self, X, Y, sample_weight) -> None:
         self._optimizer = None
         history = fit(self._net, X, Y, optimizer="lbfgs", epochs=self.max_iter, alpha=self.alpha, tol=self.tol,
-                      max_fun=self.max_fun, progress=bool(self.verbose))
+                      max_fun=self.max_fun, progress=bool(self.verbose), sample_weight=sample_weight)
         self.n_iter_ = history.epochs
         self.loss_curve_ += history.loss
-        self.loss_ = history.loss[-1] if history.loss else self._penalized_loss(X, Y)  # 0 iterations: the start
+        if not history.loss:  # 0 iterations: the loss at the start
+            self.loss_ = self._penalized_loss(X, Y, sample_weight)
+        else:
+            self.loss_ = history.loss[-1]
         self.best_loss_ = min(self.best_loss_, history.best_loss)
         if self.n_iter_ >= self.max_iter:
             warnings.warn(
@@ -312,23 +322,25 @@ class _BaseMLP(BaseEstimator):
                 ConvergenceWarning,
             )
 
-    def _penalized_loss(self, X, Y) -> float:
-        """sklearn's loss_: mean loss + alpha/(2m) Σ‖W‖² (weights only)."""
+    def _penalized_loss(self, X, Y, sample_weight) -> float:
+        """sklearn's loss_: mean loss + alpha/(2 Σ s) Σ‖W‖² (weights only; Σ s = m without sample_weight)."""
         self._publish()
         squares = sum(float(np.dot(c.ravel(), c.ravel())) for c in self.coefs_)
-        return self._net.loss(X, Y) + 0.5 * self.alpha * squares / X.shape[0]
+        total = X.shape[0] if sample_weight is None else float(np.sum(sample_weight))
+        return self._net.loss(X, Y, sample_weight) + 0.5 * self.alpha * squares / total
 
-    def _validation_split(self, X, Y, random_state):
-        """sklearn's held-out split for early stopping (stratified unless multilabel)."""
+    def _validation_split(self, X, Y, sample_weight, random_state):
+        """sklearn's held-out split for early stopping (stratified unless multilabel); the
+        weights, when given, split with their rows. Returns X, X_val, Y, Y_val, s, s_val."""
         stratify = Y if isinstance(self, ClassifierMixin) and self.n_outputs_ == 1 else None
-        X_train, X_val, Y_train, Y_val = train_test_split(
-            X, Y, random_state=random_state, test_size=self.validation_fraction, stratify=stratify
-        )
-        if X_val.shape[0] < 2:
+        arrays = (X, Y) if sample_weight is None else (X, Y, sample_weight)
+        parts = train_test_split(*arrays, random_state=random_state, test_size=self.validation_fraction,
+                                 stratify=stratify)
+        if parts[1].shape[0] < 2:
             raise ValueError(
                 "The validation set is too small. Increase 'validation_fraction' or the size of your dataset."
             )
-        return X_train, X_val, Y_train, Y_val
+        return tuple(parts) if sample_weight is not None else (*parts, None, None)
 
     # --- prediction --------------------------------------------------------
 
@@ -338,12 +350,12 @@ class _BaseMLP(BaseEstimator):
         X = validate_data(self, X, reset=False, dtype=(np.float64, np.float32))
         return to_numpy(self._net.forward(X))
 
-    def _validation_score(self, X_val: np.ndarray, y_val: np.ndarray) -> float:
+    def _validation_score(self, X_val: np.ndarray, y_val: np.ndarray, sample_weight=None) -> float:
         out = to_numpy(self._net.forward(X_val))
         prediction = self._decode(out)
         if np.issubdtype(prediction.dtype, np.floating) and not np.isfinite(prediction).all():
             return float("nan")
-        return float(self._score_function(y_val, prediction))
+        return float(self._score_function(y_val, prediction, sample_weight=sample_weight))
 
     # --- pickling and bp.save ------------------------------------------------
     # The net and the optimizer hold modules (the backend namespace and kernel
@@ -531,7 +543,7 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
         return np.log(proba, out=proba)
 
     @available_if(_stochastic_solver)
-    def partial_fit(self, X, y, classes=None):
+    def partial_fit(self, X, y, sample_weight=None, classes=None):
         """One epoch over (X, y), continuing from the current parameters and optimizer state.
 
         ``classes`` (all the labels there will ever be) is required on the first call.
@@ -543,7 +555,7 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
                 self._label_binarizer.fit(y)
             else:
                 self._label_binarizer.fit(classes)
-        return self._fit(X, y, incremental=True)
+        return self._fit(X, y, incremental=True, sample_weight=sample_weight)
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
@@ -588,10 +600,10 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
         return self._decode(self._forward_host(X))
 
     @available_if(_stochastic_solver)
-    def partial_fit(self, X, y):
+    def partial_fit(self, X, y, sample_weight=None):
         """One epoch over (X, y), continuing from the current parameters and optimizer state."""
         self._validate_params()
-        return self._fit(X, y, incremental=True)
+        return self._fit(X, y, incremental=True, sample_weight=sample_weight)
 
 
 io.register("MLPClassifier", MLPClassifier)

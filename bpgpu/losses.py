@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bpgpu.activations import Activation
-from bpgpu.kernels import LOSSES
+from bpgpu.kernels import LOSSES, generic
 
 _CANONICAL = {"squared_error": "identity", "binary_cross_entropy": "sigmoid", "cross_entropy": "softmax"}
 
@@ -63,6 +63,15 @@ class Loss:
         getattr(ops, f"{self.name}_bwd")(a, t, c, delta, scratch)  # c ∂J/∂a
         getattr(ops, output.bwd)(delta, a, delta, scratch, rows)  # ⊙ g′
         return total
+
+
+    def row_values(self, output: Activation, z, a, t):
+        """J_n for every sample n (a new array of shape (m,)), in the array API: the per-sample
+        losses that weighted training sums as Σ_n s_n J_n. From the logits for a canonical pair,
+        from the clipped probabilities otherwise, as :meth:`value_and_delta` computes their sum."""
+        if self.is_canonical(output):
+            return generic.ROWS_FROM_LOGITS[self.name](z, t)
+        return getattr(generic, f"{self.name}_rows")(a, t)
 
 
 def get(name: object, output: Activation, n_layers: int) -> Loss:

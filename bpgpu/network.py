@@ -238,19 +238,48 @@ class MLP:
         """c in J = c Σ_n J_n: 1/m for reduction="mean", 1 for "sum"."""
         return 1.0 / m if self.reduction == "mean" else 1.0
 
-    def _output_delta(self, T: Any, ws: _Workspace) -> Any:
-        """Σ_n J_n (unscaled, on the device) after a forward pass, with δ(L) written into ws.D[L]."""
-        L = self.n_layers
-        return self.loss_function.value_and_delta(
-            self.backend.ops, self.activations[-1], ws.Z, ws.A[L], T, self.reduction_factor(ws.m),
-            ws.D[L], ws.scratch[L], ws.rows,
-        )
+    def weighting(self, sample_weight: Any, rows: Any = None) -> tuple[Any, float] | None:
+        """Sample weights s as ``(s_col, c)`` for the weighted passes, or None for None.
 
-    def _backward(self, X: Any, T: Any, ws: _Workspace, w: Any, grad: Any) -> Any:
+        J = c Σ_n s_n J_n with c = 1 / Σ_n s_n (reduction="mean", scikit-learn's
+        weighted average) or 1 ("sum"); s_col is s as an (m, 1) column on the
+        backend. ``rows`` (host indices) picks a batch out of a validated host vector.
+        """
+        if sample_weight is None:
+            return None
+        s = sample_weight if rows is None else sample_weight[rows]
+        return self.backend.asarray(np.reshape(s, (-1, 1)), self._xp_dtype), self.weighted_factor(float(np.sum(s)))
+
+    def weighted_factor(self, total_weight: float) -> float:
+        """c for weights summing to total_weight: 1/Σ s (0 for a batch of zero weights: it
+        contributes nothing) for reduction="mean", 1 for "sum"."""
+        if self.reduction == "sum":
+            return 1.0
+        return 1.0 / total_weight if total_weight > 0 else 0.0
+
+    def _output_delta(self, T: Any, ws: _Workspace, weights: tuple[Any, float] | None = None) -> Any:
+        """Σ_n J_n (unscaled, on the device) after a forward pass, with δ(L) written into ws.D[L].
+
+        With ``weights = (s_col, c)`` (see :meth:`weighting`): Σ_n s_n J_n, and δ(L) = c s_n ∂J_n/∂z(L).
+        """
+        L, out = self.n_layers, self.activations[-1]
+        c = self.reduction_factor(ws.m) if weights is None else weights[1]
+        total = self.loss_function.value_and_delta(
+            self.backend.ops, out, ws.Z, ws.A[L], T, c, ws.D[L], ws.scratch[L], ws.rows,
+        )
+        if weights is None:
+            return total
+        s = weights[0]
+        ws.D[L] *= s
+        return self.backend.xp.sum(s[:, 0] * self.loss_function.row_values(out, ws.Z, ws.A[L], T))
+
+    def _backward(self, X: Any, T: Any, ws: _Workspace, w: Any, grad: Any,
+                  weights: tuple[Any, float] | None = None) -> Any:
         """Backpropagation: δ(L) from the loss, δ(l) = (δ(l+1) W(l+1)) ⊙ g′(z(l)),
-        ∂J/∂Wᵀ(l) = A(l−1)ᵀ δ(l), ∂J/∂b(l) = Σ_n δ(l). Returns Σ_n J_n (device)."""
+        ∂J/∂Wᵀ(l) = A(l−1)ᵀ δ(l), ∂J/∂b(l) = Σ_n δ(l). Returns J (device): c Σ_n J_n,
+        or c Σ_n s_n J_n with ``weights``."""
         ops, L = self.backend.ops, self.n_layers
-        total = self._output_delta(T, ws)
+        total = self._output_delta(T, ws, weights)
         for l in range(L, 0, -1):
             delta = ws.D[l]
             ops.matmul(X.T if l == 1 else ws.A[l - 1].T, delta, self._wt(l, grad))
@@ -258,11 +287,16 @@ class MLP:
             if l > 1:
                 s = ops.matmul(delta, self._wt(l, w).T, ws.D[l - 1])
                 getattr(ops, self.activations[l - 2].bwd)(s, ws.A[l - 1], s, ws.scratch[l - 1], ws.rows)
-        return total * self.reduction_factor(ws.m)
+        return total * (self.reduction_factor(ws.m) if weights is None else weights[1])
 
-    def _loss(self, X: Any, T: Any, ws: _Workspace, w: Any) -> Any:
+    def _loss(self, X: Any, T: Any, ws: _Workspace, w: Any, weights: tuple[Any, float] | None = None) -> Any:
         self._forward(X, ws, w)
-        return self.reduction_factor(ws.m) * self._output_delta(T, ws)
+        c = self.reduction_factor(ws.m) if weights is None else weights[1]
+        return c * self._output_delta(T, ws, weights)
+
+    def _weights_for(self, sample_weight: Any, m: int) -> tuple[Any, float] | None:
+        """Validate ``sample_weight`` against m rows and return :meth:`weighting`'s pair."""
+        return None if sample_weight is None else self.weighting(validation.sample_weight(sample_weight, m))
 
     # --- public API ----------------------------------------------------------
 
@@ -274,19 +308,22 @@ class MLP:
 
     predict = forward
 
-    def loss(self, X: Any, T: Any) -> float:
-        """The cost J as a Python float."""
+    def loss(self, X: Any, T: Any, sample_weight: Any = None) -> float:
+        """The cost J as a Python float; with ``sample_weight`` (one weight ≥ 0 per row) the
+        weighted cost c Σ_n s_n J_n, c = 1/Σ_n s_n for reduction="mean"."""
         X, T = self._inputs(X, T)
-        return float(self._loss(X, T, self.workspace(X.shape[0]), self.params))
+        weights = self._weights_for(sample_weight, X.shape[0])
+        return float(self._loss(X, T, self.workspace(X.shape[0]), self.params, weights))
 
-    def loss_and_gradient(self, X: Any, T: Any) -> tuple[float, Any]:
-        """(J, dJ/dw): the loss and a new flat gradient in the params layout."""
+    def loss_and_gradient(self, X: Any, T: Any, sample_weight: Any = None) -> tuple[float, Any]:
+        """(J, dJ/dw): the loss and a new flat gradient in the params layout (weighted as :meth:`loss`)."""
         X, T = self._inputs(X, T)
+        weights = self._weights_for(sample_weight, X.shape[0])
         ws = self.workspace(X.shape[0])
         self._forward(X, ws, self.params)
-        J = self._backward(X, T, ws, self.params, ws.grad)
+        J = self._backward(X, T, ws, self.params, ws.grad, weights)
         return float(J), self.backend.xp.asarray(ws.grad, copy=True)
 
-    def gradient(self, X: Any, T: Any) -> Any:
-        """dJ/dw by backpropagation: a new flat vector in the params layout."""
-        return self.loss_and_gradient(X, T)[1]
+    def gradient(self, X: Any, T: Any, sample_weight: Any = None) -> Any:
+        """dJ/dw by backpropagation: a new flat vector in the params layout (weighted as :meth:`loss`)."""
+        return self.loss_and_gradient(X, T, sample_weight)[1]

@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
+from bpgpu import validation
 from bpgpu.backend import to_numpy
 from bpgpu.kernels import jit
 from bpgpu.optim import SGD, Optimizer, make_optimizer
@@ -72,7 +73,7 @@ class History:
 # --- one step ------------------------------------------------------------------
 
 
-def train_step(net: Any, X: Any, T: Any, optimizer: Optimizer) -> Any:
+def train_step(net: Any, X: Any, T: Any, optimizer: Optimizer, weights: tuple[Any, float] | None = None) -> Any:
     """Forward, backprop, L2 term and one fused update on a batch already on the backend.
 
     X (m, n0) and T (m, nL) must be backend arrays in the net's dtype (as
@@ -83,14 +84,19 @@ def train_step(net: Any, X: Any, T: Any, optimizer: Optimizer) -> Any:
     On the numpy backend with numba installed the whole step is one compiled
     call (:mod:`bpgpu.kernels.jit`, the same arithmetic; ``BPGPU_JIT=0`` turns
     it off), which removes numpy's per-call overhead on small nets.
+
+    weights: ``(s_col, c)`` from :meth:`MLP.weighting` for sample weights (the
+    kernels' path: the compiled step has no weights); c also scales the L2 term,
+    as scikit-learn divides it by Σ s.
     """
-    compiled = jit.train_step_for(net, optimizer)
+    compiled = None if weights is not None else jit.train_step_for(net, optimizer)
     if compiled is not None:
         return compiled(X, T)
     ws = net.workspace(X.shape[0])
     net._forward(X, ws, net.params)
-    loss = net._backward(X, T, ws, net.params, ws.grad)
-    loss = loss + optimizer.penalize(ws.grad, net.reduction_factor(X.shape[0]))
+    loss = net._backward(X, T, ws, net.params, ws.grad, weights)
+    c = net.reduction_factor(X.shape[0]) if weights is None else weights[1]
+    loss = loss + optimizer.penalize(ws.grad, c)
     optimizer.update(ws.grad)
     return loss
 
@@ -151,8 +157,9 @@ def _progress_bar(progress: bool, epochs: int) -> Any:
     return tqdm(total=epochs, desc="bpgpu fit", unit="epoch", leave=True)
 
 
-def _split_validation(net: Any, X: Any, T: Any, validation_data: Any, fraction: float, rng: Any):
-    """(X_train, T_train, X_val, T_val); the split draws from the fit's seeded generator."""
+def _split_validation(net: Any, X: Any, T: Any, s: Any, validation_data: Any, fraction: float, rng: Any):
+    """(X_train, T_train, s_train, X_val, T_val, s_val); the split draws from the fit's seeded
+    generator. s: host sample weights or None (validation_data is scored unweighted)."""
     if validation_data is not None:
         if fraction:
             raise ValueError("give either validation_data or validation_fraction, not both")
@@ -161,19 +168,41 @@ def _split_validation(net: Any, X: Any, T: Any, validation_data: Any, fraction: 
         except (TypeError, ValueError):
             raise TypeError("validation_data must be a pair (X_val, T_val)") from None
         Xv, Tv = net._inputs(Xv, Tv)
-        return X, T, Xv, Tv
+        return X, T, s, Xv, Tv, None
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction < 1:
         raise ValueError(f"validation_fraction must be a number in [0, 1), got {fraction!r}")
     if fraction == 0:
-        return X, T, None, None
+        return X, T, s, None, None, None
     m = X.shape[0]
     n_val = math.ceil(fraction * m)  # as scikit-learn's train_test_split
     if n_val < 1 or m - n_val < 1:
         raise ValueError(f"validation_fraction={fraction} leaves no training or no validation sample out of {m}")
-    order = net.backend.asarray(rng.permutation(m), net.backend.xp.int64)
-    xp = net.backend.xp
+    perm = rng.permutation(m)
+    val, train = perm[:n_val], perm[n_val:]
+    if s is not None:
+        for part, name in ((train, "training"), (val, "validation")):
+            if not np.any(s[part] > 0):
+                raise ValueError(f"sample_weight is zero on every row of the {name} split "
+                                 f"(validation_fraction={fraction}); change the seed or the weights")
+        s, s_val = s[train], s[val]
+    else:
+        s_val = None
+    xp, order = net.backend.xp, net.backend.asarray(perm, net.backend.xp.int64)
     val, train = order[:n_val], order[n_val:]
-    return xp.take(X, train, axis=0), xp.take(T, train, axis=0), xp.take(X, val, axis=0), xp.take(T, val, axis=0)
+    return (xp.take(X, train, axis=0), xp.take(T, train, axis=0), s,
+            xp.take(X, val, axis=0), xp.take(T, val, axis=0), s_val)
+
+
+def _sample_weight(net: Any, sample_weight: Any, m: int) -> np.ndarray | None:
+    """Validated host weights, or None when there are none or they change nothing: equal weights
+    under reduction="mean" (c Σ s J_n with c = 1/Σ s is then the plain mean) or all ones. None keeps
+    the unweighted path, the compiled step included."""
+    if sample_weight is None:
+        return None
+    s = validation.sample_weight(sample_weight, m)
+    if np.all(s == s[0]) and (net.reduction == "mean" or s[0] == 1.0):
+        return None
+    return s
 
 
 # --- the epoch loop ------------------------------------------------------------
@@ -199,6 +228,7 @@ def fit(
     n_iter_no_change: int = 10,
     max_fun: int = 15000,
     validation_score: Callable[[Any, Any, Any], float] | None = None,
+    sample_weight: Any = None,
     **optimizer_options: Any,
 ) -> History:
     """Train ``net`` in place on (X, T) and return its :class:`History`.
@@ -223,6 +253,11 @@ def fit(
     progress: a tqdm bar with the epoch, loss and validation figures.
     validation_score: ``f(net, X_val, T_val) -> float``, higher is better
         (default −validation loss).
+    sample_weight: one weight ≥ 0 per row of X, as scikit-learn's: each batch's
+        loss is Σ s_n J_n / Σ s_n (reduction="mean") and the L2 term is divided
+        by Σ s_n; a validation_fraction split takes its rows' weights along.
+        Weighted steps run the kernels' path (the compiled step has no weights);
+        equal weights under reduction="mean" change nothing and take the usual path.
     optimizer_options: alpha (L2, weights only), lr_schedule, power_t,
         momentum, beta_1, beta_2, epsilon (see :mod:`bpgpu.optim`).
 
@@ -241,22 +276,25 @@ def fit(
         if not callable(cb):
             raise TypeError(f"callbacks must be callables cb(epoch, history, net), got {cb!r}")
     X, T = net._inputs(X, T)
+    s = _sample_weight(net, sample_weight, X.shape[0])
     rng = np.random.default_rng(seed)
-    X, T, Xv, Tv = _split_validation(net, X, T, validation_data, validation_fraction, rng)
+    X, T, s, Xv, Tv, s_val = _split_validation(net, X, T, s, validation_data, validation_fraction, rng)
+    weights_val = net.weighting(s_val)
     if early_stopping and Xv is None:
         raise ValueError("early_stopping=True needs validation_data or validation_fraction > 0")
     if optimizer == "lbfgs":
         alpha = optimizer_options.pop("alpha", 0.0)
         if optimizer_options:
             raise TypeError(f"optimizer 'lbfgs' does not take {', '.join(sorted(optimizer_options))}")
-        return _fit_lbfgs(net, X, T, Xv, Tv, epochs, alpha, tol, max_fun, callbacks, progress, validation_score)
+        return _fit_lbfgs(net, X, T, Xv, Tv, epochs, alpha, tol, max_fun, callbacks, progress, validation_score,
+                          net.weighting(s), weights_val)
     if isinstance(optimizer, Optimizer):
         if optimizer.net is not net:
             raise ValueError("the optimizer given is bound to another net; make one with make_optimizer(name, net)")
         opt = optimizer
     else:
         opt = make_optimizer(optimizer, net, learning_rate, **optimizer_options)
-    loop = _EpochLoop(net, X, T, opt, _batch_size(batch_size, X.shape[0]), shuffle, rng)
+    loop = _EpochLoop(net, X, T, opt, _batch_size(batch_size, X.shape[0]), shuffle, rng, s, weights_val)
     history = History()
     monitor = _Monitor(net, Xv, Tv, early_stopping, tol, n_iter_no_change, validation_score)
     bar = _progress_bar(progress, epochs)
@@ -289,13 +327,17 @@ def fit(
 class _EpochLoop:
     """Batches, steps and the one host transfer per epoch, with buffers made once."""
 
-    def __init__(self, net: Any, X: Any, T: Any, opt: Optimizer, batch: int, shuffle: bool, rng: Any):
+    def __init__(self, net: Any, X: Any, T: Any, opt: Optimizer, batch: int, shuffle: bool, rng: Any,
+                 s: Any = None, weights_val: Any = None):
         xp, dt = net.backend.xp, net._xp_dtype
         self.net, self.X, self.T, self.opt, self.rng = net, X, T, opt, rng
         m = X.shape[0]
         self.bounds = [(lo, min(lo + batch, m)) for lo in range(0, m, batch)]
         self.shuffle = shuffle and len(self.bounds) > 1  # a full batch's gradient ignores order
-        fused_sample = batch == 1 and type(opt) is SGD and opt.alpha == 0.0
+        # sample weights: the host vector (batch sums, hence c, on the host) and a device column
+        self.s, self.weights_val = s, weights_val
+        self.S = None if s is None else net.weighting(s)[0]
+        fused_sample = batch == 1 and type(opt) is SGD and opt.alpha == 0.0 and s is None
         # the compiled step, where there is one, beats even the fused per-sample update
         self.step = _sample_sgd_step if fused_sample and jit.train_step_for(net, opt) is None else train_step
         self.step_losses = xp.zeros(len(self.bounds), dtype=dt)
@@ -307,12 +349,14 @@ class _EpochLoop:
             sizes = {hi - lo for lo, hi in self.bounds}
             self.Xb = {b: xp.empty((b, X.shape[1]), dtype=dt) for b in sizes}
             self.Tb = {b: xp.empty((b, T.shape[1]), dtype=dt) for b in sizes}
+            self.Sb = {b: xp.empty((b, 1), dtype=dt) for b in sizes} if s is not None else None
 
     def run_epoch(self, epoch: int, Xv: Any, Tv: Any, history: History) -> tuple[float, float | None]:
         net, xp, ops = self.net, self.net.backend.xp, self.net.backend.ops
         self.good[...] = net.params
         if self.shuffle:
-            order = net.backend.asarray(self.rng.permutation(self.X.shape[0]), xp.int64)  # host → device
+            perm = self.rng.permutation(self.X.shape[0])
+            order = net.backend.asarray(perm, xp.int64)  # host → device
         for s, (lo, hi) in enumerate(self.bounds):
             if self.shuffle:
                 rows = order[lo:hi]
@@ -320,14 +364,20 @@ class _EpochLoop:
                 tb = ops.take_rows(self.T, rows, self.Tb[hi - lo])
             else:
                 xb, tb = self.X[lo:hi], self.T[lo:hi]
+            weights = None
+            if self.s is not None:  # the batch's weights gathered on the device, their sum on the host
+                sb = ops.take_rows(self.S, rows, self.Sb[hi - lo]) if self.shuffle else self.S[lo:hi]
+                total = float(np.sum(self.s[perm[lo:hi]] if self.shuffle else self.s[lo:hi]))
+                weights = (sb, net.weighted_factor(total))
             try:
-                self.step_losses[s] = self.step(net, xb, tb, self.opt)
+                self.step_losses[s] = (self.step(net, xb, tb, self.opt) if weights is None
+                                       else train_step(net, xb, tb, self.opt, weights))
             except (ArithmeticError, RuntimeWarning) as exc:  # np.seterr(...="raise") or -W error: caught at once
                 self._diverged(epoch, history, s + 1, exc)
         # 0 · Σw is NaN when any parameter is non-finite, so one number checks loss and parameters.
         figures = [xp.sum(self.step_losses * self.weights) + 0.0 * xp.sum(net.params)]
         if Xv is not None:
-            figures.append(net._loss(Xv, Tv, net.workspace(Xv.shape[0]), net.params))
+            figures.append(net._loss(Xv, Tv, net.workspace(Xv.shape[0]), net.params, self.weights_val))
         host = to_numpy(xp.stack(figures))  # the one device → host transfer of the epoch
         loss = float(host[0])
         if not math.isfinite(loss):
@@ -415,7 +465,8 @@ def _show(bar: Any, epoch: int, history: History) -> None:
 
 
 def _fit_lbfgs(net: Any, X: Any, T: Any, Xv: Any, Tv: Any, epochs: int, alpha: float, tol: float | None,
-               max_fun: int, callbacks: tuple, progress: bool, validation_score: Callable | None) -> History:
+               max_fun: int, callbacks: tuple, progress: bool, validation_score: Callable | None,
+               weights: Any = None, weights_val: Any = None) -> History:
     """scipy's L-BFGS-B on the flat parameter vector, full batch, as scikit-learn's solver="lbfgs".
 
     scipy works on host float64 vectors, so each evaluation makes two explicit
@@ -431,12 +482,12 @@ def _fit_lbfgs(net: Any, X: Any, T: Any, Xv: Any, Tv: Any, epochs: int, alpha: f
     backend, dt = net.backend, net._xp_dtype
     ws = net.workspace(X.shape[0])
     l2 = SGD(net, 1.0, alpha=alpha)  # only its L2 term (mask and scratch) is used
-    c = net.reduction_factor(X.shape[0])
+    c = net.reduction_factor(X.shape[0]) if weights is None else weights[1]
 
     def loss_and_grad(x: np.ndarray) -> tuple[float, np.ndarray]:
         net.params[...] = backend.asarray(x, dt)  # host → device
         net._forward(X, ws, net.params)
-        J = net._backward(X, T, ws, net.params, ws.grad) + l2.penalize(ws.grad, c)
+        J = net._backward(X, T, ws, net.params, ws.grad, weights) + l2.penalize(ws.grad, c)
         return float(J), to_numpy(ws.grad).astype(np.float64)  # device → host
 
     history = History()
@@ -450,7 +501,7 @@ def _fit_lbfgs(net: Any, X: Any, T: Any, Xv: Any, Tv: Any, epochs: int, alpha: f
         val_loss = None
         if Xv is not None:
             net.params[...] = backend.asarray(intermediate_result.x, dt)
-            val_loss = float(net._loss(Xv, Tv, net.workspace(Xv.shape[0]), net.params))
+            val_loss = float(net._loss(Xv, Tv, net.workspace(Xv.shape[0]), net.params, weights_val))
         monitor.epoch_done(history, float(intermediate_result.fun), val_loss, None)
         _show(bar, epoch, history)
         if _run_callbacks(callbacks, epoch, history, net):

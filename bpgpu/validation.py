@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+import array_api_compat
 import numpy as np
 
 DTYPES = ("float32", "float64")
@@ -84,3 +85,21 @@ def batch(x: Any, xp: Any, argument: str, width: int, layer: str, sizes: Sequenc
         )
     if not bool(xp.all(xp.isfinite(x))):
         raise ValueError(f"{argument} contains NaN or Inf (shape {tuple(x.shape)})")
+
+
+def sample_weight(s: Any, m: int) -> np.ndarray:
+    """Per-sample weights as a host float64 vector of length m: finite, >= 0, not all zero."""
+    numeric_kind(s, "sample_weight")
+    if array_api_compat.is_cupy_array(s):
+        s = s.get()  # device -> host, on purpose: the weights are split into batches on the host
+    s = np.asarray(s, dtype=np.float64)
+    if s.shape != (m,):
+        raise ValueError(f"sample_weight must have shape ({m},), one weight per row of X (X has {m} rows), "
+                         f"got shape {s.shape}")
+    if not np.all(np.isfinite(s)):
+        raise ValueError("sample_weight contains NaN or Inf")
+    if np.any(s < 0):
+        raise ValueError(f"sample_weight must be >= 0, got {s.min():g} at row {int(np.argmin(s))}")
+    if not np.any(s > 0):
+        raise ValueError("sample_weight must contain at least one non-zero weight (all are zero)")
+    return s

@@ -285,8 +285,8 @@ def test_check_gradient_names_the_worst_parameter_in_theta_coordinates(monkeypat
     net, X, T = make([3, 4, 5], "sigmoid", seed=16)
     original = bp.MLP._backward
 
-    def off_by_one_element(self, X, T, ws, w, grad):
-        total = original(self, X, T, ws, w, grad)
+    def off_by_one_element(self, X, T, ws, w, grad, weights=None):
+        total = original(self, X, T, ws, w, grad, weights)
         self.theta(2, grad)[1, 3] += 1e-3
         return total
 

@@ -247,6 +247,25 @@ def test_cupy_training_matches_numpy(optimizer, batch_size):
 
 
 @gpu
+@pytest.mark.parametrize("output,loss", OUTPUT_LOSS_PAIRS)
+def test_weighted_loss_gradient_and_fit_on_cupy_match_numpy(output, loss):
+    """Sample weights on the device: the weighted δ(L), per-sample losses and a shuffled weighted fit."""
+    sizes = [4, 6, 3]
+    X, T = _problem(sizes, loss, output)
+    s = np.random.default_rng(7).uniform(0.0, 3.0, size=X.shape[0])
+    kw = dict(hidden="tanh", output=output, loss=loss, dtype="float64", seed=3)
+    ref, gpu = bp.MLP(sizes, backend="numpy", **kw), bp.MLP(sizes, backend="cupy", **kw)
+    J, g = gpu.loss_and_gradient(X, T, sample_weight=s)
+    J_ref, g_ref = ref.loss_and_gradient(X, T, sample_weight=s)
+    assert J == pytest.approx(J_ref, rel=1e-12)
+    np.testing.assert_allclose(g.get(), g_ref, rtol=1e-10, atol=1e-13)
+    for net in (ref, gpu):
+        bp.fit(net, X, T, sample_weight=s, optimizer="adam", learning_rate=0.01, batch_size=5, epochs=3, seed=1,
+               progress=False, tol=None)
+    np.testing.assert_allclose(bp.to_numpy(gpu.params), ref.params, rtol=1e-10, atol=1e-12)
+
+
+@gpu
 def test_gemms_of_a_training_step_write_into_their_buffers_without_copies():
     """The three GEMMs of backprop on Wᵀ views of the flat vector allocate nothing
     (CuPy copies an operand that is neither C- nor F-contiguous: the control)."""

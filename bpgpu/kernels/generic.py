@@ -108,9 +108,47 @@ def _clip_unit(a):
     return xp.clip(a, info.smallest_normal, xp.nextafter(one, xp.zeros_like(one)))
 
 
-def squared_error_fwd(a, t, scratch, rows):
+# Per-sample losses J_n (one value per row): the fwd ops sum them, and weighted
+# training (sample_weight, bpgpu.losses.Loss.row_values) weights them.
+
+
+def squared_error_rows(a, t):
     r = a - t
-    return 0.5 * array_namespace(a).sum(r * r)
+    return 0.5 * array_namespace(a).sum(r * r, axis=1)
+
+
+def binary_cross_entropy_rows(a, t):
+    xp = array_namespace(a)
+    p = _clip_unit(a)
+    return -xp.sum(t * xp.log(p) + (1.0 - t) * xp.log1p(-p), axis=1)
+
+
+def cross_entropy_rows(a, t):
+    xp = array_namespace(a)
+    return -xp.sum(t * xp.log(_clip_unit(a)), axis=1)
+
+
+def sigmoid_binary_cross_entropy_rows(z, t):
+    xp = array_namespace(z)
+    return xp.sum(xp.logaddexp(z, xp.zeros_like(z)) - t * z, axis=1)
+
+
+def softmax_cross_entropy_rows(z, t):
+    xp = array_namespace(z)
+    top = xp.max(z, axis=1, keepdims=True)
+    lse = top + xp.log(xp.sum(xp.exp(z - top), axis=1, keepdims=True))
+    return xp.sum(t, axis=1) * lse[:, 0] - xp.sum(t * z, axis=1)
+
+
+ROWS_FROM_LOGITS = {
+    "squared_error": squared_error_rows,
+    "binary_cross_entropy": sigmoid_binary_cross_entropy_rows,
+    "cross_entropy": softmax_cross_entropy_rows,
+}
+
+
+def squared_error_fwd(a, t, scratch, rows):
+    return array_namespace(a).sum(squared_error_rows(a, t))
 
 
 def squared_error_bwd(a, t, c, out, scratch):
@@ -118,9 +156,7 @@ def squared_error_bwd(a, t, c, out, scratch):
 
 
 def binary_cross_entropy_fwd(a, t, scratch, rows):
-    xp = array_namespace(a)
-    p = _clip_unit(a)
-    return -xp.sum(t * xp.log(p) + (1.0 - t) * xp.log1p(-p))
+    return array_namespace(a).sum(binary_cross_entropy_rows(a, t))
 
 
 def binary_cross_entropy_bwd(a, t, c, out, scratch):
@@ -129,8 +165,7 @@ def binary_cross_entropy_bwd(a, t, c, out, scratch):
 
 
 def cross_entropy_fwd(a, t, scratch, rows):
-    xp = array_namespace(a)
-    return -xp.sum(t * xp.log(_clip_unit(a)))
+    return array_namespace(a).sum(cross_entropy_rows(a, t))
 
 
 def cross_entropy_bwd(a, t, c, out, scratch):
@@ -138,15 +173,11 @@ def cross_entropy_bwd(a, t, c, out, scratch):
 
 
 def sigmoid_binary_cross_entropy_fwd(z, t, scratch, rows):
-    xp = array_namespace(z)
-    return xp.sum(xp.logaddexp(z, xp.zeros_like(z)) - t * z)
+    return array_namespace(z).sum(sigmoid_binary_cross_entropy_rows(z, t))
 
 
 def softmax_cross_entropy_fwd(z, t, scratch, rows):
-    xp = array_namespace(z)
-    top = xp.max(z, axis=1, keepdims=True)
-    lse = top + xp.log(xp.sum(xp.exp(z - top), axis=1, keepdims=True))
-    return xp.sum(xp.sum(t, axis=1, keepdims=True) * lse) - xp.sum(t * z)
+    return array_namespace(z).sum(softmax_cross_entropy_rows(z, t))
 
 
 _FROM_LOGITS = {
