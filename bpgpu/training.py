@@ -85,13 +85,12 @@ def train_step(net: Any, X: Any, T: Any, optimizer: Optimizer, weights: tuple[An
     call (:mod:`bpgpu.kernels.jit`, the same arithmetic; ``BPGPU_JIT=0`` turns
     it off), which removes numpy's per-call overhead on small nets.
 
-    weights: ``(s_col, c)`` from :meth:`MLP.weighting` for sample weights (the
-    kernels' path: the compiled step has no weights); c also scales the L2 term,
-    as scikit-learn divides it by Σ s.
+    weights: ``(s_col, c)`` from :meth:`MLP.weighting` for sample weights; c
+    also scales the L2 term, as scikit-learn divides it by Σ s.
     """
-    compiled = None if weights is not None else jit.train_step_for(net, optimizer)
+    compiled = jit.train_step_for(net, optimizer)
     if compiled is not None:
-        return compiled(X, T)
+        return compiled(X, T, weights)
     ws = net.workspace(X.shape[0])
     net._forward(X, ws, net.params)
     loss = net._backward(X, T, ws, net.params, ws.grad, weights)
@@ -256,8 +255,7 @@ def fit(
     sample_weight: one weight ≥ 0 per row of X, as scikit-learn's: each batch's
         loss is Σ s_n J_n / Σ s_n (reduction="mean") and the L2 term is divided
         by Σ s_n; a validation_fraction split takes its rows' weights along.
-        Weighted steps run the kernels' path (the compiled step has no weights);
-        equal weights under reduction="mean" change nothing and take the usual path.
+        Equal weights under reduction="mean" change nothing and are dropped.
     optimizer_options: alpha (L2, weights only), lr_schedule, power_t,
         momentum, beta_1, beta_2, epsilon (see :mod:`bpgpu.optim`).
 

@@ -20,6 +20,7 @@ import pytest
 import bpgpu as bp
 from bpgpu import activations, optim
 from bpgpu.kernels import jit
+from bpgpu.training import train_step
 
 pytest.importorskip("numba", reason="numba is not installed (pip install 'bpgpu[jit]'): the compiled step is optional")
 
@@ -316,3 +317,29 @@ def test_fused_updates_with_blas_products_match_numpy_path(name, options, dtype)
     step = jit.compiled_train_step(net, opt)
     assert step.gradient is None and step._grad.size == 0  # no gradient buffer for a fused update
     assert_same_steps(ref, ref_opt, net, step, X, T, dtype, steps=3)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("name", ["sgd", "momentum", "nesterov", "adam"])
+@pytest.mark.parametrize("output,loss", PAIRS)
+def test_weighted_step_matches_numpy_path(output, loss, name, dtype, numpy_path):
+    """Sample weights inside the compiled step: Σ s_n J_n, δ(L) rows times s_n, c = 1/Σ s.
+    (numpy_path: train_step, the reference, runs the numpy kernels.)"""
+    rng = np.random.default_rng(zlib.crc32(f"weighted {output} {loss} {name} {dtype}".encode()))
+    sizes = [5, 24, 30, 3]  # the middle product is above SMALL_GEMM: BLAS and loops both weighted
+    ref, ref_opt, net, opt = twins(sizes, dtype, lambda n: optim.make_optimizer(name, n, 0.05, alpha=0.1),
+                                   hidden="tanh", output=output, loss=loss)
+    X, T = problem(rng, sizes, output, dtype, 9)
+    s = rng.uniform(0.0, 3.0, size=9)
+    s[2] = 0.0
+    step = jit.compiled_train_step(net, opt)
+    tol, eps = TOL[dtype], np.finfo(dtype).eps
+    for _ in range(2):
+        net.params[...] = ref.params
+        before = np.array(ref.params, np.float64)
+        weights = ref.weighting(s)
+        expected = float(train_step(ref, X, T, ref_opt, weights))
+        got = step(X, T, net.weighting(s))
+        assert abs(got - expected) <= tol * abs(expected), (got, expected)
+        update, expected_update = net.params - before, ref.params - before
+        assert np.linalg.norm(update - expected_update) <= tol * np.linalg.norm(expected_update) + 4 * eps * np.linalg.norm(before)

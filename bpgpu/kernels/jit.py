@@ -116,7 +116,9 @@ class CompiledStep:
         """
         return None if self._fused else self._grad
 
-    def __call__(self, X: np.ndarray, T: np.ndarray) -> float:
+    def __call__(self, X: np.ndarray, T: np.ndarray, weights: tuple[np.ndarray, float] | None = None) -> float:
+        """One step; ``weights``: ``(s_col, c)`` from :meth:`MLP.weighting` for sample weights
+        (the kernel recomputes c from s, in the net's dtype)."""
         if not (X.flags.c_contiguous and T.flags.c_contiguous):  # one compiled layout only
             X, T = np.ascontiguousarray(X), np.ascontiguousarray(T)
         opt = self.optimizer
@@ -125,9 +127,11 @@ class CompiledStep:
             mu, velocity = opt.momentum, opt.velocity
         else:
             mu, velocity = 0.0, self.net.params  # not read by this rule: any vector of the params' length
+        # s=None has its own numba specialization, with no weighting code; c comes from the weights
+        s = None if weights is None else np.ascontiguousarray(weights[0][:, 0])
         loss = self._kernel(
             X, T, self.net.params, self._grad, self._buffers(X.shape[0]), self._plan, self._loss, self._mean,
-            LEAKY_SLOPE, self._tiny, self._alpha, self._rule, lr, mu, velocity,
+            LEAKY_SLOPE, self._tiny, self._alpha, self._rule, lr, mu, velocity, s,
         )
         if self._update_after:  # the optimizer's own one-kernel update (Adam)
             opt.update(self._grad)

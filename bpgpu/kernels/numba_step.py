@@ -194,8 +194,13 @@ def _derive(code, s, a, slope, rest):
 
 
 @njit(cache=True)
-def _loss_and_delta(loss, output, z, a, t, c, delta, slope, rest, tiny):
-    """Σ_n J_n (float64) and δ(L) into delta: the twin of losses.Loss.value_and_delta."""
+def _loss_and_delta(loss, output, z, a, t, c, delta, slope, rest, tiny, weights):
+    """Σ_n J_n (float64) and δ(L) into delta: the twin of losses.Loss.value_and_delta.
+
+    weights: None, or one weight per row: Σ_n s_n J_n, and each row of δ(L) times s_n (the twin
+    of MLP._output_delta's weighted branch). None is pruned at compile time: the unweighted
+    step has no extra work.
+    """
     m, n = z.shape
     one = z.dtype.type(1)
     below_one = np.nextafter(one, z.dtype.type(0))
@@ -207,14 +212,16 @@ def _loss_and_delta(loss, output, z, a, t, c, delta, slope, rest, tiny):
     )
     if loss == SQUARED_ERROR:  # J = ½ Σ (a − t)²
         for i in range(m):
+            s = 1.0 if weights is None else weights[i]
             for j in range(n):
                 e = a[i, j] - t[i, j]
-                total += e * e
+                total += e * e * s
         total *= 0.5
     elif canonical and loss == BINARY_CROSS_ENTROPY:  # softplus(z) − t z, exact for any z
         for i in range(m):
+            s = 1.0 if weights is None else weights[i]
             for j in range(n):
-                total += np.logaddexp(z[i, j], z.dtype.type(0)) - t[i, j] * z[i, j]
+                total += (np.logaddexp(z[i, j], z.dtype.type(0)) - t[i, j] * z[i, j]) * s
     elif canonical:  # cross-entropy from the logits: (Σ_k t_k) lse(z) − Σ_k t_k z_k
         for i in range(m):
             top = z[i, 0]
@@ -222,22 +229,25 @@ def _loss_and_delta(loss, output, z, a, t, c, delta, slope, rest, tiny):
                 top = max(top, z[i, j])
             se = z.dtype.type(0)
             mass = 0.0
+            s = 1.0 if weights is None else weights[i]
             for j in range(n):
                 se += np.exp(z[i, j] - top)
                 mass += t[i, j]
-                total -= t[i, j] * z[i, j]
-            total += mass * (np.log(se) + top)
+                total -= t[i, j] * z[i, j] * s
+            total += mass * (np.log(se) + top) * s
     else:  # probabilities clipped into [tiny, 1⁻] so the logarithms stay finite
         for i in range(m):
+            s = 1.0 if weights is None else weights[i]
             for j in range(n):
                 p = min(max(a[i, j], tiny), below_one)
-                total -= t[i, j] * np.log(p)
+                total -= t[i, j] * np.log(p) * s
                 if loss == BINARY_CROSS_ENTROPY:
-                    total -= (one - t[i, j]) * np.log1p(-p)
+                    total -= (one - t[i, j]) * np.log1p(-p) * s
     if canonical:  # the link cancels: δ = c (a − t)
         for i in range(m):
             for j in range(n):
                 delta[i, j] = (a[i, j] - t[i, j]) * c
+        _weigh_rows(delta, weights)
         return total
     for i in range(m):  # δ = c ∂J/∂a ⊙ g′
         for j in range(n):
@@ -249,7 +259,19 @@ def _loss_and_delta(loss, output, z, a, t, c, delta, slope, rest, tiny):
             else:
                 delta[i, j] = t[i, j] / p * -c
     _derive(output, delta, a, slope, rest)
+    _weigh_rows(delta, weights)
     return total
+
+
+@njit(cache=True)
+def _weigh_rows(delta, weights):
+    """δ_n ← s_n δ_n (nothing without weights)."""
+    if weights is None:
+        return
+    for i in range(delta.shape[0]):
+        s = delta.dtype.type(weights[i])
+        for j in range(delta.shape[1]):
+            delta[i, j] *= s
 
 
 @njit(cache=True)
@@ -272,7 +294,7 @@ def _nesterov(w, grad, velocity, lr, mu):
 
 
 @njit(cache=True)
-def train_step(X, T, w, grad, work, plan, loss, mean, slope, tiny, alpha, rule, lr, mu, velocity):
+def train_step(X, T, w, grad, work, plan, loss, mean, slope, tiny, alpha, rule, lr, mu, velocity, weights=None):
     """Forward, backprop and the update ``rule``; returns the batch loss (with the L2 term).
 
     plan (3, L + 1) int64, one column per layer l = 0..L: row SIZE n_l, row
@@ -281,12 +303,19 @@ def train_step(X, T, w, grad, work, plan, loss, mean, slope, tiny, alpha, rule, 
     alpha: the L2 weight (0 for none); rule: GRADIENT_ONLY or NESTEROV (the
     gradient, with the L2 term, is written to grad) or SGD or MOMENTUM (fused,
     grad is not touched), with lr, mu and the velocity vector (any vector for SGD).
-    The loss is c Σ_n J_n + (alpha c / 2) ‖W‖², c = 1/m (mean) or 1 (sum).
+    The loss is c Σ_n J_n + (alpha c / 2) ‖W‖², c = 1/m (mean) or 1 (sum); with
+    ``weights`` (one per row of X) c Σ_n s_n J_n with c = 1/Σ s (mean; 0 when every
+    weight is 0) or 1, and δ(L) rows times s_n, as MLP.weighting defines them.
     """
     sizes, offsets, codes = plan[SIZE], plan[OFFSET], plan[CODE]
     dt = w.dtype.type
     m, L = X.shape[0], sizes.shape[0] - 1
-    scale = 1.0 / m if mean else 1.0  # the reduction factor c
+    total_weight = float(m)
+    if weights is not None:
+        total_weight = 0.0
+        for i in range(m):
+            total_weight += weights[i]
+    scale = (1.0 / total_weight if total_weight > 0.0 else 0.0) if mean else 1.0  # the reduction factor c
     c = dt(scale)
     slope_, rest, tiny_, decay = dt(slope), dt(1.0 - slope), dt(tiny), dt(alpha * scale)
     total_units, widest = 0, 0
@@ -311,7 +340,7 @@ def train_step(X, T, w, grad, work, plan, loss, mean, slope, tiny, alpha, rule, 
 
     start -= m * sizes[L]  # a(L)
     total = _loss_and_delta(
-        loss, codes[L], z_out, a_prev, T, c, _view(work, d_start + start, m, sizes[L]), slope_, rest, tiny_
+        loss, codes[L], z_out, a_prev, T, c, _view(work, d_start + start, m, sizes[L]), slope_, rest, tiny_, weights
     )
     squares = 0.0
     for l in range(L, 0, -1):
