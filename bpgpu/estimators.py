@@ -22,8 +22,9 @@ Matching scikit-learn's definitions:
 does: Σ s_n J_n / Σ s_n per batch, the L2 term divided by Σ s_n, the early-stopping
 split and score weighted too.
 
-Where it differs from scikit-learn (1.9): sparse X is refused (sklearn's "dense data is required" error); ``verbose=True``
-shows a progress bar instead of printing each iteration; for multi-output
+Where it differs from scikit-learn (1.9): sparse X is refused (sklearn's "dense
+data is required" error); ``verbose=True`` shows a progress bar instead of
+printing each iteration; for multi-output
 regression ``loss_`` sums the half squared error over the outputs where sklearn
 averages it (the gradients, hence the training, are the same); the sample order
 of each epoch comes from bpgpu's generator (seeded from random_state), so the
@@ -310,10 +311,8 @@ class _BaseMLP(BaseEstimator):
                       max_fun=self.max_fun, progress=bool(self.verbose), sample_weight=sample_weight)
         self.n_iter_ = history.epochs
         self.loss_curve_ += history.loss
-        if not history.loss:  # 0 iterations: the loss at the start
-            self.loss_ = self._penalized_loss(X, Y, sample_weight)
-        else:
-            self.loss_ = history.loss[-1]
+        # 0 iterations: the loss at the start
+        self.loss_ = history.loss[-1] if history.loss else self._penalized_loss(X, Y, sample_weight)
         self.best_loss_ = min(self.best_loss_, history.best_loss)
         if self.n_iter_ >= self.max_iter:
             warnings.warn(
