@@ -222,6 +222,17 @@ def test_without_numba_every_hook_returns_none(monkeypatch):
         jit.kernels.cache_clear()
 
 
+def test_a_numba_without_its_blas_helper_keeps_the_numpy_path(monkeypatch):
+    from numba import _helperlib
+
+    jit.kernels.cache_clear()
+    monkeypatch.setattr(_helperlib, "c_helpers", {k: v for k, v in _helperlib.c_helpers.items() if k != "xxgemm"})
+    try:
+        assert jit.compiled_train_step(bp.MLP([2, 3, 1], backend="numpy"), 0.1) is None
+    finally:
+        jit.kernels.cache_clear()
+
+
 def test_bpgpu_jit_0_turns_the_compiled_step_off(monkeypatch):
     jit.kernels.cache_clear()
     monkeypatch.setenv("BPGPU_JIT", "0")

@@ -44,16 +44,20 @@ def kernels() -> ModuleType | None:
 
     The first step of a dtype compiles for some seconds; numba caches the result
     next to this module, so later processes load it in well under a second.
-    The products go through numba's BLAS helper, which calls SciPy's BLAS, so
-    SciPy is needed as well.
+    The products go through numba's BLAS helper (``numba_xxgemm``, the one its
+    np.dot calls), which calls SciPy's BLAS, so SciPy is needed as well; a numba
+    without that helper gets the numpy path rather than a step that cannot compile.
     """
     if os.environ.get("BPGPU_JIT", "1") == "0":
         return None
     try:
         import scipy.linalg.cython_blas  # noqa: F401  (loaded by numba's BLAS helper on the first product)
+        from numba import _helperlib
 
         from bpgpu.kernels import numba_step
     except ImportError:
+        return None
+    if "xxgemm" not in _helperlib.c_helpers:
         return None
     return numba_step
 
