@@ -234,8 +234,11 @@ class MLP:
             a = getattr(ops, self.activations[l - 1].fwd)(z, self._bias(l, w), ws.A[l], ws.scratch[l], ws.rows)
         return a
 
-    def reduction_factor(self, m: int) -> float:
-        """c in J = c Σ_n J_n: 1/m for reduction="mean", 1 for "sum"."""
+    def reduction_factor(self, m: int, weights: tuple[Any, float] | None = None) -> float:
+        """c in J = c Σ_n J_n: 1/m for reduction="mean", 1 for "sum"; with ``weights``
+        (:meth:`weighting`'s pair) their c, for J = c Σ_n s_n J_n."""
+        if weights is not None:
+            return weights[1]
         return 1.0 / m if self.reduction == "mean" else 1.0
 
     def weighting(self, sample_weight: Any, rows: Any = None) -> tuple[Any, float] | None:
@@ -263,7 +266,7 @@ class MLP:
         With ``weights = (s_col, c)`` (see :meth:`weighting`): Σ_n s_n J_n, and δ(L) = c s_n ∂J_n/∂z(L).
         """
         L, out = self.n_layers, self.activations[-1]
-        c = self.reduction_factor(ws.m) if weights is None else weights[1]
+        c = self.reduction_factor(ws.m, weights)
         total = self.loss_function.value_and_delta(
             self.backend.ops, out, ws.Z, ws.A[L], T, c, ws.D[L], ws.scratch[L], ws.rows,
         )
@@ -287,11 +290,11 @@ class MLP:
             if l > 1:
                 s = ops.matmul(delta, self._wt(l, w).T, ws.D[l - 1])
                 getattr(ops, self.activations[l - 2].bwd)(s, ws.A[l - 1], s, ws.scratch[l - 1], ws.rows)
-        return total * (self.reduction_factor(ws.m) if weights is None else weights[1])
+        return total * self.reduction_factor(ws.m, weights)
 
     def _loss(self, X: Any, T: Any, ws: _Workspace, w: Any, weights: tuple[Any, float] | None = None) -> Any:
         self._forward(X, ws, w)
-        c = self.reduction_factor(ws.m) if weights is None else weights[1]
+        c = self.reduction_factor(ws.m, weights)
         return c * self._output_delta(T, ws, weights)
 
     def _weights_for(self, sample_weight: Any, m: int) -> tuple[Any, float] | None:

@@ -94,7 +94,7 @@ def train_step(net: Any, X: Any, T: Any, optimizer: Optimizer, weights: tuple[An
     ws = net.workspace(X.shape[0])
     net._forward(X, ws, net.params)
     loss = net._backward(X, T, ws, net.params, ws.grad, weights)
-    c = net.reduction_factor(X.shape[0]) if weights is None else weights[1]
+    c = net.reduction_factor(X.shape[0], weights)
     loss = loss + optimizer.penalize(ws.grad, c)
     optimizer.update(ws.grad)
     return loss
@@ -480,7 +480,7 @@ def _fit_lbfgs(net: Any, X: Any, T: Any, Xv: Any, Tv: Any, epochs: int, alpha: f
     backend, dt = net.backend, net._xp_dtype
     ws = net.workspace(X.shape[0])
     l2 = SGD(net, 1.0, alpha=alpha)  # only its L2 term (mask and scratch) is used
-    c = net.reduction_factor(X.shape[0]) if weights is None else weights[1]
+    c = net.reduction_factor(X.shape[0], weights)
 
     def loss_and_grad(x: np.ndarray) -> tuple[float, np.ndarray]:
         net.params[...] = backend.asarray(x, dt)  # host → device
