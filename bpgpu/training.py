@@ -378,10 +378,10 @@ class _EpochLoop:
                 xb = ops.take_rows(self.X, rows, self.Xb[hi - lo])
                 tb = ops.take_rows(self.T, rows, self.Tb[hi - lo])
             else:
-                xb, tb = self.X[lo:hi], self.T[lo:hi]
+                xb, tb = self.X[lo:hi, ...], self.T[lo:hi, ...]  # the array API needs every axis indexed
             weights = None
             if self.s is not None:  # the batch's weights gathered on the device, their sum on the host
-                sb = ops.take_rows(self.S, rows, self.Sb[hi - lo]) if self.shuffle else self.S[lo:hi]
+                sb = ops.take_rows(self.S, rows, self.Sb[hi - lo]) if self.shuffle else self.S[lo:hi, ...]
                 total = float(np.sum(self.s[perm[lo:hi]] if self.shuffle else self.s[lo:hi]))
                 weights = (sb, net.weighted_factor(total))
             try:
