@@ -99,9 +99,10 @@ class _BaseMLP(BaseEstimator):
     """What the classifier and the regressor share: parameters, net, fit loop glue."""
 
     # sklearn's own constraints (so the meanings stay in step with the installed
-    # version), plus the two bpgpu parameters.
+    # version), plus the two bpgpu parameters. _parameter_constraints is scikit-learn's
+    # (private) protocol for parameter validation: there is no public accessor.
     _parameter_constraints: dict = {
-        **_SklearnMLPClassifier._parameter_constraints,
+        **_SklearnMLPClassifier._parameter_constraints,  # noqa: SLF001
         "verbose": ["verbose", StrOptions({"bar"})],
         "device": [StrOptions({"auto", "cpu", "gpu"})],
         "dtype": [StrOptions({"float32", "float64"}), None],
@@ -224,14 +225,10 @@ class _BaseMLP(BaseEstimator):
 
         to_numpy is the explicit device -> host transfer (on the CPU it returns
         the parameters themselves, so these are live views)."""
-        host = to_numpy(self._net.params)
-        offsets = self._net._offsets
-        self.coefs_, self.intercepts_ = [], []
-        for l in range(1, self._net.n_layers + 1):
-            n_in, n_out = self._net.sizes[l - 1], self._net.sizes[l]
-            block = host[offsets[l - 1] : offsets[l]]
-            self.intercepts_.append(block[:n_out])
-            self.coefs_.append(block[n_out:].reshape(n_in, n_out))
+        host, layout = to_numpy(self._net.params), self._net.layout
+        layers = range(1, layout.n_layers + 1)
+        self.coefs_ = [layout.wt(host, l) for l in layers]  # sklearn's coefs_[l−1] is Wᵀ(l), (n_{l−1}, n_l)
+        self.intercepts_ = [layout.bias(host, l) for l in layers]
 
     def _check_warm_shapes(self, n_features: int, n_outputs: int) -> None:
         units = self._layer_units(n_features, n_outputs)
@@ -437,7 +434,7 @@ class _BaseMLP(BaseEstimator):
         if optimizer is not None:
             cls, fields = optimizer
             self._optimizer = cls.__new__(cls)
-            backend, dtype = self._net.backend, self._net._xp_dtype
+            backend, dtype = self._net.backend, self._net.xp_dtype
             vars(self._optimizer).update(
                 {k: backend.asarray(v, dtype) if isinstance(v, np.ndarray) else v for k, v in fields.items()}
             )
@@ -450,7 +447,7 @@ class _BaseMLP(BaseEstimator):
     _FITTED = ("n_features_in_", "n_outputs_", "n_layers_", "out_activation_", "loss_", "loss_curve_",
                "best_loss_", "n_iter_", "t_", "validation_scores_", "best_validation_score_")
 
-    def _bpgpu_state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    def __bpgpu_state__(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         check_is_fitted(self)
         params = self.get_params()
         if not isinstance(params["random_state"], (int, type(None))):
@@ -468,7 +465,7 @@ class _BaseMLP(BaseEstimator):
         return state, arrays
 
     @classmethod
-    def _bpgpu_from_state(cls, state: dict[str, Any], arrays: dict[str, np.ndarray], backend: Any = "auto"):
+    def __bpgpu_from_state__(cls, state: dict[str, Any], arrays: dict[str, np.ndarray], backend: Any = "auto"):
         """Rebuild a fitted estimator; its net goes on ``backend`` (its ``device`` parameter is kept)."""
         params = dict(state["params"])
         if params["n_iter_no_change"] == "inf":

@@ -66,7 +66,9 @@ class Optimizer:
     """A stochastic optimizer bound to one net (its state lives on the net's device).
 
     Attributes: ``learning_rate`` (current), ``learning_rate_init``, ``alpha``,
-    ``lr_schedule``, ``power_t``, ``samples_seen`` (t of the invscaling schedule).
+    ``lr_schedule``, ``power_t``, ``samples_seen`` (t of the invscaling schedule);
+    ``compiled_step``, once a training step has run, is the compiled step that
+    :func:`bpgpu.kernels.jit.train_step_for` built for it (None: none applies).
     """
 
     name = "sgd"
@@ -87,15 +89,12 @@ class Optimizer:
 
     def _zeros(self) -> Any:
         net = self.net
-        return net.backend.xp.zeros(net.n_params, dtype=net._xp_dtype)
+        return net.backend.xp.zeros(net.n_params, dtype=net.xp_dtype)
 
     def _weight_mask(self) -> Any:
         """1 on every weight θ_jk (k ≥ 1), 0 on every bias θ_j0, in the params layout."""
         net = self.net
-        host = np.ones(net.n_params)
-        for l in range(1, net.n_layers + 1):
-            net._theta_of(host, l)[:, 0] = 0.0
-        return net.backend.asarray(host, net._xp_dtype)
+        return net.backend.asarray(net.layout.weight_mask(), net.xp_dtype)
 
     # --- one step ------------------------------------------------------------
 
@@ -114,9 +113,9 @@ class Optimizer:
         return (0.5 * self.alpha * c) * squares
 
     def _weight_blocks(self, w: Any):
-        net = self.net
-        for l in range(1, net.n_layers + 1):
-            yield w[net._offsets[l - 1] + net.sizes[l] : net._offsets[l]]
+        layout = self.net.layout
+        for l in range(1, layout.n_layers + 1):
+            yield layout.weights(w, l)
 
     def update(self, grad: Any) -> None:
         """w ← w + step(grad): one fused kernel over the flat parameter vector."""

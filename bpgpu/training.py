@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from bpgpu import validation
+from bpgpu import engine, validation
 from bpgpu.backend import to_numpy
 from bpgpu.kernels import jit
 from bpgpu.optim import SGD, Optimizer, make_optimizer
@@ -81,7 +81,7 @@ def train_step(net: Any, X: Any, T: Any, optimizer: Optimizer, weights: tuple[An
     """Forward, backprop, L2 term and one fused update on a batch already on the backend.
 
     X (m, n0) and T (m, nL) must be backend arrays in the net's dtype (as
-    ``net._inputs`` returns them). Returns the batch loss as a device scalar
+    ``net.check_inputs`` returns them). Returns the batch loss as a device scalar
     (no host transfer). After the first call for a batch size it allocates
     nothing on numpy: the workspace, gradient and optimizer state are reused.
 
@@ -96,8 +96,8 @@ def train_step(net: Any, X: Any, T: Any, optimizer: Optimizer, weights: tuple[An
     if compiled is not None:
         return compiled(X, T, weights)
     ws = net.workspace(X.shape[0])
-    net._forward(X, ws, net.params)
-    loss = net._backward(X, T, ws, net.params, ws.grad, weights)
+    engine.forward(net, X, ws, net.params)
+    loss = engine.backward(net, X, T, ws, net.params, ws.grad, weights)
     c = net.reduction_factor(X.shape[0], weights)
     loss = loss + optimizer.penalize(ws.grad, c)
     optimizer.update(ws.grad)
@@ -112,17 +112,17 @@ def _sample_sgd_step(net: Any, X: Any, T: Any, optimizer: SGD) -> Any:
     while W(l) still holds the weights the forward pass used, so the step is
     exactly :func:`train_step`'s (tests/test_training.py compares them).
     """
-    ops, L, w = net.backend.ops, net.n_layers, net.params
+    ops, L, w, layout, xp = net.backend.ops, net.n_layers, net.params, net.layout, net.backend.xp
     ws = net.workspace(1)
-    net._forward(X, ws, w)
-    loss = net._output_delta(T, ws)  # c = 1 for one sample under either reduction
+    engine.forward(net, X, ws, w)
+    loss = engine.output_delta(net, T, ws)  # c = 1 for one sample under either reduction
     scratch = optimizer.layer_scratch()
     for l in range(L, 0, -1):
         if l > 1:
-            s = ops.matmul(ws.D[l], net._wt(l, w).T, ws.D[l - 1])
+            s = ops.matmul(ws.D[l], layout.wt(w, l, xp).T, ws.D[l - 1])
             getattr(ops, net.activations[l - 2].bwd)(s, ws.A[l - 1], s, ws.scratch[l - 1], ws.rows)
         a_prev = X[0, :] if l == 1 else ws.A[l - 1][0, :]
-        ops.outer_sgd_update(net._wt(l, w), net._bias(l, w), a_prev, ws.D[l][0, :], optimizer.learning_rate,
+        ops.outer_sgd_update(layout.wt(w, l, xp), layout.bias(w, l), a_prev, ws.D[l][0, :], optimizer.learning_rate,
                              scratch[l])
     return loss
 
@@ -175,7 +175,7 @@ def _split_validation(net: Any, X: Any, T: Any, s: Any, validation_data: Any, fr
             Xv, Tv = validation_data
         except (TypeError, ValueError):
             raise TypeError("validation_data must be a pair (X_val, T_val)") from None
-        Xv, Tv = net._inputs(Xv, Tv)
+        Xv, Tv = net.check_inputs(Xv, Tv)
         return X, T, s, Xv, Tv, None
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction < 1:
         raise ValueError(f"validation_fraction must be a number in [0, 1), got {fraction!r}")
@@ -286,7 +286,7 @@ def fit(
     for cb in callbacks:
         if not callable(cb):
             raise TypeError(f"callbacks must be callables cb(epoch, history, net), got {cb!r}")
-    X, T = net._inputs(X, T)
+    X, T = net.check_inputs(X, T)
     s = _sample_weight(net, sample_weight, X.shape[0])
     rng = np.random.default_rng(seed)
     X, T, s, Xv, Tv, s_val = _split_validation(net, X, T, s, validation_data, validation_fraction, rng)
@@ -344,7 +344,7 @@ class _EpochLoop:
 
     def __init__(self, net: Any, X: Any, T: Any, opt: Optimizer, batch: int, shuffle: bool, rng: Any,
                  s: Any = None, weights_val: Any = None):
-        xp, dt = net.backend.xp, net._xp_dtype
+        xp, dt = net.backend.xp, net.xp_dtype
         self.net, self.X, self.T, self.opt, self.rng = net, X, T, opt, rng
         m = X.shape[0]
         self.bounds = [(lo, min(lo + batch, m)) for lo in range(0, m, batch)]
@@ -392,7 +392,7 @@ class _EpochLoop:
         # 0 · Σw is NaN when any parameter is non-finite, so one number checks loss and parameters.
         figures = [xp.sum(self.step_losses * self.weights) + 0.0 * xp.sum(net.params)]
         if Xv is not None:
-            figures.append(net._loss(Xv, Tv, net.workspace(Xv.shape[0]), net.params, self.weights_val))
+            figures.append(engine.loss(net, Xv, Tv, net.workspace(Xv.shape[0]), net.params, self.weights_val))
         host = to_numpy(xp.stack(figures))  # the one device → host transfer of the epoch
         loss = float(host[0])
         if not math.isfinite(loss):
@@ -501,15 +501,15 @@ def _fit_lbfgs(net: Any, X: Any, T: Any, Xv: Any, Tv: Any, epochs: int, alpha: f
     except ImportError:
         raise ImportError("optimizer='lbfgs' needs scipy, an optional dependency: pip install 'bpgpu[sklearn]'") from None
     max_fun = _positive_int(max_fun, "max_fun")
-    backend, dt = net.backend, net._xp_dtype
+    backend, dt = net.backend, net.xp_dtype
     ws = net.workspace(X.shape[0])
     l2 = SGD(net, 1.0, alpha=alpha)  # only its L2 term (mask and scratch) is used
     c = net.reduction_factor(X.shape[0], weights)
 
     def loss_and_grad(x: np.ndarray) -> tuple[float, np.ndarray]:
         net.params[...] = backend.asarray(x, dt)  # host → device
-        net._forward(X, ws, net.params)
-        J = net._backward(X, T, ws, net.params, ws.grad, weights) + l2.penalize(ws.grad, c)
+        engine.forward(net, X, ws, net.params)
+        J = engine.backward(net, X, T, ws, net.params, ws.grad, weights) + l2.penalize(ws.grad, c)
         return float(J), to_numpy(ws.grad).astype(np.float64)  # device → host
 
     history = History()
@@ -523,7 +523,7 @@ def _fit_lbfgs(net: Any, X: Any, T: Any, Xv: Any, Tv: Any, epochs: int, alpha: f
         val_loss = None
         if Xv is not None:
             net.params[...] = backend.asarray(intermediate_result.x, dt)
-            val_loss = float(net._loss(Xv, Tv, net.workspace(Xv.shape[0]), net.params, weights_val))
+            val_loss = float(engine.loss(net, Xv, Tv, net.workspace(Xv.shape[0]), net.params, weights_val))
         monitor.epoch_done(history, float(intermediate_result.fun), val_loss, None)
         _show(bar, epoch, history)
         if _run_callbacks(callbacks, epoch, history, net):

@@ -38,7 +38,7 @@ def _in(ns, array):
 
 
 def _data(net):
-    dt = net._xp_dtype
+    dt = net.xp_dtype
     return net.backend.asarray(X, dt), net.backend.asarray(T, dt)
 
 
@@ -107,7 +107,7 @@ def test_derivatives_match_numpy(ns):
     Xn, Tn = _data(net)
     x4, t4 = Xn[:4, ...], Tn[:4, ...]
     v = RNG.normal(size=net.n_params)
-    vn = net.backend.asarray(v, net._xp_dtype)
+    vn = net.backend.asarray(v, net.xp_dtype)
     # finite differences round differently in each library's summation order: ~1e-11 absolute
     _close(bp.numerical_gradient(net, Xn, Tn), bp.numerical_gradient(ref, X, T), rtol=1e-7, atol=1e-9)
     assert bp.check_gradient(net, Xn, Tn).passed

@@ -221,7 +221,7 @@ def test_fitted_attributes_have_sklearn_shapes_and_view_the_net():
     assert clf.validation_scores_ is None
     assert reg.out_activation_ == "identity" and reg.predict(X).shape == (len(X), 2)
     # coefs_[i] is Wᵀ of layer i + 1 of the net: writing into it changes the predictions.
-    np.testing.assert_array_equal(clf.coefs_[0], clf._net._wt(1, clf._net.params))
+    np.testing.assert_array_equal(clf.coefs_[0], clf._net.layout.wt(clf._net.params, 1))
     proba = clf.predict_proba(X)
     assert proba.dtype == np.float64 and np.allclose(proba.sum(axis=1), 1, atol=1e-12)
     clf.intercepts_[-1][0] += 100.0
@@ -267,10 +267,10 @@ def test_save_load_round_trip(tmp_path):
     assert twin.coefs_[0].dtype == np.float64
 
     # a file whose parameters do not fit the architecture is refused, naming the file
-    state, arrays = clf._bpgpu_state()
+    state, arrays = clf.__bpgpu_state__()
     state["layer_units"][1] += 1
     with pytest.raises(ValueError, match="n_params"):
-        type(clf)._bpgpu_from_state(state, arrays, "numpy")
+        type(clf).__bpgpu_from_state__(state, arrays, "numpy")
 
 
 # --- errors and the optional dependency ------------------------------------------
