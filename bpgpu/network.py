@@ -57,6 +57,8 @@ class MLP:
         self.sizes = validation.layer_sizes(layer_sizes)
         L = self.n_layers = len(self.sizes) - 1
         hidden_names = validation.per_layer(hidden, L - 1, "hidden")
+        if isinstance(hidden, str) and not hidden_names:
+            activations.get(hidden, None, is_output=False)
         self.activations = [
             activations.get(name, l, is_output=False) for l, name in enumerate(hidden_names, start=1)
         ] + [activations.get(output, L, is_output=True)]

@@ -24,10 +24,11 @@ from bpgpu.kernels import jit
 from bpgpu.optim import SGD, Optimizer, make_optimizer
 
 
-class DivergenceError(FloatingPointError):
+class DivergenceError(FloatingPointError, ValueError):
     """The loss (or a parameter) became NaN or Inf; the net holds its last finite parameters.
 
-    Attributes: ``epoch`` and ``step`` (1-based) where it was seen, ``history``
+    A ValueError, as scikit-learn's MLP reports a run that produced non-finite
+    weights (and a FloatingPointError, as before). Attributes: ``epoch`` and ``step`` (1-based) where it was seen, ``history``
     (the epochs completed before it).
     """
 
@@ -46,7 +47,9 @@ class History:
     set (the score is ``validation_score(net, X_val, T_val)`` when given, else
     −validation_loss); learning_rate: the rate in force at the end of each
     epoch; stop_reason: "epochs", "tol", "early_stopping", "callback",
-    "interrupted" or L-BFGS's message.
+    "interrupted" or L-BFGS's message; status: L-BFGS's exit status (scipy's:
+    0 converged, 1 iteration or evaluation limit reached, 2 other, 99 stopped by
+    a callback), None for the stochastic optimizers.
     """
 
     loss: list[float] = field(default_factory=list)
@@ -56,6 +59,7 @@ class History:
     best_loss: float = math.inf
     best_validation_score: float = -math.inf
     stop_reason: str = ""
+    status: int | None = None
 
     @property
     def epochs(self) -> int:
@@ -143,8 +147,13 @@ def _batch_size(batch_size: Any, m: int) -> int:
     return min(size, m)
 
 
-def _progress_bar(progress: bool, epochs: int) -> Any:
-    if not progress:
+PROGRESS = (True, False, "bar", "lines")
+
+
+def _progress_bar(progress: bool | str, epochs: int) -> Any:
+    if progress not in PROGRESS:
+        raise ValueError(f"progress must be one of True, False, 'bar' or 'lines', got {progress!r}")
+    if progress is False or progress == "lines":
         return None
     try:
         from tqdm.auto import tqdm
@@ -221,7 +230,7 @@ def fit(
     validation_fraction: float = 0.0,
     early_stopping: bool = False,
     callbacks: Iterable[Callable[[int, History, Any], Any]] = (),
-    progress: bool = True,
+    progress: bool | str = True,
     *,
     tol: float | None = 1e-4,
     n_iter_no_change: int = 10,
@@ -249,7 +258,10 @@ def fit(
         tol=None disables the rule.
     callbacks: each called as ``cb(epoch, history, net)`` after every epoch;
         a True return value stops training.
-    progress: a tqdm bar with the epoch, loss and validation figures.
+    progress: True or "bar": a tqdm bar with the epoch, loss and validation
+        figures; "lines": scikit-learn's verbose lines on stdout
+        ("Iteration N, loss = L" per epoch, "Validation score: S" when there is
+        a validation set, and the stopping rule's message); False: nothing.
     validation_score: ``f(net, X_val, T_val) -> float``, higher is better
         (default −validation loss).
     sample_weight: one weight ≥ 0 per row of X, as scikit-learn's: each batch's
@@ -261,7 +273,8 @@ def fit(
 
     Raises :class:`DivergenceError` when the loss or the parameters become
     non-finite; the net then holds the parameters from the start of that epoch
-    (and the optimizer's velocity or moments are zeroed). Divergence is seen
+    (with early_stopping: those of the best validation score so far), and the
+    optimizer's velocity or moments are zeroed. Divergence is seen
     once per epoch, from the one number transferred; numpy may also print
     overflow RuntimeWarnings on the way.
     """
@@ -294,8 +307,9 @@ def fit(
         opt = make_optimizer(optimizer, net, learning_rate, **optimizer_options)
     loop = _EpochLoop(net, X, T, opt, _batch_size(batch_size, X.shape[0]), shuffle, rng, s, weights_val)
     history = History()
-    monitor = _Monitor(net, Xv, Tv, early_stopping, tol, n_iter_no_change, validation_score)
     bar = _progress_bar(progress, epochs)
+    monitor = _Monitor(net, Xv, Tv, early_stopping, tol, n_iter_no_change, validation_score,
+                       print if progress == "lines" else None)
     try:
         for epoch in range(1, epochs + 1):
             try:
@@ -315,6 +329,9 @@ def fit(
                 break
         else:
             history.stop_reason = "epochs"
+    except DivergenceError:
+        monitor.restore_best(history)  # early stopping's result is its best parameters, diverged or not
+        raise
     finally:
         if bar is not None:
             bar.close()
@@ -405,20 +422,25 @@ class _Monitor:
     """scikit-learn's _update_no_improvement_count, early stopping and the best parameters."""
 
     def __init__(self, net: Any, Xv: Any, Tv: Any, early_stopping: bool, tol: float | None,
-                 n_iter_no_change: int, score: Callable | None):
+                 n_iter_no_change: int, score: Callable | None, say: Callable[[str], Any] | None = None):
         self.net, self.Xv, self.Tv = net, Xv, Tv
         self.early_stopping, self.tol, self.patience, self.score = early_stopping, tol, n_iter_no_change, score
+        self.say = say  # progress="lines": scikit-learn's verbose output
         self.count = 0
         self.best = net.backend.xp.asarray(net.params, copy=True) if early_stopping else None
 
     def epoch_done(self, history: History, loss: float, val_loss: float | None, opt: Any) -> str:
         history.loss.append(loss)
+        if self.say is not None:
+            self.say(f"Iteration {history.epochs}, loss = {loss:.8f}")
         if opt is not None:  # L-BFGS has no learning rate
             history.learning_rate.append(opt.learning_rate)
         if val_loss is not None:
             history.validation_loss.append(val_loss)
             score = float(self.score(self.net, self.Xv, self.Tv)) if self.score else -val_loss
             history.validation_score.append(score)
+            if self.say is not None:
+                self.say(f"Validation score: {score:f}")
         if self.early_stopping:
             if score < history.best_validation_score + (self.tol or 0.0):
                 self.count += 1
@@ -432,7 +454,9 @@ class _Monitor:
         history.best_loss = min(history.best_loss, loss)
         if (self.tol is None and not self.early_stopping) or self.count <= self.patience:
             return ""
-        if opt.trigger_stopping():
+        what = "Validation score" if self.early_stopping else "Training loss"
+        msg = f"{what} did not improve more than tol={self.tol or 0.0:f} for {self.patience} consecutive epochs."
+        if opt.trigger_stopping(msg, self.say):
             return "early_stopping" if self.early_stopping else "tol"
         self.count = 0
         return ""
@@ -463,7 +487,7 @@ def _show(bar: Any, epoch: int, history: History) -> None:
 
 
 def _fit_lbfgs(net: Any, X: Any, T: Any, Xv: Any, Tv: Any, epochs: int, alpha: float, tol: float | None,
-               max_fun: int, callbacks: tuple, progress: bool, validation_score: Callable | None,
+               max_fun: int, callbacks: tuple, progress: bool | str, validation_score: Callable | None,
                weights: Any = None, weights_val: Any = None) -> History:
     """scipy's L-BFGS-B on the flat parameter vector, full batch, as scikit-learn's solver="lbfgs".
 
@@ -489,8 +513,8 @@ def _fit_lbfgs(net: Any, X: Any, T: Any, Xv: Any, Tv: Any, epochs: int, alpha: f
         return float(J), to_numpy(ws.grad).astype(np.float64)  # device → host
 
     history = History()
-    monitor = _Monitor(net, Xv, Tv, False, None, 1, validation_score)
     bar = _progress_bar(progress, epochs)
+    monitor = _Monitor(net, Xv, Tv, False, None, 1, validation_score, print if progress == "lines" else None)
     epoch = 0
 
     def iteration(intermediate_result: Any) -> None:
@@ -516,6 +540,7 @@ def _fit_lbfgs(net: Any, X: Any, T: Any, Xv: Any, Tv: Any, epochs: int, alpha: f
     finally:
         if bar is not None:
             bar.close()
+    history.status = int(result.status)
     if not (np.all(np.isfinite(result.x)) and np.isfinite(result.fun)):
         net.params[...] = backend.asarray(x0, dt)
         history.stop_reason = "diverged"
