@@ -13,12 +13,12 @@ __all__ = [
     "MLP", "Backend", "gpu_status", "resolve_backend", "to_numpy", "__version__",
     "GradientCheck", "check_gradient", "hessian", "hvp", "jacobian", "numerical_gradient",
     "Optimizer", "make_optimizer", "DivergenceError", "History", "fit", "train_step",
-    "load", "save", "MLPClassifier", "MLPRegressor",
+    "load", "save", "MLPClassifier", "MLPRegressor", "to_onnx",
 ]
 
 # Names whose modules need an optional extra: imported on first use, so that
-# ``import bpgpu`` never imports scikit-learn (public name -> its module).
-_LAZY = {"MLPClassifier": "bpgpu.estimators", "MLPRegressor": "bpgpu.estimators"}
+# ``import bpgpu`` never imports scikit-learn or onnx (public name -> its module).
+_LAZY = {"MLPClassifier": "bpgpu.estimators", "MLPRegressor": "bpgpu.estimators", "to_onnx": "bpgpu.onnx_export"}
 
 
 def __getattr__(name: str):

@@ -1,7 +1,7 @@
 """Derivatives of an MLP beyond the gradient: finite differences, gradient
 checking, the input Jacobian, Hessian-vector products and the Hessian.
 
-The seeds' point (seed 002): backprop gives all W gradient components in
+The point of backpropagation (docs/guide/finite_differences.rst): it gives all W gradient components in
 O(W); finite differences need O(W) passes of O(W) each, O(W²). Both are here,
 the second as the check on the first. Second order:
 
@@ -14,7 +14,7 @@ The passes are :mod:`bpgpu.engine`'s (forward, backprop, the seeded backward
 pass of the Jacobian, the R-operator), so everything here runs on numpy, CuPy
 and array_api_strict alike, and results stay on the net's device.
 
-Notation (seed 000, engine.py): z(l) = A(l−1) Wᵀ(l) + b(l), A(l) = g_l(z(l)),
+Notation (docs/guide/feedforward.rst, engine.py): z(l) = A(l−1) Wᵀ(l) + b(l), A(l) = g_l(z(l)),
 J = c Σ_n ℓ(a_n(L), t_n) with c = 1/m ("mean") or 1 ("sum"), δ(l) = ∂J/∂z(l).
 """
 
@@ -72,7 +72,7 @@ def _steps(xp: Any, x: Any, eps: float) -> Any:
 
 
 def numerical_gradient(net: MLP, X: Any, T: Any, method: str = "central", eps: float | None = None) -> Any:
-    """dJ/dw by finite differences of the loss, perturbing each w_i in turn (seed 002).
+    """dJ/dw by finite differences of the loss, perturbing each w_i in turn (docs/guide/finite_differences.rst).
 
     central: (J(w + h_i e_i) − J(w − h_i e_i)) / 2h_i, exactly 2W loss evaluations;
     forward: (J(w + h_i e_i) − J(w)) / h_i, exactly W + 1. Each evaluation is one
@@ -191,7 +191,7 @@ def jacobian(net: MLP, X: Any, method: str = "backprop", eps: float | None = Non
     """∂y_k/∂x_i for every sample: shape (m, n_L, n_0), y = a(L) the net's output
     (through the output activation, softmax's coupling included).
 
-    backprop: seed 002's recursion, δ(L) = ∂y_k/∂z(L) for all n_L outputs and m
+    backprop: the Jacobian recursion (docs/guide/jacobian_hessian.rst), δ(L) = ∂y_k/∂z(L) for all n_L outputs and m
     samples at once, propagated back as one batched (n_L·m)-row pass;
     ∂y/∂x = δ(1) W(1). Cost: the backward pass n_L times over.
     finite_difference: central differences in each input x_i (all samples at
@@ -255,7 +255,7 @@ def hessian(net: MLP, X: Any, T: Any, method: str = "exact", eps: float | None =
         * canonical pairs (identity + squared_error, sigmoid + binary_cross_entropy,
           softmax + cross_entropy): G = c Σ_n J_nᵀ M_n J_n with J_n = ∂z_n(L)/∂w and
           M_n = ∂²ℓ/∂z² = I, diag(a(1 − a)), diag(a) − a aᵀ. For squared error this
-          is seed 002's Levenberg–Marquardt H ≈ Σ_n ∇y_n ∇y_nᵀ.
+          is the outer-product (Levenberg–Marquardt) H ≈ Σ_n ∇y_n ∇y_nᵀ.
         * every other pair: the general Gauss–Newton form G = c Σ_n J_nᵀ diag(ℓ″) J_n
           with J_n = ∂a_n(L)/∂w (the Jacobian of the outputs) and ℓ″ = ∂²ℓ/∂a²
           (squared error: 1, so again Σ_n ∇y_n ∇y_nᵀ with y = a(L)).

@@ -2,7 +2,7 @@
 
 The passes themselves are :mod:`bpgpu.engine`'s, the flat layout :mod:`bpgpu.layout`'s.
 
-Notation (seed 000): layer l maps a(l−1) to a(l) = g(z(l)), z(l) = Θ(l) a(l−1)
+Notation (docs/guide/feedforward.rst): layer l maps a(l−1) to a(l) = g(z(l)), z(l) = Θ(l) a(l−1)
 with a_0 = 1. Θ(l) is (n_l, n_{l−1} + 1) with the bias in column 0. All Θ(l)
 live in one flat vector w, each stored column-major: the bias column comes
 first, then the weight block, whose transpose Wᵀ (n_{l−1}, n_l) is an ordinary
@@ -36,7 +36,7 @@ class MLP:
     reduction : "mean" (sum over samples / m) or "sum".
     dtype : "float32" or "float64"; every computation stays in it.
     backend : "auto", "numpy", "cupy" or an array-API namespace.
-    init : "uniform" (U[−epsilon, epsilon], seed 004), "glorot" or "he".
+    init : "uniform" (U[−epsilon, epsilon], docs/guide/training.rst), "glorot" or "he".
     seed : int for reproducible initial parameters (drawn on the host in
         float64, so the same seed gives the same net on every backend).
     """
@@ -53,7 +53,7 @@ class MLP:
         init: str = "uniform",
         epsilon: float = 0.12,
         seed: int | None = None,
-    ):
+    ) -> None:
         self.sizes = validation.layer_sizes(layer_sizes)
         L = self.n_layers = len(self.sizes) - 1
         hidden_names = validation.per_layer(hidden, L - 1, "hidden")
@@ -105,7 +105,7 @@ class MLP:
     # --- parameters --------------------------------------------------------
 
     def initialize(self, init: str = "uniform", epsilon: float = 0.12, seed: int | None = None) -> None:
-        """Draw new parameters in place (the symmetry breaking of seed 004)."""
+        """Draw new parameters in place (random, to break the symmetry between units: docs/guide/training.rst)."""
         if init not in INITS:
             raise ValueError(f"init must be one of {', '.join(INITS)}, got {init!r}")
         rng = np.random.default_rng(seed)

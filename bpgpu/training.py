@@ -1,6 +1,6 @@
 """Training: one step (forward, backprop, fused update) and the epoch loop :func:`fit`.
 
-Host traffic is kept to the edges (DESIGN "Precision and devices"): per epoch one
+Host traffic is kept to the edges (arrays stay on their device): per epoch one
 host→device copy of the shuffled sample order (drawn with numpy's seeded
 generator, so a seed gives the same batches on every backend) and one
 device→host copy of the epoch's loss (and validation loss) for the history,
