@@ -288,3 +288,19 @@ def test_import_bpgpu_does_not_import_onnx_and_missing_onnx_names_the_extra():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "pip install 'bpgpu[onnx]'" in out
+
+
+def test_readme_export_runs(tmp_path, monkeypatch):
+    import pathlib
+    import re
+
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code = re.search(r"## ONNX export\n\n```python\n(.*?)```", readme, re.S).group(1)
+    assert len(code.strip().splitlines()) == 3
+    X = _data()
+    clf = fitted(bp.MLPClassifier, X, TARGETS["multiclass"](X), hidden_layer_sizes=(4,))
+    monkeypatch.chdir(tmp_path)
+    scope = {"bp": bp, "np": np, "onnxruntime": ort, "clf": clf, "X": X}
+    exec(compile(code, "README.md", "exec"), scope)
+    np.testing.assert_array_equal(scope["label"], clf.predict(X))
+    assert_close(scope["proba"], clf.predict_proba(X), "float32")
