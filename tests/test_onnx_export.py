@@ -304,3 +304,13 @@ def test_readme_export_runs(tmp_path, monkeypatch):
     exec(compile(code, "README.md", "exec"), scope)
     np.testing.assert_array_equal(scope["label"], clf.predict(X))
     assert_close(scope["proba"], clf.predict_proba(X), "float32")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not bp.gpu_status().usable, reason=f"no usable GPU: {bp.gpu_status().reason}")
+def test_a_net_on_the_gpu_exports_as_on_the_cpu():
+    on_gpu = bp.MLP([3, 4, 2], hidden="softplus", output="softmax", loss="cross_entropy", dtype="float64",
+                    backend="cupy", seed=0)
+    on_cpu = bp.MLP([3, 4, 2], hidden="softplus", output="softmax", loss="cross_entropy", dtype="float64",
+                    backend="numpy", seed=0)
+    assert bp.to_onnx(on_gpu) == bp.to_onnx(on_cpu)  # the same seed draws the same parameters on the host
