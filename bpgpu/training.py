@@ -45,14 +45,16 @@ class History:
     validation_loss / validation_score: per epoch when there is a validation
     set (the score is ``validation_score(net, X_val, T_val)`` when given, else
     −validation_loss); learning_rate: the rate in force at the end of each
-    epoch; stop_reason: "epochs", "tol", "early_stopping", "callback",
-    "interrupted" or L-BFGS's message.
+    epoch; mu: Levenberg–Marquardt's damping μ after each iteration;
+    stop_reason: "epochs", "tol", "early_stopping", "callback",
+    "interrupted", "mu_max" (Levenberg–Marquardt) or L-BFGS's message.
     """
 
     loss: list[float] = field(default_factory=list)
     validation_loss: list[float] = field(default_factory=list)
     validation_score: list[float] = field(default_factory=list)
     learning_rate: list[float] = field(default_factory=list)
+    mu: list[float] = field(default_factory=list)
     best_loss: float = math.inf
     best_validation_score: float = -math.inf
     stop_reason: str = ""
@@ -232,13 +234,14 @@ def fit(
 ) -> History:
     """Train ``net`` in place on (X, T) and return its :class:`History`.
 
-    optimizer: "sgd", "momentum", "nesterov", "adam", "lbfgs", or an
+    optimizer: "sgd", "momentum", "nesterov", "adam", "lbfgs", "lm" (Levenberg–Marquardt,
+        :mod:`bpgpu.levenberg_marquardt`), or an
         :class:`bpgpu.optim.Optimizer` already bound to this net (its state and
         options carry over, e.g. for scikit-learn's partial_fit; then
         learning_rate and optimizer_options are not used).
     batch_size: None (full batch: gradient descent), an int (1 is per-sample
         SGD), or "auto" = min(200, m) as scikit-learn. L-BFGS is full batch.
-    epochs: passes over the data (L-BFGS: its iterations, as sklearn's max_iter).
+    epochs: passes over the data (L-BFGS and LM: their iterations, as sklearn's max_iter).
     shuffle: draw a new sample order each epoch from ``seed``'s generator.
     validation_data / validation_fraction: a held-out set scored each epoch;
         early_stopping=True stops on it and restores its best parameters.
@@ -257,7 +260,11 @@ def fit(
         by Σ s_n; a validation_fraction split takes its rows' weights along.
         Equal weights under reduction="mean" change nothing and are dropped.
     optimizer_options: alpha (L2, weights only), lr_schedule, power_t,
-        momentum, beta_1, beta_2, epsilon (see :mod:`bpgpu.optim`).
+        momentum, beta_1, beta_2, epsilon (see :mod:`bpgpu.optim`); for "lm":
+        alpha, mu, mu_dec, mu_inc, mu_max, damping, form, chunk_size, max_memory
+        (see :class:`bpgpu.levenberg_marquardt.LevenbergMarquardt`). LM is full
+        batch: batch_size, shuffle and learning_rate are not used; it stops with
+        stop_reason "mu_max" when no μ ≤ mu_max lowers the loss.
 
     Raises :class:`DivergenceError` when the loss or the parameters become
     non-finite; the net then holds the parameters from the start of that epoch
@@ -286,6 +293,9 @@ def fit(
             raise TypeError(f"optimizer 'lbfgs' does not take {', '.join(sorted(optimizer_options))}")
         return _fit_lbfgs(net, X, T, Xv, Tv, epochs, alpha, tol, max_fun, callbacks, progress, validation_score,
                           net.weighting(s), weights_val)
+    if optimizer == "lm":
+        return _fit_lm(net, X, T, s, Xv, Tv, weights_val, epochs, early_stopping, tol, n_iter_no_change,
+                       callbacks, progress, validation_score, optimizer_options)
     if isinstance(optimizer, Optimizer):
         if optimizer.net is not net:
             raise ValueError("the optimizer given is bound to another net; make one with make_optimizer(name, net)")
@@ -432,7 +442,7 @@ class _Monitor:
         history.best_loss = min(history.best_loss, loss)
         if (self.tol is None and not self.early_stopping) or self.count <= self.patience:
             return ""
-        if opt.trigger_stopping():
+        if opt is None or opt.trigger_stopping():  # no optimizer object (LM): stop at once
             return "early_stopping" if self.early_stopping else "tol"
         self.count = 0
         return ""
@@ -528,4 +538,58 @@ def _fit_lbfgs(net: Any, X: Any, T: Any, Xv: Any, Tv: Any, epochs: int, alpha: f
         )
     net.params[...] = backend.asarray(result.x, dt)
     history.stop_reason = history.stop_reason or str(result.message)
+    return history
+
+
+# --- Levenberg–Marquardt -----------------------------------------------------------
+
+
+def _fit_lm(net: Any, X: Any, T: Any, s: Any, Xv: Any, Tv: Any, weights_val: Any, epochs: int,
+            early_stopping: bool, tol: float | None, n_iter_no_change: int, callbacks: tuple, progress: bool,
+            validation_score: Callable | None, options: dict) -> History:
+    """Levenberg–Marquardt iterations (:class:`bpgpu.levenberg_marquardt.LevenbergMarquardt`), full
+    batch, one "epoch" per iteration, with the stopping rules, validation and history of :func:`fit`.
+
+    A step is taken only when it lowers the training loss, so the parameters never go
+    non-finite; training stops ("mu_max") when no μ up to mu_max does.
+    """
+    from bpgpu.levenberg_marquardt import LevenbergMarquardt
+
+    allowed = {"alpha", "mu", "mu_dec", "mu_inc", "mu_max", "damping", "form", "chunk_size", "max_memory"}
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise TypeError(f"optimizer 'lm' does not take {', '.join(unknown)}; it takes {', '.join(sorted(allowed))}")
+    solver = LevenbergMarquardt(net, X, T, s, **options)
+    history = History()
+    monitor = _Monitor(net, Xv, Tv, early_stopping, tol, n_iter_no_change, validation_score)
+    bar = _progress_bar(progress, epochs)
+    try:
+        for epoch in range(1, epochs + 1):
+            try:
+                result = solver.step()
+            except KeyboardInterrupt:
+                warnings.warn("training interrupted by the user", stacklevel=3)
+                history.stop_reason = "interrupted"
+                break
+            val_loss = None
+            if Xv is not None:
+                val_loss = float(net._loss(Xv, Tv, net.workspace(Xv.shape[0]), net.params, weights_val))
+            history.mu.append(result.mu)
+            stop = monitor.epoch_done(history, result.loss, val_loss, None)
+            _show(bar, epoch, history)
+            if _run_callbacks(callbacks, epoch, history, net):
+                history.stop_reason = "callback"
+                break
+            if not result.accepted:
+                history.stop_reason = "mu_max"
+                break
+            if stop:
+                history.stop_reason = stop
+                break
+        else:
+            history.stop_reason = "epochs"
+    finally:
+        if bar is not None:
+            bar.close()
+    monitor.restore_best(history)
     return history
