@@ -16,12 +16,12 @@ __all__ = [
     "GradientCheck", "check_gradient", "hessian", "hvp", "jacobian", "numerical_gradient",
     "hessian_eigenvalues", "hessian_trace", "per_sample_gradients",
     "Optimizer", "make_optimizer", "DivergenceError", "History", "fit", "train_step",
-    "load", "save", "MLPClassifier", "MLPRegressor",
+    "load", "save", "MLPClassifier", "MLPRegressor", "to_onnx",
 ]
 
 # Names whose modules need an optional extra: imported on first use, so that
-# ``import bpgpu`` never imports scikit-learn (public name -> its module).
-_LAZY = {"MLPClassifier": "bpgpu.estimators", "MLPRegressor": "bpgpu.estimators"}
+# ``import bpgpu`` never imports scikit-learn or onnx (public name -> its module).
+_LAZY = {"MLPClassifier": "bpgpu.estimators", "MLPRegressor": "bpgpu.estimators", "to_onnx": "bpgpu.onnx_export"}
 
 
 def __getattr__(name: str):

@@ -42,7 +42,7 @@ def gpu_status() -> GpuStatus:
 
     ``cupy.is_available()`` only counts devices; a machine can have a device and
     still lack NVRTC, the CUDA headers or cuBLAS, so a tiny kernel and a matmul
-    are actually run (see shared/research/gpuless-cupy.md).
+    are actually run (docs/guide/gpu.rst, "Which machines count as having a GPU").
     """
     try:
         import cupy

@@ -3,7 +3,9 @@ trace by Hutchinson's estimator, both on exact Hessian-vector products (PyHessia
 tools, on numpy or CuPy, without PyTorch).
 
 H = ∂²J/∂w² (W × W) is never formed: each product H v is Pearlmutter's R-operator
-pass (:func:`bpgpu.hvp`, O(W), about two gradients).
+pass (:func:`bpgpu.engine.r_pass`, as :func:`bpgpu.hvp`: O(W), about two gradients),
+after one forward and backward pass at the current parameters; Hutchinson's probes
+go through it in blocks, as one batched pass each.
 
     hessian_eigenvalues   the k extreme eigenvalues: implicitly restarted Lanczos
                           (ARPACK, ``scipy.sparse.linalg.eigsh``) on the CPU, CuPy's
@@ -20,9 +22,13 @@ from typing import Any
 
 import numpy as np
 
+from bpgpu import engine
 from bpgpu.backend import to_numpy
-from bpgpu.derivatives import hessian, hvp
+from bpgpu.derivatives import hessian
 from bpgpu.network import MLP
+
+# Hutchinson probes per batched R-pass: about this many elements per intermediate array.
+_PROBE_ELEMENTS = 1 << 22
 
 # which= → (ARPACK/CuPy mode, sort key of the eigenvalues returned)
 _WHICH = {
@@ -77,7 +83,7 @@ def hessian_eigenvalues(
                           f"is {W} × {W}, so it has {W} eigenvalues")
     if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol >= 0:
         raise ValueError(f"tol must be a number >= 0, got {tol!r}")
-    X, T = net._inputs(X, T)
+    X, T = net.check_inputs(X, T)
     backend, xp = net.backend, net.backend.xp
     mode, key = _WHICH[which]
     if k == W:
@@ -85,10 +91,10 @@ def hessian_eigenvalues(
     else:
         lam, vec = _lanczos(net, X, T, k, mode, float(tol), maxiter)
     order = np.argsort(key(lam), kind="stable")[:k]
-    eigenvalues = backend.asarray(lam[order], net._xp_dtype)
+    eigenvalues = backend.asarray(lam[order], net.xp_dtype)
     if not return_eigenvectors:
         return eigenvalues
-    return eigenvalues, backend.asarray(vec[:, order], net._xp_dtype)
+    return eigenvalues, backend.asarray(vec[:, order], net.xp_dtype)
 
 
 def _lanczos(net: MLP, X: Any, T: Any, k: int, mode: str, tol: float, maxiter: int | None):
@@ -97,10 +103,11 @@ def _lanczos(net: MLP, X: Any, T: Any, k: int, mode: str, tol: float, maxiter: i
     linalg = backend.sparse_linalg()
     W = net.n_params
     on_device = backend.name == "cupy"  # CuPy's eigsh works on device vectors
-    dtype = np.float64 if not on_device else net._xp_dtype
+    dtype = np.float64 if not on_device else net.xp_dtype
+    ws = engine.forward_backward(net, X, T)
 
     def matvec(v: Any) -> Any:
-        Hv = hvp(net, X, T, backend.xp.reshape(backend.asarray(v, net._xp_dtype), (-1,)))
+        Hv = engine.r_pass(net, X, T, ws, backend.xp.reshape(backend.asarray(v, net.xp_dtype), (1, -1)))[0, :]
         return Hv if on_device else to_numpy(Hv).astype(np.float64)
 
     operator = linalg.LinearOperator((W, W), matvec=matvec, dtype=dtype)
@@ -117,13 +124,17 @@ def hessian_trace(net: MLP, X: Any, T: Any, n_samples: int = 100, seed: int | No
     standard error √(2 Σ_{i≠j} H_ij² / n). n_samples: the number of probes n.
     """
     n_samples = _count(n_samples, "n_samples", 1 << 31, "2**31")
-    X, T = net._inputs(X, T)
+    X, T = net.check_inputs(X, T)
     backend, xp = net.backend, net.backend.xp
     rng = np.random.default_rng(seed)
-    total = 0.0
-    for _ in range(n_samples):
-        v = backend.asarray(rng.integers(0, 2, size=net.n_params) * 2.0 - 1.0, net._xp_dtype)
-        total += float(xp.vecdot(v, hvp(net, X, T, v)))
+    ws = engine.forward_backward(net, X, T)
+    block = max(1, min(n_samples, _PROBE_ELEMENTS // (X.shape[0] * max(net.sizes) + net.n_params)))
+    total, done = 0.0, 0
+    while done < n_samples:
+        k = min(block, n_samples - done)
+        V = backend.asarray(rng.integers(0, 2, size=(k, net.n_params)) * 2.0 - 1.0, net.xp_dtype)
+        total += float(xp.sum(V * engine.r_pass(net, X, T, ws, V)))
+        done += k
     return total / n_samples
 
 

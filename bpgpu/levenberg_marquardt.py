@@ -112,7 +112,7 @@ class LevenbergMarquardt:
         if form not in FORMS:
             raise ValueError(f"form must be one of {', '.join(map(repr, FORMS))}, got {form!r}")
         self.net, self.alpha, self.damping = net, float(alpha), damping
-        self.X, self.T = net._inputs(X, T)
+        self.X, self.T = net.check_inputs(X, T)
         xp, m, W = net.backend.xp, self.X.shape[0], net.n_params
         self.sample_weight = None if sample_weight is None else validation.sample_weight(sample_weight, m)
         weights = net.weighting(self.sample_weight)
@@ -136,19 +136,12 @@ class LevenbergMarquardt:
                 f"Levenberg–Marquardt in form={self.form!r} needs {_gib(need)} in {net.dtype} for {matrix} of MLP "
                 f"{list(net.sizes)}, more than the {_gib(limit)} allowed (max_memory). Use a first-order optimizer "
                 f"('lbfgs' or 'adam'), a smaller net, or fewer samples (with N = m·n_L < W the N × N form is used)")
-        self.mask = None if self.alpha == 0.0 else net.backend.asarray(self._weight_mask(), net._xp_dtype)
+        self.mask = None if self.alpha == 0.0 else net.backend.asarray(net.layout.weight_mask(), net.xp_dtype)
         self.E = self._objective()
         if not np.isfinite(self.E):
             raise FloatingPointError(f"the loss at the starting parameters is {self.E} (not finite)")
 
     # --- pieces ----------------------------------------------------------------
-
-    def _weight_mask(self) -> np.ndarray:
-        """1 on every weight θ_jk (k ≥ 1), 0 on every bias, in the params layout (host)."""
-        mask = np.ones(self.net.n_params)
-        for l in range(1, self.net.n_layers + 1):
-            self.net.theta(l, mask)[:, 0] = 0.0
-        return mask
 
     def _objective(self) -> float:
         """E = J / c at the net's parameters (L2 term included)."""
@@ -175,7 +168,7 @@ class LevenbergMarquardt:
     def gram(self) -> Any:
         """A = RᵀR (W × W), summed over chunks of samples."""
         xp, W = self.net.backend.xp, self.net.n_params
-        A = xp.zeros((W, W), dtype=self.net._xp_dtype)
+        A = xp.zeros((W, W), dtype=self.net.xp_dtype)
         for _, _, R in self._chunks():
             A += R.T @ R
         return A
@@ -183,7 +176,7 @@ class LevenbergMarquardt:
     def residual_factor(self) -> Any:
         """R (N × W), built chunk by chunk."""
         xp, n_out = self.net.backend.xp, self.net.sizes[-1]
-        R = xp.empty((self.X.shape[0] * n_out, self.net.n_params), dtype=self.net._xp_dtype)
+        R = xp.empty((self.X.shape[0] * n_out, self.net.n_params), dtype=self.net.xp_dtype)
         for lo, hi, rows in self._chunks():
             R[lo * n_out : hi * n_out, :] = rows
         return R

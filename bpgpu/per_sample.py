@@ -34,72 +34,23 @@ from __future__ import annotations
 
 from typing import Any
 
-from bpgpu.kernels.generic import _clip_unit
+from bpgpu import engine, validation
 from bpgpu.network import MLP
 
-# ∂²ℓ/∂a² per sample and output, clipped as the loss kernels clip a (non-canonical pairs).
-_LOSS_CURVATURE = {
-    "squared_error": lambda xp, a, t: xp.ones_like(a),
-    "binary_cross_entropy": lambda xp, a, t: t / _clip_unit(a) ** 2 + (1.0 - t) / (1.0 - _clip_unit(a)) ** 2,
-    "cross_entropy": lambda xp, a, t: t / _clip_unit(a) ** 2,
-}
 
-
-# --- the passes ------------------------------------------------------------------
-
-
-def _forward(net: MLP, X: Any) -> list[Any]:
-    """[A(0) = X, A(1), ..., A(L)] at the net's parameters."""
+def _forward(net: MLP, X: Any) -> tuple[Any, list[Any]]:
+    """One forward pass at the net's parameters: (workspace, [A(0) = X, A(1), ..., A(L)])."""
     ws = net.workspace(X.shape[0])
-    net._forward(X, ws, net.params)
-    return [X] + ws.A[1:]
+    engine.forward(net, X, ws, net.params)
+    return ws, engine.layer_outputs(X, ws)
 
 
-def _times_g1(net: MLP, l: int, S: Any, a: Any) -> Any:
-    """S ⊙ g′_l(z(l)) for a stack S (K, m, n_l), a = A(l) (m, n_l), through layer l's backward kernel."""
-    xp = net.backend.xp
-    shape = tuple(S.shape)
-    s2 = xp.reshape(S, (-1, shape[-1]))
-    a2 = xp.reshape(xp.broadcast_to(a, shape), tuple(s2.shape))
-    out, scratch = xp.empty_like(s2), xp.empty_like(s2)
-    rows = xp.empty((s2.shape[0], 2), dtype=s2.dtype)
-    getattr(net.backend.ops, net.activations[l - 1].bwd)(s2, a2, out, scratch, rows)
-    return xp.reshape(out, shape)
-
-
-def _rows(net: MLP, A: list[Any], seeds: Any) -> Any:
-    """Backprop of seeds (K, m, n_L) into per-sample parameter derivatives (m, K, W), sample-major."""
-    xp, L = net.backend.xp, net.n_layers
-    K, m = seeds.shape[0], seeds.shape[1]
-    D, blocks = seeds, []
-    for l in range(L, 0, -1):
-        a1 = xp.concat([xp.ones((m, 1), dtype=D.dtype), A[l - 1]], axis=1)  # [1, a(l−1)], (m, n_{l−1} + 1)
-        Dt = xp.permute_dims(D, (1, 0, 2))  # (m, K, n_l)
-        blocks.append(xp.reshape(a1[:, None, :, None] * Dt[:, :, None, :], (m, K, -1)))
-        if l > 1:
-            wt = net._wt(l, net.params)
-            D = _times_g1(net, l - 1, D @ wt.T, A[l - 1])
-    return xp.concat(blocks[::-1], axis=2)
-
-
-def _unit_seeds(net: MLP, m: int, scale: Any = None) -> Any:
-    """e_k for k = 1..n_L and every sample: (n_L, m, n_L), times ``scale`` (m, n_L) per row."""
-    xp, n = net.backend.xp, net.sizes[-1]
-    e = xp.broadcast_to(xp.reshape(xp.eye(n, dtype=net.params.dtype), (n, 1, n)), (n, m, n))
-    if scale is None:
-        return e
-    return e * xp.permute_dims(scale, (1, 0))[:, :, None]
-
-
-def _weights_column(net: MLP, sample_weight: Any, m: int) -> Any:
-    """s as an (m, 1) column on the backend, or None."""
-    weights = net.weighting(_host_weights(sample_weight, m))
-    return None if weights is None else weights[0]
+def _scaled_unit_seeds(net: MLP, a: Any, scale: Any) -> Any:
+    """e_k ⊙ scale_n for k = 1..n_L and every sample n: (n_L, m, n_L); scale (m, n_L)."""
+    return engine.output_seeds(net, a, through_output=False) * net.backend.xp.permute_dims(scale, (1, 0))[:, :, None]
 
 
 def _host_weights(sample_weight: Any, m: int) -> Any:
-    from bpgpu import validation
-
     return None if sample_weight is None else validation.sample_weight(sample_weight, m)
 
 
@@ -113,10 +64,11 @@ def parameter_jacobian(net: MLP, X: Any) -> Any:
     One forward pass and one backward pass of the n_L seeds ∂y_k/∂z(L) for all samples at
     once; the cost is the backward pass n_L times over plus the m n_L W outer products.
     """
-    X, _ = net._inputs(X)
-    m = X.shape[0]
-    A = _forward(net, X)
-    return _rows(net, A, _times_g1(net, net.n_layers, _unit_seeds(net, m), A[-1]))
+    X, _ = net.check_inputs(X)
+    m, xp = X.shape[0], net.backend.xp
+    _, A = _forward(net, X)
+    rows = engine.seeded_gradients(net, A, engine.output_seeds(net, A[-1], through_output=True))  # rows (k, n)
+    return xp.permute_dims(xp.reshape(rows, (net.sizes[-1], m, net.n_params)), (1, 0, 2))
 
 
 def per_sample_gradients(net: MLP, X: Any, T: Any, sample_weight: Any = None) -> Any:
@@ -128,48 +80,45 @@ def per_sample_gradients(net: MLP, X: Any, T: Any, sample_weight: Any = None) ->
     outer products δ_n(l) [1, a_n(l−1)]ᵀ of every layer, all samples at once
     (what torch.func's ``vmap(grad(loss))`` computes, without a per-sample program).
     """
-    X, T = net._inputs(X, T)
+    X, T = net.check_inputs(X, T)
     m, xp = X.shape[0], net.backend.xp
     weights = net.weighting(_host_weights(sample_weight, m))
-    ws = net.workspace(m)
-    net._forward(X, ws, net.params)
-    net._output_delta(T, ws, weights)  # δ(L) = c s_n ∂ℓ_n/∂z(L)
+    ws, A = _forward(net, X)
+    engine.output_delta(net, T, ws, weights)  # δ(L) = c s_n ∂ℓ_n/∂z(L)
     c = net.reduction_factor(m, weights)
-    A = [X] + ws.A[1:]
-    return _rows(net, A, xp.reshape(ws.D[net.n_layers] / c, (1, m, -1)))[:, 0, :]
+    return engine.seeded_gradients(net, A, xp.reshape(ws.D[net.n_layers] / c, (1, m, -1)))
 
 
 def gauss_newton_factor(net: MLP, X: Any, T: Any, sample_weight: Any = None) -> Any:
     """R with RᵀR = Σ_n s_n J_nᵀ M_n J_n, the Gauss–Newton matrix G of
     ``bp.hessian(net, X, T, method="outer_product")`` divided by its c (module docstring):
-    shape (m n_L, W), rows sample-major (row n n_L + k). For squared error with an
+    shape (m n_L, W), rows ordered (k, n) (row k m + n). For squared error with an
     identity output it is the Jacobian of the residuals a − t, Levenberg–Marquardt's J.
     """
-    X, T = net._inputs(X, T)
-    return gauss_newton_rows(net, X, T, None if sample_weight is None else
-                             _weights_column(net, sample_weight, X.shape[0]))
+    X, T = net.check_inputs(X, T)
+    weights = net.weighting(_host_weights(sample_weight, X.shape[0]))
+    return gauss_newton_rows(net, X, T, None if weights is None else weights[0])
 
 
 def gauss_newton_rows(net: MLP, X: Any, T: Any, s_col: Any = None) -> Any:
-    """:func:`gauss_newton_factor` on a batch already on the backend (X, T as ``net._inputs``
+    """:func:`gauss_newton_factor` on a batch already on the backend (X, T as ``net.check_inputs``
     returns them; s_col an (m, 1) column of weights or None), for callers that chunk the data."""
-    xp, m, L = net.backend.xp, X.shape[0], net.n_layers
-    A = _forward(net, X)
+    xp, L = net.backend.xp, net.n_layers
+    _, A = _forward(net, X)
     a, output, loss = A[-1], net.activations[-1], net.loss_function
     if loss.is_canonical(output):
         if output.name == "identity":
-            seeds = _unit_seeds(net, m)
+            seeds = engine.output_seeds(net, a, through_output=False)
         elif output.name == "sigmoid":
-            seeds = _unit_seeds(net, m, xp.sqrt(a * (1.0 - a)))
+            seeds = _scaled_unit_seeds(net, a, xp.sqrt(a * (1.0 - a)))
         else:  # softmax: row k of Fᵀ is √a_k (e_k − a)
             eye = xp.eye(a.shape[1], dtype=a.dtype)
             seeds = xp.permute_dims(xp.sqrt(a)[:, :, None] * (eye[None, :, :] - a[:, None, :]), (1, 0, 2))
     else:
-        curvature = _LOSS_CURVATURE[loss.name](xp, a, T)
-        seeds = _times_g1(net, L, _unit_seeds(net, m, xp.sqrt(curvature)), a)
+        seeds = engine.times_g1(net, L, _scaled_unit_seeds(net, a, xp.sqrt(engine.loss_curvature(net, a, T))), a)
     if s_col is not None:
         seeds = seeds * xp.sqrt(s_col)[None, :, :]
-    return xp.reshape(_rows(net, A, seeds), (m * net.sizes[-1], net.n_params))
+    return engine.seeded_gradients(net, A, seeds)
 
 
 __all__ = ["gauss_newton_factor", "gauss_newton_rows", "parameter_jacobian", "per_sample_gradients"]

@@ -47,7 +47,7 @@ def test_parameter_jacobian_and_per_sample_gradients_match_torch_func(hidden, ou
         output = "softplus" if loss == "squared_error" else output
     net, X, T, rng = make(sizes, hidden, output, loss, reduction, seed, m)
     oracle = TorchMLP(net)
-    assert_close(per_sample.parameter_jacobian(net, X), oracle.parameter_jacobian(X))
+    assert_close(bp.jacobian(net, X, wrt="params"), oracle.parameter_jacobian(X))
     s = rng.uniform(0.0, 3.0, size=m)
     s[0] = 1.5  # never all zero
     expected = s[:, None] * oracle.per_sample_gradients(X, T)
@@ -79,7 +79,8 @@ def test_gauss_newton_factor_gives_torchs_gauss_newton_matrix_and_bp_hessian_out
 def test_squared_error_factor_is_the_jacobian_of_the_residuals():
     net, X, T, _ = make([2, 3, 2], "tanh", "identity", "squared_error", "mean", 3, 4)
     R = bp.to_numpy(per_sample.gauss_newton_factor(net, X, T))
-    assert_close(R, TorchMLP(net).parameter_jacobian(X).reshape(R.shape))
+    # rows ordered (k, n): output k's block of m rows after output k − 1's
+    assert_close(R, TorchMLP(net).parameter_jacobian(X).transpose(1, 0, 2).reshape(R.shape))
 
 
 def test_bad_input_names_the_argument():
@@ -88,5 +89,10 @@ def test_bad_input_names_the_argument():
         per_sample.per_sample_gradients(net, X, T, sample_weight=np.ones(3))
     with pytest.raises(ValueError, match="X has 3 columns but layer 0"):
         per_sample.parameter_jacobian(net, np.ones((4, 3)))
+    with pytest.raises(ValueError, match="wrt must be 'inputs' or 'params'"):
+        bp.jacobian(net, X, wrt="weights")
+    with pytest.raises(ValueError, match="wrt='params' is computed by backprop only"):
+        bp.jacobian(net, X, method="finite_difference", wrt="params")
+    assert bp.jacobian(net, X).shape == (4, 1, 2)  # the default stays the input Jacobian
     with pytest.raises(ValueError, match="same number of rows"):
         per_sample.gauss_newton_factor(net, X, T[:2])
