@@ -168,3 +168,25 @@ def test_a_loss_without_a_gauss_newton_factor_is_refused():
     net.loss_function = replace(net.loss_function, name="absolute_error")
     with pytest.raises(ValueError, match="cannot serve loss='absolute_error'.*serves squared_error"):
         LevenbergMarquardt(net, X, T)
+
+
+def test_estimators_take_solver_lm_and_fit_better_than_lbfgs():
+    from sklearn.datasets import make_classification
+    from sklearn.exceptions import ConvergenceWarning
+
+    x = np.linspace(-1, 1, 120)[:, None]
+    y = np.sinc(5 * x).ravel()
+    common = dict(hidden_layer_sizes=(10,), activation="tanh", max_iter=80, random_state=0, dtype="float64",
+                  device="cpu", tol=0.0)
+    with pytest.warns(ConvergenceWarning, match="Levenberg–Marquardt: Maximum iterations \\(80\\) reached"):
+        lm = bp.MLPRegressor(solver="lm", **common).fit(x, y)
+    assert lm.n_iter_ == len(lm.loss_curve_) <= 80 and lm.loss_ == lm.loss_curve_[-1]
+    with pytest.warns(ConvergenceWarning):  # L-BFGS stops at max_iter too
+        lbfgs = bp.MLPRegressor(solver="lbfgs", **common).fit(x, y)
+    assert lm.loss_ < lbfgs.loss_ / 5 and lm.score(x, y) > 0.99
+    X, c = make_classification(n_samples=150, n_features=5, n_classes=3, n_informative=3, random_state=0)
+    clf = bp.MLPClassifier(solver="lm", hidden_layer_sizes=(6,), max_iter=40, random_state=0, dtype="float64",
+                           device="cpu", early_stopping=True, validation_fraction=0.2).fit(X, c)
+    assert len(clf.validation_scores_) == clf.n_iter_ and clf.score(X, c) > 0.8
+    with pytest.raises(AttributeError, match="has no attribute .partial_fit."):  # as for lbfgs
+        clf.partial_fit(X, c)
