@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from bpgpu import validation
+from bpgpu import engine, validation
 from bpgpu.network import MLP
 from bpgpu.per_sample import gauss_newton_rows
 
@@ -115,9 +115,9 @@ class LevenbergMarquardt:
         self.X, self.T = net.check_inputs(X, T)
         xp, m, W = net.backend.xp, self.X.shape[0], net.n_params
         self.sample_weight = None if sample_weight is None else validation.sample_weight(sample_weight, m)
-        weights = net.weighting(self.sample_weight)
-        self.s_col = None if weights is None else weights[0]
-        self.c = net.reduction_factor(m, weights)
+        self.weights = net.weighting(self.sample_weight)  # (s_col, c) or None, for the engine's passes
+        self.s_col = None if self.weights is None else self.weights[0]
+        self.c = net.reduction_factor(m, self.weights)
         N = m * net.sizes[-1]
         itemsize = np.dtype(net.dtype).itemsize
         if chunk_size is None:
@@ -137,25 +137,36 @@ class LevenbergMarquardt:
                 f"{list(net.sizes)}, more than the {_gib(limit)} allowed (max_memory). Use a first-order optimizer "
                 f"('lbfgs' or 'adam'), a smaller net, or fewer samples (with N = m·n_L < W the N × N form is used)")
         self.mask = None if self.alpha == 0.0 else net.backend.asarray(net.layout.weight_mask(), net.xp_dtype)
-        self.E = self._objective()
+        self.E = self.objective()
         if not np.isfinite(self.E):
             raise FloatingPointError(f"the loss at the starting parameters is {self.E} (not finite)")
 
     # --- pieces ----------------------------------------------------------------
 
-    def _objective(self) -> float:
+    def objective(self) -> float:
         """E = J / c at the net's parameters (L2 term included)."""
         net = self.net
-        E = net.loss(self.X, self.T, self.sample_weight) / self.c
+        ws = net.workspace(self.X.shape[0])
+        E = float(engine.loss(net, self.X, self.T, ws, net.params, self.weights)) / self.c
         if self.mask is not None:
             weights = self.mask * net.params
             E += 0.5 * self.alpha * float(net.backend.xp.vecdot(weights, weights))
         return E
 
+    def reset(self, mu: float | None = None) -> None:
+        """Start over from the net's current parameters (e.g. after ``net.set_params``), with
+        damping ``mu`` (None: keep the current μ)."""
+        if mu is not None:
+            self.mu = _positive(mu, "mu")
+        self.E = self.objective()
+
     def _gradient(self) -> Any:
         """∇E = ∇J / c + α P w."""
         net = self.net
-        g = net.gradient(self.X, self.T, self.sample_weight) / self.c
+        ws = net.workspace(self.X.shape[0])
+        engine.forward(net, self.X, ws, net.params)
+        engine.backward(net, self.X, self.T, ws, net.params, ws.grad, self.weights)
+        g = ws.grad / self.c
         return g if self.mask is None else g + self.alpha * (self.mask * net.params)
 
     def _chunks(self):
@@ -182,13 +193,15 @@ class LevenbergMarquardt:
         return R
 
     def _damping_diagonal(self, column_squares: Any) -> Any:
-        xp = self.net.backend.xp
+        """D's diagonal: ones, or ``column_squares()`` (diag(RᵀR), computed only then) floored."""
+        xp, W = self.net.backend.xp, self.net.n_params
         if self.damping == "identity":
-            return xp.ones_like(column_squares)
-        top = float(xp.max(column_squares))
+            return xp.ones(W, dtype=self.net.xp_dtype)
+        d = column_squares()
+        top = float(xp.max(d))
         if top <= 0.0:
-            return xp.ones_like(column_squares)
-        return xp.maximum(column_squares, xp.full_like(column_squares, 1e-12 * top))
+            return xp.ones_like(d)
+        return xp.maximum(d, xp.full_like(d, 1e-12 * top))
 
     def _add_diagonal(self, M: Any, lam: Any) -> Any:
         """M + diag(lam) as a new array."""
@@ -217,7 +230,7 @@ class LevenbergMarquardt:
             delta = solve()
             if delta is not None:
                 net.params[...] = w0 + delta
-                E = self._objective()
+                E = self.objective()
                 if E < self.E:  # False for NaN: a non-finite trial is a rejected one
                     self.E = E
                     self.mu = max(self.mu * self.mu_dec, _MU_MIN)
@@ -229,7 +242,7 @@ class LevenbergMarquardt:
     def _parameter_solver(self, g: Any):
         backend = self.net.backend
         A = self.gram()
-        d = self._damping_diagonal(backend.xp.linalg.diagonal(A))
+        d = self._damping_diagonal(lambda: backend.xp.linalg.diagonal(A))
 
         def solve() -> Any:
             x = backend.cholesky_solve(self._add_diagonal(A, self._lambda(d)), g)
@@ -240,7 +253,7 @@ class LevenbergMarquardt:
     def _residual_solver(self, g: Any):
         backend, xp = self.net.backend, self.net.backend.xp
         R = self.residual_factor()
-        d = self._damping_diagonal(xp.sum(R * R, axis=0))
+        d = self._damping_diagonal(lambda: xp.sum(R * R, axis=0))
         N = R.shape[0]
         cached = {}
 
