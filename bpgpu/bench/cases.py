@@ -11,6 +11,7 @@ from itertools import pairwise
 
 import numpy as np
 
+from bpgpu import engine
 from bpgpu.backend import Backend, gpu_status, resolve
 from bpgpu.network import MLP
 
@@ -33,7 +34,7 @@ def batch(backend: Backend, sizes, m: int, dtype: str, seed: int = 0):
 def step_net(sizes, m: int, dtype: str, backend: Backend) -> tuple[MLP, object, object]:
     """The training-step net (He init, seed 0) and a batch of m already on its backend."""
     net = MLP(sizes, dtype=dtype, backend=backend, init="he", seed=0, **STEP_NET)
-    X, T = net._inputs(*batch(backend, sizes, m, dtype))
+    X, T = net.check_inputs(*batch(backend, sizes, m, dtype))
     return net, X, T
 
 
@@ -112,8 +113,8 @@ def bpgpu_numpy_path_case(sizes, m: int, dtype: str, backend: Backend, lr: float
     ws = net.workspace(m)
 
     def step():
-        net._forward(X, ws, net.params)
-        loss = net._backward(X, T, ws, net.params, ws.grad)
+        engine.forward(net, X, ws, net.params)
+        loss = engine.backward(net, X, T, ws, net.params, ws.grad)
         opt.update(ws.grad)
         return loss
 

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bpgpu import engine
 from bpgpu.backend import Backend
 from bpgpu.network import MLP
 
@@ -50,7 +51,7 @@ DIFFERENCES = {"central_difference": "central", "forward_difference": "forward"}
 def gradient_net(W_target: float, m: int, dtype: str, backend: Backend, nets: NetFamily = FULL_NETS):
     """A net of the family with W ≈ W_target, and a batch of m on the backend."""
     net = MLP(nets.sizes(W_target), dtype=dtype, backend=backend, seed=0, hidden=nets.activation, **NET)
-    X, T = net._inputs(*batch(backend, net.sizes, m, dtype))
+    X, T = net.check_inputs(*batch(backend, net.sizes, m, dtype))
     return net, X, T
 
 
@@ -81,8 +82,8 @@ def backprop_case(net: MLP, X, T) -> Case:
     ws = net.workspace(X.shape[0])
 
     def gradient():
-        net._forward(X, ws, net.params)
-        return net._backward(X, T, ws, net.params, ws.grad)
+        engine.forward(net, X, ws, net.params)
+        return engine.backward(net, X, T, ws, net.params, ws.grad)
 
     return Case(gradient, sync_scalar)
 
@@ -90,7 +91,7 @@ def backprop_case(net: MLP, X, T) -> Case:
 def loss_case(net: MLP, X, T) -> Case:
     """One loss evaluation (a forward pass): the unit finite differences repeat."""
     ws = net.workspace(X.shape[0])
-    return Case(lambda: net._loss(X, T, ws, net.params), sync_scalar)
+    return Case(lambda: engine.loss(net, X, T, ws, net.params), sync_scalar)
 
 
 def finite_difference_case(net: MLP, X, T, method: str) -> Case:
