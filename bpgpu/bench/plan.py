@@ -63,10 +63,10 @@ class Plan:
     sections: tuple[str, ...] = field(default=())  # empty: every section
 
 
-# quick: W = 10^1.8 .. 10^2.6 in tenths of a decade (where finite differences are measured),
+# quick: W = 10^1.9 .. 10^2.6 in tenths of a decade (where finite differences are measured),
 # then half decades to 10^4 for backprop alone
-QUICK_GRID = tuple(float(e) for e in np.round(np.concatenate([np.arange(1.8, 2.61, 0.1), np.arange(3.0, 4.01, 0.5)]), 2))
-QUICK_NETS = NetFamily("hidden", 2, "softplus")
+QUICK_GRID = tuple(float(e) for e in np.round(np.concatenate([np.arange(1.9, 2.61, 0.1), np.arange(3.0, 4.01, 0.5)]), 2))
+QUICK_NETS = NetFamily("hidden", 1, "softplus")
 FULL_NETS = NetFamily("input", 16, "tanh")
 FULL_GRID = tuple(float(e) for e in np.round(np.arange(2.0, 6.01, 0.25), 2))
 
@@ -74,10 +74,10 @@ FULL_GRID = tuple(float(e) for e in np.round(np.arange(2.0, 6.01, 0.25), 2))
 def plan_for(mode: str) -> Plan:
     """full: everything (W up to 10⁶); quick: about 2 minutes on 2 cores; smoke: a few seconds (tests).
 
-    quick's gradient nets are [2, h, 1] with softplus at batch 2048, where a pass
-    costs ∝ W from W ≈ 30 (benchmarks/NOTES.md, attempt 5), so finite differences are
-    measured, best of 3 rounds, over a decade of W within the run; full keeps the
-    [n, 16, 1] tanh nets up to W = 10⁶, whose passes are proportional to W only above W ≈ 5000.
+    quick's gradient nets are [1, h, 1] with softplus at batch 2048, where a pass
+    costs ∝ W (benchmarks/NOTES.md, attempt 5), so finite differences are measured,
+    best of 3 rounds, over W ≈ 80 to 400 within the run; full keeps the [n, 16, 1]
+    tanh nets up to W = 10⁶, whose passes are proportional to W only above W ≈ 5000.
     """
     if mode == "full":
         return Plan(tuple(CONFIGS), ("float32", "float64"), 512, FULL_GRID, 120.0, 1.0, True, 10, mode=mode)

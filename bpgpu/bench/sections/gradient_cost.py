@@ -6,12 +6,14 @@ forward pass, so O(m W²) (seeds 001, 002). The nets are [n0, h, 1] (identity
 output, squared error, float64) with W = h (n0 + 2) + 1, one width fixed and the
 other grown with W (:class:`bpgpu.bench.plan.NetFamily`):
 
-- quick and smoke grow h with n0 = 2 and softplus hidden: every part of a pass
+- quick and smoke grow h with n0 = 1 and softplus hidden: every part of a pass
   (the products z(1) = Θ(1) a(0), z(2) = Θ(2) a(1), the bias and softplus, the
   deltas) costs ∝ m·h ∝ W; softplus costs ~17 ns an element (tanh ~3 ns), so at
-  batch 2048 a pass is tens of times its fixed per-call cost from W ≈ 50 while
-  its (m, h) arrays stay within the 2 MB L2 cache up to W ≈ 500, and finite
-  differences are measured over that decade in seconds;
+  batch 2048 a pass costs ≥ 40× its fixed per-call cost (~15 µs; ~25 µs for
+  backprop) from W ≈ 80 (h ≈ 25, where the per-row overheads of the bias add and
+  the column sums are down to a few per cent), its (m, h) arrays stay within the
+  2 MB L2 cache up to W ≈ 400 (h ≈ 130), and finite differences over that range
+  take seconds;
 - full grows n0 with h = 16 (tanh) up to W = 10⁶: both products and the reads of X grow
   like W, the 16-unit layer's elementwise work does not, so a pass is
   proportional to W only above W ≈ 5000 (benchmarks/NOTES.md, attempts 1 and 5).
@@ -65,11 +67,12 @@ def describe_nets(plan: Plan) -> tuple[str, str]:
     nets = plan.gradient_nets
     what = f"{nets.describe()}, identity output, squared error; batch {plan.gradient_batch}"
     if nets.grow == "hidden":
-        why = (f"with {nets.fixed} inputs every part of a pass (both products, the bias and {nets.activation}, "
+        inputs = "one input" if nets.fixed == 1 else f"{nets.fixed} inputs"
+        why = (f"with {inputs} every part of a pass (both products, the bias and {nets.activation}, "
                f"the deltas) costs ∝ m·h ∝ W; {nets.activation}'s cost per element and the batch of "
                f"{plan.gradient_batch} make a pass many times its fixed per-call cost from small W on, with "
                "arrays small enough to stay in cache, so finite differences (W or 2W passes) are measured "
-               "over a decade of W within the run")
+               "over the same W range as backprop within the run")
     else:
         why = (f"W grows through the input width: both products and the reads of X grow like W; the "
                f"{nets.fixed}-unit layer's elementwise work and the per-call cost do not, so a pass is "
@@ -133,7 +136,7 @@ def _floors(plan: Plan, backend: Backend, dtype: str, clock: str) -> dict[str, f
 
 def _gradient_cost(backend: Backend, plan: Plan, dtype: str, tick: Callable[[str], None]) -> dict:
     clock = plan.gradient_clock if backend.device == "cpu" else "wall"
-    started, load_before = time.perf_counter(), load_average()
+    started, cpu_started, load_before = time.perf_counter(), time.process_time(), load_average()
     floors = _floors(plan, backend, dtype, clock)
     points, nets = [], {}
     read_clock = CLOCKS[clock]
@@ -212,6 +215,7 @@ def _gradient_cost(backend: Backend, plan: Plan, dtype: str, tick: Callable[[str
         "points": points,
         "load_average": {"before": load_before, "after": load_average()},
         "seconds": time.perf_counter() - started,
+        "cpu_seconds": time.process_time() - cpu_started,
         **fit_gradient_cost(points, floors),
     }
 
