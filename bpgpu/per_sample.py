@@ -109,8 +109,10 @@ def gauss_newton_rows(net: MLP, X: Any, T: Any, s_col: Any = None) -> Any:
     if loss.is_canonical(output):
         if output.name == "identity":
             seeds = engine.output_seeds(net, a, through_output=False)
-        elif output.name == "sigmoid":
+        elif output.name == "sigmoid":  # M = diag(a (1 − a))
             seeds = _scaled_unit_seeds(net, a, xp.sqrt(a * (1.0 - a)))
+        elif output.name == "exp":  # exp + poisson: M = ∂²ℓ/∂z² = diag(e^z) = diag(a)
+            seeds = _scaled_unit_seeds(net, a, xp.sqrt(a))
         else:  # softmax: row k of Fᵀ is √a_k (e_k − a)
             eye = xp.eye(a.shape[1], dtype=a.dtype)
             seeds = xp.permute_dims(xp.sqrt(a)[:, :, None] * (eye[None, :, :] - a[:, None, :]), (1, 0, 2))
