@@ -42,12 +42,14 @@ class Activation:
         return self.name in UNIT_INTERVAL
 
 
-def get(name: object, layer: int, is_output: bool) -> Activation:
-    """Look up an activation for layer ``layer``, with an error naming both."""
+def get(name: object, layer: int | None, is_output: bool) -> Activation:
+    """Look up an activation for layer ``layer``, with an error naming both.
+
+    layer=None checks a name that no layer uses (``hidden`` of a net without hidden
+    layers): a misspelt name is an error all the same."""
     allowed = OUTPUT if is_output else HIDDEN
     if not isinstance(name, str) or name not in allowed:
         where = "output" if is_output else "hidden"
-        raise ValueError(
-            f"unknown {where} activation {name!r} for layer {layer}; choose one of {', '.join(allowed)}"
-        )
+        for_layer = f"for layer {layer}" if layer is not None else "(given, though the net has no hidden layer)"
+        raise ValueError(f"unknown {where} activation {name!r} {for_layer}; choose one of {', '.join(allowed)}")
     return Activation(name)

@@ -188,7 +188,7 @@ def loss_and_gradient(net: MLP, X: Any, T: Any) -> tuple[float, Any]:
     """(J, dJ/dw) over the dask arrays X, T: the gradient as a new flat vector on net's backend."""
     X, T = _check(net, X, T)
     J, g = _loss_and_gradient_at(net, X, T, net.params)
-    return J, net.backend.asarray(g, net._xp_dtype)
+    return J, net.backend.asarray(g, net.xp_dtype)
 
 
 def gradient(net: MLP, X: Any, T: Any) -> Any:
@@ -201,7 +201,7 @@ def hvp(net: MLP, X: Any, T: Any, v: Any) -> Any:
     X, T = _check(net, X, T)
     v = net.flat_vector(v, "v")
     sums = _sums(net, X, T, _hvp_sum, net.n_params, net.params, v=v)
-    return net.backend.asarray(sums * net.reduction_factor(X.shape[0]), net._xp_dtype)
+    return net.backend.asarray(sums * net.reduction_factor(X.shape[0]), net.xp_dtype)
 
 
 # --- training -------------------------------------------------------------------
@@ -290,7 +290,7 @@ def _penalized_gradient(net: MLP, X: Any, T: Any, step_rule: Any, rows=None, m: 
     """(J, g) at net.params with the step rule's L2 term, g on net's backend, ready for update(g)."""
     m = X.shape[0] if m is None else m
     J, g = _loss_and_gradient_at(net, X, T, net.params, rows=rows, m=m)
-    g = net.backend.asarray(g, net._xp_dtype)
+    g = net.backend.asarray(g, net.xp_dtype)
     return J + float(step_rule.penalize(g, net.reduction_factor(m))), g
 
 

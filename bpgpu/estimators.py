@@ -22,19 +22,30 @@ Matching scikit-learn's definitions:
 does: Σ s_n J_n / Σ s_n per batch, the L2 term divided by Σ s_n, the early-stopping
 split and score weighted too.
 
+As scikit-learn: ``verbose=True`` prints "Iteration N, loss = L" per epoch, the
+validation score under early stopping and the stopping rule's message
+(``verbose="bar"``: a tqdm bar instead); L-BFGS stopped by max_iter or max_fun
+warns with scikit-learn's ConvergenceWarning (its own check of the scipy result);
+a run whose loss or parameters turn NaN/Inf raises scikit-learn's ValueError
+("Solver produced non-finite parameter weights. ..."), except with early
+stopping, which records nan in ``validation_scores_``, stops and keeps the best
+parameters; the early-stopping split is stratified on the binarized labels.
+
 Where it differs from scikit-learn (1.9): sparse X is refused (sklearn's "dense
-data is required" error); ``verbose=True`` shows a progress bar instead of
-printing each iteration; for multi-output
+data is required" error); for multi-output
 regression ``loss_`` sums the half squared error over the outputs where sklearn
 averages it (the gradients, hence the training, are the same); the sample order
 of each epoch comes from bpgpu's generator (seeded from random_state), so the
 results equal sklearn's to rounding only without shuffling (shuffle=False, or
-one batch) and in float64; predictions come back in the net's dtype.
+one batch); a diverging run stops at once where scikit-learn's runs on with NaN
+until max_iter; L-BFGS whose loss is NaN at the start raises the ValueError
+where scikit-learn returns loss_ = nan; predictions come back in the net's dtype.
 
-``dtype`` defaults to "float32": the GPU runs float32 many times faster than
-float64, and trained accuracy is the same (tests/test_estimators.py compares
-with scikit-learn). Pass dtype="float64" to compute exactly in sklearn's
-precision for float64 input.
+``dtype=None`` (the default) is scikit-learn's rule: float32 input is computed
+in float32, everything else in float64 (the net's dtype is fixed by the first
+fit). ``dtype="float32"`` or ``"float64"`` forces one precision; float32 is the
+explicit choice for GPU speed (trained accuracy is the same:
+tests/test_estimators.py compares with scikit-learn).
 """
 
 from __future__ import annotations
@@ -45,6 +56,7 @@ from typing import Any
 import numpy as np
 
 try:
+    from scipy.optimize import OptimizeResult
     from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.metrics import accuracy_score, r2_score
@@ -55,6 +67,7 @@ try:
     from sklearn.utils._param_validation import StrOptions
     from sklearn.utils.metaestimators import available_if
     from sklearn.utils.multiclass import _check_partial_fit_first_call, type_of_target, unique_labels
+    from sklearn.utils.optimize import _check_optimize_result
     from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
 except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
     raise ImportError(
@@ -66,7 +79,7 @@ from bpgpu import io
 from bpgpu.backend import to_numpy
 from bpgpu.network import MLP
 from bpgpu.optim import make_optimizer
-from bpgpu.training import fit
+from bpgpu.training import DivergenceError, fit
 
 # scikit-learn's hidden activation names -> bpgpu's
 _HIDDEN = {"identity": "identity", "logistic": "sigmoid", "tanh": "tanh", "relu": "relu"}
@@ -77,17 +90,22 @@ _OUTPUT = {
     "softmax": ("softmax", "cross_entropy"),
 }
 _STOCHASTIC = ("sgd", "adam")
+# scikit-learn's words for a run whose parameters became NaN or Inf (BaseMultilayerPerceptron._fit)
+_NON_FINITE = ("Solver produced non-finite parameter weights. The input data may contain large values and "
+               "need to be preprocessed.")
 
 
 class _BaseMLP(BaseEstimator):
     """What the classifier and the regressor share: parameters, net, fit loop glue."""
 
     # sklearn's own constraints (so the meanings stay in step with the installed
-    # version), plus the two bpgpu parameters.
+    # version), plus the two bpgpu parameters. _parameter_constraints is scikit-learn's
+    # (private) protocol for parameter validation: there is no public accessor.
     _parameter_constraints: dict = {
-        **_SklearnMLPClassifier._parameter_constraints,
+        **_SklearnMLPClassifier._parameter_constraints,  # noqa: SLF001
+        "verbose": ["verbose", StrOptions({"bar"})],
         "device": [StrOptions({"auto", "cpu", "gpu"})],
-        "dtype": [StrOptions({"float32", "float64"})],
+        "dtype": [StrOptions({"float32", "float64"}), None],
     }
 
     def __init__(
@@ -117,7 +135,7 @@ class _BaseMLP(BaseEstimator):
         n_iter_no_change=10,
         max_fun=15000,
         device="auto",
-        dtype="float32",
+        dtype=None,
     ):
         self.hidden_layer_sizes = hidden_layer_sizes
         self.activation = activation
@@ -154,8 +172,8 @@ class _BaseMLP(BaseEstimator):
             raise ValueError(f"hidden_layer_sizes must be > 0, got {hidden}.")
         return [n_features, *hidden, n_outputs]
 
-    def _build_net(self, layer_units: list[int], backend: Any = None) -> MLP:
-        """The net for out_activation_, on ``backend`` (default: this estimator's device)."""
+    def _build_net(self, layer_units: list[int], dtype: str, backend: Any = None) -> MLP:
+        """The net for out_activation_ in ``dtype``, on ``backend`` (default: this estimator's device)."""
         output, loss = _OUTPUT[self.out_activation_]
         return MLP(
             layer_units,
@@ -163,19 +181,23 @@ class _BaseMLP(BaseEstimator):
             output=output,
             loss=loss,
             reduction="mean",
-            dtype=self.dtype,
+            dtype=dtype,
             backend=self.device if backend is None else backend,
         )
 
-    def _initialize(self, n_features: int, n_outputs: int, random_state: np.random.RandomState) -> None:
-        """First fit: fitted attributes, a new net, and sklearn's Glorot draw."""
+    def _initialize(self, n_features: int, n_outputs: int, random_state: np.random.RandomState,
+                    input_dtype: np.dtype) -> None:
+        """First fit: fitted attributes, a new net, and sklearn's Glorot draw.
+
+        The net computes in ``dtype``, or with dtype=None in scikit-learn's precision:
+        that of the validated input (float32 stays float32, anything else is float64)."""
         self.n_iter_ = 0
         self.t_ = 0
         self.n_outputs_ = n_outputs
         units = self._layer_units(n_features, n_outputs)
         self.n_layers_ = len(units)
         self.out_activation_ = self._out_activation()
-        self._net = self._build_net(units)
+        self._net = self._build_net(units, self.dtype or np.dtype(input_dtype).name)
         # sklearn's _init_coef, in its order (coef then intercept, layer by layer),
         # packed into the flat layout: per layer [bias (n_out), Wᵀ (n_in, n_out) row-major].
         factor = 2.0 if self.activation == "logistic" else 6.0
@@ -203,14 +225,10 @@ class _BaseMLP(BaseEstimator):
 
         to_numpy is the explicit device -> host transfer (on the CPU it returns
         the parameters themselves, so these are live views)."""
-        host = to_numpy(self._net.params)
-        offsets = self._net._offsets
-        self.coefs_, self.intercepts_ = [], []
-        for l in range(1, self._net.n_layers + 1):
-            n_in, n_out = self._net.sizes[l - 1], self._net.sizes[l]
-            block = host[offsets[l - 1] : offsets[l]]
-            self.intercepts_.append(block[:n_out])
-            self.coefs_.append(block[n_out:].reshape(n_in, n_out))
+        host, layout = to_numpy(self._net.params), self._net.layout
+        layers = range(1, layout.n_layers + 1)
+        self.coefs_ = [layout.wt(host, l) for l in layers]  # sklearn's coefs_[l−1] is Wᵀ(l), (n_{l−1}, n_l)
+        self.intercepts_ = [layout.bias(host, l) for l in layers]
 
     def _check_warm_shapes(self, n_features: int, n_outputs: int) -> None:
         units = self._layer_units(n_features, n_outputs)
@@ -237,15 +255,24 @@ class _BaseMLP(BaseEstimator):
             Y = Y.reshape(-1, 1)
         random_state = check_random_state(self.random_state)
         if first_pass:
-            self._initialize(X.shape[1], Y.shape[1], random_state)
+            self._initialize(X.shape[1], Y.shape[1], random_state, X.dtype)
         else:
             self._check_warm_shapes(X.shape[1], Y.shape[1])
-        if self.solver in _STOCHASTIC:
-            self._fit_stochastic(X, Y, random_state, incremental, sample_weight)
-        else:
-            self._fit_lbfgs(X, Y, sample_weight)
-        self._publish()
+        try:
+            if self.solver in _STOCHASTIC:
+                self._fit_stochastic(X, Y, random_state, incremental, sample_weight)
+            else:
+                self._fit_lbfgs(X, Y, sample_weight)
+        finally:
+            self._publish()  # also after a divergence: the net holds its last finite parameters
         return self
+
+    def _progress(self, lines: bool) -> bool | str:
+        """bp.fit's progress for verbose: "bar" -> the tqdm bar; True / >= 1 -> scikit-learn's
+        lines where scikit-learn prints them (``lines``: the stochastic solvers)."""
+        if self.verbose == "bar":
+            return "bar"
+        return "lines" if lines and self.verbose else False
 
     def _make_optimizer(self):
         """sklearn's solver and its options as a bpgpu optimizer bound to the net."""
@@ -275,20 +302,29 @@ class _BaseMLP(BaseEstimator):
                 validation_score=lambda net, Xv, Tv: self._validation_score(Xv, y_val, weight_val),
             )
         patience = self.max_iter if np.isinf(self.n_iter_no_change) else int(self.n_iter_no_change)
-        history = fit(
-            self._net, X, Y,
-            optimizer=self._optimizer,
-            epochs=1 if incremental else self.max_iter,
-            batch_size=self.batch_size,
-            shuffle=self.shuffle,
-            seed=int(random_state.randint(np.iinfo(np.int32).max)),
-            early_stopping=self.early_stopping,
-            progress=bool(self.verbose),
-            tol=self.tol,
-            n_iter_no_change=patience,
-            sample_weight=sample_weight,
-            **validation,
-        )
+        try:
+            history = fit(
+                self._net, X, Y,
+                optimizer=self._optimizer,
+                epochs=1 if incremental else self.max_iter,
+                batch_size=self.batch_size,
+                shuffle=self.shuffle,
+                seed=int(random_state.randint(np.iinfo(np.int32).max)),
+                early_stopping=self.early_stopping,
+                progress=self._progress(lines=True),
+                tol=self.tol,
+                n_iter_no_change=patience,
+                sample_weight=sample_weight,
+                **validation,
+            )
+        except DivergenceError as exc:
+            # scikit-learn: with early stopping a NaN loss scores nan and the best parameters are
+            # kept (bp.fit restored them); without, the fit fails with its ValueError.
+            if not self.early_stopping:
+                raise ValueError(_NON_FINITE) from exc
+            history = exc.history
+            history.loss.append(float("nan"))
+            history.validation_score.append(float("nan"))
         self.n_iter_ = history.epochs  # sklearn counts the epochs of the last call
         self.t_ = self._optimizer.samples_seen
         self.loss_curve_ += history.loss
@@ -307,19 +343,19 @@ class _BaseMLP(BaseEstimator):
 
     def _fit_lbfgs(self, X, Y, sample_weight) -> None:
         self._optimizer = None
-        history = fit(self._net, X, Y, optimizer="lbfgs", epochs=self.max_iter, alpha=self.alpha, tol=self.tol,
-                      max_fun=self.max_fun, progress=bool(self.verbose), sample_weight=sample_weight)
-        self.n_iter_ = history.epochs
+        try:
+            history = fit(self._net, X, Y, optimizer="lbfgs", epochs=self.max_iter, alpha=self.alpha, tol=self.tol,
+                          max_fun=self.max_fun, progress=self._progress(lines=False), sample_weight=sample_weight)
+        except DivergenceError as exc:
+            raise ValueError(_NON_FINITE) from exc
+        # scikit-learn's own check of the scipy result: the same ConvergenceWarning whenever L-BFGS
+        # did not converge (max_iter or max_fun reached, or an abnormal line search), the same n_iter_
+        result = OptimizeResult(nit=history.epochs, status=history.status, message=history.stop_reason)
+        self.n_iter_ = _check_optimize_result("lbfgs", result, self.max_iter)
         self.loss_curve_ += history.loss
         # 0 iterations: the loss at the start
         self.loss_ = history.loss[-1] if history.loss else self._penalized_loss(X, Y, sample_weight)
         self.best_loss_ = min(self.best_loss_, history.best_loss)
-        if self.n_iter_ >= self.max_iter:
-            warnings.warn(
-                f"lbfgs failed to converge after {self.n_iter_} iteration(s) (status=1): {history.stop_reason}. "
-                "Increase the number of iterations (max_iter) or scale the data.",
-                ConvergenceWarning,
-            )
 
     def _penalized_loss(self, X, Y, sample_weight) -> float:
         """sklearn's loss_: mean loss + alpha/(2 Σ s) Σ‖W‖² (weights only; Σ s = m without sample_weight)."""
@@ -329,9 +365,14 @@ class _BaseMLP(BaseEstimator):
         return self._net.loss(X, Y, sample_weight) + 0.5 * self.alpha * squares / total
 
     def _validation_split(self, X, Y, sample_weight, random_state):
-        """sklearn's held-out split for early stopping (stratified unless multilabel); the
-        weights, when given, split with their rows. Returns X, X_val, Y, Y_val, s, s_val."""
-        stratify = Y if isinstance(self, ClassifierMixin) and self.n_outputs_ == 1 else None
+        """sklearn's held-out split for early stopping; the weights, when given, split with their
+        rows. Returns X, X_val, Y, Y_val, s, s_val.
+
+        As scikit-learn: stratified for a single output column (binary classes) on the binarized
+        labels as booleans, so the same data splits the same way and a class too small for the
+        split is named as scikit-learn names it ('True' / 'False')."""
+        single = isinstance(self, ClassifierMixin) and self.n_outputs_ == 1
+        stratify = Y.astype(bool) if single else None
         arrays = (X, Y) if sample_weight is None else (X, Y, sample_weight)
         parts = train_test_split(*arrays, random_state=random_state, test_size=self.validation_fraction,
                                  stratify=stratify)
@@ -370,6 +411,7 @@ class _BaseMLP(BaseEstimator):
             state.pop("intercepts_", None)
             state["_params_host"] = np.array(to_numpy(net.params), copy=True)
             state["_layer_units"] = list(net.sizes)
+            state["_net_dtype"] = net.dtype
         optimizer = state.pop("_optimizer", None)
         if optimizer is not None:
             fields = {k: v for k, v in vars(optimizer).items() if k not in ("net", "_outer_views")}
@@ -381,17 +423,18 @@ class _BaseMLP(BaseEstimator):
     def __setstate__(self, state):
         params = state.pop("_params_host", None)
         units = state.pop("_layer_units", None)
+        dtype = state.pop("_net_dtype", None)
         optimizer = state.pop("_optimizer_host", None)
         super().__setstate__(state)
         if params is not None:
-            self._net = self._build_net(units)
+            self._net = self._build_net(units, dtype)
             self._net.set_params(params)
             self._publish()
         self._optimizer = None
         if optimizer is not None:
             cls, fields = optimizer
             self._optimizer = cls.__new__(cls)
-            backend, dtype = self._net.backend, self._net._xp_dtype
+            backend, dtype = self._net.backend, self._net.xp_dtype
             vars(self._optimizer).update(
                 {k: backend.asarray(v, dtype) if isinstance(v, np.ndarray) else v for k, v in fields.items()}
             )
@@ -404,7 +447,7 @@ class _BaseMLP(BaseEstimator):
     _FITTED = ("n_features_in_", "n_outputs_", "n_layers_", "out_activation_", "loss_", "loss_curve_",
                "best_loss_", "n_iter_", "t_", "validation_scores_", "best_validation_score_")
 
-    def _bpgpu_state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    def __bpgpu_state__(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         check_is_fitted(self)
         params = self.get_params()
         if not isinstance(params["random_state"], (int, type(None))):
@@ -414,7 +457,7 @@ class _BaseMLP(BaseEstimator):
         hidden = params["hidden_layer_sizes"]
         params["hidden_layer_sizes"] = [int(n) for n in hidden] if hasattr(hidden, "__iter__") else int(hidden)
         fitted = {name: _json_value(getattr(self, name)) for name in self._FITTED}
-        state = {"params": params, "fitted": fitted, "layer_units": list(self._net.sizes), "dtype": self.dtype}
+        state = {"params": params, "fitted": fitted, "layer_units": list(self._net.sizes), "dtype": self._net.dtype}
         arrays = {"params": np.array(to_numpy(self._net.params), copy=True)}  # device -> host, explicit
         if hasattr(self, "feature_names_in_"):
             arrays["feature_names_in_"] = self.feature_names_in_.astype(str)
@@ -422,7 +465,7 @@ class _BaseMLP(BaseEstimator):
         return state, arrays
 
     @classmethod
-    def _bpgpu_from_state(cls, state: dict[str, Any], arrays: dict[str, np.ndarray], backend: Any = "auto"):
+    def __bpgpu_from_state__(cls, state: dict[str, Any], arrays: dict[str, np.ndarray], backend: Any = "auto"):
         """Rebuild a fitted estimator; its net goes on ``backend`` (its ``device`` parameter is kept)."""
         params = dict(state["params"])
         if params["n_iter_no_change"] == "inf":
@@ -436,7 +479,7 @@ class _BaseMLP(BaseEstimator):
         if "feature_names_in_" in arrays:
             est.feature_names_in_ = arrays["feature_names_in_"].astype(object)
         est._restore_labels(state, arrays)
-        est._net = est._build_net(state["layer_units"], backend)
+        est._net = est._build_net(state["layer_units"], state["dtype"], backend)
         est._net.set_params(arrays["params"])  # checks the length against the architecture
         est._optimizer = None
         est._publish()
@@ -468,8 +511,9 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
 
     Parameters are scikit-learn's (same names, defaults and meanings), plus
     ``device`` ("auto", "cpu" or "gpu": where the net lives and trains) and
-    ``dtype`` ("float32" or "float64": the precision of every computation).
-    ``verbose=True`` shows a progress bar with the loss per epoch.
+    ``dtype`` (None: scikit-learn's rule, float32 for float32 input and float64
+    otherwise; "float32" or "float64": that precision for every computation).
+    ``verbose=True`` prints scikit-learn's lines; ``verbose="bar"`` shows a progress bar.
     """
 
     _score_function = staticmethod(accuracy_score)
@@ -566,7 +610,7 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
     """Multi-layer perceptron regressor: scikit-learn's MLPRegressor (squared error), trained by bpgpu.
 
     Parameters are scikit-learn's (same names, defaults and meanings), plus
-    ``device`` ("auto", "cpu" or "gpu") and ``dtype`` ("float32" or "float64").
+    ``device`` ("auto", "cpu" or "gpu") and ``dtype`` (None, "float32" or "float64").
     """
 
     _score_function = staticmethod(r2_score)

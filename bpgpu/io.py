@@ -22,8 +22,8 @@ never half of one.
 
 Protocol for other savable objects (the scikit-learn estimators use it)::
 
-    obj._bpgpu_state() -> (metadata: dict of JSON values, arrays: dict[str, numpy array])
-    cls._bpgpu_from_state(metadata, arrays, backend) -> obj     (a classmethod)
+    obj.__bpgpu_state__() -> (metadata: dict of JSON values, arrays: dict[str, numpy array])
+    cls.__bpgpu_from_state__(metadata, arrays, backend) -> obj     (a classmethod)
 
 with the class registered under its kind name by :func:`register` (or listed
 in ``_LAZY_KINDS`` when its module needs an optional extra).
@@ -51,10 +51,10 @@ _LAZY_KINDS = {"MLPClassifier": "bpgpu.estimators", "MLPRegressor": "bpgpu.estim
 
 def register(kind: str, cls: type) -> type:
     """Make ``cls`` (which has the protocol above) savable and loadable under the name ``kind``."""
-    for method in ("_bpgpu_state", "_bpgpu_from_state"):
+    for method in ("__bpgpu_state__", "__bpgpu_from_state__"):
         if not callable(getattr(cls, method, None)):
             raise TypeError(f"{cls.__name__} cannot be registered as {kind!r}: it has no {method}")
-    _KINDS[kind] = (cls, lambda obj: obj._bpgpu_state(), cls._bpgpu_from_state)
+    _KINDS[kind] = (cls, lambda obj: obj.__bpgpu_state__(), cls.__bpgpu_from_state__)
     return cls
 
 

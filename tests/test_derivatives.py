@@ -7,6 +7,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import bpgpu as bp
+from bpgpu import engine
 from bpgpu.kernels import cpu
 from helpers import HIDDEN, OUTPUT, OUTPUT_LOSS_PAIRS, targets_for
 
@@ -205,13 +206,13 @@ def test_jacobian_in_float32():
 @pytest.fixture
 def forward_calls(monkeypatch):
     calls = []
-    original = bp.MLP._forward
+    original = engine.forward
 
-    def counting(self, X, ws, w):
+    def counting(net, X, ws, w):
         calls.append(1)
-        return original(self, X, ws, w)
+        return original(net, X, ws, w)
 
-    monkeypatch.setattr(bp.MLP, "_forward", counting)
+    monkeypatch.setattr(engine, "forward", counting)
     return calls
 
 
@@ -229,15 +230,15 @@ def test_numerical_gradient_counts_loss_evaluations(forward_calls, method, count
 def test_numerical_gradient_leaves_params_bit_identical_when_a_pass_raises(monkeypatch):
     net, X, T = make([3, 4, 2], seed=13)
     before = np.array(net.params)
-    original, calls = bp.MLP._forward, []
+    original, calls = engine.forward, []
 
-    def failing(self, X, ws, w):
+    def failing(net, X, ws, w):
         calls.append(1)
         if len(calls) == 6:
             raise RuntimeError("boom")
-        return original(self, X, ws, w)
+        return original(net, X, ws, w)
 
-    monkeypatch.setattr(bp.MLP, "_forward", failing)
+    monkeypatch.setattr(engine, "forward", failing)
     with pytest.raises(RuntimeError, match="boom"):
         bp.numerical_gradient(net, X, T)
     assert np.array_equal(np.array(net.params).view(np.uint64), before.view(np.uint64))
@@ -283,14 +284,14 @@ def test_check_gradient_flags_a_wrong_activation_derivative(monkeypatch):
 
 def test_check_gradient_names_the_worst_parameter_in_theta_coordinates(monkeypatch):
     net, X, T = make([3, 4, 5], "sigmoid", seed=16)
-    original = bp.MLP._backward
+    original = engine.backward
 
-    def off_by_one_element(self, X, T, ws, w, grad, weights=None):
-        total = original(self, X, T, ws, w, grad, weights)
-        self.theta(2, grad)[1, 3] += 1e-3
+    def off_by_one_element(net, X, T, ws, w, grad, weights=None):
+        total = original(net, X, T, ws, w, grad, weights)
+        net.theta(2, grad)[1, 3] += 1e-3
         return total
 
-    monkeypatch.setattr(bp.MLP, "_backward", off_by_one_element)
+    monkeypatch.setattr(engine, "backward", off_by_one_element)
     result = bp.check_gradient(net, X, T)
     assert not result.passed
     assert result.worst == (2, 1, 3)

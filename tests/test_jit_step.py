@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import bpgpu as bp
-from bpgpu import activations, optim
+from bpgpu import activations, engine, optim
 from bpgpu.kernels import jit
 from bpgpu.training import train_step
 
@@ -34,8 +34,8 @@ PAIRS = [(g, "squared_error") for g in activations.OUTPUT] + [
 def reference_step(net, X, T, optimizer):
     """The numpy path, spelled out: forward, backprop, L2 term, one optimizer kernel."""
     ws = net.workspace(X.shape[0])
-    net._forward(X, ws, net.params)
-    loss = net._backward(X, T, ws, net.params, ws.grad)
+    engine.forward(net, X, ws, net.params)
+    loss = engine.backward(net, X, T, ws, net.params, ws.grad)
     c = 1.0 / X.shape[0] if net.reduction == "mean" else 1.0
     loss = loss + optimizer.penalize(ws.grad, c)
     optimizer.update(ws.grad)
@@ -261,7 +261,7 @@ def test_a_compiled_step_pickles_as_not_built_and_is_rebuilt():
     built = jit.train_step_for(net, opt)
     built(X, T)
     assert pickle.loads(pickle.dumps(built)) is False
-    opt._compiled_step = pickle.loads(pickle.dumps(opt._compiled_step))  # as an unpickled optimizer holds it
+    opt.compiled_step = pickle.loads(pickle.dumps(opt.compiled_step))  # as an unpickled optimizer holds it
     rebuilt = jit.train_step_for(net, opt)
     assert rebuilt is not built and rebuilt.optimizer is opt
     twin = net.copy()

@@ -44,7 +44,7 @@ def test_one_step_launches_per_layer_3_gemms_2_fused_kernels_1_column_sum(sizes,
     net = bp.MLP(sizes, hidden="relu", output="identity", loss="squared_error", backend="numpy", seed=0)
     opt = optim.make_optimizer(optimizer, net, 0.1)
     rng = np.random.default_rng(0)
-    X, T = net._inputs(rng.standard_normal((16, sizes[0])), rng.standard_normal((16, sizes[-1])))
+    X, T = net.check_inputs(rng.standard_normal((16, sizes[0])), rng.standard_normal((16, sizes[-1])))
     train_step(net, X, T, opt)  # workspaces and optimizer state exist before counting
     calls = recording(net)
     train_step(net, X, T, opt)
