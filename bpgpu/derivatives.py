@@ -25,6 +25,7 @@ from typing import Any
 
 from bpgpu import engine
 from bpgpu.network import MLP
+from bpgpu.per_sample import parameter_jacobian
 
 _DIFFERENCES = ("central", "forward")
 
@@ -190,9 +191,13 @@ def check_gradient(
 # --- the input Jacobian ----------------------------------------------------------
 
 
-def jacobian(net: MLP, X: Any, method: str = "backprop", eps: float | None = None) -> Any:
+def jacobian(net: MLP, X: Any, method: str = "backprop", eps: float | None = None, wrt: str = "inputs") -> Any:
     """∂y_k/∂x_i for every sample: shape (m, n_L, n_0), y = a(L) the net's output
     (through the output activation, softmax's coupling included).
+
+    wrt="params": ∂y_nk/∂w instead, shape (m, n_L, W), each row in the params layout, by
+    the same backward pass of the output seeds and the per-sample outer products
+    δ_n(l) [1, a_n(l−1)]ᵀ (:func:`bpgpu.per_sample.parameter_jacobian`; backprop only).
 
     backprop: the Jacobian recursion (docs/guide/jacobian_hessian.rst), δ(L) = ∂y_k/∂z(L) for all n_L outputs and m
     samples at once, propagated back as one batched (n_L·m)-row pass;
@@ -201,6 +206,13 @@ def jacobian(net: MLP, X: Any, method: str = "backprop", eps: float | None = Non
     once), 2 n_0 forward passes, step ``eps · max(1, |x_ni|)`` (default ε^{1/3}).
     """
     _check_method(method, ("backprop", "finite_difference"))
+    if wrt not in ("inputs", "params"):
+        raise ValueError(f"wrt must be 'inputs' or 'params', got {wrt!r}")
+    if wrt == "params":
+        if method != "backprop":
+            raise ValueError(f"wrt='params' is computed by backprop only, got method={method!r} "
+                             f"(bp.numerical_gradient differences the loss in w)")
+        return parameter_jacobian(net, X)
     X, _ = net.check_inputs(X)
     ws = net.workspace(X.shape[0])
     if method == "finite_difference":

@@ -46,8 +46,9 @@ class History:
     validation_loss / validation_score: per epoch when there is a validation
     set (the score is ``validation_score(net, X_val, T_val)`` when given, else
     −validation_loss); learning_rate: the rate in force at the end of each
-    epoch; stop_reason: "epochs", "tol", "early_stopping", "callback",
-    "interrupted" or L-BFGS's message; status: L-BFGS's exit status (scipy's:
+    epoch; mu: Levenberg–Marquardt's damping μ after each iteration;
+    stop_reason: "epochs", "tol", "early_stopping", "callback",
+    "interrupted", "mu_max" (Levenberg–Marquardt) or L-BFGS's message; status: L-BFGS's exit status (scipy's:
     0 converged, 1 iteration or evaluation limit reached, 2 other, 99 stopped by
     a callback), None for the stochastic optimizers.
     """
@@ -56,6 +57,7 @@ class History:
     validation_loss: list[float] = field(default_factory=list)
     validation_score: list[float] = field(default_factory=list)
     learning_rate: list[float] = field(default_factory=list)
+    mu: list[float] = field(default_factory=list)
     best_loss: float = math.inf
     best_validation_score: float = -math.inf
     stop_reason: str = ""
@@ -241,7 +243,8 @@ def fit(
 ) -> History:
     """Train ``net`` in place on (X, T) and return its :class:`History`.
 
-    optimizer: "sgd", "momentum", "nesterov", "adam", "lbfgs", or an
+    optimizer: "sgd", "momentum", "nesterov", "adam", "lbfgs", "lm" (Levenberg–Marquardt,
+        :mod:`bpgpu.levenberg_marquardt`), or an
         :class:`bpgpu.optim.Optimizer` already bound to this net (its state and
         options carry over, e.g. for scikit-learn's partial_fit; then
         learning_rate and optimizer_options are not used).
@@ -249,7 +252,7 @@ def fit(
     batch_size: None (full batch: gradient descent), an int (1 is per-sample
         SGD), or "auto" = min(200, m) as scikit-learn. L-BFGS is full batch.
 
-    epochs: passes over the data (L-BFGS: its iterations, as sklearn's max_iter).
+    epochs: passes over the data (L-BFGS and LM: their iterations, as sklearn's max_iter).
 
     shuffle: draw a new sample order each epoch from ``seed``'s generator.
 
@@ -279,7 +282,11 @@ def fit(
         Equal weights under reduction="mean" change nothing and are dropped.
 
     optimizer_options: alpha (L2, weights only), lr_schedule, power_t,
-        momentum, beta_1, beta_2, epsilon (see :mod:`bpgpu.optim`).
+        momentum, beta_1, beta_2, epsilon (see :mod:`bpgpu.optim`); for "lm":
+        alpha, mu, mu_dec, mu_inc, mu_max, damping, form, chunk_size, max_memory
+        (see :class:`bpgpu.levenberg_marquardt.LevenbergMarquardt`). LM is full
+        batch: batch_size, shuffle and learning_rate are not used; it stops with
+        stop_reason "mu_max" when no μ ≤ mu_max lowers the loss.
 
     Raises :class:`DivergenceError` when the loss or the parameters become
     non-finite; the net then holds the parameters from the start of that epoch
@@ -309,6 +316,9 @@ def fit(
             raise TypeError(f"optimizer 'lbfgs' does not take {', '.join(sorted(optimizer_options))}")
         return _fit_lbfgs(net, X, T, Xv, Tv, epochs, alpha, tol, max_fun, callbacks, progress, validation_score,
                           net.weighting(s), weights_val)
+    if optimizer == "lm":
+        return _fit_lm(net, X, T, s, Xv, Tv, weights_val, epochs, early_stopping, tol, n_iter_no_change,
+                       callbacks, progress, validation_score, optimizer_options)
     if isinstance(optimizer, Optimizer):
         if optimizer.net is not net:
             raise ValueError("the optimizer given is bound to another net; make one with make_optimizer(name, net)")
@@ -388,10 +398,10 @@ class _EpochLoop:
                 xb = ops.take_rows(self.X, rows, self.Xb[hi - lo])
                 tb = ops.take_rows(self.T, rows, self.Tb[hi - lo])
             else:
-                xb, tb = self.X[lo:hi], self.T[lo:hi]
+                xb, tb = self.X[lo:hi, ...], self.T[lo:hi, ...]  # the array API needs every axis indexed
             weights = None
             if self.s is not None:  # the batch's weights gathered on the device, their sum on the host
-                sb = ops.take_rows(self.S, rows, self.Sb[hi - lo]) if self.shuffle else self.S[lo:hi]
+                sb = ops.take_rows(self.S, rows, self.Sb[hi - lo]) if self.shuffle else self.S[lo:hi, ...]
                 total = float(np.sum(self.s[perm[lo:hi]] if self.shuffle else self.s[lo:hi]))
                 weights = (sb, net.weighted_factor(total))
             try:
@@ -466,6 +476,10 @@ class _Monitor:
             return ""
         what = "Validation score" if self.early_stopping else "Training loss"
         msg = f"{what} did not improve more than tol={self.tol or 0.0:f} for {self.patience} consecutive epochs."
+        if opt is None:  # no optimizer object (LM): stop at once
+            if self.say is not None:
+                self.say(msg + " Stopping.")
+            return "early_stopping" if self.early_stopping else "tol"
         if opt.trigger_stopping(msg, self.say):
             return "early_stopping" if self.early_stopping else "tol"
         self.count = 0
@@ -563,4 +577,59 @@ def _fit_lbfgs(net: Any, X: Any, T: Any, Xv: Any, Tv: Any, epochs: int, alpha: f
         )
     net.params[...] = backend.asarray(result.x, dt)
     history.stop_reason = history.stop_reason or str(result.message)
+    return history
+
+
+# --- Levenberg–Marquardt -----------------------------------------------------------
+
+
+def _fit_lm(net: Any, X: Any, T: Any, s: Any, Xv: Any, Tv: Any, weights_val: Any, epochs: int,
+            early_stopping: bool, tol: float | None, n_iter_no_change: int, callbacks: tuple, progress: bool,
+            validation_score: Callable | None, options: dict) -> History:
+    """Levenberg–Marquardt iterations (:class:`bpgpu.levenberg_marquardt.LevenbergMarquardt`), full
+    batch, one "epoch" per iteration, with the stopping rules, validation and history of :func:`fit`.
+
+    A step is taken only when it lowers the training loss, so the parameters never go
+    non-finite; training stops ("mu_max") when no μ up to mu_max does.
+    """
+    from bpgpu.levenberg_marquardt import LevenbergMarquardt
+
+    allowed = {"alpha", "mu", "mu_dec", "mu_inc", "mu_max", "damping", "form", "chunk_size", "max_memory"}
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise TypeError(f"optimizer 'lm' does not take {', '.join(unknown)}; it takes {', '.join(sorted(allowed))}")
+    solver = LevenbergMarquardt(net, X, T, s, **options)
+    history = History()
+    bar = _progress_bar(progress, epochs)
+    monitor = _Monitor(net, Xv, Tv, early_stopping, tol, n_iter_no_change, validation_score,
+                       print if progress == "lines" else None)
+    try:
+        for epoch in range(1, epochs + 1):
+            try:
+                result = solver.step()
+            except KeyboardInterrupt:
+                warnings.warn("training interrupted by the user", stacklevel=3)
+                history.stop_reason = "interrupted"
+                break
+            val_loss = None
+            if Xv is not None:
+                val_loss = float(engine.loss(net, Xv, Tv, net.workspace(Xv.shape[0]), net.params, weights_val))
+            history.mu.append(result.mu)
+            stop = monitor.epoch_done(history, result.loss, val_loss, None)
+            _show(bar, epoch, history)
+            if _run_callbacks(callbacks, epoch, history, net):
+                history.stop_reason = "callback"
+                break
+            if not result.accepted:
+                history.stop_reason = "mu_max"
+                break
+            if stop:
+                history.stop_reason = stop
+                break
+        else:
+            history.stop_reason = "epochs"
+    finally:
+        if bar is not None:
+            bar.close()
+    monitor.restore_best(history)
     return history
