@@ -1,6 +1,6 @@
 """Levenberg–Marquardt: full-batch Gauss–Newton steps with an adaptive damping μ.
 
-Notation (seed 000, per_sample.py): J = c Σ_n s_n ℓ_n + (α c / 2) ‖W‖², with c = 1/m,
+Notation (docs/guide/feedforward.rst, per_sample.py): J = c Σ_n s_n ℓ_n + (α c / 2) ‖W‖², with c = 1/m,
 1/Σ s ("mean") or 1 ("sum"). LM works on E = J / c = Σ_n s_n ℓ_n + (α/2) ‖W‖², so μ
 means what it means in MATLAB's ``trainlm`` (which damps the unnormalised JᵀJ of the
 errors) whatever the reduction. Each iteration solves
@@ -8,7 +8,7 @@ errors) whatever the reduction. Each iteration solves
     (RᵀR + α P + μ D) δ = −∇E,          w ← w + δ if E(w + δ) < E(w)
 
 with R the Gauss–Newton factor (per_sample.py: RᵀR = Σ_n s_n J_nᵀ M_n J_n, for squared
-error the Jacobian of the residuals a − t, so RᵀR is seed 002's Σ_n ∇y_n ∇y_nᵀ), P the
+error the Jacobian of the residuals a − t, so RᵀR is the outer product Σ_n ∇y_n ∇y_nᵀ), P the
 0/1 mask of the weights (biases are not penalised), D = I (``damping="identity"``,
 MATLAB's) or diag(RᵀR) (``"diagonal"``, Marquardt's scale-invariant choice), by Cholesky
 in whichever form is smaller (N = m n_L residual rows, W parameters):

@@ -1,7 +1,7 @@
 """Derivatives per sample with respect to the parameters w: the parameter Jacobian,
 per-sample gradients and the Gauss–Newton factor, all by one vectorised backprop.
 
-Notation (seed 000, network.py): z(l) = A(l−1) Wᵀ(l) + b(l), A(l) = g_l(z(l)), a_0 = 1,
+Notation (docs/guide/feedforward.rst, network.py): z(l) = A(l−1) Wᵀ(l) + b(l), A(l) = g_l(z(l)), a_0 = 1,
 J = c Σ_n s_n ℓ_n with ℓ_n = ℓ(a_n(L), t_n), c = 1/m or 1/Σ s ("mean") or 1 ("sum").
 
 Backprop of a seed δ_n(L) = ∂u_n/∂z_n(L) for a scalar u_n of sample n gives, by the
@@ -11,7 +11,7 @@ delta rule δ(l−1) = (δ(l) W(l)) ⊙ g′(z(l−1)), every δ_n(l), and then
 
 laid out like Θ(l) in the flat vector. Stacks of seeds (K, m, n_L) go through as one
 batched pass, and the outer products of all samples are one broadcast, so nothing
-loops over samples (Opacus's per-sample gradients, seed 002's Jacobian recursion):
+loops over samples (Opacus's per-sample gradients, the Jacobian recursion of docs/guide/jacobian_hessian.rst):
 
     parameter_jacobian    seeds ∂y_k/∂z(L) (y = a(L)):              (m, n_L, W) = ∂y_nk/∂w
     per_sample_gradients  seed s_n ∂ℓ_n/∂z(L):                      (m, W) = s_n ∂ℓ_n/∂w

@@ -1,7 +1,7 @@
 """The same MLP written in PyTorch from its configuration and flat parameters, as an
 independent oracle for per-sample derivatives (torch.func's jacrev, vmap(grad), hessian).
 
-Only the documented flat layout is shared with bpgpu (DESIGN.md): block l of w is
+Only the documented flat layout is shared with bpgpu (docs/guide/feedforward.rst): block l of w is
 Θ(l) column-major, i.e. ``w[off:off + n_l (n_{l−1} + 1)].reshape(n_{l−1} + 1, n_l)``
 holds the bias in row 0 and Wᵀ below it.
 """
