@@ -109,6 +109,7 @@ class _BaseMLP(BaseEstimator):
     _parameter_constraints: dict = {
         **_SklearnMLPClassifier._parameter_constraints,  # noqa: SLF001
         "verbose": ["verbose", StrOptions({"bar"})],
+        "solver": [StrOptions({"lbfgs", "sgd", "adam", "lm"})],  # + bpgpu's Levenberg–Marquardt
         "device": [StrOptions({"auto", "cpu", "gpu"})],
         "dtype": [StrOptions({"float32", "float64"}), None],
     }
@@ -266,6 +267,8 @@ class _BaseMLP(BaseEstimator):
         try:
             if self.solver in _STOCHASTIC:
                 self._fit_stochastic(X, Y, random_state, incremental, sample_weight)
+            elif self.solver == "lm":
+                self._fit_lm(X, Y, random_state, sample_weight)
             else:
                 self._fit_lbfgs(X, Y, sample_weight)
         finally:
@@ -298,15 +301,8 @@ class _BaseMLP(BaseEstimator):
             raise ValueError("partial_fit does not support early_stopping=True")
         if not incremental or self._optimizer is None:
             self._optimizer = self._make_optimizer()
-        validation = {}
-        if self.early_stopping:
-            X, X_val, Y, Y_val, sample_weight, weight_val = self._validation_split(X, Y, sample_weight, random_state)
-            y_val = self._validation_targets(Y_val)
-            validation = dict(
-                validation_data=(X_val, Y_val),
-                validation_score=lambda net, Xv, Tv: self._validation_score(Xv, y_val, weight_val),
-            )
-        patience = self.max_iter if np.isinf(self.n_iter_no_change) else int(self.n_iter_no_change)
+        X, Y, sample_weight, validation = self._early_stopping_data(X, Y, sample_weight, random_state)
+        patience = self._patience()
         try:
             history = fit(
                 self._net, X, Y,
@@ -345,6 +341,41 @@ class _BaseMLP(BaseEstimator):
                 "hasn't converged yet.",
                 ConvergenceWarning,
             )
+
+    def _early_stopping_data(self, X, Y, sample_weight, random_state):
+        """With early_stopping: the training part of the split and bp.fit's validation options
+        (the held-out set, scored by the estimator's own score); else everything and no options."""
+        if not self.early_stopping:
+            return X, Y, sample_weight, {}
+        X, X_val, Y, Y_val, sample_weight, weight_val = self._validation_split(X, Y, sample_weight, random_state)
+        y_val = self._validation_targets(Y_val)
+        return X, Y, sample_weight, dict(
+            validation_data=(X_val, Y_val),
+            validation_score=lambda net, Xv, Tv: self._validation_score(Xv, y_val, weight_val),
+        )
+
+    def _patience(self) -> int:
+        return self.max_iter if np.isinf(self.n_iter_no_change) else int(self.n_iter_no_change)
+
+    def _fit_lm(self, X, Y, random_state, sample_weight) -> None:
+        """solver="lm": bpgpu's Levenberg–Marquardt (full batch, :mod:`bpgpu.levenberg_marquardt`),
+        max_iter iterations, with tol / n_iter_no_change / early_stopping as the other solvers."""
+        self._optimizer = None
+        X, Y, sample_weight, validation = self._early_stopping_data(X, Y, sample_weight, random_state)
+        history = fit(self._net, X, Y, optimizer="lm", epochs=self.max_iter, alpha=self.alpha, tol=self.tol,
+                      n_iter_no_change=self._patience(), early_stopping=self.early_stopping,
+                      progress=self._progress(lines=True), sample_weight=sample_weight, **validation)
+        self.n_iter_ = history.epochs
+        self.loss_curve_ += history.loss
+        self.loss_ = history.loss[-1]
+        if self.early_stopping:
+            self.validation_scores_ += history.validation_score
+            self.best_validation_score_ = max(self.best_validation_score_, history.best_validation_score)
+        else:
+            self.best_loss_ = min(self.best_loss_, history.best_loss)
+        if history.stop_reason == "epochs":
+            warnings.warn(f"Levenberg–Marquardt: Maximum iterations ({self.max_iter}) reached and the "
+                          "optimization hasn't converged yet.", ConvergenceWarning)
 
     def _fit_lbfgs(self, X, Y, sample_weight) -> None:
         self._optimizer = None
@@ -524,6 +555,9 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
     ``dtype`` (None: scikit-learn's rule, float32 for float32 input and float64
     otherwise; "float32" or "float64": that precision for every computation).
     ``verbose=True`` prints scikit-learn's lines; ``verbose="bar"`` shows a progress bar.
+    ``solver="lm"`` (bpgpu's, not scikit-learn's): Levenberg–Marquardt on the matching
+    Gauss–Newton matrix of the cross-entropy, full batch, ``max_iter`` iterations (see
+    :class:`MLPRegressor`).
     """
 
     _score_function = staticmethod(accuracy_score)
@@ -624,6 +658,16 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
     ``loss``: "squared_error" (identity output, ½ squared error) or "poisson" (as
     scikit-learn ≥ 1.7: exp output, the log link, and half the Poisson deviance
     Σ t log(t/a) − t + a, averaged over samples and summed over outputs; y ≥ 0).
+
+    ``solver="lm"`` (bpgpu's, not scikit-learn's): Levenberg–Marquardt, MATLAB's default MLP
+    trainer. Each of the ``max_iter`` iterations solves (JᵀJ + α P + μ I) δ = −∇E by Cholesky
+    on the whole training set (J the Jacobian of the residuals, by backprop), μ = 1e-3, ×0.1
+    after a step that lowers the loss, ×10 after one that does not, stopping once μ > 1e10;
+    ``alpha``, ``tol``, ``n_iter_no_change``, ``early_stopping``, ``validation_fraction``,
+    ``sample_weight`` and ``verbose`` mean what they mean for the other solvers (batch_size,
+    learning_rate* and the Adam/SGD options are not used). It needs a W × W (or, with fewer
+    residuals m·n_outputs than parameters W, an N × N) matrix: for small nets, where it
+    reaches a far lower loss in tens of iterations than Adam or L-BFGS in thousands.
     """
 
     _parameter_constraints: dict = {

@@ -188,8 +188,8 @@ class MLP:
             if not accept_sparse:
                 raise TypeError(
                     f"X is a sparse {type(X).__name__} of shape {tuple(X.shape)}, but this function needs a "
-                    "dense X (net.forward, net.loss, net.gradient, net.loss_and_gradient and bp.fit take "
-                    "sparse X); pass X.toarray()"
+                    "dense X (net.forward, net.loss, net.gradient, net.loss_and_gradient and bp.fit, but for "
+                    "optimizer='lm', take sparse X); pass X.toarray()"
                 )
             X = self.backend.as_sparse(X, self.xp_dtype)
         else:

@@ -46,8 +46,9 @@ class History:
     validation_loss / validation_score: per epoch when there is a validation
     set (the score is ``validation_score(net, X_val, T_val)`` when given, else
     −validation_loss); learning_rate: the rate in force at the end of each
-    epoch; stop_reason: "epochs", "tol", "early_stopping", "callback",
-    "interrupted" or L-BFGS's message; status: L-BFGS's exit status (scipy's:
+    epoch; mu: Levenberg–Marquardt's damping μ after each iteration;
+    stop_reason: "epochs", "tol", "early_stopping", "callback",
+    "interrupted", "mu_max" (Levenberg–Marquardt) or L-BFGS's message; status: L-BFGS's exit status (scipy's:
     0 converged, 1 iteration or evaluation limit reached, 2 other, 99 stopped by
     a callback), None for the stochastic optimizers.
     """
@@ -56,6 +57,7 @@ class History:
     validation_loss: list[float] = field(default_factory=list)
     validation_score: list[float] = field(default_factory=list)
     learning_rate: list[float] = field(default_factory=list)
+    mu: list[float] = field(default_factory=list)
     best_loss: float = math.inf
     best_validation_score: float = -math.inf
     stop_reason: str = ""
@@ -252,35 +254,50 @@ def fit(
     any format: it stays sparse (CSR), batches are sparse row selections and layer 1's
     products X Wᵀ and Xᵀ δ are sparse × dense.
 
-    optimizer: "sgd", "momentum", "nesterov", "adam", "lbfgs", or an
+    optimizer: "sgd", "momentum", "nesterov", "adam", "lbfgs", "lm" (Levenberg–Marquardt,
+        :mod:`bpgpu.levenberg_marquardt`), or an
         :class:`bpgpu.optim.Optimizer` already bound to this net (its state and
         options carry over, e.g. for scikit-learn's partial_fit; then
         learning_rate and optimizer_options are not used).
+
     batch_size: None (full batch: gradient descent), an int (1 is per-sample
         SGD), or "auto" = min(200, m) as scikit-learn. L-BFGS is full batch.
-    epochs: passes over the data (L-BFGS: its iterations, as sklearn's max_iter).
+
+    epochs: passes over the data (L-BFGS and LM: their iterations, as sklearn's max_iter).
+
     shuffle: draw a new sample order each epoch from ``seed``'s generator.
+
     validation_data / validation_fraction: a held-out set scored each epoch;
         early_stopping=True stops on it and restores its best parameters.
+
     tol, n_iter_no_change: scikit-learn's rule: when the training loss (or,
         with early_stopping, the validation score) fails to improve by tol for
         more than n_iter_no_change epochs, stop (lr_schedule="adaptive":
         divide the learning rate by 5 instead, until it is ≤ 1e-6).
         tol=None disables the rule.
+
     callbacks: each called as ``cb(epoch, history, net)`` after every epoch;
         a True return value stops training.
+
     progress: True or "bar": a tqdm bar with the epoch, loss and validation
         figures; "lines": scikit-learn's verbose lines on stdout
         ("Iteration N, loss = L" per epoch, "Validation score: S" when there is
         a validation set, and the stopping rule's message); False: nothing.
+
     validation_score: ``f(net, X_val, T_val) -> float``, higher is better
         (default −validation loss).
+
     sample_weight: one weight ≥ 0 per row of X, as scikit-learn's: each batch's
         loss is Σ s_n J_n / Σ s_n (reduction="mean") and the L2 term is divided
         by Σ s_n; a validation_fraction split takes its rows' weights along.
         Equal weights under reduction="mean" change nothing and are dropped.
+
     optimizer_options: alpha (L2, weights only), lr_schedule, power_t,
-        momentum, beta_1, beta_2, epsilon (see :mod:`bpgpu.optim`).
+        momentum, beta_1, beta_2, epsilon (see :mod:`bpgpu.optim`); for "lm":
+        alpha, mu, mu_dec, mu_inc, mu_max, damping, form, chunk_size, max_memory
+        (see :class:`bpgpu.levenberg_marquardt.LevenbergMarquardt`). LM is full
+        batch: batch_size, shuffle and learning_rate are not used; it stops with
+        stop_reason "mu_max" when no μ ≤ mu_max lowers the loss.
 
     Raises :class:`DivergenceError` when the loss or the parameters become
     non-finite; the net then holds the parameters from the start of that epoch
@@ -310,6 +327,9 @@ def fit(
             raise TypeError(f"optimizer 'lbfgs' does not take {', '.join(sorted(optimizer_options))}")
         return _fit_lbfgs(net, X, T, Xv, Tv, epochs, alpha, tol, max_fun, callbacks, progress, validation_score,
                           net.weighting(s), weights_val)
+    if optimizer == "lm":
+        return _fit_lm(net, X, T, s, Xv, Tv, weights_val, epochs, early_stopping, tol, n_iter_no_change,
+                       callbacks, progress, validation_score, optimizer_options)
     if isinstance(optimizer, Optimizer):
         if optimizer.net is not net:
             raise ValueError("the optimizer given is bound to another net; make one with make_optimizer(name, net)")
@@ -468,6 +488,10 @@ class _Monitor:
             return ""
         what = "Validation score" if self.early_stopping else "Training loss"
         msg = f"{what} did not improve more than tol={self.tol or 0.0:f} for {self.patience} consecutive epochs."
+        if opt is None:  # no optimizer object (LM): stop at once
+            if self.say is not None:
+                self.say(msg + " Stopping.")
+            return "early_stopping" if self.early_stopping else "tol"
         if opt.trigger_stopping(msg, self.say):
             return "early_stopping" if self.early_stopping else "tol"
         self.count = 0
@@ -565,4 +589,59 @@ def _fit_lbfgs(net: Any, X: Any, T: Any, Xv: Any, Tv: Any, epochs: int, alpha: f
         )
     net.params[...] = backend.asarray(result.x, dt)
     history.stop_reason = history.stop_reason or str(result.message)
+    return history
+
+
+# --- Levenberg–Marquardt -----------------------------------------------------------
+
+
+def _fit_lm(net: Any, X: Any, T: Any, s: Any, Xv: Any, Tv: Any, weights_val: Any, epochs: int,
+            early_stopping: bool, tol: float | None, n_iter_no_change: int, callbacks: tuple, progress: bool,
+            validation_score: Callable | None, options: dict) -> History:
+    """Levenberg–Marquardt iterations (:class:`bpgpu.levenberg_marquardt.LevenbergMarquardt`), full
+    batch, one "epoch" per iteration, with the stopping rules, validation and history of :func:`fit`.
+
+    A step is taken only when it lowers the training loss, so the parameters never go
+    non-finite; training stops ("mu_max") when no μ up to mu_max does.
+    """
+    from bpgpu.levenberg_marquardt import LevenbergMarquardt
+
+    allowed = {"alpha", "mu", "mu_dec", "mu_inc", "mu_max", "damping", "form", "chunk_size", "max_memory"}
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise TypeError(f"optimizer 'lm' does not take {', '.join(unknown)}; it takes {', '.join(sorted(allowed))}")
+    solver = LevenbergMarquardt(net, X, T, s, **options)
+    history = History()
+    bar = _progress_bar(progress, epochs)
+    monitor = _Monitor(net, Xv, Tv, early_stopping, tol, n_iter_no_change, validation_score,
+                       print if progress == "lines" else None)
+    try:
+        for epoch in range(1, epochs + 1):
+            try:
+                result = solver.step()
+            except KeyboardInterrupt:
+                warnings.warn("training interrupted by the user", stacklevel=3)
+                history.stop_reason = "interrupted"
+                break
+            val_loss = None
+            if Xv is not None:
+                val_loss = float(engine.loss(net, Xv, Tv, net.workspace(Xv.shape[0]), net.params, weights_val))
+            history.mu.append(result.mu)
+            stop = monitor.epoch_done(history, result.loss, val_loss, None)
+            _show(bar, epoch, history)
+            if _run_callbacks(callbacks, epoch, history, net):
+                history.stop_reason = "callback"
+                break
+            if not result.accepted:
+                history.stop_reason = "mu_max"
+                break
+            if stop:
+                history.stop_reason = stop
+                break
+        else:
+            history.stop_reason = "epochs"
+    finally:
+        if bar is not None:
+            bar.close()
+    monitor.restore_best(history)
     return history
