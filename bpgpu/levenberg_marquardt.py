@@ -173,8 +173,9 @@ class LevenbergMarquardt:
         m = self.X.shape[0]
         for lo in range(0, m, self.chunk_size):
             hi = min(lo + self.chunk_size, m)
-            yield lo, hi, gauss_newton_rows(self.net, self.X[lo:hi], self.T[lo:hi],
-                                            None if self.s_col is None else self.s_col[lo:hi])
+            # every axis indexed: the array API standard does not define X[lo:hi] on a matrix
+            yield lo, hi, gauss_newton_rows(self.net, self.X[lo:hi, :], self.T[lo:hi, :],
+                                            None if self.s_col is None else self.s_col[lo:hi, :])
 
     def gram(self) -> Any:
         """A = RᵀR (W × W), summed over chunks of samples."""
