@@ -12,6 +12,8 @@ stored output a, as scikit-learn does):
     leaky_relu  g = max(z, 0.01 z)         g′ = 1 if a > 0 else 0.01
     softplus    g = log(1 + e^z)           g′ = σ(z) = 1 − e^{−a}
     softmax     a_k = e^{z_k} / Σ e^{z_j}  δ = a ⊙ (s − Σ_k s_k a_k)   (output layer only)
+    exp         g = e^z                    g′ = a                  (output layer only: the log link
+                                                                    of a Poisson regression)
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ from dataclasses import dataclass
 from bpgpu.kernels import ACTIVATIONS
 
 HIDDEN = ("identity", "sigmoid", "tanh", "relu", "leaky_relu", "softplus")
-OUTPUT = ACTIVATIONS  # any hidden activation, plus softmax
+OUTPUT = ACTIVATIONS  # any hidden activation, plus softmax and exp
 UNIT_INTERVAL = ("sigmoid", "softmax")  # outputs that are probabilities
+POSITIVE = ("exp", "softplus", *UNIT_INTERVAL)  # outputs > 0: the means of a Poisson loss
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,10 @@ class Activation:
     @property
     def probabilistic(self) -> bool:
         return self.name in UNIT_INTERVAL
+
+    @property
+    def positive(self) -> bool:
+        return self.name in POSITIVE
 
 
 def get(name: object, layer: int | None, is_output: bool) -> Activation:

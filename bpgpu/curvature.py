@@ -65,7 +65,7 @@ def hessian_eigenvalues(
     k : how many, 1 ≤ k ≤ W (k = W: every eigenvalue, from the dense exact Hessian,
         since Lanczos needs k < W).
     which : "largest" (algebraic, the sharpness), "smallest" (algebraic: the most
-        negative curvature) or "magnitude" (largest |λ|).
+        negative curvature) or "magnitude" (largest absolute value ``abs(λ)``).
     tol : relative accuracy of each eigenvalue (0: machine precision).
     maxiter : Lanczos restarts (None: the solver's default).
     return_eigenvectors : also return the eigenvectors, (W, k), columns in the params layout.
@@ -73,7 +73,7 @@ def hessian_eigenvalues(
     Returns
     -------
     eigenvalues : (k,) on the net's device, sorted from the most extreme: descending
-        for "largest", ascending for "smallest", by descending |λ| for "magnitude";
+        for "largest", ascending for "smallest", by descending ``abs(λ)`` for "magnitude";
         with return_eigenvectors, the pair (eigenvalues, eigenvectors).
     """
     if not isinstance(which, str) or which not in _WHICH:

@@ -62,6 +62,7 @@ try:
     from sklearn.metrics import accuracy_score, r2_score
     from sklearn.model_selection import train_test_split
     from sklearn.neural_network import MLPClassifier as _SklearnMLPClassifier
+    from sklearn.neural_network import MLPRegressor as _SklearnMLPRegressor
     from sklearn.preprocessing import LabelBinarizer
     from sklearn.utils import check_random_state, column_or_1d
     from sklearn.utils._param_validation import StrOptions
@@ -88,6 +89,7 @@ _OUTPUT = {
     "identity": ("identity", "squared_error"),
     "logistic": ("sigmoid", "binary_cross_entropy"),
     "softmax": ("softmax", "cross_entropy"),
+    "exp": ("exp", "poisson"),  # MLPRegressor(loss="poisson"): log link, half Poisson deviance
 }
 _STOCHASTIC = ("sgd", "adam")
 # scikit-learn's words for a run whose parameters became NaN or Inf (BaseMultilayerPerceptron._fit)
@@ -641,10 +643,13 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
 
 
 class MLPRegressor(RegressorMixin, _BaseMLP):
-    """Multi-layer perceptron regressor: scikit-learn's MLPRegressor (squared error), trained by bpgpu.
+    """Multi-layer perceptron regressor: scikit-learn's MLPRegressor, trained by bpgpu.
 
-    Parameters are scikit-learn's (same names, defaults and meanings), plus
+    Parameters are scikit-learn's (same names, order, defaults and meanings), plus
     ``device`` ("auto", "cpu" or "gpu") and ``dtype`` (None, "float32" or "float64").
+    ``loss``: "squared_error" (identity output, ½ squared error) or "poisson" (as
+    scikit-learn ≥ 1.7: exp output, the log link, and half the Poisson deviance
+    Σ t log(t/a) − t + a, averaged over samples and summed over outputs; y ≥ 0).
 
     ``solver="lm"`` (bpgpu's, not scikit-learn's): Levenberg–Marquardt, MATLAB's default MLP
     trainer. Each of the ``max_iter`` iterations solves (JᵀJ + α P + μ I) δ = −∇E by Cholesky
@@ -657,7 +662,54 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
     reaches a far lower loss in tens of iterations than Adam or L-BFGS in thousands.
     """
 
+    _parameter_constraints: dict = {
+        **_BaseMLP._parameter_constraints,  # noqa: SLF001 - the class's own base
+        "loss": _SklearnMLPRegressor._parameter_constraints["loss"],  # noqa: SLF001
+    }
     _score_function = staticmethod(r2_score)
+
+    # scikit-learn's signature (loss first, then the shared parameters); explicit, because
+    # scikit-learn's get_params reads the parameter names from __init__'s signature.
+    def __init__(
+        self,
+        loss="squared_error",
+        hidden_layer_sizes=(100,),
+        activation="relu",
+        *,
+        solver="adam",
+        alpha=0.0001,
+        batch_size="auto",
+        learning_rate="constant",
+        learning_rate_init=0.001,
+        power_t=0.5,
+        max_iter=200,
+        shuffle=True,
+        random_state=None,
+        tol=1e-4,
+        verbose=False,
+        warm_start=False,
+        momentum=0.9,
+        nesterovs_momentum=True,
+        early_stopping=False,
+        validation_fraction=0.1,
+        beta_1=0.9,
+        beta_2=0.999,
+        epsilon=1e-8,
+        n_iter_no_change=10,
+        max_fun=15000,
+        device="auto",
+        dtype=None,
+    ):
+        super().__init__(
+            hidden_layer_sizes=hidden_layer_sizes, activation=activation, solver=solver, alpha=alpha,
+            batch_size=batch_size, learning_rate=learning_rate, learning_rate_init=learning_rate_init,
+            power_t=power_t, max_iter=max_iter, shuffle=shuffle, random_state=random_state, tol=tol,
+            verbose=verbose, warm_start=warm_start, momentum=momentum, nesterovs_momentum=nesterovs_momentum,
+            early_stopping=early_stopping, validation_fraction=validation_fraction, beta_1=beta_1,
+            beta_2=beta_2, epsilon=epsilon, n_iter_no_change=n_iter_no_change, max_fun=max_fun,
+            device=device, dtype=dtype,
+        )
+        self.loss = loss
 
     def _validate_input(self, X, y, incremental, reset):
         X, y = validate_data(
@@ -668,7 +720,7 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
         return X, y.astype(X.dtype, copy=False)
 
     def _out_activation(self) -> str:
-        return "identity"
+        return "exp" if self.loss == "poisson" else "identity"
 
     def _decode(self, out: np.ndarray) -> np.ndarray:
         return out.ravel() if out.shape[1] == 1 else out

@@ -248,29 +248,39 @@ def fit(
         :class:`bpgpu.optim.Optimizer` already bound to this net (its state and
         options carry over, e.g. for scikit-learn's partial_fit; then
         learning_rate and optimizer_options are not used).
+
     batch_size: None (full batch: gradient descent), an int (1 is per-sample
         SGD), or "auto" = min(200, m) as scikit-learn. L-BFGS is full batch.
+
     epochs: passes over the data (L-BFGS and LM: their iterations, as sklearn's max_iter).
+
     shuffle: draw a new sample order each epoch from ``seed``'s generator.
+
     validation_data / validation_fraction: a held-out set scored each epoch;
         early_stopping=True stops on it and restores its best parameters.
+
     tol, n_iter_no_change: scikit-learn's rule: when the training loss (or,
         with early_stopping, the validation score) fails to improve by tol for
         more than n_iter_no_change epochs, stop (lr_schedule="adaptive":
         divide the learning rate by 5 instead, until it is ≤ 1e-6).
         tol=None disables the rule.
+
     callbacks: each called as ``cb(epoch, history, net)`` after every epoch;
         a True return value stops training.
+
     progress: True or "bar": a tqdm bar with the epoch, loss and validation
         figures; "lines": scikit-learn's verbose lines on stdout
         ("Iteration N, loss = L" per epoch, "Validation score: S" when there is
         a validation set, and the stopping rule's message); False: nothing.
+
     validation_score: ``f(net, X_val, T_val) -> float``, higher is better
         (default −validation loss).
+
     sample_weight: one weight ≥ 0 per row of X, as scikit-learn's: each batch's
         loss is Σ s_n J_n / Σ s_n (reduction="mean") and the L2 term is divided
         by Σ s_n; a validation_fraction split takes its rows' weights along.
         Equal weights under reduction="mean" change nothing and are dropped.
+
     optimizer_options: alpha (L2, weights only), lr_schedule, power_t,
         momentum, beta_1, beta_2, epsilon (see :mod:`bpgpu.optim`); for "lm":
         alpha, mu, mu_dec, mu_inc, mu_max, damping, form, chunk_size, max_memory
@@ -388,10 +398,10 @@ class _EpochLoop:
                 xb = ops.take_rows(self.X, rows, self.Xb[hi - lo])
                 tb = ops.take_rows(self.T, rows, self.Tb[hi - lo])
             else:
-                xb, tb = self.X[lo:hi], self.T[lo:hi]
+                xb, tb = self.X[lo:hi, ...], self.T[lo:hi, ...]  # the array API needs every axis indexed
             weights = None
             if self.s is not None:  # the batch's weights gathered on the device, their sum on the host
-                sb = ops.take_rows(self.S, rows, self.Sb[hi - lo]) if self.shuffle else self.S[lo:hi]
+                sb = ops.take_rows(self.S, rows, self.Sb[hi - lo]) if self.shuffle else self.S[lo:hi, ...]
                 total = float(np.sum(self.s[perm[lo:hi]] if self.shuffle else self.s[lo:hi]))
                 weights = (sb, net.weighted_factor(total))
             try:

@@ -288,3 +288,29 @@ def test_import_bpgpu_does_not_import_onnx_and_missing_onnx_names_the_extra():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "pip install 'bpgpu[onnx]'" in out
+
+
+def test_readme_export_runs(tmp_path, monkeypatch):
+    import pathlib
+    import re
+
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code = re.search(r"## ONNX export\n\n```python\n(.*?)```", readme, re.S).group(1)
+    assert len(code.strip().splitlines()) == 3
+    X = _data()
+    clf = fitted(bp.MLPClassifier, X, TARGETS["multiclass"](X), hidden_layer_sizes=(4,))
+    monkeypatch.chdir(tmp_path)
+    scope = {"bp": bp, "np": np, "onnxruntime": ort, "clf": clf, "X": X}
+    exec(compile(code, "README.md", "exec"), scope)
+    np.testing.assert_array_equal(scope["label"], clf.predict(X))
+    assert_close(scope["proba"], clf.predict_proba(X), "float32")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not bp.gpu_status().usable, reason=f"no usable GPU: {bp.gpu_status().reason}")
+def test_a_net_on_the_gpu_exports_as_on_the_cpu():
+    on_gpu = bp.MLP([3, 4, 2], hidden="softplus", output="softmax", loss="cross_entropy", dtype="float64",
+                    backend="cupy", seed=0)
+    on_cpu = bp.MLP([3, 4, 2], hidden="softplus", output="softmax", loss="cross_entropy", dtype="float64",
+                    backend="numpy", seed=0)
+    assert bp.to_onnx(on_gpu) == bp.to_onnx(on_cpu)  # the same seed draws the same parameters on the host

@@ -245,3 +245,76 @@ def test_unknown_activation_or_loss_name_is_an_error_even_where_no_layer_uses_it
         bp.MLP([3, 2], output="swishy")
     with pytest.raises(ValueError, match="unknown loss 'swishy'"):
         bp.MLP([3, 2], output="identity", loss="swishy")
+
+
+# --- 6. Poisson loss -----------------------------------------------------------------
+
+
+def _counts(n_outputs=1, n=120):
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(n, 4))
+    rate = np.exp(0.5 * X[:, :1] - 0.3 * X[:, 1:2] + 0.1 * np.arange(n_outputs))
+    y = rng.poisson(rate).astype(float)
+    return X, (y[:, 0] if n_outputs == 1 else y)
+
+
+@pytest.mark.parametrize("n_outputs", [1, 2])
+@pytest.mark.parametrize("solver", ["adam", "sgd", "lbfgs"])
+def test_poisson_regressor_reproduces_sklearn(solver, n_outputs):
+    """scikit-learn ≥ 1.7: MLPRegressor(loss="poisson") has an exp output (log link) and minimises
+    half the Poisson deviance, averaged over samples and summed over outputs. Unshuffled in float64
+    bpgpu's fit gives the same parameters, loss_ and predictions."""
+    X, y = _counts(n_outputs)
+    params = dict(loss="poisson", hidden_layer_sizes=(6,), random_state=0, shuffle=False, max_iter=8,
+                  batch_size=32, alpha=1e-2, solver=solver)
+    mine, theirs = _pair(bp.MLPRegressor, params, X, y)
+    assert mine.out_activation_ == theirs.out_activation_ == "exp"
+    assert mine.loss_ == pytest.approx(theirs.loss_, rel=1e-12)
+    for ours, their in zip(mine.coefs_ + mine.intercepts_, theirs.coefs_ + theirs.intercepts_):
+        np.testing.assert_allclose(ours, their, rtol=1e-9, atol=1e-13)
+    np.testing.assert_allclose(mine.predict(X), theirs.predict(X), rtol=1e-9)
+    assert mine.get_params()["loss"] == "poisson"
+    assert set(bp.MLPRegressor().get_params()) == set(sk.MLPRegressor().get_params()) | {"device", "dtype"}
+    assert bp.MLPRegressor("poisson").loss == sk.MLPRegressor("poisson").loss == "poisson"  # loss comes first
+    with pytest.raises(InvalidParameterError, match="loss"):
+        bp.MLPRegressor(loss="gamma").fit(X, y)
+
+
+@pytest.mark.parametrize("output", ["exp", "softplus"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_poisson_loss_of_the_net_is_half_sklearns_mean_poisson_deviance(output, reduction):
+    """bp.MLP(loss="poisson"): J = c Σ_n [t log(t/a) − t + a], c = 1/m or 1 — half of scikit-learn's
+    mean_poisson_deviance (times m for "sum"), zero targets included (0 log 0 = 0); exp is its
+    canonical output (δ(L) = e^z − t, the loss from the logits), softplus any other positive one."""
+    from sklearn.metrics import mean_poisson_deviance
+
+    X, y = _counts(n=40)
+    y[:5] = 0.0
+    net = bp.MLP([4, 5, 1], hidden="tanh", output=output, loss="poisson", reduction=reduction,
+                 dtype="float64", backend="numpy", seed=1)
+    a = bp.to_numpy(net.forward(X))[:, 0]
+    expected = 0.5 * mean_poisson_deviance(y, a) * (1 if reduction == "mean" else len(y))
+    assert net.loss(X, y) == pytest.approx(expected, rel=1e-12)
+    assert net.loss_function.is_canonical(net.activations[-1]) == (output == "exp")
+
+
+def test_poisson_output_delta_is_exp_z_minus_t_like_torch():
+    """The canonical pair's gradient against PyTorch's PoissonNLLLoss(log_input=True) (e^z − t z per
+    element, the same gradient; the deviance's t log t − t does not depend on w) by autograd."""
+    torch = pytest.importorskip("torch")
+    X, y = _counts(n=30)
+    net = bp.MLP([4, 1], output="exp", loss="poisson", dtype="float64", backend="numpy", seed=2)
+    theta = torch.tensor(np.asarray(net.theta(1)), requires_grad=True)
+    z = torch.tensor(X) @ theta[:, 1:].T + theta[:, 0]
+    loss = torch.nn.PoissonNLLLoss(log_input=True, full=False, reduction="sum")(z[:, 0], torch.tensor(y)) / len(y)
+    loss.backward()
+    np.testing.assert_allclose(net.theta(1, net.gradient(X, y)), theta.grad.numpy(), rtol=1e-12, atol=1e-15)
+
+
+def test_poisson_refuses_negative_targets_and_outputs_that_can_be_negative():
+    X, y = _counts(n=10)
+    net = bp.MLP([4, 1], output="exp", loss="poisson", dtype="float64", backend="numpy")
+    with pytest.raises(ValueError, match="T must be >= 0 for loss='poisson'"):
+        net.loss(X, -y - 1)
+    with pytest.raises(ValueError, match="needs outputs > 0.*'identity'"):
+        bp.MLP([4, 1], output="identity", loss="poisson")
