@@ -103,6 +103,13 @@ def gauss_newton_factor(net: MLP, X: Any, T: Any, sample_weight: Any = None) -> 
 def gauss_newton_rows(net: MLP, X: Any, T: Any, s_col: Any = None) -> Any:
     """:func:`gauss_newton_factor` on a batch already on the backend (X, T as ``net.check_inputs``
     returns them; s_col an (m, 1) column of weights or None), for callers that chunk the data."""
+    return engine.seeded_gradients(net, *gauss_newton_seeds(net, X, T, s_col))
+
+
+def gauss_newton_seeds(net: MLP, X: Any, T: Any, s_col: Any = None) -> tuple[list[Any], Any]:
+    """(A, seeds): the layer outputs [A(0) = X, ..., A(L)] and the δ(L) seeds (n_L, m, n_L)
+    √s_n Fᵀ_n ∂u/∂z(L) whose backprop (``engine.seeded_deltas``) gives the Gauss–Newton
+    factor's rows [1, a_n(l−1)] ⊗ δ_kn(l), for callers that use the δ(l) without forming R."""
     xp, L = net.backend.xp, net.n_layers
     _, A = _forward(net, X)
     a, output, loss = A[-1], net.activations[-1], net.loss_function
@@ -120,7 +127,7 @@ def gauss_newton_rows(net: MLP, X: Any, T: Any, s_col: Any = None) -> Any:
         seeds = engine.times_g1(net, L, _scaled_unit_seeds(net, a, xp.sqrt(engine.loss_curvature(net, a, T))), a)
     if s_col is not None:
         seeds = seeds * xp.sqrt(s_col)[None, :, :]
-    return engine.seeded_gradients(net, A, seeds)
+    return A, seeds
 
 
-__all__ = ["gauss_newton_factor", "gauss_newton_rows", "parameter_jacobian", "per_sample_gradients"]
+__all__ = ["gauss_newton_factor", "gauss_newton_rows", "gauss_newton_seeds", "parameter_jacobian", "per_sample_gradients"]
