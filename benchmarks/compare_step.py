@@ -1,4 +1,4 @@
-"""One training step, every CPU implementation in one run, interleaved (issue 7).
+"""One training step, every CPU implementation in one run, interleaved (the CPU targets of benchmarks/NOTES.md).
 
     python benchmarks/compare_step.py [--sizes tiny small medium] [--dtype float32]
                                       [--rounds 40] [--round-seconds 0.04] [--settle 0.2] [--json out.json]
@@ -6,7 +6,7 @@
 Implementations (same net: relu hidden, identity output, ½‖a − t‖² / m, SGD lr 0.01):
 
     numpy_reference  the plain preallocated numpy step (bpgpu.bench.numpy_reference_case)
-    bpgpu_numpy      bpgpu's numpy path: net._forward, net._backward, optimizer.update
+    bpgpu_numpy      bpgpu's numpy path: engine.forward, engine.backward, optimizer.update
     bpgpu_jit        the compiled step (bpgpu.kernels.jit.compiled_train_step), one numba call
     bpgpu_train_step bpgpu.training.train_step as it is wired now (bpgpu.bench.bpgpu_step_case)
     jax_jit          value_and_grad + SGD in one jax.jit, parameters donated
@@ -32,7 +32,7 @@ import time
 
 import numpy as np
 
-from bpgpu import bench, optim
+from bpgpu import bench, engine, optim
 from bpgpu.kernels import jit
 from bpgpu.network import MLP
 
@@ -40,13 +40,13 @@ from bpgpu.network import MLP
 def numpy_path_case(sizes, m, dtype, backend):
     """bpgpu's numpy path, whatever train_step routes to: the three calls of a step."""
     net = MLP(sizes, dtype=dtype, backend=backend, init="he", seed=0, **bench.STEP_NET)
-    X, T = net._inputs(*bench.batch(backend, sizes, m, dtype))
+    X, T = net.check_inputs(*bench.batch(backend, sizes, m, dtype))
     opt = optim.SGD(net, learning_rate=bench.LEARNING_RATE)
     ws = net.workspace(m)
 
     def step():
-        net._forward(X, ws, net.params)
-        loss = net._backward(X, T, ws, net.params, ws.grad)
+        engine.forward(net, X, ws, net.params)
+        loss = engine.backward(net, X, T, ws, net.params, ws.grad)
         opt.update(ws.grad)
         return loss
 
@@ -55,7 +55,7 @@ def numpy_path_case(sizes, m, dtype, backend):
 
 def jit_case(sizes, m, dtype, backend):
     net = MLP(sizes, dtype=dtype, backend=backend, init="he", seed=0, **bench.STEP_NET)
-    X, T = net._inputs(*bench.batch(backend, sizes, m, dtype))
+    X, T = net.check_inputs(*bench.batch(backend, sizes, m, dtype))
     step = jit.compiled_train_step(net, optim.SGD(net, learning_rate=bench.LEARNING_RATE))
     if step is None:
         return None

@@ -2,7 +2,7 @@
 
 Every case comes from :mod:`bpgpu.bench`, the code ``bpgpu bench`` runs. Each
 benchmark records its best time here; at the end of the session the derived
-figures issues 6 and 7 ask for (log-log exponents with their fit ranges,
+figures that benchmarks/NOTES.md checks the targets against (log-log exponents with their fit ranges,
 GFLOP/s against the same-run GEMM, ratios to bpgpu and to the plain numpy
 step, bytes per step) are printed from the numbers of this one run.
 """

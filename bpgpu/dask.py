@@ -253,7 +253,7 @@ def loss_and_gradient(net: MLP, X: Any, T: Any, *, timeout: float | None = None)
     """(J, dJ/dw) over the dask arrays X, T: the gradient as a new flat vector (W,) on net's backend."""
     X, T = _check(net, X, T)
     J, g = _loss_and_gradient_at(net, X, T, net.params, timeout=timeout)
-    return J, net.backend.asarray(g, net._xp_dtype)
+    return J, net.backend.asarray(g, net.xp_dtype)
 
 
 def gradient(net: MLP, X: Any, T: Any, *, timeout: float | None = None) -> Any:
@@ -266,7 +266,7 @@ def hvp(net: MLP, X: Any, T: Any, v: Any, *, timeout: float | None = None) -> An
     X, T = _check(net, X, T)
     v = net.flat_vector(v, "v")
     sums = _sums(net, X, T, _hvp_sum, net.n_params, net.params, v=v, timeout=timeout)
-    return net.backend.asarray(sums * net.reduction_factor(X.shape[0]), net._xp_dtype)
+    return net.backend.asarray(sums * net.reduction_factor(X.shape[0]), net.xp_dtype)
 
 
 # --- training -------------------------------------------------------------------
@@ -316,7 +316,7 @@ def fit(
     optimizer:
       "lbfgs"  scipy's L-BFGS-B on the driver, each evaluation a distributed loss and
                gradient (the dask-glm pattern); at most max_iter iterations, gtol=tol.
-      "gd"     full-batch gradient descent: max_iter steps (fewer once max |g| <= tol),
+      "gd"     full-batch gradient descent: max_iter steps (fewer once ``max |g| <= tol``),
                each the step rule ``update`` of :mod:`bpgpu.optim` ("sgd", "momentum",
                "nesterov", "adam"; ``options`` such as momentum or alpha go to it).
       "sgd"    synchronous data-parallel mini-batch SGD for max_iter epochs: an epoch
@@ -358,7 +358,7 @@ def _penalized_gradient(net: MLP, X: Any, T: Any, step_rule: Any, timeout: float
     """(J, g) at net.params with the step rule's L2 term, g on net's backend, ready for update(g)."""
     m = X.shape[0] if m is None else m
     J, g = _loss_and_gradient_at(net, X, T, net.params, rows=rows, m=m, timeout=timeout)
-    g = net.backend.asarray(g, net._xp_dtype)
+    g = net.backend.asarray(g, net.xp_dtype)
     return J + float(step_rule.penalize(g, net.reduction_factor(m))), g
 
 

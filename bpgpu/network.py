@@ -1,6 +1,8 @@
-"""The multilayer perceptron: flat parameters, workspaces, forward pass and backpropagation.
+"""The multilayer perceptron: configuration, flat parameters, input checks and the public API.
 
-Notation (seed 000): layer l maps a(l−1) to a(l) = g(z(l)), z(l) = Θ(l) a(l−1)
+The passes themselves are :mod:`bpgpu.engine`'s, the flat layout :mod:`bpgpu.layout`'s.
+
+Notation (docs/guide/feedforward.rst): layer l maps a(l−1) to a(l) = g(z(l)), z(l) = Θ(l) a(l−1)
 with a_0 = 1. Θ(l) is (n_l, n_{l−1} + 1) with the bias in column 0. All Θ(l)
 live in one flat vector w, each stored column-major: the bias column comes
 first, then the weight block, whose transpose Wᵀ (n_{l−1}, n_l) is an ordinary
@@ -15,27 +17,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from bpgpu import activations, losses, validation
+from bpgpu import activations, engine, losses, validation
 from bpgpu.backend import Backend, resolve
+from bpgpu.layout import Layout
 
 INITS = ("uniform", "glorot", "he")
 REDUCTIONS = ("mean", "sum")
-
-
-class _Workspace:
-    """Buffers for one batch size, allocated once and reused by every pass."""
-
-    def __init__(self, net: MLP, m: int):
-        xp, dt = net.backend.xp, net._xp_dtype
-        hidden = net.sizes[1:]
-        self.m = m
-        self.A = [None] + [xp.empty((m, n), dtype=dt) for n in hidden]  # a(l); A[0] is the input
-        self.D = [None] + [xp.empty((m, n), dtype=dt) for n in hidden]  # δ(l)
-        self.Z = xp.empty((m, net.sizes[-1]), dtype=dt)  # z(L), kept for a stable loss
-        flat = xp.empty(m * max(hidden), dtype=dt)
-        self.scratch = [None] + [xp.reshape(flat[: m * n], (m, n)) for n in hidden]
-        self.rows = xp.empty((m, 2), dtype=dt)
-        self.grad = xp.empty(net.n_params, dtype=dt)
 
 
 class MLP:
@@ -49,7 +36,7 @@ class MLP:
     reduction : "mean" (sum over samples / m) or "sum".
     dtype : "float32" or "float64"; every computation stays in it.
     backend : "auto", "numpy", "cupy" or an array-API namespace.
-    init : "uniform" (U[−epsilon, epsilon], seed 004), "glorot" or "he".
+    init : "uniform" (U[−epsilon, epsilon], docs/guide/training.rst), "glorot" or "he".
     seed : int for reproducible initial parameters (drawn on the host in
         float64, so the same seed gives the same net on every backend).
     """
@@ -66,10 +53,12 @@ class MLP:
         init: str = "uniform",
         epsilon: float = 0.12,
         seed: int | None = None,
-    ):
+    ) -> None:
         self.sizes = validation.layer_sizes(layer_sizes)
         L = self.n_layers = len(self.sizes) - 1
         hidden_names = validation.per_layer(hidden, L - 1, "hidden")
+        if isinstance(hidden, str) and not hidden_names:
+            activations.get(hidden, None, is_output=False)
         self.activations = [
             activations.get(name, l, is_output=False) for l, name in enumerate(hidden_names, start=1)
         ] + [activations.get(output, L, is_output=True)]
@@ -84,11 +73,11 @@ class MLP:
         self.reduction = reduction
         self.dtype = validation.dtype_name(dtype)
         self.backend: Backend = resolve(backend)
-        self._xp_dtype = self.backend.dtype(self.dtype)
-        self._offsets = np.cumsum([0] + [n * (k + 1) for k, n in zip(self.sizes, self.sizes[1:])]).tolist()
-        self.n_params = self._offsets[-1]
-        self.params = self.backend.xp.zeros(self.n_params, dtype=self._xp_dtype)
-        self._workspaces: OrderedDict[int, _Workspace] = OrderedDict()
+        self.xp_dtype = self.backend.dtype(self.dtype)  # the dtype object of the backend's namespace
+        self.layout = Layout(self.sizes)  # offsets and views of the flat vector w
+        self.n_params = self.layout.n_params
+        self.params = self.backend.xp.zeros(self.n_params, dtype=self.xp_dtype)
+        self._workspaces: OrderedDict[int, engine.Workspace] = OrderedDict()
         self.init, self.epsilon, self.seed = init, epsilon, seed
         self.initialize(init, epsilon, seed)
 
@@ -116,14 +105,14 @@ class MLP:
     # --- parameters --------------------------------------------------------
 
     def initialize(self, init: str = "uniform", epsilon: float = 0.12, seed: int | None = None) -> None:
-        """Draw new parameters in place (the symmetry breaking of seed 004)."""
+        """Draw new parameters in place (random, to break the symmetry between units: docs/guide/training.rst)."""
         if init not in INITS:
             raise ValueError(f"init must be one of {', '.join(INITS)}, got {init!r}")
         rng = np.random.default_rng(seed)
         host = np.zeros(self.n_params)
         for l in range(1, self.n_layers + 1):
             n_in, n_out = self.sizes[l - 1], self.sizes[l]
-            theta = self._theta_of(host, l)
+            theta = self.layout.theta(host, l)
             if init == "uniform":
                 theta[...] = rng.uniform(-epsilon, epsilon, size=theta.shape)
             elif init == "glorot":
@@ -132,12 +121,6 @@ class MLP:
             else:
                 theta[:, 1:] = rng.normal(0.0, np.sqrt(2.0 / n_in), size=(n_out, n_in))
         self.set_params(host)
-
-    def _theta_of(self, vec: Any, l: int) -> Any:
-        n_in, n_out = self.sizes[l - 1], self.sizes[l]
-        block = vec[self._offsets[l - 1] : self._offsets[l]]
-        xp = self.backend.xp if not isinstance(vec, np.ndarray) else np
-        return xp.reshape(block, (n_in + 1, n_out)).T
 
     def theta(self, l: int, vec: Any = None) -> Any:
         """View of Θ(l), shape (n_l, n_{l−1} + 1), column 0 the bias, l = 1..L.
@@ -153,22 +136,12 @@ class MLP:
             raise ValueError(
                 f"vec must be a flat vector of length n_params={self.n_params}, got shape {tuple(vec.shape)}"
             )
-        return self._theta_of(vec, l)
-
-    def _wt(self, l: int, vec: Any) -> Any:
-        """Wᵀ(l): the weight block of Θ(l), transposed, (n_{l−1}, n_l), C-contiguous."""
-        n_in, n_out = self.sizes[l - 1], self.sizes[l]
-        start = self._offsets[l - 1] + n_out
-        return self.backend.xp.reshape(vec[start : self._offsets[l]], (n_in, n_out))
-
-    def _bias(self, l: int, vec: Any) -> Any:
-        start = self._offsets[l - 1]
-        return vec[start : start + self.sizes[l]]
+        return self.layout.theta(vec, l)
 
     def flat_vector(self, v: Any, argument: str) -> Any:
         """``v`` checked and moved to the backend as a finite flat vector in the params layout."""
         validation.numeric_kind(v, argument)
-        v = self.backend.asarray(v, self._xp_dtype)
+        v = self.backend.asarray(v, self.xp_dtype)
         if tuple(v.shape) != (self.n_params,):
             raise ValueError(
                 f"{argument} must be a flat vector of length n_params={self.n_params} for MLP "
@@ -185,22 +158,34 @@ class MLP:
     def copy(self) -> MLP:
         """An independent net with the same configuration and a copy of the parameters."""
         twin = MLP.__new__(MLP)
-        twin.__dict__.update(self.__dict__)
-        twin.params = self.backend.xp.asarray(self.params, copy=True)
-        twin._workspaces = OrderedDict()
+        # the same configuration (layout, backend, activations are immutable and shared),
+        # its own parameters and its own buffers
+        twin.__dict__.update(self.__dict__, params=self.backend.xp.asarray(self.params, copy=True),
+                             _workspaces=OrderedDict())
         return twin
 
     # --- inputs ------------------------------------------------------------
 
-    def _inputs(self, X: Any, T: Any = None) -> tuple[Any, Any]:
-        """Move X (and T) to the backend in the net's dtype, and check them."""
+    def check_inputs(self, X: Any, T: Any = None) -> tuple[Any, Any]:
+        """X (and T) moved to the backend in the net's dtype and checked, as every pass expects them.
+
+        Parameters
+        ----------
+        X : array-like (m, n_0)
+        T : array-like (m, n_L), or (m,) when n_L = 1; or None.
+
+        Returns
+        -------
+        (X, T) : backend arrays (T None when not given). Raises ValueError naming the argument,
+        the layer and the shapes when they do not fit the net, or when T does not fit the loss.
+        """
         validation.numeric_kind(X, "X")
-        X = self.backend.asarray(X, self._xp_dtype)
+        X = self.backend.asarray(X, self.xp_dtype)
         validation.batch(X, self.backend.xp, "X", self.sizes[0], "layer 0 (input)", self.sizes)
         if T is None:
             return X, None
         validation.numeric_kind(T, "T")
-        T = self.backend.asarray(T, self._xp_dtype)
+        T = self.backend.asarray(T, self.xp_dtype)
         if T.ndim == 1 and self.sizes[-1] == 1:
             T = self.backend.xp.reshape(T, (-1, 1))
         validation.batch(T, self.backend.xp, "T", self.sizes[-1], f"layer {self.n_layers} (output)", self.sizes)
@@ -211,28 +196,18 @@ class MLP:
         self.loss_function.check_targets(self.activations[-1], T, self.backend.xp)
         return X, T
 
-    def workspace(self, m: int) -> _Workspace:
-        """The buffers for batch size m (a few sizes are kept, least recently used dropped)."""
+    def workspace(self, m: int) -> engine.Workspace:
+        """The engine's buffers for batch size m (a few sizes are kept, least recently used dropped)."""
         ws = self._workspaces.get(m)
         if ws is None:
-            ws = self._workspaces[m] = _Workspace(self, m)
+            ws = self._workspaces[m] = engine.Workspace(self, m)
             while len(self._workspaces) > 4:
                 self._workspaces.popitem(last=False)
         else:
             self._workspaces.move_to_end(m)
         return ws
 
-    # --- forward and backward ----------------------------------------------
-
-    def _forward(self, X: Any, ws: _Workspace, w: Any) -> Any:
-        """a(l) = g(A(l−1) Wᵀ + b) for l = 1..L into the workspace; returns a(L)."""
-        ops, L = self.backend.ops, self.n_layers
-        a = X
-        for l in range(1, L + 1):
-            z = ws.Z if l == L else ws.A[l]  # hidden layers activate in place
-            ops.matmul(a, self._wt(l, w), z)
-            a = getattr(ops, self.activations[l - 1].fwd)(z, self._bias(l, w), ws.A[l], ws.scratch[l], ws.rows)
-        return a
+    # --- weighting ---------------------------------------------------------------
 
     def reduction_factor(self, m: int, weights: tuple[Any, float] | None = None) -> float:
         """c in J = c Σ_n J_n: 1/m for reduction="mean", 1 for "sum"; with ``weights``
@@ -251,7 +226,7 @@ class MLP:
         if sample_weight is None:
             return None
         s = sample_weight if rows is None else sample_weight[rows]
-        return self.backend.asarray(np.reshape(s, (-1, 1)), self._xp_dtype), self.weighted_factor(float(np.sum(s)))
+        return self.backend.asarray(np.reshape(s, (-1, 1)), self.xp_dtype), self.weighted_factor(float(np.sum(s)))
 
     def weighted_factor(self, total_weight: float) -> float:
         """c for weights summing to total_weight: 1/Σ s (0 for a batch of zero weights: it
@@ -260,53 +235,32 @@ class MLP:
             return 1.0
         return 1.0 / total_weight if total_weight > 0 else 0.0
 
-    def _output_delta(self, T: Any, ws: _Workspace, weights: tuple[Any, float] | None = None) -> Any:
-        """Σ_n J_n (unscaled, on the device) after a forward pass, with δ(L) written into ws.D[L].
-
-        With ``weights = (s_col, c)`` (see :meth:`weighting`): Σ_n s_n J_n, and δ(L) = c s_n ∂J_n/∂z(L).
-        """
-        L, out = self.n_layers, self.activations[-1]
-        c = self.reduction_factor(ws.m, weights)
-        total = self.loss_function.value_and_delta(
-            self.backend.ops, out, ws.Z, ws.A[L], T, c, ws.D[L], ws.scratch[L], ws.rows,
-        )
-        if weights is None:
-            return total
-        s = weights[0]
-        ws.D[L] *= s
-        return self.backend.xp.sum(s[:, 0] * self.loss_function.row_values(out, ws.Z, ws.A[L], T))
-
-    def _backward(self, X: Any, T: Any, ws: _Workspace, w: Any, grad: Any,
-                  weights: tuple[Any, float] | None = None) -> Any:
-        """Backpropagation: δ(L) from the loss, δ(l) = (δ(l+1) W(l+1)) ⊙ g′(z(l)),
-        ∂J/∂Wᵀ(l) = A(l−1)ᵀ δ(l), ∂J/∂b(l) = Σ_n δ(l). Returns J (device): c Σ_n J_n,
-        or c Σ_n s_n J_n with ``weights``."""
-        ops, L = self.backend.ops, self.n_layers
-        total = self._output_delta(T, ws, weights)
-        for l in range(L, 0, -1):
-            delta = ws.D[l]
-            ops.matmul(X.T if l == 1 else ws.A[l - 1].T, delta, self._wt(l, grad))
-            ops.colsum(delta, self._bias(l, grad))
-            if l > 1:
-                s = ops.matmul(delta, self._wt(l, w).T, ws.D[l - 1])
-                getattr(ops, self.activations[l - 2].bwd)(s, ws.A[l - 1], s, ws.scratch[l - 1], ws.rows)
-        return total * self.reduction_factor(ws.m, weights)
-
-    def _loss(self, X: Any, T: Any, ws: _Workspace, w: Any, weights: tuple[Any, float] | None = None) -> Any:
-        self._forward(X, ws, w)
-        c = self.reduction_factor(ws.m, weights)
-        return c * self._output_delta(T, ws, weights)
-
     def _weights_for(self, sample_weight: Any, m: int) -> tuple[Any, float] | None:
         """Validate ``sample_weight`` against m rows and return :meth:`weighting`'s pair."""
         return None if sample_weight is None else self.weighting(validation.sample_weight(sample_weight, m))
+
+    # --- old private names, for bpgpu/bench.py only -------------------------
+    # bench.py is being split into the bpgpu/bench/ package by another change; until that
+    # lands and moves onto bpgpu.engine, these forward to the engine. Nothing else uses them.
+
+    def _inputs(self, X: Any, T: Any = None) -> tuple[Any, Any]:
+        return self.check_inputs(X, T)
+
+    def _forward(self, X: Any, ws: engine.Workspace, w: Any) -> Any:
+        return engine.forward(self, X, ws, w)
+
+    def _backward(self, X: Any, T: Any, ws: engine.Workspace, w: Any, grad: Any, weights: Any = None) -> Any:
+        return engine.backward(self, X, T, ws, w, grad, weights)
+
+    def _loss(self, X: Any, T: Any, ws: engine.Workspace, w: Any, weights: Any = None) -> Any:
+        return engine.loss(self, X, T, ws, w, weights)
 
     # --- public API ----------------------------------------------------------
 
     def forward(self, X: Any) -> Any:
         """a(L) for a batch X of shape (m, n0): a new array of shape (m, nL)."""
-        X, _ = self._inputs(X)
-        a = self._forward(X, self.workspace(X.shape[0]), self.params)
+        X, _ = self.check_inputs(X)
+        a = engine.forward(self, X, self.workspace(X.shape[0]), self.params)
         return self.backend.xp.asarray(a, copy=True)
 
     predict = forward
@@ -314,17 +268,17 @@ class MLP:
     def loss(self, X: Any, T: Any, sample_weight: Any = None) -> float:
         """The cost J as a Python float; with ``sample_weight`` (one weight ≥ 0 per row) the
         weighted cost c Σ_n s_n J_n, c = 1/Σ_n s_n for reduction="mean"."""
-        X, T = self._inputs(X, T)
+        X, T = self.check_inputs(X, T)
         weights = self._weights_for(sample_weight, X.shape[0])
-        return float(self._loss(X, T, self.workspace(X.shape[0]), self.params, weights))
+        return float(engine.loss(self, X, T, self.workspace(X.shape[0]), self.params, weights))
 
     def loss_and_gradient(self, X: Any, T: Any, sample_weight: Any = None) -> tuple[float, Any]:
         """(J, dJ/dw): the loss and a new flat gradient in the params layout (weighted as :meth:`loss`)."""
-        X, T = self._inputs(X, T)
+        X, T = self.check_inputs(X, T)
         weights = self._weights_for(sample_weight, X.shape[0])
         ws = self.workspace(X.shape[0])
-        self._forward(X, ws, self.params)
-        J = self._backward(X, T, ws, self.params, ws.grad, weights)
+        engine.forward(self, X, ws, self.params)
+        J = engine.backward(self, X, T, ws, self.params, ws.grad, weights)
         return float(J), self.backend.xp.asarray(ws.grad, copy=True)
 
     def gradient(self, X: Any, T: Any, sample_weight: Any = None) -> Any:

@@ -27,7 +27,7 @@ vector to scipy's L-BFGS-B (see :func:`bpgpu.training._fit_lbfgs`).
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -66,7 +66,9 @@ class Optimizer:
     """A stochastic optimizer bound to one net (its state lives on the net's device).
 
     Attributes: ``learning_rate`` (current), ``learning_rate_init``, ``alpha``,
-    ``lr_schedule``, ``power_t``, ``samples_seen`` (t of the invscaling schedule).
+    ``lr_schedule``, ``power_t``, ``samples_seen`` (t of the invscaling schedule);
+    ``compiled_step``, once a training step has run, is the compiled step that
+    :func:`bpgpu.kernels.jit.train_step_for` built for it (None: none applies).
     """
 
     name = "sgd"
@@ -87,15 +89,12 @@ class Optimizer:
 
     def _zeros(self) -> Any:
         net = self.net
-        return net.backend.xp.zeros(net.n_params, dtype=net._xp_dtype)
+        return net.backend.xp.zeros(net.n_params, dtype=net.xp_dtype)
 
     def _weight_mask(self) -> Any:
         """1 on every weight θ_jk (k ≥ 1), 0 on every bias θ_j0, in the params layout."""
         net = self.net
-        host = np.ones(net.n_params)
-        for l in range(1, net.n_layers + 1):
-            net._theta_of(host, l)[:, 0] = 0.0
-        return net.backend.asarray(host, net._xp_dtype)
+        return net.backend.asarray(net.layout.weight_mask(), net.xp_dtype)
 
     # --- one step ------------------------------------------------------------
 
@@ -114,9 +113,9 @@ class Optimizer:
         return (0.5 * self.alpha * c) * squares
 
     def _weight_blocks(self, w: Any):
-        net = self.net
-        for l in range(1, net.n_layers + 1):
-            yield w[net._offsets[l - 1] + net.sizes[l] : net._offsets[l]]
+        layout = self.net.layout
+        for l in range(1, layout.n_layers + 1):
+            yield layout.weights(w, l)
 
     def update(self, grad: Any) -> None:
         """w ← w + step(grad): one fused kernel over the flat parameter vector."""
@@ -132,11 +131,19 @@ class Optimizer:
         if self.lr_schedule == "invscaling":
             self.learning_rate = self.learning_rate_init / (samples_seen + 1) ** self.power_t
 
-    def trigger_stopping(self) -> bool:
-        """The loss stopped improving: stop (True), or under "adaptive" divide lr by 5 (False)."""
+    def trigger_stopping(self, msg: str = "", say: Callable[[str], Any] | None = None) -> bool:
+        """The loss stopped improving: stop (True), or under "adaptive" divide lr by 5 (False).
+
+        ``say`` (e.g. ``print``) gets ``msg`` and the outcome in scikit-learn's words.
+        """
         if self.lr_schedule != "adaptive" or self.learning_rate <= _MIN_ADAPTIVE_LR:
+            if say is not None:
+                small = " Learning rate too small." if self.lr_schedule == "adaptive" else ""
+                say(f"{msg}{small} Stopping.")
             return True
         self.learning_rate /= 5.0
+        if say is not None:
+            say(f"{msg} Setting learning rate to {self.learning_rate:f}")
         return False
 
     def __repr__(self) -> str:

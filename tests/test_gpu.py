@@ -280,9 +280,9 @@ def test_gemms_of_a_training_step_write_into_their_buffers_without_copies():
     ws.D[2][...] = cupy.asarray(rng.normal(size=(129, 17)), dtype=cupy.float32)
     grad = ws.grad
     calls = [
-        lambda: cuda.matmul(X, net._wt(1, net.params), ws.A[1]),  # Z = A Wᵀ
-        lambda: cuda.matmul(X.T, ws.D[1], net._wt(1, grad)),  # ∂J/∂Wᵀ = Aᵀ δ, into the flat gradient
-        lambda: cuda.matmul(ws.D[2], net._wt(2, net.params).T, ws.D[1]),  # δ W(l+1)
+        lambda: cuda.matmul(X, net.layout.wt(net.params, 1), ws.A[1]),  # Z = A Wᵀ
+        lambda: cuda.matmul(X.T, ws.D[1], net.layout.wt(grad, 1)),  # ∂J/∂Wᵀ = Aᵀ δ, into the flat gradient
+        lambda: cuda.matmul(ws.D[2], net.layout.wt(net.params, 2).T, ws.D[1]),  # δ W(l+1)
     ]
     pool = cupy.get_default_memory_pool()
     allocations = []
@@ -300,11 +300,11 @@ def test_gemms_of_a_training_step_write_into_their_buffers_without_copies():
             call()
         cupy.cuda.Device().synchronize()
         assert allocations == []
-        cuda.matmul(strided, net._wt(1, net.params), ws.A[1])
+        cuda.matmul(strided, net.layout.wt(net.params, 1), ws.A[1])
         assert allocations, "the allocation counter saw no copy of a strided operand"
     finally:
         cupy.cuda.set_allocator(pool.malloc)
-    expected = bp.to_numpy(ws.D[2]) @ bp.to_numpy(net._wt(2, net.params)).T
+    expected = bp.to_numpy(ws.D[2]) @ bp.to_numpy(net.layout.wt(net.params, 2)).T
     np.testing.assert_allclose(ws.D[1].get(), expected, rtol=1e-5, atol=1e-5)
 
 

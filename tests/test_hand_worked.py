@@ -1,4 +1,4 @@
-"""A 2-2-1 sigmoid network worked by hand (scalar arithmetic, seed 000's equations).
+"""A 2-2-1 sigmoid network worked by hand (scalar arithmetic, the equations of docs/guide/feedforward.rst and backprop.rst).
 
 x = (0.05, 0.10), t = 0.01, squared error ½(a − t)², reduction "sum" (m = 1).
 Θ(1) = [[0.35, 0.15, 0.20], [0.35, 0.25, 0.30]], Θ(2) = [[0.60, 0.40, 0.45]] (column 0: bias).
@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import bpgpu as bp
+from bpgpu import engine
 
 X = np.array([[0.05, 0.10]])
 T = np.array([[0.01]])
@@ -37,11 +38,11 @@ def net():
 def test_every_intermediate(net):
     ws = net.workspace(1)
     # Forward afresh, then backward, reading every buffer the passes filled.
-    net._forward(X, ws, net.params)
+    engine.forward(net, X, ws, net.params)
     np.testing.assert_allclose(ws.A[1], [A1], rtol=1e-14)
     np.testing.assert_allclose(ws.Z, [[Z2]], rtol=1e-14)
     np.testing.assert_allclose(ws.A[2], [[A2]], rtol=1e-14)
-    assert float(net._backward(X, T, ws, net.params, ws.grad)) == pytest.approx(J, rel=1e-14)
+    assert float(engine.backward(net, X, T, ws, net.params, ws.grad)) == pytest.approx(J, rel=1e-14)
     np.testing.assert_allclose(ws.D[2], [[D2]], rtol=1e-13)
     np.testing.assert_allclose(ws.D[1], [D1], rtol=1e-13)
     np.testing.assert_allclose(net.theta(2, ws.grad), G2, rtol=1e-13)

@@ -214,11 +214,11 @@ class _Toy:
     def __init__(self, scale, weights):
         self.scale, self.weights = scale, weights
 
-    def _bpgpu_state(self):
+    def __bpgpu_state__(self):
         return {"scale": self.scale, "dtype": "float64"}, {"weights": self.weights}
 
     @classmethod
-    def _bpgpu_from_state(cls, state, arrays, backend):
+    def __bpgpu_from_state__(cls, state, arrays, backend):
         return cls(state["scale"], arrays["weights"])
 
 
@@ -230,7 +230,7 @@ def test_registered_kinds_round_trip_through_the_protocol(tmp_path, monkeypatch)
     back = bp.load(path)
     assert isinstance(back, _Toy) and back.scale == 2.5
     np.testing.assert_array_equal(back.weights, np.arange(4.0))
-    with pytest.raises(TypeError, match="no _bpgpu_state"):
+    with pytest.raises(TypeError, match="no __bpgpu_state__"):
         bpio.register("Nothing", object)
 
 

@@ -1,4 +1,4 @@
-"""Kernel launches of one GPU training step, counted without a GPU (issue 7).
+"""Kernel launches of one GPU training step, counted without a GPU (benchmarks/NOTES.md, N4).
 
 network.py and training.py call ``backend.ops`` and never branch on the
 backend, so the numpy path runs the same sequence of ops as the CuPy path. On
@@ -44,7 +44,7 @@ def test_one_step_launches_per_layer_3_gemms_2_fused_kernels_1_column_sum(sizes,
     net = bp.MLP(sizes, hidden="relu", output="identity", loss="squared_error", backend="numpy", seed=0)
     opt = optim.make_optimizer(optimizer, net, 0.1)
     rng = np.random.default_rng(0)
-    X, T = net._inputs(rng.standard_normal((16, sizes[0])), rng.standard_normal((16, sizes[-1])))
+    X, T = net.check_inputs(rng.standard_normal((16, sizes[0])), rng.standard_normal((16, sizes[-1])))
     train_step(net, X, T, opt)  # workspaces and optimizer state exist before counting
     calls = recording(net)
     train_step(net, X, T, opt)

@@ -17,7 +17,7 @@ def test_theta_is_a_view_into_params():
     net = bp.MLP([3, 4, 2], backend="numpy", seed=0)
     assert net.n_params == 4 * 4 + 2 * 5
     net.theta(2)[1, 0] = 7.0
-    assert net.params[net._offsets[1] + 1] == 7.0  # bias column first, column-major
+    assert net.params[net.layout.offsets[1] + 1] == 7.0  # bias column first, column-major
     net.theta(1)[:, 1:] = 0.0
     assert np.count_nonzero(net.params[: 16]) <= 4
     assert net.theta(1).shape == (4, 4) and net.theta(2).shape == (2, 5)

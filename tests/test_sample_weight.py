@@ -118,7 +118,7 @@ def test_train_step_with_weights_is_the_weighted_loss_plus_the_l2_term():
     opt = optim.SGD(net, learning_rate=0.1, alpha=0.5)
     before = net.copy()
     weights = net.weighting(WEIGHTS)
-    loss = float(train_step(net, *net._inputs(X, T), opt, weights))
+    loss = float(train_step(net, *net.check_inputs(X, T), opt, weights))
     squares = sum(float(np.sum(before.theta(l)[:, 1:] ** 2)) for l in (1, 2))
     assert loss == pytest.approx(before.loss(X, T, WEIGHTS) + 0.5 * 0.5 * squares / WEIGHTS.sum(), rel=1e-12)
     # the update used the weighted gradient with the L2 term alpha W / Σ s

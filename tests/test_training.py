@@ -112,7 +112,7 @@ def test_single_sample_fused_update_equals_the_gradient_step():
     net = bp.MLP([3, 5, 4, 2], hidden=["tanh", "relu"], output="softmax", loss="cross_entropy",
                  dtype="float64", backend="numpy", init="glorot", seed=9)
     twin = net.copy()
-    x, t = net._inputs(rng.normal(size=(1, 3)), np.array([[0.0, 1.0]]))
+    x, t = net.check_inputs(rng.normal(size=(1, 3)), np.array([[0.0, 1.0]]))
     loss_fused = _sample_sgd_step(net, x, t, SGD(net, 0.2))
     loss_plain = bp.train_step(twin, x, t, SGD(twin, 0.2))
     assert float(loss_fused) == pytest.approx(float(loss_plain), rel=1e-15)
@@ -270,7 +270,7 @@ def test_train_step_allocates_nothing_after_warm_up():
     rng = np.random.default_rng(16)
     net = bp.MLP([20, 256, 64, 5], hidden="relu", output="softmax", loss="cross_entropy", dtype="float32",
                  backend="numpy", init="he", seed=0)
-    X, T = net._inputs(rng.normal(size=(50, 20)), np.eye(5)[rng.integers(0, 5, 50)])
+    X, T = net.check_inputs(rng.normal(size=(50, 20)), np.eye(5)[rng.integers(0, 5, 50)])
     opt = bp.make_optimizer("adam", net, 1e-3, alpha=1e-4)
     for _ in range(3):
         bp.train_step(net, X, T, opt)

@@ -149,6 +149,17 @@ def softmax_fwd(z, b, out, scratch, rows):
     return out
 
 
+def exp_fwd(z, b, out, scratch, rows):
+    # a = e^z, the inverse of the log link (overflows to inf as numpy's exp does)
+    _add_bias(z, b, scratch)
+    return np.exp(z, out=out)
+
+
+def exp_bwd(s, a, out, scratch, rows):
+    # exp′ = exp = a
+    return np.multiply(s, a, out=out)
+
+
 def softmax_bwd(s, a, out, scratch, rows):
     # Jacobian-vector product of softmax: δ = a ⊙ (s − Σ_k s_k a_k)
     dot = rows[:, :1]
@@ -168,6 +179,17 @@ def _clip_unit(a, scratch):
     """a clipped into [tiny, 1⁻] so log and 1/a stay finite for saturated outputs."""
     info = np.finfo(a.dtype)
     return np.clip(a, info.tiny, np.nextafter(a.dtype.type(1), a.dtype.type(0)), out=scratch)
+
+
+def _clip_positive(a, scratch):
+    """a raised to at least tiny, so log a and 1/a stay finite (NaN stays NaN)."""
+    return np.maximum(a, np.finfo(a.dtype).tiny, out=scratch)
+
+
+def _t_log_t(t, scratch):
+    # Σ t log t with 0 log 0 = 0: t · log max(t, tiny) is exactly 0 at t = 0
+    p = _clip_positive(t, scratch)
+    return np.vdot(t, np.log(p, out=p))
 
 
 def squared_error_fwd(a, t, scratch, rows):
@@ -218,6 +240,22 @@ def cross_entropy_bwd(a, t, c, out, scratch):
     return out
 
 
+def poisson_fwd(a, t, scratch, rows):
+    # J = Σ [t log(t / a) − t + a] (half the Poisson deviance), a raised to at least tiny in the log
+    p = _clip_positive(a, scratch)
+    total = -np.vdot(t, np.log(p, out=p))
+    return total + _t_log_t(t, scratch) + (np.sum(a) - np.sum(t))
+
+
+def poisson_bwd(a, t, c, out, scratch):
+    # c (1 − t / a), a raised to at least tiny
+    _clip_positive(a, out)
+    np.divide(t, out, out=out)
+    np.subtract(1.0, out, out=out)
+    out *= c
+    return out
+
+
 def sigmoid_binary_cross_entropy_fwd(z, t, scratch, rows):
     # From the logits: −t log σ(z) − (1 − t) log(1 − σ(z)) = softplus(z) − t z, exact for any z.
     np.logaddexp(z, 0.0, out=scratch)
@@ -237,10 +275,18 @@ def softmax_cross_entropy_fwd(z, t, scratch, rows):
     return np.vdot(top, lse) - np.vdot(t, z)
 
 
+def exp_poisson_fwd(z, t, scratch, rows):
+    # From the logits (a = e^z): Σ [t log t − t − t z + e^z], no log of a at all.
+    np.exp(z, out=scratch)
+    total = np.sum(scratch) - np.vdot(t, z) - np.sum(t)
+    return total + _t_log_t(t, scratch)
+
+
 _FROM_LOGITS = {
     "squared_error": squared_error_fwd,
     "binary_cross_entropy": sigmoid_binary_cross_entropy_fwd,
     "cross_entropy": softmax_cross_entropy_fwd,
+    "poisson": exp_poisson_fwd,
 }
 
 

@@ -86,13 +86,13 @@ class CompiledStep:
         self._kernel = module.train_step
         self._plan = np.empty((3, net.n_layers + 1), dtype=np.int64)
         self._plan[module.SIZE] = net.sizes
-        self._plan[module.OFFSET] = net._offsets
+        self._plan[module.OFFSET] = net.layout.offsets
         self._plan[module.CODE] = [-1] + [ACTIVATIONS.index(g.name) for g in net.activations]
         self._loss = LOSSES.index(net.loss_function.name)
         self._mean = net.reduction == "mean"
-        self._tiny = float(np.finfo(net._xp_dtype).tiny)
+        self._tiny = float(np.finfo(net.xp_dtype).tiny)
         self._alpha = 0.0 if self.optimizer is None else float(self.optimizer.alpha)
-        self._grad = np.empty(0 if self._fused else net.n_params, dtype=net._xp_dtype)
+        self._grad = np.empty(0 if self._fused else net.n_params, dtype=net.xp_dtype)
         self._work: dict[int, np.ndarray] = {}
 
     def _buffers(self, m: int) -> np.ndarray:
@@ -151,7 +151,7 @@ def compiled_train_step(net: Any, optimizer_or_lr: Any) -> CompiledStep | None:
     returns it. None (the caller keeps the numpy path) when numba is missing, the
     backend is not numpy, or the optimizer is of another kind. X and T must be
     numpy arrays of the net's dtype, T of shape (m, nL), already validated (as
-    ``net._inputs`` returns them).
+    ``net.check_inputs`` returns them).
     """
     module = kernels()
     if module is None or net.backend.name != "numpy":
@@ -164,7 +164,7 @@ def compiled_train_step(net: Any, optimizer_or_lr: Any) -> CompiledStep | None:
 
 def train_step_for(net: Any, optimizer: Any) -> CompiledStep | None:
     """``compiled_train_step(net, optimizer)``, built once per optimizer and kept on it."""
-    cached = optimizer.__dict__.get("_compiled_step", False)
+    cached = optimizer.__dict__.get("compiled_step", False)  # False: not built yet (or unpickled)
     if cached is False or (cached is not None and cached.net is not net):
-        cached = optimizer._compiled_step = compiled_train_step(net, optimizer)
+        cached = optimizer.compiled_step = compiled_train_step(net, optimizer)
     return cached

@@ -27,8 +27,8 @@ import numpy as np
 from numba import njit, types
 
 # Codes in the order of bpgpu.kernels.ACTIVATIONS and LOSSES (jit.py maps names to them).
-IDENTITY, SIGMOID, TANH, RELU, LEAKY_RELU, SOFTPLUS, SOFTMAX = range(7)
-SQUARED_ERROR, BINARY_CROSS_ENTROPY, CROSS_ENTROPY = range(3)
+IDENTITY, SIGMOID, TANH, RELU, LEAKY_RELU, SOFTPLUS, SOFTMAX, EXP = range(8)
+SQUARED_ERROR, BINARY_CROSS_ENTROPY, CROSS_ENTROPY, POISSON = range(4)
 GRADIENT_ONLY, SGD, MOMENTUM, NESTEROV = range(4)  # the update applied after backprop
 SIZE, OFFSET, CODE = range(3)  # the rows of train_step's plan
 
@@ -158,6 +158,8 @@ def _activate(code, z, b, out, slope):
                 y = max(x, zero)
             elif code == LEAKY_RELU:
                 y = max(x, x * slope)
+            elif code == EXP:
+                y = np.exp(x)
             else:  # SOFTPLUS
                 y = np.logaddexp(x, zero)
             out[i, j] = y
@@ -189,6 +191,8 @@ def _derive(code, s, a, slope, rest):
                 s[i, j] = s[i, j] * (one if x > zero else zero)
             elif code == LEAKY_RELU:
                 s[i, j] = s[i, j] * ((one if x > zero else zero) * rest + slope)
+            elif code == EXP:  # exp′ = exp = a
+                s[i, j] = s[i, j] * x
             else:  # SOFTPLUS: g′ = σ(z) = 1 − e^{−a}
                 s[i, j] = s[i, j] * -np.expm1(-x)
 
@@ -209,6 +213,7 @@ def _loss_and_delta(loss, output, z, a, t, c, delta, slope, rest, tiny, weights)
         (loss == SQUARED_ERROR and output == IDENTITY)
         or (loss == BINARY_CROSS_ENTROPY and output == SIGMOID)
         or (loss == CROSS_ENTROPY and output == SOFTMAX)
+        or (loss == POISSON and output == EXP)
     )
     if loss == SQUARED_ERROR:  # J = ½ Σ (a − t)²
         for i in range(m):
@@ -222,6 +227,14 @@ def _loss_and_delta(loss, output, z, a, t, c, delta, slope, rest, tiny, weights)
             s = 1.0 if weights is None else weights[i]
             for j in range(n):
                 total += (np.logaddexp(z[i, j], z.dtype.type(0)) - t[i, j] * z[i, j]) * s
+    elif loss == POISSON:  # Σ t log t − t log a − t + a (0 log 0 = 0), from the logits when a = e^z
+        for i in range(m):
+            s = 1.0 if weights is None else weights[i]
+            for j in range(n):
+                y = t[i, j]
+                term = y * np.log(max(y, tiny)) - y + a[i, j]
+                term -= y * (z[i, j] if canonical else np.log(max(a[i, j], tiny)))
+                total += term * s
     elif canonical:  # cross-entropy from the logits: (Σ_k t_k) lse(z) − Σ_k t_k z_k
         for i in range(m):
             top = z[i, 0]
@@ -256,6 +269,8 @@ def _loss_and_delta(loss, output, z, a, t, c, delta, slope, rest, tiny, weights)
                 delta[i, j] = (a[i, j] - t[i, j]) * c
             elif loss == BINARY_CROSS_ENTROPY:
                 delta[i, j] = (a[i, j] - t[i, j]) / ((one - p) * p) * c
+            elif loss == POISSON:  # 1 − t / a, a raised to at least tiny
+                delta[i, j] = (one - t[i, j] / max(a[i, j], tiny)) * c
             else:
                 delta[i, j] = t[i, j] / p * -c
     _derive(output, delta, a, slope, rest)
