@@ -25,6 +25,7 @@ and u = a(L) otherwise:
     identity + squared_error         M = I                 Fᵀ = I
     sigmoid + binary_cross_entropy   M = diag(a(1 − a))    Fᵀ = diag(√(a(1 − a)))
     softmax + cross_entropy          M = diag(a) − a aᵀ    Fᵀ = diag(√a) − √a aᵀ   (Σ_k a_k = 1)
+    exp + poisson                    M = diag(a)           Fᵀ = diag(√a)             (a = e^z)
     any other pair (u = a(L))        M = diag(ℓ″)          Fᵀ = diag(√ℓ″)
 
 (for softmax: (diag(√a) − a √aᵀ)(diag(√a) − √a aᵀ) = diag(a) − 2 a aᵀ + a (Σ_k a_k) aᵀ).
@@ -111,6 +112,8 @@ def gauss_newton_rows(net: MLP, X: Any, T: Any, s_col: Any = None) -> Any:
             seeds = engine.output_seeds(net, a, through_output=False)
         elif output.name == "sigmoid":
             seeds = _scaled_unit_seeds(net, a, xp.sqrt(a * (1.0 - a)))
+        elif output.name == "exp":  # exp + poisson: ∂²ℓ/∂z² = e^z = a
+            seeds = _scaled_unit_seeds(net, a, xp.sqrt(a))
         else:  # softmax: row k of Fᵀ is √a_k (e_k − a)
             eye = xp.eye(a.shape[1], dtype=a.dtype)
             seeds = xp.permute_dims(xp.sqrt(a)[:, :, None] * (eye[None, :, :] - a[:, None, :]), (1, 0, 2))

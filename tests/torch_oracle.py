@@ -22,12 +22,14 @@ _G = {
     "leaky_relu": lambda z: torch.nn.functional.leaky_relu(z, 0.01),
     "softplus": torch.nn.functional.softplus,
     "softmax": lambda z: torch.softmax(z, dim=-1),
+    "exp": torch.exp,
 }
 
 _LOSS = {  # per sample, on the outputs a (away from 0 and 1, where bpgpu clips)
     "squared_error": lambda a, t: 0.5 * torch.sum((a - t) ** 2),
     "binary_cross_entropy": lambda a, t: -torch.sum(t * torch.log(a) + (1 - t) * torch.log(1 - a)),
     "cross_entropy": lambda a, t: -torch.sum(t * torch.log(a)),
+    "poisson": lambda a, t: torch.sum(torch.xlogy(t, t) - t * torch.log(a) - t + a),  # half Poisson deviance
 }
 
 
