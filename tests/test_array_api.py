@@ -1,4 +1,4 @@
-"""Every public function of bpgpu on any array-API namespace (issue 14, item 8): array_api_strict
+"""Every public function of bpgpu on any array-API namespace (the array-API promise of docs/guide/gpu.rst): array_api_strict
 (the standard and nothing more) and PyTorch tensors through array-api-compat, each held against
 the numpy backend as the oracle: the same seed, data and arithmetic in float64 give the same
 numbers, and results stay in the caller's namespace."""

@@ -156,9 +156,11 @@ def test_a_net_too_large_for_its_matrix_is_refused_before_allocating():
     with pytest.raises(ValueError, match=rf"W={W} parameters.*more than the .* allowed.*'lbfgs' or 'adam'"):
         LevenbergMarquardt(net, X, T, max_memory=W * W * 8)  # one copy fits, the factorisation's copy does not
     assert LevenbergMarquardt(net, X, T, max_memory=4 * W * W * 8).form == "parameters"
-    net, X, T, _ = make([4, 50, 50, 1], m=100)  # N = 100 < W: the N × N form, R itself dominates
-    with pytest.raises(ValueError, match=r"N=100 residuals = 100 samples × 1 outputs"):
-        LevenbergMarquardt(net, X, T, max_memory=100 * W * 8)
+    net, X, T, _ = make([4, 50, 50, 1], m=100)  # N = 100 < W: the N × N form
+    with pytest.raises(ValueError, match=r"N × N matrix R Rᵀ \(N=100 residuals = 100 samples × 1 outputs"):
+        LevenbergMarquardt(net, X, T, max_memory=2 * 100 * 100 * 8)
+    with pytest.raises(ValueError, match=r"R Rᵀ and R itself \(N=100 residuals"):  # D = diag(RᵀR) forms R
+        LevenbergMarquardt(net, X, T, damping="diagonal", max_memory=100 * W * 8)
 
 
 def test_a_loss_without_a_gauss_newton_factor_is_refused():
