@@ -302,7 +302,7 @@ class LevenbergMarquardt:
             rows = 0.0
             for l, D in deltas.items():
                 hb, hwt = layout.split(xp.reshape(h, (1, -1)), l, xp)
-                P = A[l - 1] @ hwt[0, ...] + hb  # (m, n_l); every axis indexed, as the array API needs
+                P = A[l - 1] @ hwt[0, ...] + hb  # (m, n_l)
                 rows = rows + xp.sum(xp.reshape(D, (K, m, -1)) * P[None, :, :], axis=-1)
             return xp.reshape(rows, (N,))
 
