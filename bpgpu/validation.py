@@ -89,8 +89,8 @@ def batch(x: Any, xp: Any, argument: str, width: int, layer: str, sizes: Sequenc
     values = x.data if is_sparse(x) else x  # a sparse matrix's implicit zeros are finite
     if not bool(xp.all(xp.isfinite(values))):
         # the usual way a finite float64 input gets here: the cast to a float32 net
-        hint = ("; float32 holds at most 3.4e38 and larger values became Inf: dtype='float64' keeps them"
-                if _dtype_str(x.dtype) == "float32" else "")
+        overflow = _dtype_str(x.dtype) == "float32" and bool(xp.any(xp.isinf(values)))
+        hint = "; float32 holds at most 3.4e38 and larger values became Inf: dtype='float64' keeps them" if overflow else ""
         raise ValueError(f"{argument} contains NaN or Inf (shape {tuple(x.shape)}){hint}")
 
 
