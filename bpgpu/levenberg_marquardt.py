@@ -1,6 +1,6 @@
 """Levenberg–Marquardt: full-batch Gauss–Newton steps with an adaptive damping μ.
 
-Notation (seed 000, per_sample.py): J = c Σ_n s_n ℓ_n + (α c / 2) ‖W‖², with c = 1/m,
+Notation (docs/guide/feedforward.rst, per_sample.py): J = c Σ_n s_n ℓ_n + (α c / 2) ‖W‖², with c = 1/m,
 1/Σ s ("mean") or 1 ("sum"). LM works on E = J / c = Σ_n s_n ℓ_n + (α/2) ‖W‖², so μ
 means what it means in MATLAB's ``trainlm`` (which damps the unnormalised JᵀJ of the
 errors) whatever the reduction. Each iteration solves
@@ -8,7 +8,7 @@ errors) whatever the reduction. Each iteration solves
     (RᵀR + α P + μ D) δ = −∇E,          w ← w + δ if E(w + δ) < E(w)
 
 with R the Gauss–Newton factor (per_sample.py: RᵀR = Σ_n s_n J_nᵀ M_n J_n, for squared
-error the Jacobian of the residuals a − t, so RᵀR is seed 002's Σ_n ∇y_n ∇y_nᵀ), P the
+error the Jacobian of the residuals a − t, so RᵀR is the outer product Σ_n ∇y_n ∇y_nᵀ), P the
 0/1 mask of the weights (biases are not penalised), D = I (``damping="identity"``,
 MATLAB's) or diag(RᵀR) (``"diagonal"``, Marquardt's scale-invariant choice), by Cholesky
 in whichever form is smaller (N = m n_L residual rows, W parameters):
@@ -181,8 +181,9 @@ class LevenbergMarquardt:
         m = self.X.shape[0]
         for lo in range(0, m, self.chunk_size):
             hi = min(lo + self.chunk_size, m)
-            yield lo, hi, gauss_newton_rows(self.net, self.X[lo:hi], self.T[lo:hi],
-                                            None if self.s_col is None else self.s_col[lo:hi])
+            # every axis indexed: the array API standard does not define X[lo:hi] on a matrix
+            yield lo, hi, gauss_newton_rows(self.net, self.X[lo:hi, :], self.T[lo:hi, :],
+                                            None if self.s_col is None else self.s_col[lo:hi, :])
 
     def gram(self) -> Any:
         """A = RᵀR (W × W), summed over chunks of samples."""
@@ -301,7 +302,7 @@ class LevenbergMarquardt:
             rows = 0.0
             for l, D in deltas.items():
                 hb, hwt = layout.split(xp.reshape(h, (1, -1)), l, xp)
-                P = A[l - 1] @ hwt[0] + hb  # (m, n_l)
+                P = A[l - 1] @ hwt[0, ...] + hb  # (m, n_l)
                 rows = rows + xp.sum(xp.reshape(D, (K, m, -1)) * P[None, :, :], axis=-1)
             return xp.reshape(rows, (N,))
 

@@ -1,7 +1,7 @@
 """Derivatives per sample with respect to the parameters w: the parameter Jacobian,
 per-sample gradients and the Gauss–Newton factor, all by one vectorised backprop.
 
-Notation (seed 000, network.py): z(l) = A(l−1) Wᵀ(l) + b(l), A(l) = g_l(z(l)), a_0 = 1,
+Notation (docs/guide/feedforward.rst, network.py): z(l) = A(l−1) Wᵀ(l) + b(l), A(l) = g_l(z(l)), a_0 = 1,
 J = c Σ_n s_n ℓ_n with ℓ_n = ℓ(a_n(L), t_n), c = 1/m or 1/Σ s ("mean") or 1 ("sum").
 
 Backprop of a seed δ_n(L) = ∂u_n/∂z_n(L) for a scalar u_n of sample n gives, by the
@@ -11,7 +11,7 @@ delta rule δ(l−1) = (δ(l) W(l)) ⊙ g′(z(l−1)), every δ_n(l), and then
 
 laid out like Θ(l) in the flat vector. Stacks of seeds (K, m, n_L) go through as one
 batched pass, and the outer products of all samples are one broadcast, so nothing
-loops over samples (Opacus's per-sample gradients, seed 002's Jacobian recursion):
+loops over samples (Opacus's per-sample gradients, the Jacobian recursion of docs/guide/jacobian_hessian.rst):
 
     parameter_jacobian    seeds ∂y_k/∂z(L) (y = a(L)):              (m, n_L, W) = ∂y_nk/∂w
     per_sample_gradients  seed s_n ∂ℓ_n/∂z(L):                      (m, W) = s_n ∂ℓ_n/∂w
@@ -25,6 +25,7 @@ and u = a(L) otherwise:
     identity + squared_error         M = I                 Fᵀ = I
     sigmoid + binary_cross_entropy   M = diag(a(1 − a))    Fᵀ = diag(√(a(1 − a)))
     softmax + cross_entropy          M = diag(a) − a aᵀ    Fᵀ = diag(√a) − √a aᵀ   (Σ_k a_k = 1)
+    exp + poisson                    M = diag(a)           Fᵀ = diag(√a)
     any other pair (u = a(L))        M = diag(ℓ″)          Fᵀ = diag(√ℓ″)
 
 (for softmax: (diag(√a) − a √aᵀ)(diag(√a) − √a aᵀ) = diag(a) − 2 a aᵀ + a (Σ_k a_k) aᵀ).
@@ -116,8 +117,10 @@ def gauss_newton_seeds(net: MLP, X: Any, T: Any, s_col: Any = None) -> tuple[lis
     if loss.is_canonical(output):
         if output.name == "identity":
             seeds = engine.output_seeds(net, a, through_output=False)
-        elif output.name == "sigmoid":
+        elif output.name == "sigmoid":  # M = diag(a (1 − a))
             seeds = _scaled_unit_seeds(net, a, xp.sqrt(a * (1.0 - a)))
+        elif output.name == "exp":  # exp + poisson: M = ∂²ℓ/∂z² = diag(e^z) = diag(a)
+            seeds = _scaled_unit_seeds(net, a, xp.sqrt(a))
         else:  # softmax: row k of Fᵀ is √a_k (e_k − a)
             eye = xp.eye(a.shape[1], dtype=a.dtype)
             seeds = xp.permute_dims(xp.sqrt(a)[:, :, None] * (eye[None, :, :] - a[:, None, :]), (1, 0, 2))

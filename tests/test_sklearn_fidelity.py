@@ -1,4 +1,4 @@
-"""Drop-in fidelity (issue 14): each public behaviour of scikit-learn's MLP that bpgpu's
+"""Drop-in fidelity (docs/guide/estimators.rst): each public behaviour of scikit-learn's MLP that bpgpu's
 estimators match, stated in the test and checked against scikit-learn's own estimator in
 the same test, so the test fails if either side changes."""
 
