@@ -87,11 +87,11 @@ def pytest_terminal_summary(terminalreporter):
         for line in train_step.text({"rows": rows, "memory": memory}):
             write(line)
     lm = RESULTS["lm"]
-    for name in sorted({key[0] for key in lm if len(key) == 2 and key[1] in ("bpgpu", "torch_lm")}):
-        ours, theirs = lm.get((name, "bpgpu")), lm.get((name, "torch_lm"))
-        if ours and theirs:
-            write(f"\nLM iteration {name}: bpgpu {bench.duration(ours)}, torch-LM {bench.duration(theirs)}, "
-                  f"torch-LM / bpgpu = {theirs / ours:.2f}")
+    for name in sorted({key[0] for key in lm if (key[0], "bpgpu") in lm}):
+        ours = lm[(name, "bpgpu")]
+        peers = ", ".join(f"{impl} {bench.duration(t)} ({t / ours:.2f}x bpgpu's)"
+                          for (n, impl), t in lm.items() if n == name and impl != "bpgpu")
+        write(f"\n{name}: bpgpu {bench.duration(ours)}; {peers}")
     for (kind, W), rate in lm.items():
         if kind == "product_gflops":
             gemm = lm[("gemm_gflops", W)]

@@ -33,6 +33,16 @@ def curves(problem: lm_cases.Problem, budget: float) -> dict[str, list[tuple[flo
     }
 
 
+def thinned(points: list[tuple[float, float]], n: int = 200) -> list[tuple[float, float]]:
+    """At most about n points, log-spaced in time, keeping the first and the last (for curves.json)."""
+    if len(points) <= n:
+        return points
+    t = np.array([p[0] for p in points])
+    edges = np.geomspace(max(t[1], 1e-6), t[-1], n)
+    keep = sorted({0, len(points) - 1, *np.searchsorted(t, edges).clip(0, len(points) - 1).tolist()})
+    return [points[i] for i in keep]
+
+
 def at_time(points: list[tuple[float, float]], t: float) -> float:
     """The lowest MSE a run had reached by time t (its best so far)."""
     reached = [mse for seconds, mse in points if seconds <= t]
@@ -67,24 +77,21 @@ def main() -> None:
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("benchmarks/results/lm-curves"))
     parser.add_argument("--problems", nargs="*", default=list(PROBLEMS), choices=list(PROBLEMS))
     args = parser.parse_args()
-    import torch
-    from threadpoolctl import threadpool_limits
-
-    torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
     results = {}
-    with threadpool_limits(1, user_api="blas"):
+    with lm_cases.one_thread():
         for name in args.problems:
             problem = PROBLEMS[name]()
             runs = curves(problem, args.budget)
             results[name] = {"problem": problem.name, "sizes": list(problem.sizes), "m": problem.X.shape[0],
-                             "budget_s": args.budget, "curves": runs}
+                             "budget_s": args.budget,
+                             "curves": {label: thinned(points) for label, points in runs.items()}}
             plot(name, problem, runs, args.out / f"{name}.png")
             lm = at_time(runs["bpgpu LM"], args.budget)
             print(f"{problem.name} (m={problem.X.shape[0]}, {list(problem.sizes)}), MSE after {args.budget:g} s:")
             for label, points in runs.items():
                 mse = at_time(points, args.budget)
-                print(f"  {label:34s} {mse:10.3e}  = {mse / lm:9.3g} x LM's   ({len(points) - 1} iterations)")
+                print(f"  {label:34s} {mse:10.3e}  = {mse / lm:9.3g} x LM's   ({len(points) - 1} points)")
     (args.out / "curves.json").write_text(json.dumps(results, indent=1))
 
 
