@@ -16,7 +16,7 @@ from bpgpu import bench
 # what benchmarks/test_gradient_cost.py times: the full plan's gradient nets
 GRADIENT_NETS, GRADIENT_WHY = bench.describe_nets(bench.plan_for("full"))
 
-RESULTS: dict = {"gradient": {}, "gemm": {}, "gemm_seconds": {}, "step": {}, "memory": {}}
+RESULTS: dict = {"gradient": {}, "gemm": {}, "gemm_seconds": {}, "step": {}, "memory": {}, "lm": {}}
 
 
 def pytest_addoption(parser):
@@ -86,3 +86,14 @@ def pytest_terminal_summary(terminalreporter):
         write("")
         for line in train_step.text({"rows": rows, "memory": memory}):
             write(line)
+    lm = RESULTS["lm"]
+    for name in sorted({key[0] for key in lm if (key[0], "bpgpu") in lm}):
+        ours = lm[(name, "bpgpu")]
+        peers = ", ".join(f"{impl} {bench.duration(t)} ({t / ours:.2f}x bpgpu's)"
+                          for (n, impl), t in lm.items() if n == name and impl != "bpgpu")
+        write(f"\n{name}: bpgpu {bench.duration(ours)}; {peers}")
+    for (kind, W), rate in lm.items():
+        if kind == "product_gflops":
+            gemm = lm[("gemm_gflops", W)]
+            write(f"LM normal-equation product at W={W}: {rate:.1f} GFLOP/s (GEMM-equivalent), same-run GEMM "
+                  f"{gemm:.1f} GFLOP/s: {rate / gemm:.2f} of GEMM")

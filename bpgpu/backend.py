@@ -125,6 +125,29 @@ class Backend:
     def dtype(self, name: str) -> Any:
         return getattr(self.xp, name)
 
+    def as_sparse(self, x: Any, dtype: Any) -> Any:
+        """A sparse matrix (scipy's or CuPy's, any format) as a CSR matrix on this backend, explicitly:
+        scipy.sparse on numpy, cupyx.scipy.sparse on CuPy (host ↔ device where it is not there yet).
+        The network multiplies it as it is (sparse × dense, never densified)."""
+        if self.name == "numpy":
+            import scipy.sparse
+
+            if is_sparse(x) and type(x).__module__.startswith("cupyx"):
+                x = x.get()  # device -> host, on purpose
+            return scipy.sparse.csr_array(x, dtype=dtype)
+        if self.name == "cupy":
+            import cupyx.scipy.sparse
+
+            if not type(x).__module__.startswith("cupyx"):
+                import scipy.sparse
+
+                x = scipy.sparse.csr_matrix(x, dtype=dtype)  # cupyx takes scipy's matrices, not its arrays
+            return cupyx.scipy.sparse.csr_matrix(x, dtype=dtype)  # host -> device when x is not on it
+        raise TypeError(
+            f"sparse input needs the numpy or cupy backend (scipy.sparse / cupyx.scipy.sparse); "
+            f"the {self.name} namespace has no sparse matrices: pass a dense array"
+        )
+
     # --- dense linear algebra and memory, for the second-order methods ------------
 
     def cholesky_solve(self, A: Any, B: Any) -> Any | None:
@@ -199,6 +222,14 @@ class Backend:
             return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
         except (ValueError, OSError, AttributeError):  # not a POSIX system that reports it
             return 1 << 34
+
+
+def is_sparse(x: Any) -> bool:
+    """Whether ``x`` is a scipy.sparse or cupyx.scipy.sparse matrix or array (no import of either)."""
+    module = type(x).__module__
+    if not module.startswith(("scipy.sparse", "cupyx.scipy.sparse")):
+        return False
+    return hasattr(x, "tocsr") and getattr(x, "ndim", 2) == 2
 
 
 def to_numpy(x: Any) -> np.ndarray:

@@ -21,7 +21,15 @@ LEAKY_SLOPE = 0.01
 
 
 def matmul(a, b, out):
-    """out = a @ b straight into a preallocated buffer (or a view of the flat vector)."""
+    """out = a @ b straight into a preallocated buffer (or a view of the flat vector).
+
+    ``a`` may be a scipy.sparse matrix (the input X of layer 1, or its transpose): then the
+    product is scipy's sparse × dense, copied into out; a is never densified."""
+    if type(a) is np.ndarray:  # every dense operand of the passes, views included: no further test
+        return np.matmul(a, b, out=out)
+    if hasattr(a, "tocsr"):  # scipy.sparse
+        out[...] = a @ b
+        return out
     return np.matmul(a, b, out=out)
 
 

@@ -271,9 +271,15 @@ def _unit_bounds(dtype: Any) -> tuple[float, float]:
 
 
 def matmul(a, b, out):
-    """out = a @ b by cuBLAS GEMM straight into ``out`` (C-contiguous; see the module note)."""
+    """out = a @ b by cuBLAS GEMM straight into ``out`` (C-contiguous; see the module note).
+
+    ``a`` may be a cupyx.scipy.sparse matrix (the input X of layer 1, or its transpose): then
+    the product is cuSPARSE's sparse × dense (SpMM), copied into out; a is never densified."""
     import cupy
 
+    if hasattr(a, "tocsr"):  # cupyx.scipy.sparse
+        out[...] = a @ b
+        return out
     return cupy.matmul(a, b, out=out)
 
 
