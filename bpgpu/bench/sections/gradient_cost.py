@@ -238,11 +238,17 @@ def _cells(g: dict, p: dict, marker: Callable[[str], str]) -> list[str]:
     return cells
 
 
+def _took(g: dict) -> list[str]:
+    if "cpu_seconds" not in g:
+        return []
+    return [f"  took {g['seconds']:.0f} s ({g['cpu_seconds']:.0f} s of this process's CPU time)"]
+
+
 def text(g: dict) -> list[str]:
     r2 = g.get("r2") or {}
     lines = [(f"gradient cost vs W ({g['backend']}, {g['dtype']}, {g.get('clock', 'seconds')}, "
               f"BLAS threads: {g['blas_threads']}; {load_text(g.get('load_average'))})"),
-             f"  nets {g['net']}", f"  why: {g.get('net_reason', '')}",
+             f"  nets {g['net']}", f"  why: {g.get('net_reason', '')}", *_took(g),
              f"fitted exponents k of t ~ W^k over W in [{g['fit_range'][0]}, {g['fit_range'][1]}]{_range_kind(g)}:"]
     for method in METHODS:
         k, own = g["exponents"][method], g["fits"][method]
