@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 import bpgpu as bp
 from bpgpu import engine
-from bpgpu.kernels import cpu
+from bpgpu.kernels import compiled
 from helpers import HIDDEN, OUTPUT, OUTPUT_LOSS_PAIRS, targets_for
 
 KINKED = ("relu", "leaky_relu")
@@ -268,14 +268,14 @@ def test_check_gradient_passes_a_right_gradient(hidden, output, loss, dtype):
 def test_check_gradient_flags_a_wrong_activation_derivative(monkeypatch):
     net, X, T = make([3, 4, 2], "tanh", seed=15)
     assert bp.check_gradient(net, X, T).passed
-    right = cpu.tanh_bwd
+    right = compiled.tanh_bwd
 
     def wrong(s, a, out, scratch, rows):  # g′ off by 0.1 %, written in place like the real kernel
         right(s, a, out, scratch, rows)
         out *= 1.001
         return out
 
-    monkeypatch.setattr(cpu, "tanh_bwd", wrong)
+    monkeypatch.setattr(compiled, "tanh_bwd", wrong)
     result = bp.check_gradient(net, X, T)
     assert not result.passed
     assert result.worst[0] == 1  # only the hidden layer's Θ(1) sees the wrong g′
