@@ -1,4 +1,4 @@
-"""One training step, every CPU implementation in one run, interleaved (issue 7).
+"""One training step, every CPU implementation in one run, interleaved (the CPU targets of benchmarks/NOTES.md).
 
     python benchmarks/compare_step.py [--sizes tiny small medium] [--dtype float32]
                                       [--rounds 40] [--round-seconds 0.04] [--settle 0.2] [--json out.json]

@@ -2,7 +2,7 @@
 
 Every case comes from :mod:`bpgpu.bench`, the code ``bpgpu bench`` runs. Each
 benchmark records its best time here; at the end of the session the derived
-figures issues 6 and 7 ask for (log-log exponents with their fit ranges,
+figures that benchmarks/NOTES.md checks the targets against (log-log exponents with their fit ranges,
 GFLOP/s against the same-run GEMM, ratios to bpgpu and to the plain numpy
 step, bytes per step) are printed from the numbers of this one run.
 """
@@ -13,7 +13,7 @@ import pytest
 
 from bpgpu import bench
 
-RESULTS: dict = {"gradient": {}, "gemm": {}, "gemm_seconds": {}, "step": {}, "memory": {}}
+RESULTS: dict = {"gradient": {}, "gemm": {}, "gemm_seconds": {}, "step": {}, "memory": {}, "lm": {}}
 
 
 def pytest_addoption(parser):
@@ -85,3 +85,14 @@ def pytest_terminal_summary(terminalreporter):
     for (config, dtype, backend), mem in RESULTS["memory"].items():
         write(f"  bytes per bpgpu step {config} {dtype} {backend}: peak {mem['peak']}, retained {mem['retained']}, "
               f"pool growth {mem['pool_growth']} ({mem['method']})")
+    lm = RESULTS["lm"]
+    for name in sorted({key[0] for key in lm if len(key) == 2 and key[1] in ("bpgpu", "torch_lm")}):
+        ours, theirs = lm.get((name, "bpgpu")), lm.get((name, "torch_lm"))
+        if ours and theirs:
+            write(f"\nLM iteration {name}: bpgpu {bench.duration(ours)}, torch-LM {bench.duration(theirs)}, "
+                  f"torch-LM / bpgpu = {theirs / ours:.2f}")
+    for (kind, W), rate in lm.items():
+        if kind == "product_gflops":
+            gemm = lm[("gemm_gflops", W)]
+            write(f"LM normal-equation product at W={W}: {rate:.1f} GFLOP/s (GEMM-equivalent), same-run GEMM "
+                  f"{gemm:.1f} GFLOP/s: {rate / gemm:.2f} of GEMM")

@@ -3,6 +3,8 @@
 from bpgpu.backend import Backend, gpu_status, resolve as resolve_backend, to_numpy
 from bpgpu.network import MLP
 from bpgpu.derivatives import GradientCheck, check_gradient, hessian, hvp, jacobian, numerical_gradient
+from bpgpu.curvature import hessian_eigenvalues, hessian_trace
+from bpgpu.per_sample import per_sample_gradients
 from bpgpu.optim import Optimizer, make_optimizer
 from bpgpu.training import DivergenceError, History, fit, train_step
 from bpgpu.io import load, save
@@ -12,13 +14,14 @@ __version__ = "0.1.0"
 __all__ = [
     "MLP", "Backend", "gpu_status", "resolve_backend", "to_numpy", "__version__",
     "GradientCheck", "check_gradient", "hessian", "hvp", "jacobian", "numerical_gradient",
+    "hessian_eigenvalues", "hessian_trace", "per_sample_gradients",
     "Optimizer", "make_optimizer", "DivergenceError", "History", "fit", "train_step",
-    "load", "save", "MLPClassifier", "MLPRegressor",
+    "load", "save", "MLPClassifier", "MLPRegressor", "to_onnx",
 ]
 
 # Names whose modules need an optional extra: imported on first use, so that
-# ``import bpgpu`` never imports scikit-learn (public name -> its module).
-_LAZY = {"MLPClassifier": "bpgpu.estimators", "MLPRegressor": "bpgpu.estimators"}
+# ``import bpgpu`` never imports scikit-learn or onnx (public name -> its module).
+_LAZY = {"MLPClassifier": "bpgpu.estimators", "MLPRegressor": "bpgpu.estimators", "to_onnx": "bpgpu.onnx_export"}
 
 
 def __getattr__(name: str):

@@ -12,6 +12,8 @@ stored output a, as scikit-learn does):
     leaky_relu  g = max(z, 0.01 z)         g′ = 1 if a > 0 else 0.01
     softplus    g = log(1 + e^z)           g′ = σ(z) = 1 − e^{−a}
     softmax     a_k = e^{z_k} / Σ e^{z_j}  δ = a ⊙ (s − Σ_k s_k a_k)   (output layer only)
+    exp         g = e^z                    g′ = a                  (output layer only: the log link
+                                                                    of a Poisson regression)
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ from dataclasses import dataclass
 from bpgpu.kernels import ACTIVATIONS
 
 HIDDEN = ("identity", "sigmoid", "tanh", "relu", "leaky_relu", "softplus")
-OUTPUT = ACTIVATIONS  # any hidden activation, plus softmax
+OUTPUT = ACTIVATIONS  # any hidden activation, plus softmax and exp
 UNIT_INTERVAL = ("sigmoid", "softmax")  # outputs that are probabilities
+POSITIVE = ("exp", "softplus", *UNIT_INTERVAL)  # outputs > 0: the means of a Poisson loss
 
 
 @dataclass(frozen=True)
@@ -41,13 +44,19 @@ class Activation:
     def probabilistic(self) -> bool:
         return self.name in UNIT_INTERVAL
 
+    @property
+    def positive(self) -> bool:
+        return self.name in POSITIVE
 
-def get(name: object, layer: int, is_output: bool) -> Activation:
-    """Look up an activation for layer ``layer``, with an error naming both."""
+
+def get(name: object, layer: int | None, is_output: bool) -> Activation:
+    """Look up an activation for layer ``layer``, with an error naming both.
+
+    layer=None checks a name that no layer uses (``hidden`` of a net without hidden
+    layers): a misspelt name is an error all the same."""
     allowed = OUTPUT if is_output else HIDDEN
     if not isinstance(name, str) or name not in allowed:
         where = "output" if is_output else "hidden"
-        raise ValueError(
-            f"unknown {where} activation {name!r} for layer {layer}; choose one of {', '.join(allowed)}"
-        )
+        for_layer = f"for layer {layer}" if layer is not None else "(given, though the net has no hidden layer)"
+        raise ValueError(f"unknown {where} activation {name!r} {for_layer}; choose one of {', '.join(allowed)}")
     return Activation(name)

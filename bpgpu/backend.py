@@ -81,7 +81,7 @@ def gpu_status() -> GpuStatus:
     The driver comes first so that a machine without one never imports CuPy.
     ``cupy.is_available()`` only counts devices; a machine can have a device and
     still lack NVRTC, the CUDA headers or cuBLAS, so a tiny kernel and a matmul
-    are actually run (see shared/research/gpuless-cupy.md).
+    are actually run (docs/guide/gpu.rst, "Which machines count as having a GPU").
     """
     missing = cuda_driver()
     if missing:
@@ -166,6 +166,112 @@ class Backend:
 
     def dtype(self, name: str) -> Any:
         return getattr(self.xp, name)
+
+    def as_sparse(self, x: Any, dtype: Any) -> Any:
+        """A sparse matrix (scipy's or CuPy's, any format) as a CSR matrix on this backend, explicitly:
+        scipy.sparse on numpy, cupyx.scipy.sparse on CuPy (host ↔ device where it is not there yet).
+        The network multiplies it as it is (sparse × dense, never densified)."""
+        if self.name == "numpy":
+            import scipy.sparse
+
+            if is_sparse(x) and type(x).__module__.startswith("cupyx"):
+                x = x.get()  # device -> host, on purpose
+            return scipy.sparse.csr_array(x, dtype=dtype)
+        if self.name == "cupy":
+            import cupyx.scipy.sparse
+
+            if not type(x).__module__.startswith("cupyx"):
+                import scipy.sparse
+
+                x = scipy.sparse.csr_matrix(x, dtype=dtype)  # cupyx takes scipy's matrices, not its arrays
+            return cupyx.scipy.sparse.csr_matrix(x, dtype=dtype)  # host -> device when x is not on it
+        raise TypeError(
+            f"sparse input needs the numpy or cupy backend (scipy.sparse / cupyx.scipy.sparse); "
+            f"the {self.name} namespace has no sparse matrices: pass a dense array"
+        )
+
+    # --- dense linear algebra and memory, for the second-order methods ------------
+
+    def cholesky_solve(self, A: Any, B: Any) -> Any | None:
+        """X with A X = B for a symmetric positive definite A (k, k), B (k,) or (k, r), by Cholesky:
+        LAPACK potrf/potrs through scipy on the CPU (numpy's cholesky when scipy is absent),
+        cuSOLVER through CuPy on the GPU, the namespace's ``linalg`` otherwise.
+
+        A must be symmetric with both triangles filled; it is overwritten (it holds the factor
+        afterwards), so pass a copy to keep it.
+        Returns None when A is not numerically positive definite (the factorisation breaks down
+        or yields non-finite numbers), so that a caller can damp more and try again.
+        """
+        xp = self.xp
+        if self.name == "numpy":
+            try:
+                from scipy.linalg import LinAlgError, cho_factor, cho_solve
+            except ImportError:  # the core install has numpy only
+                try:
+                    L = np.linalg.cholesky(np.tril(A))
+                except np.linalg.LinAlgError:
+                    return None
+                X = np.linalg.solve(L.T, np.linalg.solve(L, B))
+                return X if np.all(np.isfinite(X)) else None
+            try:
+                # A is symmetric, so its transpose is A too: LAPACK (column-major) then factors
+                # a C-contiguous A in place instead of in a copy
+                factor = cho_factor(A.T if A.flags.c_contiguous else A, lower=True, overwrite_a=True,
+                                    check_finite=False)
+            except LinAlgError:
+                return None
+            X = cho_solve(factor, B, check_finite=False)
+            return X if np.all(np.isfinite(X)) else None
+        if self.name == "cupy":
+            import cupy
+            from cupyx.scipy.linalg import solve_triangular
+
+            try:
+                L = cupy.linalg.cholesky(cupy.tril(A))  # cuSOLVER potrf
+            except cupy.linalg.LinAlgError:
+                return None
+            X = solve_triangular(L, solve_triangular(L, B, lower=True), lower=True, trans="T")
+            return X if bool(cupy.all(cupy.isfinite(X))) else None
+        try:
+            L = xp.linalg.cholesky(xp.tril(A) + xp.matrix_transpose(xp.tril(A, k=-1)))
+        except ValueError:  # numpy's LinAlgError, under array_api_strict and the like
+            return None
+        if not bool(xp.all(xp.isfinite(L))):
+            return None
+        X = xp.linalg.solve(xp.matrix_transpose(L), xp.linalg.solve(L, B))
+        return X if bool(xp.all(xp.isfinite(X))) else None
+
+    def sparse_linalg(self) -> ModuleType:
+        """The module with ``eigsh`` and ``LinearOperator`` for arrays of this backend:
+        ``cupyx.scipy.sparse.linalg`` on the GPU, ``scipy.sparse.linalg`` otherwise
+        (other namespaces then go through host vectors)."""
+        if self.name == "cupy":
+            import cupyx.scipy.sparse.linalg as sparse_linalg
+        else:
+            import scipy.sparse.linalg as sparse_linalg
+        return sparse_linalg
+
+    def free_memory(self) -> int:
+        """Bytes free on this backend's device now: the GPU's free memory plus what CuPy's pool
+        holds unused, or the host's available physical memory."""
+        if self.name == "cupy":
+            import cupy
+
+            free, _ = cupy.cuda.runtime.memGetInfo()
+            pool = cupy.get_default_memory_pool()
+            return int(free + pool.free_bytes())
+        try:
+            return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+        except (ValueError, OSError, AttributeError):  # not a POSIX system that reports it
+            return 1 << 34
+
+
+def is_sparse(x: Any) -> bool:
+    """Whether ``x`` is a scipy.sparse or cupyx.scipy.sparse matrix or array (no import of either)."""
+    module = type(x).__module__
+    if not module.startswith(("scipy.sparse", "cupyx.scipy.sparse")):
+        return False
+    return hasattr(x, "tocsr") and getattr(x, "ndim", 2) == 2
 
 
 def to_numpy(x: Any) -> np.ndarray:

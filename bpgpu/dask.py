@@ -253,7 +253,7 @@ def fit(
     optimizer:
       "lbfgs"  scipy's L-BFGS-B on the driver, each evaluation a distributed loss and
                gradient (the dask-glm pattern); at most max_iter iterations, gtol=tol.
-      "gd"     full-batch gradient descent: max_iter steps (fewer once max |g| <= tol),
+      "gd"     full-batch gradient descent: max_iter steps (fewer once ``max |g| <= tol``),
                each the step rule ``update`` of :mod:`bpgpu.optim` ("sgd", "momentum",
                "nesterov", "adam"; ``options`` such as momentum or alpha go to it).
       "sgd"    synchronous data-parallel mini-batch SGD for max_iter epochs: an epoch

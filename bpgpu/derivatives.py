@@ -1,7 +1,7 @@
 """Derivatives of an MLP beyond the gradient: finite differences, gradient
 checking, the input Jacobian, Hessian-vector products and the Hessian.
 
-The seeds' point (seed 002): backprop gives all W gradient components in
+The point of backpropagation (docs/guide/finite_differences.rst): it gives all W gradient components in
 O(W); finite differences need O(W) passes of O(W) each, O(W²). Both are here,
 the second as the check on the first. Second order:
 
@@ -14,7 +14,7 @@ The passes are :mod:`bpgpu.engine`'s (forward, backprop, the seeded backward
 pass of the Jacobian, the R-operator), so everything here runs on numpy, CuPy
 and array_api_strict alike, and results stay on the net's device.
 
-Notation (seed 000, engine.py): z(l) = A(l−1) Wᵀ(l) + b(l), A(l) = g_l(z(l)),
+Notation (docs/guide/feedforward.rst, engine.py): z(l) = A(l−1) Wᵀ(l) + b(l), A(l) = g_l(z(l)),
 J = c Σ_n ℓ(a_n(L), t_n) with c = 1/m ("mean") or 1 ("sum"), δ(l) = ∂J/∂z(l).
 """
 
@@ -25,6 +25,7 @@ from typing import Any
 
 from bpgpu import engine
 from bpgpu.network import MLP
+from bpgpu.per_sample import parameter_jacobian
 
 _DIFFERENCES = ("central", "forward")
 
@@ -72,13 +73,13 @@ def _steps(xp: Any, x: Any, eps: float) -> Any:
 
 
 def numerical_gradient(net: MLP, X: Any, T: Any, method: str = "central", eps: float | None = None) -> Any:
-    """dJ/dw by finite differences of the loss, perturbing each w_i in turn (seed 002).
+    """dJ/dw by finite differences of the loss, perturbing each w_i in turn (docs/guide/finite_differences.rst).
 
     central: (J(w + h_i e_i) − J(w − h_i e_i)) / 2h_i, exactly 2W loss evaluations;
     forward: (J(w + h_i e_i) − J(w)) / h_i, exactly W + 1. Each evaluation is one
     forward pass, so the cost is O(W²) against backprop's O(W).
 
-    eps: relative step, h_i = eps · max(1, |w_i|); default :func:`default_eps`
+    eps: relative step, ``h_i = eps · max(1, |w_i|)``; default :func:`default_eps`
     (ε^{1/3} central, ε^{1/2} forward, ε the dtype's machine epsilon). The
     quotient divides by the step as actually represented, (w_i + h_i) − w_i.
 
@@ -124,12 +125,15 @@ TOLERANCES = {
 class GradientCheck:
     """Backprop against finite differences, element by element.
 
-    max_abs_error: max_i |g_i − n_i|.
-    max_rel_error: max_i |g_i − n_i| / max(|g_i|, |n_i|, atol / rtol); an element
+    max_abs_error: ``max_i |g_i − n_i|``.
+
+    max_rel_error: ``max_i |g_i − n_i| / max(|g_i|, |n_i|, atol / rtol)``; an element
         whose size is below atol / rtol is thus judged against atol.
+
     worst: the parameter with the largest relative error, as (layer, j, k) in
         Θ(layer) coordinates (row j, column k; k = 0 is the bias): ``net.theta(layer)[j, k]``.
-    passed: max_rel_error ≤ rtol, i.e. |g_i − n_i| ≤ max(rtol · max(|g_i|, |n_i|), atol) for all i.
+
+    passed: max_rel_error ≤ rtol, i.e. ``|g_i − n_i| ≤ max(rtol · max(|g_i|, |n_i|), atol)`` for all i.
     """
 
     max_abs_error: float
@@ -154,8 +158,8 @@ def check_gradient(
         assert bp.check_gradient(net, X, T).passed
 
     Default tolerances per dtype and method (``TOLERANCES``): float64 central
-    rtol 1e-6, atol 1e-9 · max(1, |J|); float64 forward 1e-4, 1e-6 · max(1, |J|);
-    float32 central 1e-2, 1e-3 · max(1, |J|); float32 forward 1e-1, 1e-2 · max(1, |J|).
+    rtol 1e-6, atol 1e-9 · ``max(1, |J|)``; float64 forward 1e-4, 1e-6 · ``max(1, |J|)``;
+    float32 central 1e-2, 1e-3 · ``max(1, |J|)``; float32 forward 1e-1, 1e-2 · ``max(1, |J|)``.
     A float32 check is coarse by nature (the loss itself carries ~1e-7 relative
     rounding); check in float64 to catch small errors. Kinked activations (relu,
     leaky_relu) need every pre-activation farther than the step from 0.
@@ -187,17 +191,28 @@ def check_gradient(
 # --- the input Jacobian ----------------------------------------------------------
 
 
-def jacobian(net: MLP, X: Any, method: str = "backprop", eps: float | None = None) -> Any:
+def jacobian(net: MLP, X: Any, method: str = "backprop", eps: float | None = None, wrt: str = "inputs") -> Any:
     """∂y_k/∂x_i for every sample: shape (m, n_L, n_0), y = a(L) the net's output
     (through the output activation, softmax's coupling included).
 
-    backprop: seed 002's recursion, δ(L) = ∂y_k/∂z(L) for all n_L outputs and m
+    wrt="params": ∂y_nk/∂w instead, shape (m, n_L, W), each row in the params layout, by
+    the same backward pass of the output seeds and the per-sample outer products
+    δ_n(l) [1, a_n(l−1)]ᵀ (:func:`bpgpu.per_sample.parameter_jacobian`; backprop only).
+
+    backprop: the Jacobian recursion (docs/guide/jacobian_hessian.rst), δ(L) = ∂y_k/∂z(L) for all n_L outputs and m
     samples at once, propagated back as one batched (n_L·m)-row pass;
     ∂y/∂x = δ(1) W(1). Cost: the backward pass n_L times over.
     finite_difference: central differences in each input x_i (all samples at
-    once), 2 n_0 forward passes, step eps · max(1, |x_ni|) (default ε^{1/3}).
+    once), 2 n_0 forward passes, step ``eps · max(1, |x_ni|)`` (default ε^{1/3}).
     """
     _check_method(method, ("backprop", "finite_difference"))
+    if wrt not in ("inputs", "params"):
+        raise ValueError(f"wrt must be 'inputs' or 'params', got {wrt!r}")
+    if wrt == "params":
+        if method != "backprop":
+            raise ValueError(f"wrt='params' is computed by backprop only, got method={method!r} "
+                             f"(bp.numerical_gradient differences the loss in w)")
+        return parameter_jacobian(net, X)
     X, _ = net.check_inputs(X)
     ws = net.workspace(X.shape[0])
     if method == "finite_difference":
@@ -248,17 +263,19 @@ def hessian(net: MLP, X: Any, T: Any, method: str = "exact", eps: float | None =
         columns: W R-passes, O(W²). Exact up to rounding (for relu and
         leaky_relu: the Hessian almost everywhere, g″ = 0 off the kink).
     finite_difference: column i = (∇J(w + h_i e_i) − ∇J(w − h_i e_i)) / 2h_i with
-        the backprop gradient, 2W gradients, h_i = eps · max(1, |w_i|) (default
+        the backprop gradient, 2W gradients, ``h_i = eps · max(1, |w_i|)`` (default
         ε^{1/3}). Not exactly symmetric; error O(h²) + O(ε/h).
     outer_product: the Gauss–Newton matrix, always symmetric positive semidefinite,
         O(m n_L W²), memory O(m n_L W):
+
         * canonical pairs (identity + squared_error, sigmoid + binary_cross_entropy,
           softmax + cross_entropy): G = c Σ_n J_nᵀ M_n J_n with J_n = ∂z_n(L)/∂w and
           M_n = ∂²ℓ/∂z² = I, diag(a(1 − a)), diag(a) − a aᵀ. For squared error this
-          is seed 002's Levenberg–Marquardt H ≈ Σ_n ∇y_n ∇y_nᵀ.
+          is the outer-product (Levenberg–Marquardt) H ≈ Σ_n ∇y_n ∇y_nᵀ.
         * every other pair: the general Gauss–Newton form G = c Σ_n J_nᵀ diag(ℓ″) J_n
           with J_n = ∂a_n(L)/∂w (the Jacobian of the outputs) and ℓ″ = ∂²ℓ/∂a²
           (squared error: 1, so again Σ_n ∇y_n ∇y_nᵀ with y = a(L)).
+
         H − G = c Σ_n Σ_k r_nk ∇²u_nk (u = z(L) with r = a − t for canonical pairs;
         u = a(L) with r = ∂ℓ/∂a otherwise), so G is exact when (1) the residual r
         is zero on every sample: T = net.forward(X) with squared_error (any

@@ -101,15 +101,32 @@ def save(obj: Any, path: str | os.PathLike) -> None:
         "state": state,
     }
     text = json.dumps(metadata, allow_nan=False)  # raises on anything that is not plain JSON
+    atomic_write(path, lambda f: np.savez(f, **arrays, **{METADATA_KEY: np.array(text)}))
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Any], Any]) -> None:
+    """Call ``write(f)`` on a binary file that becomes ``path`` only once it is complete.
+
+    A temporary file in the same directory, flushed and fsync'ed, then
+    ``os.replace``: a crash or an error inside ``write`` leaves the old file or
+    the new one, never half of one. An OSError names ``path``.
+    """
+    path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".bpgpu-", suffix=".tmp", dir=directory)
     try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a saved model gets the usual permissions
+        fd, tmp = tempfile.mkstemp(prefix=".bpgpu-", suffix=".tmp", dir=directory)
+    except OSError as exc:
+        raise type(exc)(exc.errno, exc.strerror, path) from None  # the target, not the temporary file
+    try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a saved file gets the usual permissions
         with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays, **{METADATA_KEY: np.array(text)})
+            write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except OSError as exc:
+            raise type(exc)(exc.errno, exc.strerror, path) from None  # the target, not the temporary file
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)

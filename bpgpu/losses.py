@@ -5,11 +5,14 @@ Per sample n (the seeds' forms; ``reduction="mean"`` divides the sum by m):
     squared_error          J_n = ½ ‖a − t‖²                        canonical output: identity
     binary_cross_entropy   J_n = −Σ_k t_k log a_k + (1 − t_k) log(1 − a_k)   canonical: sigmoid
     cross_entropy          J_n = −Σ_k t_k log a_k                    canonical: softmax
+    poisson                J_n = Σ_k t_k log(t_k / a_k) − t_k + a_k  canonical: exp (log link)
+                           (half the Poisson deviance, scikit-learn's; 0 log 0 = 0; t ≥ 0)
 
-For a canonical pair the link cancels and δ(L) = c (a − t) with c = 1/m or 1;
-the loss is then computed from the logits z, so saturated outputs give exact,
-finite values. Every other pair uses δ(L) = c ∂J/∂a ⊙ g′, with a clipped away
-from 0 and 1 inside the logarithms.
+For a canonical pair the link cancels and δ(L) = c (a − t) with c = 1/m or 1
+(for exp + poisson: ∂J/∂z = e^z − t); the loss is then computed from the logits z,
+so saturated outputs give exact, finite values. Every other pair uses
+δ(L) = c ∂J/∂a ⊙ g′, with a clipped away from 0 and 1 inside the logarithms
+(poisson: away from 0; ∂J/∂a = 1 − t/a).
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ from typing import Any
 from bpgpu.activations import Activation
 from bpgpu.kernels import LOSSES, generic
 
-_CANONICAL = {"squared_error": "identity", "binary_cross_entropy": "sigmoid", "cross_entropy": "softmax"}
+_CANONICAL = {"squared_error": "identity", "binary_cross_entropy": "sigmoid", "cross_entropy": "softmax",
+              "poisson": "exp"}
 
 
 @dataclass(frozen=True)
@@ -33,7 +37,12 @@ class Loss:
 
     @property
     def needs_probabilities(self) -> bool:
-        return self.name != "squared_error"
+        return self.name in ("binary_cross_entropy", "cross_entropy")
+
+    @property
+    def needs_positive(self) -> bool:
+        """The loss takes log a of a mean a > 0 (poisson)."""
+        return self.name == "poisson"
 
     def is_canonical(self, output: Activation) -> bool:
         return output.name == self.canonical_output
@@ -41,7 +50,15 @@ class Loss:
     def check_targets(self, output: Activation, t: Any, xp: Any) -> None:
         """softmax + cross_entropy: δ(L) = a − t is the gradient of −Σ t log a only when
         every target row is a distribution (t ≥ 0, Σ_k t_k = 1); reject anything else
-        rather than train on a gradient that does not belong to the loss."""
+        rather than train on a gradient that does not belong to the loss. poisson: counts
+        (or rates) t ≥ 0, as log t and the deviance are defined only there."""
+        if self.name == "poisson":
+            if bool(xp.any(t < 0)):
+                raise ValueError(
+                    f"T must be >= 0 for loss='poisson' (counts or rates), got a minimum of {float(xp.min(t)):g} "
+                    f"(T.shape={tuple(t.shape)})"
+                )
+            return
         if not (self.name == "cross_entropy" and output.name == "softmax"):
             return
         tol = 1e-3 if t.dtype == xp.float32 else 1e-9
@@ -82,5 +99,10 @@ def get(name: object, output: Activation, n_layers: int) -> Loss:
         raise ValueError(
             f"loss={name!r} needs outputs in (0, 1), but the output activation of layer "
             f"{n_layers} is {output.name!r}; use 'sigmoid' or 'softmax' there"
+        )
+    if loss.needs_positive and not output.positive:
+        raise ValueError(
+            f"loss={name!r} needs outputs > 0 (its log a), but the output activation of layer {n_layers} "
+            f"is {output.name!r}; use 'exp' (the canonical log link) or 'softplus' there"
         )
     return loss

@@ -27,7 +27,7 @@ vector to scipy's L-BFGS-B (see :func:`bpgpu.training._fit_lbfgs`).
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -131,11 +131,19 @@ class Optimizer:
         if self.lr_schedule == "invscaling":
             self.learning_rate = self.learning_rate_init / (samples_seen + 1) ** self.power_t
 
-    def trigger_stopping(self) -> bool:
-        """The loss stopped improving: stop (True), or under "adaptive" divide lr by 5 (False)."""
+    def trigger_stopping(self, msg: str = "", say: Callable[[str], Any] | None = None) -> bool:
+        """The loss stopped improving: stop (True), or under "adaptive" divide lr by 5 (False).
+
+        ``say`` (e.g. ``print``) gets ``msg`` and the outcome in scikit-learn's words.
+        """
         if self.lr_schedule != "adaptive" or self.learning_rate <= _MIN_ADAPTIVE_LR:
+            if say is not None:
+                small = " Learning rate too small." if self.lr_schedule == "adaptive" else ""
+                say(f"{msg}{small} Stopping.")
             return True
         self.learning_rate /= 5.0
+        if say is not None:
+            say(f"{msg} Setting learning rate to {self.learning_rate:f}")
         return False
 
     def __repr__(self) -> str:

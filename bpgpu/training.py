@@ -1,6 +1,6 @@
 """Training: one step (forward, backprop, fused update) and the epoch loop :func:`fit`.
 
-Host traffic is kept to the edges (DESIGN "Precision and devices"): per epoch one
+Host traffic is kept to the edges (arrays stay on their device): per epoch one
 host→device copy of the shuffled sample order (drawn with numpy's seeded
 generator, so a seed gives the same batches on every backend) and one
 device→host copy of the epoch's loss (and validation loss) for the history,
@@ -19,15 +19,16 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from bpgpu import engine, validation
-from bpgpu.backend import to_numpy
+from bpgpu.backend import is_sparse, to_numpy
 from bpgpu.kernels import jit
 from bpgpu.optim import SGD, Optimizer, make_optimizer
 
 
-class DivergenceError(FloatingPointError):
+class DivergenceError(FloatingPointError, ValueError):
     """The loss (or a parameter) became NaN or Inf; the net holds its last finite parameters.
 
-    Attributes: ``epoch`` and ``step`` (1-based) where it was seen, ``history``
+    A ValueError, as scikit-learn's MLP reports a run that produced non-finite
+    weights (and a FloatingPointError, as before). Attributes: ``epoch`` and ``step`` (1-based) where it was seen, ``history``
     (the epochs completed before it).
     """
 
@@ -45,17 +46,22 @@ class History:
     validation_loss / validation_score: per epoch when there is a validation
     set (the score is ``validation_score(net, X_val, T_val)`` when given, else
     −validation_loss); learning_rate: the rate in force at the end of each
-    epoch; stop_reason: "epochs", "tol", "early_stopping", "callback",
-    "interrupted" or L-BFGS's message.
+    epoch; mu: Levenberg–Marquardt's damping μ after each iteration;
+    stop_reason: "epochs", "tol", "early_stopping", "callback",
+    "interrupted", "mu_max" (Levenberg–Marquardt) or L-BFGS's message; status: L-BFGS's exit status (scipy's:
+    0 converged, 1 iteration or evaluation limit reached, 2 other, 99 stopped by
+    a callback), None for the stochastic optimizers.
     """
 
     loss: list[float] = field(default_factory=list)
     validation_loss: list[float] = field(default_factory=list)
     validation_score: list[float] = field(default_factory=list)
     learning_rate: list[float] = field(default_factory=list)
+    mu: list[float] = field(default_factory=list)
     best_loss: float = math.inf
     best_validation_score: float = -math.inf
     stop_reason: str = ""
+    status: int | None = None
 
     @property
     def epochs(self) -> int:
@@ -87,9 +93,12 @@ def train_step(net: Any, X: Any, T: Any, optimizer: Optimizer, weights: tuple[An
 
     weights: ``(s_col, c)`` from :meth:`MLP.weighting` for sample weights; c
     also scales the L2 term, as scikit-learn divides it by Σ s.
+
+    A sparse X (CSR, as ``check_inputs`` makes it) takes the kernel-table path,
+    whose layer-1 products are sparse × dense.
     """
     compiled = jit.train_step_for(net, optimizer)
-    if compiled is not None:
+    if compiled is not None and not is_sparse(X):
         return compiled(X, T, weights)
     ws = net.workspace(X.shape[0])
     engine.forward(net, X, ws, net.params)
@@ -143,8 +152,13 @@ def _batch_size(batch_size: Any, m: int) -> int:
     return min(size, m)
 
 
-def _progress_bar(progress: bool, epochs: int) -> Any:
-    if not progress:
+PROGRESS = (True, False, "bar", "lines")
+
+
+def _progress_bar(progress: bool | str, epochs: int) -> Any:
+    if progress not in PROGRESS:
+        raise ValueError(f"progress must be one of True, False, 'bar' or 'lines', got {progress!r}")
+    if progress is False or progress == "lines":
         return None
     try:
         from tqdm.auto import tqdm
@@ -166,7 +180,7 @@ def _split_validation(net: Any, X: Any, T: Any, s: Any, validation_data: Any, fr
             Xv, Tv = validation_data
         except (TypeError, ValueError):
             raise TypeError("validation_data must be a pair (X_val, T_val)") from None
-        Xv, Tv = net.check_inputs(Xv, Tv)
+        Xv, Tv = net.check_inputs(Xv, Tv, accept_sparse=True)
         return X, T, s, Xv, Tv, None
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction < 1:
         raise ValueError(f"validation_fraction must be a number in [0, 1), got {fraction!r}")
@@ -188,8 +202,12 @@ def _split_validation(net: Any, X: Any, T: Any, s: Any, validation_data: Any, fr
         s_val = None
     xp, order = net.backend.xp, net.backend.asarray(perm, net.backend.xp.int64)
     val, train = order[:n_val], order[n_val:]
-    return (xp.take(X, train, axis=0), xp.take(T, train, axis=0), s,
-            xp.take(X, val, axis=0), xp.take(T, val, axis=0), s_val)
+    return (_rows(xp, X, train), xp.take(T, train, axis=0), s, _rows(xp, X, val), xp.take(T, val, axis=0), s_val)
+
+
+def _rows(xp: Any, X: Any, idx: Any) -> Any:
+    """The rows idx of X, a dense array or a sparse matrix (which stays sparse)."""
+    return X[idx] if is_sparse(X) else xp.take(X, idx, axis=0)
 
 
 def _sample_weight(net: Any, sample_weight: Any, m: int) -> np.ndarray | None:
@@ -221,7 +239,7 @@ def fit(
     validation_fraction: float = 0.0,
     early_stopping: bool = False,
     callbacks: Iterable[Callable[[int, History, Any], Any]] = (),
-    progress: bool = True,
+    progress: bool | str = True,
     *,
     tol: float | None = 1e-4,
     n_iter_no_change: int = 10,
@@ -232,36 +250,59 @@ def fit(
 ) -> History:
     """Train ``net`` in place on (X, T) and return its :class:`History`.
 
-    optimizer: "sgd", "momentum", "nesterov", "adam", "lbfgs", or an
+    X may be a scipy.sparse (or, on the GPU, cupyx.scipy.sparse) matrix or array of
+    any format: it stays sparse (CSR), batches are sparse row selections and layer 1's
+    products X Wᵀ and Xᵀ δ are sparse × dense.
+
+    optimizer: "sgd", "momentum", "nesterov", "adam", "lbfgs", "lm" (Levenberg–Marquardt,
+        :mod:`bpgpu.levenberg_marquardt`), or an
         :class:`bpgpu.optim.Optimizer` already bound to this net (its state and
         options carry over, e.g. for scikit-learn's partial_fit; then
         learning_rate and optimizer_options are not used).
+
     batch_size: None (full batch: gradient descent), an int (1 is per-sample
         SGD), or "auto" = min(200, m) as scikit-learn. L-BFGS is full batch.
-    epochs: passes over the data (L-BFGS: its iterations, as sklearn's max_iter).
+
+    epochs: passes over the data (L-BFGS and LM: their iterations, as sklearn's max_iter).
+
     shuffle: draw a new sample order each epoch from ``seed``'s generator.
+
     validation_data / validation_fraction: a held-out set scored each epoch;
         early_stopping=True stops on it and restores its best parameters.
+
     tol, n_iter_no_change: scikit-learn's rule: when the training loss (or,
         with early_stopping, the validation score) fails to improve by tol for
         more than n_iter_no_change epochs, stop (lr_schedule="adaptive":
         divide the learning rate by 5 instead, until it is ≤ 1e-6).
         tol=None disables the rule.
+
     callbacks: each called as ``cb(epoch, history, net)`` after every epoch;
         a True return value stops training.
-    progress: a tqdm bar with the epoch, loss and validation figures.
+
+    progress: True or "bar": a tqdm bar with the epoch, loss and validation
+        figures; "lines": scikit-learn's verbose lines on stdout
+        ("Iteration N, loss = L" per epoch, "Validation score: S" when there is
+        a validation set, and the stopping rule's message); False: nothing.
+
     validation_score: ``f(net, X_val, T_val) -> float``, higher is better
         (default −validation loss).
+
     sample_weight: one weight ≥ 0 per row of X, as scikit-learn's: each batch's
         loss is Σ s_n J_n / Σ s_n (reduction="mean") and the L2 term is divided
         by Σ s_n; a validation_fraction split takes its rows' weights along.
         Equal weights under reduction="mean" change nothing and are dropped.
+
     optimizer_options: alpha (L2, weights only), lr_schedule, power_t,
-        momentum, beta_1, beta_2, epsilon (see :mod:`bpgpu.optim`).
+        momentum, beta_1, beta_2, epsilon (see :mod:`bpgpu.optim`); for "lm":
+        alpha, mu, mu_dec, mu_inc, mu_max, damping, form, chunk_size, max_memory
+        (see :class:`bpgpu.levenberg_marquardt.LevenbergMarquardt`). LM is full
+        batch: batch_size, shuffle and learning_rate are not used; it stops with
+        stop_reason "mu_max" when no μ ≤ mu_max lowers the loss.
 
     Raises :class:`DivergenceError` when the loss or the parameters become
     non-finite; the net then holds the parameters from the start of that epoch
-    (and the optimizer's velocity or moments are zeroed). Divergence is seen
+    (with early_stopping: those of the best validation score so far), and the
+    optimizer's velocity or moments are zeroed. Divergence is seen
     once per epoch, from the one number transferred; numpy may also print
     overflow RuntimeWarnings on the way.
     """
@@ -273,7 +314,7 @@ def fit(
     for cb in callbacks:
         if not callable(cb):
             raise TypeError(f"callbacks must be callables cb(epoch, history, net), got {cb!r}")
-    X, T = net.check_inputs(X, T)
+    X, T = net.check_inputs(X, T, accept_sparse=True)
     s = _sample_weight(net, sample_weight, X.shape[0])
     rng = np.random.default_rng(seed)
     X, T, s, Xv, Tv, s_val = _split_validation(net, X, T, s, validation_data, validation_fraction, rng)
@@ -286,6 +327,9 @@ def fit(
             raise TypeError(f"optimizer 'lbfgs' does not take {', '.join(sorted(optimizer_options))}")
         return _fit_lbfgs(net, X, T, Xv, Tv, epochs, alpha, tol, max_fun, callbacks, progress, validation_score,
                           net.weighting(s), weights_val)
+    if optimizer == "lm":
+        return _fit_lm(net, X, T, s, Xv, Tv, weights_val, epochs, early_stopping, tol, n_iter_no_change,
+                       callbacks, progress, validation_score, optimizer_options)
     if isinstance(optimizer, Optimizer):
         if optimizer.net is not net:
             raise ValueError("the optimizer given is bound to another net; make one with make_optimizer(name, net)")
@@ -294,8 +338,9 @@ def fit(
         opt = make_optimizer(optimizer, net, learning_rate, **optimizer_options)
     loop = _EpochLoop(net, X, T, opt, _batch_size(batch_size, X.shape[0]), shuffle, rng, s, weights_val)
     history = History()
-    monitor = _Monitor(net, Xv, Tv, early_stopping, tol, n_iter_no_change, validation_score)
     bar = _progress_bar(progress, epochs)
+    monitor = _Monitor(net, Xv, Tv, early_stopping, tol, n_iter_no_change, validation_score,
+                       print if progress == "lines" else None)
     try:
         for epoch in range(1, epochs + 1):
             try:
@@ -315,6 +360,9 @@ def fit(
                 break
         else:
             history.stop_reason = "epochs"
+    except DivergenceError:
+        monitor.restore_best(history)  # early stopping's result is its best parameters, diverged or not
+        raise
     finally:
         if bar is not None:
             bar.close()
@@ -335,7 +383,8 @@ class _EpochLoop:
         # sample weights: the host vector (batch sums, hence c, on the host) and a device column
         self.s, self.weights_val = s, weights_val
         self.S = None if s is None else net.weighting(s)[0]
-        fused_sample = batch == 1 and type(opt) is SGD and opt.alpha == 0.0 and s is None
+        self.sparse = is_sparse(X)  # batches of a sparse X are sparse row selections, not buffer gathers
+        fused_sample = batch == 1 and type(opt) is SGD and opt.alpha == 0.0 and s is None and not self.sparse
         # the compiled step, where there is one, beats even the fused per-sample update
         self.step = _sample_sgd_step if fused_sample and jit.train_step_for(net, opt) is None else train_step
         self.step_losses = xp.zeros(len(self.bounds), dtype=dt)
@@ -345,7 +394,7 @@ class _EpochLoop:
         self.good = xp.empty_like(net.params)  # the parameters at the start of the epoch
         if self.shuffle:
             sizes = {hi - lo for lo, hi in self.bounds}
-            self.Xb = {b: xp.empty((b, X.shape[1]), dtype=dt) for b in sizes}
+            self.Xb = {} if self.sparse else {b: xp.empty((b, X.shape[1]), dtype=dt) for b in sizes}
             self.Tb = {b: xp.empty((b, T.shape[1]), dtype=dt) for b in sizes}
             self.Sb = {b: xp.empty((b, 1), dtype=dt) for b in sizes} if s is not None else None
 
@@ -358,13 +407,13 @@ class _EpochLoop:
         for s, (lo, hi) in enumerate(self.bounds):
             if self.shuffle:
                 rows = order[lo:hi]
-                xb = ops.take_rows(self.X, rows, self.Xb[hi - lo])
+                xb = self.X[rows] if self.sparse else ops.take_rows(self.X, rows, self.Xb[hi - lo])
                 tb = ops.take_rows(self.T, rows, self.Tb[hi - lo])
             else:
-                xb, tb = self.X[lo:hi], self.T[lo:hi]
+                xb, tb = self.X[lo:hi, :], self.T[lo:hi, :]  # every axis indexed: the array API, sparse X
             weights = None
             if self.s is not None:  # the batch's weights gathered on the device, their sum on the host
-                sb = ops.take_rows(self.S, rows, self.Sb[hi - lo]) if self.shuffle else self.S[lo:hi]
+                sb = ops.take_rows(self.S, rows, self.Sb[hi - lo]) if self.shuffle else self.S[lo:hi, ...]
                 total = float(np.sum(self.s[perm[lo:hi]] if self.shuffle else self.s[lo:hi]))
                 weights = (sb, net.weighted_factor(total))
             try:
@@ -405,20 +454,25 @@ class _Monitor:
     """scikit-learn's _update_no_improvement_count, early stopping and the best parameters."""
 
     def __init__(self, net: Any, Xv: Any, Tv: Any, early_stopping: bool, tol: float | None,
-                 n_iter_no_change: int, score: Callable | None):
+                 n_iter_no_change: int, score: Callable | None, say: Callable[[str], Any] | None = None):
         self.net, self.Xv, self.Tv = net, Xv, Tv
         self.early_stopping, self.tol, self.patience, self.score = early_stopping, tol, n_iter_no_change, score
+        self.say = say  # progress="lines": scikit-learn's verbose output
         self.count = 0
         self.best = net.backend.xp.asarray(net.params, copy=True) if early_stopping else None
 
     def epoch_done(self, history: History, loss: float, val_loss: float | None, opt: Any) -> str:
         history.loss.append(loss)
+        if self.say is not None:
+            self.say(f"Iteration {history.epochs}, loss = {loss:.8f}")
         if opt is not None:  # L-BFGS has no learning rate
             history.learning_rate.append(opt.learning_rate)
         if val_loss is not None:
             history.validation_loss.append(val_loss)
             score = float(self.score(self.net, self.Xv, self.Tv)) if self.score else -val_loss
             history.validation_score.append(score)
+            if self.say is not None:
+                self.say(f"Validation score: {score:f}")
         if self.early_stopping:
             if score < history.best_validation_score + (self.tol or 0.0):
                 self.count += 1
@@ -432,7 +486,13 @@ class _Monitor:
         history.best_loss = min(history.best_loss, loss)
         if (self.tol is None and not self.early_stopping) or self.count <= self.patience:
             return ""
-        if opt.trigger_stopping():
+        what = "Validation score" if self.early_stopping else "Training loss"
+        msg = f"{what} did not improve more than tol={self.tol or 0.0:f} for {self.patience} consecutive epochs."
+        if opt is None:  # no optimizer object (LM): stop at once
+            if self.say is not None:
+                self.say(msg + " Stopping.")
+            return "early_stopping" if self.early_stopping else "tol"
+        if opt.trigger_stopping(msg, self.say):
             return "early_stopping" if self.early_stopping else "tol"
         self.count = 0
         return ""
@@ -463,7 +523,7 @@ def _show(bar: Any, epoch: int, history: History) -> None:
 
 
 def _fit_lbfgs(net: Any, X: Any, T: Any, Xv: Any, Tv: Any, epochs: int, alpha: float, tol: float | None,
-               max_fun: int, callbacks: tuple, progress: bool, validation_score: Callable | None,
+               max_fun: int, callbacks: tuple, progress: bool | str, validation_score: Callable | None,
                weights: Any = None, weights_val: Any = None) -> History:
     """scipy's L-BFGS-B on the flat parameter vector, full batch, as scikit-learn's solver="lbfgs".
 
@@ -484,13 +544,12 @@ def _fit_lbfgs(net: Any, X: Any, T: Any, Xv: Any, Tv: Any, epochs: int, alpha: f
 
     def loss_and_grad(x: np.ndarray) -> tuple[float, np.ndarray]:
         net.params[...] = backend.asarray(x, dt)  # host → device
-        engine.forward(net, X, ws, net.params)
-        J = engine.backward(net, X, T, ws, net.params, ws.grad, weights) + l2.penalize(ws.grad, c)
+        J = engine.loss_and_gradient(net, X, T, ws.grad, weights) + l2.penalize(ws.grad, c)
         return float(J), to_numpy(ws.grad).astype(np.float64)  # device → host
 
     history = History()
-    monitor = _Monitor(net, Xv, Tv, False, None, 1, validation_score)
     bar = _progress_bar(progress, epochs)
+    monitor = _Monitor(net, Xv, Tv, False, None, 1, validation_score, print if progress == "lines" else None)
     epoch = 0
 
     def iteration(intermediate_result: Any) -> None:
@@ -516,6 +575,7 @@ def _fit_lbfgs(net: Any, X: Any, T: Any, Xv: Any, Tv: Any, epochs: int, alpha: f
     finally:
         if bar is not None:
             bar.close()
+    history.status = int(result.status)
     if not (np.all(np.isfinite(result.x)) and np.isfinite(result.fun)):
         net.params[...] = backend.asarray(x0, dt)
         history.stop_reason = "diverged"
@@ -528,4 +588,59 @@ def _fit_lbfgs(net: Any, X: Any, T: Any, Xv: Any, Tv: Any, epochs: int, alpha: f
         )
     net.params[...] = backend.asarray(result.x, dt)
     history.stop_reason = history.stop_reason or str(result.message)
+    return history
+
+
+# --- Levenberg–Marquardt -----------------------------------------------------------
+
+
+def _fit_lm(net: Any, X: Any, T: Any, s: Any, Xv: Any, Tv: Any, weights_val: Any, epochs: int,
+            early_stopping: bool, tol: float | None, n_iter_no_change: int, callbacks: tuple, progress: bool,
+            validation_score: Callable | None, options: dict) -> History:
+    """Levenberg–Marquardt iterations (:class:`bpgpu.levenberg_marquardt.LevenbergMarquardt`), full
+    batch, one "epoch" per iteration, with the stopping rules, validation and history of :func:`fit`.
+
+    A step is taken only when it lowers the training loss, so the parameters never go
+    non-finite; training stops ("mu_max") when no μ up to mu_max does.
+    """
+    from bpgpu.levenberg_marquardt import LevenbergMarquardt
+
+    allowed = {"alpha", "mu", "mu_dec", "mu_inc", "mu_max", "damping", "form", "chunk_size", "max_memory"}
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise TypeError(f"optimizer 'lm' does not take {', '.join(unknown)}; it takes {', '.join(sorted(allowed))}")
+    solver = LevenbergMarquardt(net, X, T, s, **options)
+    history = History()
+    bar = _progress_bar(progress, epochs)
+    monitor = _Monitor(net, Xv, Tv, early_stopping, tol, n_iter_no_change, validation_score,
+                       print if progress == "lines" else None)
+    try:
+        for epoch in range(1, epochs + 1):
+            try:
+                result = solver.step()
+            except KeyboardInterrupt:
+                warnings.warn("training interrupted by the user", stacklevel=3)
+                history.stop_reason = "interrupted"
+                break
+            val_loss = None
+            if Xv is not None:
+                val_loss = float(engine.loss(net, Xv, Tv, net.workspace(Xv.shape[0]), net.params, weights_val))
+            history.mu.append(result.mu)
+            stop = monitor.epoch_done(history, result.loss, val_loss, None)
+            _show(bar, epoch, history)
+            if _run_callbacks(callbacks, epoch, history, net):
+                history.stop_reason = "callback"
+                break
+            if not result.accepted:
+                history.stop_reason = "mu_max"
+                break
+            if stop:
+                history.stop_reason = stop
+                break
+        else:
+            history.stop_reason = "epochs"
+    finally:
+        if bar is not None:
+            bar.close()
+    monitor.restore_best(history)
     return history

@@ -5,10 +5,11 @@ import numpy as np
 from bpgpu.activations import HIDDEN, OUTPUT
 
 # Every (output activation, loss) pair the library accepts: squared error with
-# any output; the cross-entropies with the probabilistic outputs.
+# any output; the cross-entropies with the probabilistic outputs; poisson with its
+# canonical exp and with softplus (positive outputs: sigmoid/softmax are accepted too).
 OUTPUT_LOSS_PAIRS = [(g, "squared_error") for g in OUTPUT] + [
     (g, loss) for g in ("sigmoid", "softmax") for loss in ("binary_cross_entropy", "cross_entropy")
-]
+] + [(g, "poisson") for g in ("exp", "softplus")]
 
 
 def central_difference_gradient(net, X, T, h=1e-3):
@@ -35,9 +36,12 @@ def central_difference_gradient(net, X, T, h=1e-3):
 
 
 def targets_for(loss, output, m, n, rng):
-    """Targets in the loss's domain: one-hot rows for softmax cross-entropy, (0, 1) otherwise."""
+    """Targets in the loss's domain: one-hot rows for softmax cross-entropy, counts for poisson,
+    (0, 1) otherwise."""
     if loss == "squared_error":
         return rng.normal(size=(m, n))
+    if loss == "poisson":
+        return rng.poisson(1.5, size=(m, n)).astype(float)
     if loss == "cross_entropy" and output == "softmax":
         return np.eye(n)[rng.integers(0, n, size=m)]
     return rng.uniform(0.05, 0.95, size=(m, n))

@@ -22,23 +22,15 @@ from sklearn.utils.estimator_checks import parametrize_with_checks  # noqa: E402
 import bpgpu as bp  # noqa: E402
 
 # Small nets (with a larger step than the default, to pass the accuracy checks in 100
-# epochs) so the ~120 checks run in seconds on 2 shared cores.
+# epochs) for the tests below that fit many times on 2 shared cores.
 SMALL = dict(hidden_layer_sizes=(16,), max_iter=100, learning_rate_init=0.01, device="cpu")
 
 
-# One expected failure, for the float32 default only (float64 passes it: the test below).
-# (Skipped by sklearn itself here: pandas input when pandas is absent, array-API input
-# unless SCIPY_ARRAY_API=1, decision_function.)
-FLOAT32_SAMPLE_WEIGHTS = (
-    "float32 (bpgpu's default dtype): weighted and repeated samples agree to ~1e-6 relative, "
-    "float32 rounding of different sums, beyond the check's rtol of 1e-7; in float64 they agree"
-)
-
-
-@parametrize_with_checks(
-    [bp.MLPClassifier(**SMALL), bp.MLPRegressor(**SMALL)],
-    expected_failed_checks=lambda est: {"check_sample_weight_equivalence_on_dense_data": FLOAT32_SAMPLE_WEIGHTS},
-)
+# scikit-learn's own checks on the estimators exactly as a user makes them (default arguments,
+# dtype=None: scikit-learn's precision), with no expected failure. (Skipped by scikit-learn itself
+# here: pandas input when pandas is absent, array-API input unless SCIPY_ARRAY_API=1,
+# decision_function.)
+@parametrize_with_checks([bp.MLPClassifier(), bp.MLPRegressor()])
 def test_sklearn_estimator_checks(estimator, check):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
@@ -48,13 +40,13 @@ def test_sklearn_estimator_checks(estimator, check):
 @pytest.mark.parametrize("solver", ["adam", "sgd", "lbfgs"])
 @pytest.mark.parametrize("Estimator", [bp.MLPClassifier, bp.MLPRegressor])
 def test_integer_sample_weights_equal_repeated_samples_in_float64(Estimator, solver):
-    """scikit-learn's own check, on float64 nets: weight k ≡ the sample k times (0 ≡ removed)."""
+    """scikit-learn's own check for every solver: weight k ≡ the sample k times (0 ≡ removed)."""
     from sklearn.utils.estimator_checks import check_sample_weight_equivalence_on_dense_data
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         check_sample_weight_equivalence_on_dense_data(
-            Estimator.__name__, Estimator(**SMALL, dtype="float64", solver=solver))
+            Estimator.__name__, Estimator(**SMALL, solver=solver))
 
 
 # --- exact agreement with scikit-learn where nothing random differs ------------
@@ -231,7 +223,7 @@ def test_fitted_attributes_have_sklearn_shapes_and_view_the_net():
     # coefs_[i] is Wᵀ of layer i + 1 of the net: writing into it changes the predictions.
     np.testing.assert_array_equal(clf.coefs_[0], clf._net.layout.wt(clf._net.params, 1))
     proba = clf.predict_proba(X)
-    assert proba.dtype == np.float32 and np.allclose(proba.sum(axis=1), 1, atol=1e-6)
+    assert proba.dtype == np.float64 and np.allclose(proba.sum(axis=1), 1, atol=1e-12)
     clf.intercepts_[-1][0] += 100.0
     assert (clf.predict(X) == "ant").all()
 

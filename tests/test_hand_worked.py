@@ -1,4 +1,4 @@
-"""A 2-2-1 sigmoid network worked by hand (scalar arithmetic, seed 000's equations).
+"""A 2-2-1 sigmoid network worked by hand (scalar arithmetic, the equations of docs/guide/feedforward.rst and backprop.rst).
 
 x = (0.05, 0.10), t = 0.01, squared error ½(a − t)², reduction "sum" (m = 1).
 Θ(1) = [[0.35, 0.15, 0.20], [0.35, 0.25, 0.30]], Θ(2) = [[0.60, 0.40, 0.45]] (column 0: bias).

@@ -28,7 +28,7 @@ TOL = {"float64": 1e-12, "float32": 1e-5}
 ARRAY_ARGUMENTS = 7  # X, T, w, grad, work, plan, velocity
 PAIRS = [(g, "squared_error") for g in activations.OUTPUT] + [
     (g, loss) for g in ("sigmoid", "softmax") for loss in ("binary_cross_entropy", "cross_entropy")
-]
+] + [(g, "poisson") for g in ("exp", "softplus")]
 
 
 def reference_step(net, X, T, optimizer):
@@ -46,9 +46,11 @@ def relative(a, b):
     return float(np.linalg.norm(np.asarray(a, np.float64) - b) / max(np.linalg.norm(np.asarray(b, np.float64)), 1e-300))
 
 
-def problem(rng, sizes, output, dtype, m, scale=1.0):
+def problem(rng, sizes, output, dtype, m, scale=1.0, loss=None):
     X = (scale * rng.standard_normal((m, sizes[0]))).astype(dtype)
-    if output == "softmax":  # rows of class probabilities (soft targets exercise every term)
+    if loss == "poisson":  # counts, zeros included
+        T = rng.poisson(1.5, size=(m, sizes[-1])).astype(dtype)
+    elif output == "softmax":  # rows of class probabilities (soft targets exercise every term)
         T = rng.dirichlet(np.ones(sizes[-1]), size=m).astype(dtype)
     elif output == "sigmoid":
         T = rng.uniform(size=(m, sizes[-1])).astype(dtype)
@@ -94,7 +96,7 @@ def test_sgd_step_matches_numpy_path(hidden, output, loss, dtype):
     m = int(rng.integers(1, 8))
     ref, ref_opt, net, opt = twins(sizes, dtype, lambda n: optim.SGD(n, learning_rate=0.3),
                                    hidden=hidden, output=output, loss=loss)
-    X, T = problem(rng, sizes, output, dtype, m)
+    X, T = problem(rng, sizes, output, dtype, m, loss=loss)
     step = jit.compiled_train_step(net, opt)
     assert step is not None
     assert_same_steps(ref, ref_opt, net, step, X, T, dtype, steps=1)
@@ -347,7 +349,7 @@ def test_weighted_step_matches_numpy_path(output, loss, name, dtype, numpy_path)
     sizes = [5, 24, 30, 3]  # the middle product is above SMALL_GEMM: BLAS and loops both weighted
     ref, ref_opt, net, opt = twins(sizes, dtype, lambda n: optim.make_optimizer(name, n, 0.05, alpha=0.1),
                                    hidden="tanh", output=output, loss=loss)
-    X, T = problem(rng, sizes, output, dtype, 9)
+    X, T = problem(rng, sizes, output, dtype, 9, loss=loss)
     s = rng.uniform(0.0, 3.0, size=9)
     s[2] = 0.0
     step = jit.compiled_train_step(net, opt)

@@ -1,4 +1,4 @@
-"""CuPy kernels checked without a GPU (bpgpu.testing; shared/research/gpuless-cupy.md).
+"""CuPy kernels checked without a GPU (bpgpu.testing; docs/guide/gpu.rst).
 
 1. The exact source CuPy generates for every kernel of bpgpu.kernels.cuda compiles
    with NVRTC for float16/32/64 and sm_80/sm_90.

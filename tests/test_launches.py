@@ -1,4 +1,4 @@
-"""Kernel launches of one GPU training step, counted without a GPU (issue 7).
+"""Kernel launches of one GPU training step, counted without a GPU (benchmarks/NOTES.md, N4).
 
 network.py and training.py call ``backend.ops`` and never branch on the
 backend, so the numpy path runs the same sequence of ops as the CuPy path. On

@@ -13,15 +13,15 @@ tests/test_tables.py holds every table's names, signatures and values against
 the reference.
 """
 
-ACTIVATIONS = ("identity", "sigmoid", "tanh", "relu", "leaky_relu", "softplus", "softmax")
-LOSSES = ("squared_error", "binary_cross_entropy", "cross_entropy")
+ACTIVATIONS = ("identity", "sigmoid", "tanh", "relu", "leaky_relu", "softplus", "softmax", "exp")
+LOSSES = ("squared_error", "binary_cross_entropy", "cross_entropy", "poisson")
 LEAKY_SLOPE = 0.01  # k of leaky_relu, max(z, k z)
 
 OPS = (
     ("matmul", "colsum")
     + tuple(f"{g}_{d}" for g in ACTIVATIONS for d in ("fwd", "bwd"))
     + tuple(f"{j}_{d}" for j in LOSSES for d in ("fwd", "bwd"))
-    + ("sigmoid_binary_cross_entropy_fwd", "softmax_cross_entropy_fwd", "canonical_value_and_delta")
+    + ("sigmoid_binary_cross_entropy_fwd", "softmax_cross_entropy_fwd", "exp_poisson_fwd", "canonical_value_and_delta")
     + ("sgd_update", "momentum_update", "nesterov_update", "adam_update", "l2_grad", "outer_sgd_update")
     + ("take_rows",)
 )

@@ -9,13 +9,16 @@ call (:mod:`bpgpu.kernels.jit` drives it).
 Each equation is written once, as a scalar function that every loop here calls:
 
     g(code, z)            the activation: identity, σ = exp(−softplus(−z)), tanh, relu,
-                          leaky_relu max(z, k z), softplus log(1 + e^z)
-    g1(code, a)           g′(z) through a = g(z): 1, a(1 − a), 1 − a², [a > 0], 1 or k, 1 − e^{−a}
-    g2(code, a)           g″(z) through a: 0, a(1 − a)(1 − 2a), −2a(1 − a²), 0, 0, (1 − e^{−a}) e^{−a}
-    loss_term(ℓ, a, t)    ℓ per output: ½(a − t)², −t log p − (1 − t) log(1 − p), −t log p
-    loss_grad(ℓ, a, t)    ∂ℓ/∂a: a − t, (a − t) / (p (1 − p)), −t / p
-    loss_curvature        ∂²ℓ/∂a²: 1, t/p² + (1 − t)/(1 − p)², t/p²   (p: a clipped into [tiny, 1⁻])
-    logit_term(z, t)      binary cross-entropy from the logit: softplus(z) − t z
+                          leaky_relu max(z, k z), softplus log(1 + e^z), exp e^z
+    g1(code, a)           g′(z) through a = g(z): 1, a(1 − a), 1 − a², [a > 0], 1 or k, 1 − e^{−a}, a
+    g2(code, a)           g″(z) through a: 0, a(1 − a)(1 − 2a), −2a(1 − a²), 0, 0, (1 − e^{−a}) e^{−a}, a
+    loss_term(ℓ, a, t)    ℓ per output: ½(a − t)², −t log p − (1 − t) log(1 − p), −t log p,
+                          t log t − t log q − t + a (Poisson, 0 log 0 = 0)
+    loss_grad(ℓ, a, t)    ∂ℓ/∂a: a − t, (a − t) / (p (1 − p)), −t / p, 1 − t / q
+    loss_curvature        ∂²ℓ/∂a²: 1, t/p² + (1 − t)/(1 − p)², t/p², t/q²
+                          (p: a clipped into [tiny, 1⁻]; q: a raised to at least tiny)
+    logit_term(ℓ, z, t)   ℓ from the logit of a canonical elementwise pair: softplus(z) − t z
+                          (sigmoid + binary cross-entropy), t log t − t z − t + e^z (exp + Poisson)
     softmax rows          a_k = e^{z_k − max z} / Σ_j e^{z_j − max z}; the product a ⊙ (s − Σ_k s_k a_k);
                           cross-entropy from the logits, (Σ_k t_k) lse(z) − Σ_k t_k z_k
 
@@ -51,8 +54,8 @@ from numba import njit, types
 from bpgpu.kernels import LEAKY_SLOPE, LOSSES
 
 # Codes in the order of bpgpu.kernels.ACTIVATIONS and LOSSES.
-IDENTITY, SIGMOID, TANH, RELU, LEAKY_RELU, SOFTPLUS, SOFTMAX = range(7)
-SQUARED_ERROR, BINARY_CROSS_ENTROPY, CROSS_ENTROPY = range(3)
+IDENTITY, SIGMOID, TANH, RELU, LEAKY_RELU, SOFTPLUS, SOFTMAX, EXP = range(8)
+SQUARED_ERROR, BINARY_CROSS_ENTROPY, CROSS_ENTROPY, POISSON = range(4)
 GRADIENT_ONLY, SGD, MOMENTUM, NESTEROV = range(4)  # the update applied after backprop
 SIZE, OFFSET, CODE = range(3)  # the rows of train_step's plan
 _LOSS_CODE = {name: code for code, name in enumerate(LOSSES)}
@@ -92,6 +95,8 @@ def g(code, x, one, slope):
         return x if x > zero else x * slope
     if code == SOFTPLUS:
         return np.logaddexp(x, zero)  # log(1 + e^z), overflow-free
+    if code == EXP:
+        return np.exp(x)  # the inverse of the log link (overflows to inf, as numpy's exp)
     return x  # IDENTITY
 
 
@@ -109,6 +114,8 @@ def g1(code, a, one, slope):
         return one if a > zero else slope  # a has the sign of z
     if code == SOFTPLUS:
         return -np.expm1(-a)  # σ(z) = 1 − e^{−a}
+    if code == EXP:
+        return a  # exp′ = exp
     return one  # IDENTITY
 
 
@@ -121,6 +128,8 @@ def g2(code, a, one):
         return -(a + a) * (one - a * a)  # tanh″ = −2 tanh · tanh′
     if code == SOFTPLUS:
         return -np.expm1(-a) * np.exp(-a)  # σ(z)(1 − σ(z)) with σ = 1 − e^{−a}
+    if code == EXP:
+        return a  # exp″ = exp
     return one - one
 
 
@@ -131,11 +140,24 @@ def clip_unit(a, tiny, below_one):
 
 
 @njit(cache=True, error_model="numpy", inline="always")
+def clip_positive(a, tiny):
+    """a raised to at least tiny, so log a and 1/a stay finite (NaN stays NaN)."""
+    return tiny if a < tiny else a
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _t_log_t(t, tiny):
+    return t * np.log(clip_positive(t, tiny))  # 0 log 0 = 0: exactly 0 at t = 0
+
+
+@njit(cache=True, error_model="numpy", inline="always")
 def loss_term(loss, a, t, one, tiny, below_one):
     """ℓ for one output: the per-sample loss is the sum over the outputs."""
     if loss == SQUARED_ERROR:
         e = a - t
         return e * e * (one / (one + one))
+    if loss == POISSON:  # half the Poisson deviance
+        return _t_log_t(t, tiny) - t * np.log(clip_positive(a, tiny)) - t + a
     p = clip_unit(a, tiny, below_one)
     if loss == BINARY_CROSS_ENTROPY:
         return -(t * np.log(p) + (one - t) * np.log1p(-p))
@@ -147,6 +169,8 @@ def loss_grad(loss, a, t, one, tiny, below_one):
     """∂ℓ/∂a for one output."""
     if loss == SQUARED_ERROR:
         return a - t
+    if loss == POISSON:
+        return one - t / clip_positive(a, tiny)
     p = clip_unit(a, tiny, below_one)
     if loss == BINARY_CROSS_ENTROPY:
         return (a - t) / (p * (one - p))
@@ -158,6 +182,9 @@ def loss_curvature(loss, a, t, one, tiny, below_one):
     """∂²ℓ/∂a² for one output (the losses' Hessians are diagonal)."""
     if loss == SQUARED_ERROR:
         return one
+    if loss == POISSON:
+        q = clip_positive(a, tiny)
+        return t / (q * q)
     p = clip_unit(a, tiny, below_one)
     if loss == BINARY_CROSS_ENTROPY:
         return t / (p * p) + (one - t) / ((one - p) * (one - p))
@@ -165,8 +192,11 @@ def loss_curvature(loss, a, t, one, tiny, below_one):
 
 
 @njit(cache=True, error_model="numpy", inline="always")
-def logit_term(z, t, one):
-    """Binary cross-entropy from the logit: −t log σ(z) − (1 − t) log(1 − σ(z)) = softplus(z) − t z, exact for any z."""
+def logit_term(loss, z, t, one, tiny):
+    """ℓ from the logit z of a canonical elementwise pair, exact for any z: binary cross-entropy
+    −t log σ(z) − (1 − t) log(1 − σ(z)) = softplus(z) − t z; Poisson (a = e^z) t log t − t z − t + e^z."""
+    if loss == POISSON:
+        return _t_log_t(t, tiny) - t * z - t + np.exp(z)
     return np.logaddexp(z, one - one) - t * z
 
 
@@ -234,16 +264,40 @@ def _derive(code, s, a, out):
 
 
 @njit(cache=True, error_model="numpy")
-def _loss_sum(loss, a, t, weights=None):
-    """Σ_n s_n Σ_k ℓ(a_nk, t_nk) from the clipped probabilities (s_n = 1 without weights; float64)."""
-    m, n = a.shape
-    one, _, tiny, below_one = _constants(a)
+def _softmax_cross_entropy_row(z, t, i):
+    """J_i of softmax + cross-entropy from the logits: (Σ_k t_k) lse(z) − Σ_k t_k z_k, lse = top + log Σ e^{z − top}."""
+    n = z.shape[1]
+    top = z[i, 0]
+    for j in range(1, n):
+        top = max(top, z[i, j])
+    se = z.dtype.type(0)
+    mass, row = 0.0, 0.0
+    for j in range(n):
+        se += np.exp(z[i, j] - top)
+        mass += t[i, j]
+        row -= t[i, j] * z[i, j]
+    return row + mass * (np.log(se) + top)
+
+
+@njit(cache=True, error_model="numpy")
+def _loss_sum(loss, x, t, from_logits=False, weights=None):
+    """Σ_n s_n J_n (s_n = 1 without weights; float64): from the outputs x = a (clipped), or, with
+    ``from_logits``, from the logits x = z of a canonical pair (exact for any z)."""
+    m, n = x.shape
+    one, _, tiny, below_one = _constants(x)
     total = 0.0
     for i in range(m):
         s = 1.0 if weights is None else weights[i]
-        row = 0.0
-        for j in range(n):
-            row += loss_term(loss, a[i, j], t[i, j], one, tiny, below_one)
+        if from_logits and loss == CROSS_ENTROPY:
+            row = _softmax_cross_entropy_row(x, t, i)
+        elif from_logits and loss != SQUARED_ERROR:  # ½ (z − t)² is the identity pair's own form
+            row = 0.0
+            for j in range(n):
+                row += logit_term(loss, x[i, j], t[i, j], one, tiny)
+        else:
+            row = 0.0
+            for j in range(n):
+                row += loss_term(loss, x[i, j], t[i, j], one, tiny, below_one)
         total += row * s
     return total
 
@@ -261,36 +315,6 @@ def _loss_grad(loss, a, t, c, out):
 
 
 @njit(cache=True, error_model="numpy")
-def _logit_loss_sum(loss, z, t, weights=None):
-    """Σ_n s_n J_n for a canonical pair from the logits z (s_n = 1 without weights; float64)."""
-    m, n = z.shape
-    one = z.dtype.type(1)
-    total = 0.0
-    for i in range(m):
-        s = 1.0 if weights is None else weights[i]
-        row = 0.0
-        if loss == SQUARED_ERROR:
-            for j in range(n):
-                row += loss_term(SQUARED_ERROR, z[i, j], t[i, j], one, one, one)
-        elif loss == BINARY_CROSS_ENTROPY:
-            for j in range(n):
-                row += logit_term(z[i, j], t[i, j], one)
-        else:  # CROSS_ENTROPY: (Σ_k t_k) lse(z) − Σ_k t_k z_k, lse = top + log Σ e^{z − top}
-            top = z[i, 0]
-            for j in range(1, n):
-                top = max(top, z[i, j])
-            se = z.dtype.type(0)
-            mass = 0.0
-            for j in range(n):
-                se += np.exp(z[i, j] - top)
-                mass += t[i, j]
-                row -= t[i, j] * z[i, j]
-            row += mass * (np.log(se) + top)
-        total += row * s
-    return total
-
-
-@njit(cache=True, error_model="numpy")
 def _residual(a, t, c, delta):
     """δ = c (a − t): the output delta of every canonical pair."""
     m, n = a.shape
@@ -304,7 +328,15 @@ def _residual(a, t, c, delta):
 
 
 def matmul(a, b, out):
-    """out = a @ b straight into a preallocated buffer (or a view of the flat vector), by BLAS."""
+    """out = a @ b straight into a preallocated buffer (or a view of the flat vector), by BLAS.
+
+    ``a`` may be a scipy.sparse matrix (the input X of layer 1, or its transpose): then the
+    product is scipy's sparse × dense, copied into out; a is never densified."""
+    if type(a) is np.ndarray:  # every dense operand of the passes, views included: no further test
+        return np.matmul(a, b, out=out)
+    if hasattr(a, "tocsr"):  # scipy.sparse
+        out[...] = a @ b
+        return out
     return np.matmul(a, b, out=out)
 
 
@@ -358,6 +390,7 @@ relu_fwd, relu_bwd = _fwd(RELU, "relu"), _bwd(RELU, "relu")
 leaky_relu_fwd, leaky_relu_bwd = _fwd(LEAKY_RELU, "leaky_relu"), _bwd(LEAKY_RELU, "leaky_relu")
 softplus_fwd, softplus_bwd = _fwd(SOFTPLUS, "softplus"), _bwd(SOFTPLUS, "softplus")
 softmax_fwd, softmax_bwd = _fwd(SOFTMAX, "softmax"), _bwd(SOFTMAX, "softmax")
+exp_fwd, exp_bwd = _fwd(EXP, "exp"), _bwd(EXP, "exp")
 
 
 def _loss_fwd(code: int, name: str):
@@ -382,21 +415,28 @@ binary_cross_entropy_fwd = _loss_fwd(BINARY_CROSS_ENTROPY, "binary_cross_entropy
 binary_cross_entropy_bwd = _loss_bwd(BINARY_CROSS_ENTROPY, "binary_cross_entropy")
 cross_entropy_fwd = _loss_fwd(CROSS_ENTROPY, "cross_entropy")
 cross_entropy_bwd = _loss_bwd(CROSS_ENTROPY, "cross_entropy")
+poisson_fwd = _loss_fwd(POISSON, "poisson")
+poisson_bwd = _loss_bwd(POISSON, "poisson")
 
 
 def sigmoid_binary_cross_entropy_fwd(z, t, scratch, rows):
     """Σ J_n from the logits: Σ softplus(z) − t z."""
-    return _logit_loss_sum(BINARY_CROSS_ENTROPY, z, t)
+    return _loss_sum(BINARY_CROSS_ENTROPY, z, t, True)
 
 
 def softmax_cross_entropy_fwd(z, t, scratch, rows):
     """Σ J_n from the logits: Σ_n (Σ_k t_k) lse(z_n) − Σ_k t_k z_k."""
-    return _logit_loss_sum(CROSS_ENTROPY, z, t)
+    return _loss_sum(CROSS_ENTROPY, z, t, True)
+
+
+def exp_poisson_fwd(z, t, scratch, rows):
+    """Σ J_n from the logits (a = e^z): Σ t log t − t z − t + e^z, no log of a at all."""
+    return _loss_sum(POISSON, z, t, True)
 
 
 def canonical_value_and_delta(loss, z, a, t, c, delta, scratch, rows):
     """A canonical (output, loss) pair: Σ_n J_n from the logits z, and δ(L) = c (a − t)."""
-    total = _logit_loss_sum(_LOSS_CODE[loss], z, t)
+    total = _loss_sum(_LOSS_CODE[loss], z, t, True)
     _residual(a, t, c, delta)
     return total
 
@@ -589,12 +629,13 @@ def _loss_and_delta(loss, output, z, a, t, c, delta, weights):
         (loss == SQUARED_ERROR and output == IDENTITY)
         or (loss == BINARY_CROSS_ENTROPY and output == SIGMOID)
         or (loss == CROSS_ENTROPY and output == SOFTMAX)
+        or (loss == POISSON and output == EXP)
     )
     if canonical:  # the loss from the logits; the link cancels: δ = c (a − t)
-        total = _logit_loss_sum(loss, z, t, weights)
+        total = _loss_sum(loss, z, t, True, weights)
         _residual(a, t, c, delta)
     else:  # δ = c ∂J/∂a ⊙ g′
-        total = _loss_sum(loss, a, t, weights)
+        total = _loss_sum(loss, a, t, False, weights)
         _loss_grad(loss, a, t, c, delta)
         _derive(output, delta, a, delta)
     _weigh_rows(delta, weights)

@@ -122,6 +122,11 @@ _ROW_SUM_EXP = _sum("T z, T bias, T top", "total_exp", "exp(z + bias - top)")
 _CLIPPED = "bpgpu_clip(act, lo, hi)"
 _BCE_TERM = f"-(tgt * log({_CLIPPED}) + (T(1) - tgt) * log1p(-{_CLIPPED}))"
 _DELTA_CANONICAL = "delta = T((act - tgt) * c)"  # δ(L) = c (a − t), written while summing J
+# poisson: a and t raised to at least lo = tiny inside the logs (comparisons: NaN stays NaN);
+# t log max(t, tiny) is exactly 0 at t = 0 (0 log 0 = 0)
+_T_LOG_T = "tgt * log(tgt < lo ? lo : tgt)"
+_POISSON_TERM = f"{_T_LOG_T} - tgt * log(act < lo ? lo : act) - tgt + act"
+_EXP_POISSON_TERM = f"{_T_LOG_T} - tgt * logit - tgt + exp(logit)"  # from the logits, a = e^z
 
 SPECS: dict[str, Elementwise | Reduction] = {
     # bias gradient ∂J/∂b = Σ_n δ_n
@@ -135,6 +140,7 @@ SPECS: dict[str, Elementwise | Reduction] = {
     "relu_fwd": _bias_act("v < T(0) ? T(0) : v"),  # not max(v, 0): NaN stays NaN, as in numpy
     "leaky_relu_fwd": _bias_act(f"v > T(0) ? v : T({_SLOPE} * v)"),
     "softplus_fwd": _bias_act("bpgpu_softplus(v)"),
+    "exp_fwd": _bias_act("exp(v)"),
     # softmax: row max and row sum of e^{z − max} by reductions, then one normalising pass
     "softmax_fwd_rowmax": _ROW_MAX,
     "softmax_fwd_rowsum": _ROW_SUM_EXP,
@@ -149,6 +155,7 @@ SPECS: dict[str, Elementwise | Reduction] = {
     "relu_bwd": _delta("act > T(0) ? upstream : T(0)"),
     "leaky_relu_bwd": _delta(f"act > T(0) ? upstream : T({_SLOPE} * upstream)"),
     "softplus_bwd": _delta("upstream * -expm1(-act)"),  # σ(z) = 1 − e^{−a}
+    "exp_bwd": _delta("upstream * act"),  # exp′ = exp = a
     "softmax_bwd_rowdot": _sum("T upstream, T act", "dot", "upstream * act"),
     "softmax_bwd": Elementwise("T upstream, T act, T dot", "T delta", "delta = T(act * (upstream - dot));"),
     # losses: Σ J_n (0-d) and c ∂J/∂a
@@ -163,6 +170,11 @@ SPECS: dict[str, Elementwise | Reduction] = {
     "cross_entropy_bwd": Elementwise(
         "T act, T tgt, T c, T lo, T hi", "T delta", f"delta = T(tgt / {_CLIPPED} * -c);"
     ),
+    "poisson_fwd": _sum("T act, T tgt, T lo", "total", _POISSON_TERM),
+    "poisson_bwd": Elementwise(
+        "T act, T tgt, T c, T lo", "T delta", "delta = T((T(1) - tgt / (act < lo ? lo : act)) * c);"
+    ),
+    "exp_poisson_fwd": _sum("T logit, T tgt, T lo", "total", _EXP_POISSON_TERM),
     # losses from the logits: softplus(z) − t z, and Σ_k t_k (lse − z_k) with lse = top + log Σ e^{z − top}
     "sigmoid_binary_cross_entropy_fwd": _sum("T logit, T tgt", "total", "bpgpu_softplus(logit) - tgt * logit"),
     "softmax_cross_entropy_fwd": _sum(
@@ -184,6 +196,10 @@ SPECS: dict[str, Elementwise | Reduction] = {
     "softmax_cross_entropy_value_and_delta": _sum(
         "T logit, T act, T tgt, T c, T top, T total_exp, _non_const T delta", "total",
         f"({_DELTA_CANONICAL}, tgt * (log(total_exp) + top - logit))",
+    ),
+    "exp_poisson_value_and_delta": _sum(
+        "T logit, T act, T tgt, T c, T lo, _non_const T delta", "total",
+        f"({_DELTA_CANONICAL}, {_EXP_POISSON_TERM})",
     ),
     # optimizer updates over the flat vector, in place, state included (scikit-learn's forms)
     "sgd_update": Elementwise("T g, T lr", "T w", "w = T(w - lr * g);"),
@@ -219,6 +235,7 @@ OP_KERNELS: dict[str, tuple[str, ...]] = {
         "squared_error_value_and_delta",
         "sigmoid_binary_cross_entropy_value_and_delta",
         "softmax_fwd_rowmax", "softmax_fwd_rowsum", "softmax_cross_entropy_value_and_delta",
+        "exp_poisson_value_and_delta",
     ),
 }
 OP_KERNELS.update({name: (name,) for name in SPECS if name not in OP_KERNELS and not name.endswith(
@@ -254,9 +271,15 @@ def _unit_bounds(dtype: Any) -> tuple[float, float]:
 
 
 def matmul(a, b, out):
-    """out = a @ b by cuBLAS GEMM straight into ``out`` (C-contiguous; see the module note)."""
+    """out = a @ b by cuBLAS GEMM straight into ``out`` (C-contiguous; see the module note).
+
+    ``a`` may be a cupyx.scipy.sparse matrix (the input X of layer 1, or its transpose): then
+    the product is cuSPARSE's sparse × dense (SpMM), copied into out; a is never densified."""
     import cupy
 
+    if hasattr(a, "tocsr"):  # cupyx.scipy.sparse
+        out[...] = a @ b
+        return out
     return cupy.matmul(a, b, out=out)
 
 
@@ -326,6 +349,14 @@ def softplus_bwd(s, a, out, scratch, rows):
     return _backward("softplus_bwd", s, a, out)
 
 
+def exp_fwd(z, b, out, scratch, rows):
+    return _forward("exp_fwd", z, b, out)
+
+
+def exp_bwd(s, a, out, scratch, rows):
+    return _backward("exp_bwd", s, a, out)
+
+
 def _row_stats(z, b, rows):
     """rows[:, 0] = max_k (z + b), rows[:, 1] = Σ_k e^{z + b − max}; returns (m, 1) views of both."""
     top, total_exp = rows[:, :1], rows[:, 1:]
@@ -378,8 +409,21 @@ def cross_entropy_bwd(a, t, c, out, scratch):
     return out
 
 
+def poisson_fwd(a, t, scratch, rows):
+    return kernel("poisson_fwd")(a, t, _unit_bounds(a.dtype)[0])
+
+
+def poisson_bwd(a, t, c, out, scratch):
+    kernel("poisson_bwd")(a, t, c, _unit_bounds(a.dtype)[0], out)
+    return out
+
+
 def sigmoid_binary_cross_entropy_fwd(z, t, scratch, rows):
     return kernel("sigmoid_binary_cross_entropy_fwd")(z, t)
+
+
+def exp_poisson_fwd(z, t, scratch, rows):
+    return kernel("exp_poisson_fwd")(z, t, _unit_bounds(z.dtype)[0])
 
 
 def softmax_cross_entropy_fwd(z, t, scratch, rows):
@@ -393,6 +437,8 @@ def canonical_value_and_delta(loss, z, a, t, c, delta, scratch, rows):
         return kernel("squared_error_value_and_delta")(z, a, t, c, delta)
     if loss == "binary_cross_entropy":
         return kernel("sigmoid_binary_cross_entropy_value_and_delta")(z, a, t, c, delta)
+    if loss == "poisson":
+        return kernel("exp_poisson_value_and_delta")(z, a, t, c, _unit_bounds(z.dtype)[0], delta)
     top, total_exp = _row_stats(z, 0.0, rows)
     return kernel("softmax_cross_entropy_value_and_delta")(z, a, t, c, top, total_exp, delta)
 

@@ -96,6 +96,14 @@ def softmax_fwd(z, b, out, scratch, rows):
     return _put(out, e / xp.sum(e, axis=1, keepdims=True))
 
 
+def exp_fwd(z, b, out, scratch, rows):
+    return _put(out, array_namespace(z).exp(_biased(z, b)))
+
+
+def exp_bwd(s, a, out, scratch, rows):
+    return _put(out, s * a)
+
+
 def softmax_bwd(s, a, out, scratch, rows):
     xp = array_namespace(s)
     return _put(out, a * (s - xp.sum(s * a, axis=1, keepdims=True)))
@@ -109,6 +117,12 @@ def clip_unit(a):
     return xp.clip(a, info.smallest_normal, xp.nextafter(one, xp.zeros_like(one)))
 
 
+def clip_positive(a):
+    """a raised to at least the smallest normal: what log a and 1/a of the poisson loss see."""
+    xp = array_namespace(a)
+    return xp.maximum(a, xp.asarray(xp.finfo(a.dtype).smallest_normal, dtype=a.dtype))
+
+
 # Second derivatives g″(z) written through the output a = g(z), like the g′ of
 # the backward kernels. None: g″ = 0 (almost everywhere for the kinked ones).
 # softmax, the only non-elementwise g, has no entry: the R-operator treats it on its own.
@@ -119,6 +133,7 @@ SECOND_DERIVATIVES = {
     "sigmoid": lambda a: a * (1.0 - a) * (1.0 - 2.0 * a),  # σ″ = σ′ (1 − 2σ)
     "tanh": lambda a: -2.0 * a * (1.0 - a * a),  # tanh″ = −2 tanh · tanh′
     "softplus": lambda a: -array_namespace(a).expm1(-a) * array_namespace(a).exp(-a),  # σ(z)(1 − σ(z)), σ = 1 − e^{−a}
+    "exp": lambda a: a,  # exp″ = exp
 }
 
 # ∂²ℓ/∂a² per sample and output (diagonal for all three losses), with a clipped
@@ -127,6 +142,7 @@ LOSS_CURVATURES = {
     "squared_error": lambda a, t: array_namespace(a).ones_like(a),
     "binary_cross_entropy": lambda a, t: t / clip_unit(a) ** 2 + (1.0 - t) / (1.0 - clip_unit(a)) ** 2,
     "cross_entropy": lambda a, t: t / clip_unit(a) ** 2,
+    "poisson": lambda a, t: t / clip_positive(a) ** 2,  # ∂²/∂a² (t log(t/a) − t + a)
 }
 
 
@@ -150,6 +166,14 @@ def cross_entropy_rows(a, t):
     return -xp.sum(t * xp.log(clip_unit(a)), axis=1)
 
 
+def _t_log_t(t):
+    return t * array_namespace(t).log(clip_positive(t))  # 0 log 0 = 0
+
+
+def poisson_rows(a, t):
+    return array_namespace(a).sum(_t_log_t(t) - t * array_namespace(a).log(clip_positive(a)) - t + a, axis=1)
+
+
 def sigmoid_binary_cross_entropy_rows(z, t):
     xp = array_namespace(z)
     return xp.sum(xp.logaddexp(z, xp.zeros_like(z)) - t * z, axis=1)
@@ -162,10 +186,16 @@ def softmax_cross_entropy_rows(z, t):
     return xp.sum(t, axis=1) * lse[:, 0] - xp.sum(t * z, axis=1)
 
 
+def exp_poisson_rows(z, t):
+    xp = array_namespace(z)
+    return xp.sum(_t_log_t(t) - t * z - t + xp.exp(z), axis=1)
+
+
 ROWS_FROM_LOGITS = {
     "squared_error": squared_error_rows,
     "binary_cross_entropy": sigmoid_binary_cross_entropy_rows,
     "cross_entropy": softmax_cross_entropy_rows,
+    "poisson": exp_poisson_rows,
 }
 
 
@@ -194,12 +224,24 @@ def cross_entropy_bwd(a, t, c, out, scratch):
     return _put(out, -c * t / clip_unit(a))
 
 
+def poisson_fwd(a, t, scratch, rows):
+    return array_namespace(a).sum(poisson_rows(a, t))
+
+
+def poisson_bwd(a, t, c, out, scratch):
+    return _put(out, c * (1.0 - t / clip_positive(a)))
+
+
 def sigmoid_binary_cross_entropy_fwd(z, t, scratch, rows):
     return array_namespace(z).sum(sigmoid_binary_cross_entropy_rows(z, t))
 
 
 def softmax_cross_entropy_fwd(z, t, scratch, rows):
     return array_namespace(z).sum(softmax_cross_entropy_rows(z, t))
+
+
+def exp_poisson_fwd(z, t, scratch, rows):
+    return array_namespace(z).sum(exp_poisson_rows(z, t))
 
 
 def canonical_value_and_delta(loss, z, a, t, c, delta, scratch, rows):

@@ -29,6 +29,7 @@ import functools
 import logging
 import numbers
 import os
+import weakref
 from types import ModuleType
 from typing import Any
 
@@ -103,15 +104,16 @@ class CompiledStep:
     every call, so schedules and state shared with the numpy path keep working.
     """
 
-    def __init__(self, net: Any, optimizer_or_lr: Any, module: ModuleType):
+    def __init__(self, net: Any, optimizer_or_lr: Any, module: ModuleType, gradient_only: bool = False):
         self.net = net
         self.optimizer = None if isinstance(optimizer_or_lr, numbers.Real) else optimizer_or_lr
         self._lr = float(optimizer_or_lr) if self.optimizer is None else None
         name = "sgd" if self.optimizer is None else self.optimizer.name
         self._update_after = name in _AFTER_KERNEL
-        self._rule = module.GRADIENT_ONLY if self._update_after else getattr(module, name.upper())
+        gradient_only = gradient_only or self._update_after
+        self._rule = module.GRADIENT_ONLY if gradient_only else getattr(module, name.upper())
         self._has_velocity = hasattr(self.optimizer, "velocity")
-        self._fused = name in _FUSED
+        self._fused = name in _FUSED and not gradient_only
         self._kernel = module.train_step
         self._plan = np.empty((3, net.n_layers + 1), dtype=np.int64)
         self._plan[module.SIZE] = net.sizes
@@ -151,6 +153,14 @@ class CompiledStep:
     def __call__(self, X: np.ndarray, T: np.ndarray, weights: tuple[np.ndarray, float] | None = None) -> float:
         """One step; ``weights``: ``(s_col, c)`` from :meth:`MLP.weighting` for sample weights
         (the kernel recomputes c from s, in the net's dtype)."""
+        loss = self.run(X, T, self._grad, weights)
+        if self._update_after:  # the optimizer's own one-kernel update (Adam)
+            self.optimizer.update(self._grad)
+        return loss
+
+    def run(self, X: np.ndarray, T: np.ndarray, grad: np.ndarray, weights: Any = None) -> float:
+        """The kernel once, its gradient (for the rules that form one) into ``grad``; returns the loss.
+        No update after it: :meth:`__call__` adds Adam's."""
         if not (X.flags.c_contiguous and T.flags.c_contiguous):  # one compiled layout only
             X, T = np.ascontiguousarray(X), np.ascontiguousarray(T)
         opt = self.optimizer
@@ -161,13 +171,39 @@ class CompiledStep:
             mu, velocity = 0.0, self.net.params  # not read by this rule: any vector of the params' length
         # s=None has its own numba specialization, with no weighting code; c comes from the weights
         s = None if weights is None else np.ascontiguousarray(weights[0][:, 0])
-        loss = self._kernel(
-            X, T, self.net.params, self._grad, self._buffers(X.shape[0]), self._plan, self._loss, self._mean,
+        return self._kernel(
+            X, T, self.net.params, grad, self._buffers(X.shape[0]), self._plan, self._loss, self._mean,
             self._alpha, self._rule, lr, mu, velocity, s,
         )
-        if self._update_after:  # the optimizer's own one-kernel update (Adam)
-            opt.update(self._grad)
-        return loss
+
+
+class CompiledGradient:
+    """``gradient(X, T, grad, weights) -> J``: the loss and ∂J/∂w at ``net.params`` in one compiled
+    call (forward pass and backprop of :func:`bpgpu.kernels.compiled.train_step` with no update),
+    written into ``grad`` (W,). X, T: validated numpy arrays in the net's dtype."""
+
+    def __init__(self, net: Any, module: ModuleType):
+        self.net = net
+        self._step = CompiledStep(net, 0.0, module, gradient_only=True)
+
+    def __call__(self, X: np.ndarray, T: np.ndarray, grad: np.ndarray,
+                 weights: tuple[np.ndarray, float] | None = None) -> float:
+        return self._step.run(X, T, grad, weights)
+
+
+_GRADIENTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def gradient_for(net: Any) -> CompiledGradient | None:
+    """The compiled loss-and-gradient of ``net`` (built once per net), or None when there is
+    none: numba unavailable, or a backend other than numpy."""
+    cached = _GRADIENTS.get(net)
+    if cached is None:
+        module = kernels()
+        if module is None or net.backend.name != "numpy":
+            return None
+        cached = _GRADIENTS[net] = CompiledGradient(net, module)
+    return cached
 
 
 def compiled_train_step(net: Any, optimizer_or_lr: Any) -> CompiledStep | None:

@@ -64,6 +64,14 @@ def softplus_out(rng, shape):
     return np.logaddexp(rng.standard_normal(shape), 0.0)
 
 
+def exp_out(rng, shape):
+    return np.exp(rng.standard_normal(shape))
+
+
+def counts(rng, shape):
+    return rng.poisson(2.0, shape).astype(float)  # Poisson targets, zeros included (0 log 0)
+
+
 def softmax_rows(rng, shape):
     e = np.exp(rng.standard_normal(shape))
     return e / e.sum(axis=-1, keepdims=True)
@@ -107,7 +115,7 @@ class Arg:
 
 def _act(g):
     a_dom = {"sigmoid": unit_open, "tanh": tanh_out, "relu": relu_out, "softplus": softplus_out,
-             "softmax": softmax_rows}.get(g, normal)
+             "softmax": softmax_rows, "exp": exp_out}.get(g, normal)
     fwd = (Arg("z", (M, N), logits, "io"), Arg("b", (N,)), Arg("out", (M, N), role="out", alias="z"),
            Arg("scratch", (M, N), role="aux"), Arg("rows", (M, 2), role="aux"))
     bwd = (Arg("s", (M, N)), Arg("a", (M, N), a_dom), Arg("out", (M, N), role="out", alias="s"),
@@ -115,9 +123,13 @@ def _act(g):
     return {f"{g}_fwd": fwd, f"{g}_bwd": bwd}
 
 
+# (output a, target t) domains of each loss: a valid for the loss, t in its range
+_LOSS_DOMAINS = {"squared_error": (normal, normal), "binary_cross_entropy": (unit_open, binary),
+                 "cross_entropy": (softmax_rows, one_hot), "poisson": (exp_out, counts)}
+
+
 def _loss(j):
-    a_dom, t_dom = {"squared_error": (normal, normal), "binary_cross_entropy": (unit_open, binary),
-                    "cross_entropy": (softmax_rows, one_hot)}[j]
+    a_dom, t_dom = _LOSS_DOMAINS[j]
     fwd = (Arg("a", (M, N), a_dom), Arg("t", (M, N), t_dom),
            Arg("scratch", (M, N), role="aux"), Arg("rows", (M, 2), role="aux"))
     bwd = (Arg("a", (M, N), a_dom), Arg("t", (M, N), t_dom), Arg("c", None, 1.0 / M),
@@ -137,6 +149,8 @@ SIGNATURES = {
                                          Arg("scratch", (M, N), role="aux"), Arg("rows", (M, 2), role="aux")),
     "softmax_cross_entropy_fwd": (Arg("z", (M, N), logits), Arg("t", (M, N), one_hot),
                                   Arg("scratch", (M, N), role="aux"), Arg("rows", (M, 2), role="aux")),
+    "exp_poisson_fwd": (Arg("z", (M, N), logits), Arg("t", (M, N), counts),
+                        Arg("scratch", (M, N), role="aux"), Arg("rows", (M, 2), role="aux")),
     "sgd_update": (_vec("w", role="io"), _vec("g"), Arg("lr", None, 0.1), _vec("scratch", role="aux")),
     "momentum_update": (_vec("w", role="io"), _vec("g"), _vec("v", role="io"), Arg("lr", None, 0.1),
                         Arg("mu", None, 0.9), _vec("scratch", role="aux")),
@@ -153,8 +167,7 @@ SIGNATURES = {
 
 
 def _canonical(loss):
-    a_dom, t_dom = {"squared_error": (normal, normal), "binary_cross_entropy": (unit_open, binary),
-                    "cross_entropy": (softmax_rows, one_hot)}[loss]
+    a_dom, t_dom = _LOSS_DOMAINS[loss]
     return (Arg("z", (M, N), logits), Arg("a", (M, N), a_dom), Arg("t", (M, N), t_dom),
             Arg("c", None, 1.0 / M), Arg("delta", (M, N), role="out"),
             Arg("scratch", (M, N), role="aux"), Arg("rows", (M, 2), role="aux"))
