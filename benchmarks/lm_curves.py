@@ -1,5 +1,5 @@
 """Training curves: training MSE against wall time for bpgpu LM, bpgpu Adam, bpgpu L-BFGS,
-scikit-learn's L-BFGS and torch-levenberg-marquardt, one plot per problem (issue 13).
+scikit-learn's L-BFGS and torch-levenberg-marquardt, one plot per problem (docs/guide/second_order.rst).
 
     python benchmarks/lm_curves.py --budget 5 --out benchmarks/results/lm-curves
 

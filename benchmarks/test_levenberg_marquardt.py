@@ -1,4 +1,4 @@
-"""Levenberg–Marquardt (issue 13): one iteration against torch-levenberg-marquardt, and the
+"""Levenberg–Marquardt (docs/guide/second_order.rst): one iteration against torch-levenberg-marquardt, and the
 normal-equation product against the machine's GEMM, CPU float64, measured in one run,
 both libraries on one BLAS / intra-op thread (as the other benchmarks here), so that a
 shared machine's load disturbs them alike.

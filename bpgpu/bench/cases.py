@@ -60,7 +60,7 @@ def bpgpu_step_case(sizes, m: int, dtype: str, backend: Backend, lr: float = LEA
 
 
 def numpy_reference_case(sizes, m: int, dtype: str, lr: float = LEARNING_RATE) -> Case:
-    """The plain preallocated numpy step issue 7 measures against: one (n_in, n_out)
+    """The plain preallocated numpy step the CPU targets measure against (benchmarks/NOTES.md): one (n_in, n_out)
     weight matrix and one bias per layer, every buffer allocated up front, ufuncs
     with out=; the same math as bpgpu's step (relu, identity, ½‖a − t‖² / m)."""
     rng = np.random.default_rng(0)

@@ -2,7 +2,7 @@
 
 Backpropagation costs one forward and one backward pass, O(m W) for a batch of
 m; finite differences cost W (forward) or 2W (central) loss evaluations, each a
-forward pass, so O(m W²) (seeds 001, 002). The nets are [n0, h, 1] (identity
+forward pass, so O(m W²) (docs/guide/finite_differences.rst). The nets are [n0, h, 1] (identity
 output, squared error, float64) with W = h (n0 + 2) + 1, one width fixed and the
 other grown with W (:class:`bpgpu.bench.plan.NetFamily`):
 
