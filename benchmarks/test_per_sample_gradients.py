@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import bpgpu as bp
-import lm_cases
+from bpgpu.bench import levenberg_marquardt as lm_cases
 
 torch = pytest.importorskip("torch", reason="torch (extra 'peers') is a peer")
 jax = pytest.importorskip("jax", reason="jax (extra 'peers') is a peer")
