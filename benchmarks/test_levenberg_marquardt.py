@@ -15,8 +15,7 @@ import time
 import numpy as np
 import pytest
 
-import lm_cases
-
+from bpgpu.bench import levenberg_marquardt as lm_cases
 from bpgpu.levenberg_marquardt import LevenbergMarquardt
 
 pytest.importorskip("torch_levenberg_marquardt", reason="torch-levenberg-marquardt (extra 'peers') is the peer")

@@ -1,4 +1,4 @@
-"""Per-sample gradients (issue 13): bpgpu.per_sample_gradients against torch.func's
+"""Per-sample gradients (docs/guide/second_order.rst): bpgpu.per_sample_gradients against torch.func's
 vmap(grad) and JAX's jit(vmap(grad)) on the nets of the engine issue (tanh hidden,
 identity output, ½‖y − t‖² per sample), CPU float64, one BLAS / intra-op thread each,
 after checking that the three agree to 1e-9.
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import bpgpu as bp
-import lm_cases
+from bpgpu.bench import levenberg_marquardt as lm_cases
 
 torch = pytest.importorskip("torch", reason="torch (extra 'peers') is a peer")
 jax = pytest.importorskip("jax", reason="jax (extra 'peers') is a peer")

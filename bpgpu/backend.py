@@ -36,14 +36,56 @@ class GpuStatus:
     reason: str
 
 
+# The CUDA driver library, by platform: what CuPy itself ends up loading.
+_DRIVER_LIBRARIES = {"win32": ("nvcuda.dll",), "darwin": ()}
+_DEFAULT_DRIVER_LIBRARIES = ("libcuda.so.1", "libcuda.so")
+
+
+def cuda_driver() -> str:
+    """Why there is no CUDA device to use, judged from the driver alone ("" when there may be one).
+
+    ctypes loads the driver library and asks it for its devices (cuInit,
+    cuDeviceGetCount): milliseconds, against the most of a second that importing
+    CuPy takes only to find out the same. An error here is no verdict (""): CuPy's
+    own probe decides then.
+    """
+    import ctypes
+    import sys
+
+    names = _DRIVER_LIBRARIES.get(sys.platform, _DEFAULT_DRIVER_LIBRARIES)
+    for name in names:
+        try:
+            driver = ctypes.CDLL(name)
+            break
+        except OSError:
+            continue
+    else:
+        return f"no CUDA driver (none of {', '.join(names) or 'the CUDA libraries'} loads)"
+    try:
+        status = driver.cuInit(0)
+        if status == 100:  # CUDA_ERROR_NO_DEVICE
+            return "no CUDA device (the CUDA driver finds none)"
+        count = ctypes.c_int(0)
+        if status == 0 and driver.cuDeviceGetCount(ctypes.byref(count)) == 0 and count.value == 0:
+            return "no CUDA device (the CUDA driver finds none)"
+    except (AttributeError, OSError):
+        pass
+    return ""
+
+
 @functools.lru_cache(maxsize=1)
 def gpu_status() -> GpuStatus:
-    """Probe CuPy once per process: import, driver, device, then a smoke test.
+    """Probe the GPU once per process: the driver (:func:`cuda_driver`), then CuPy's import,
+    driver, device, and a smoke test.
 
+    The driver comes first so that a machine without one never imports CuPy.
     ``cupy.is_available()`` only counts devices; a machine can have a device and
     still lack NVRTC, the CUDA headers or cuBLAS, so a tiny kernel and a matmul
     are actually run (docs/guide/gpu.rst, "Which machines count as having a GPU").
     """
+    missing = cuda_driver()
+    if missing:
+        return GpuStatus(False, missing)
     try:
         import cupy
         from cupy.cuda import runtime
@@ -95,7 +137,7 @@ class Backend:
 
     name: str
     xp: Any  # array-API namespace
-    ops: ModuleType  # kernel table: bpgpu.kernels.{cpu,cuda,generic}
+    ops: ModuleType  # kernel table: bpgpu.kernels.{compiled,cuda,generic}
     reason: str = ""
 
     @property
@@ -253,9 +295,14 @@ def of_array(x: Any) -> Backend:
 
 
 def _numpy_backend(reason: str) -> Backend:
-    from bpgpu.kernels import cpu
+    """numpy with the compiled table, or with the array-API reference table (and the reason in
+    ``reason``) when numba cannot be used."""
+    from bpgpu.kernels import generic, jit
 
-    return Backend("numpy", array_api_compat.array_namespace(np.empty(0)), cpu, reason)
+    table = jit.kernels()
+    if table is None:
+        table, reason = generic, f"{reason}; array-API kernels: {jit.reason}"
+    return Backend("numpy", array_api_compat.array_namespace(np.empty(0)), table, reason)
 
 
 def _cupy_backend(reason: str) -> Backend:

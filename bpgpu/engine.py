@@ -27,6 +27,8 @@ buffers of a :class:`Workspace` (``net.workspace(m)``):
     output_delta(net, T, ws, weights)         δ(L) into ws.D[L]; returns Σ_n J_n (unscaled)
     backward(net, X, T, ws, w, grad, weights) δ(l) into ws.D[l], ∂J/∂w into ``grad``; returns J
     loss(net, X, T, ws, w, weights)           forward + the loss J, no backprop
+    loss_and_gradient(net, X, T, grad, weights)  J and ∂J/∂w at net.params into ``grad``: one compiled
+                                              call on the numpy backend (numba), forward + backward elsewhere
     forward_backward(net, X, T)               forward and backward at net.params; returns ws
 
 Building blocks of the derivative tools (stacks of K seeds or directions are
@@ -53,7 +55,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Iterator
 
-from bpgpu.kernels import generic
+import numpy as np
+
+from bpgpu.kernels import generic, jit
 
 if TYPE_CHECKING:
     from bpgpu.network import MLP
@@ -161,6 +165,26 @@ def loss(net: MLP, X: Any, T: Any, ws: Workspace, w: Any, weights: Any = None) -
     """J at parameters ``w`` (device scalar): one forward pass and the loss, no backprop."""
     forward(net, X, ws, w)
     return net.reduction_factor(ws.m, weights) * output_delta(net, T, ws, weights)
+
+
+def loss_and_gradient(net: MLP, X: Any, T: Any, grad: Any, weights: Any = None) -> Any:
+    """J and ∂J/∂w at ``net.params``, the gradient written into ``grad`` (W,): the fastest path.
+
+    On the numpy backend with the compiled table and a dense X, one numba call (forward pass, backprop and
+    the δ·aᵀ products, :class:`bpgpu.kernels.jit.CompiledGradient`); elsewhere :func:`forward`
+    and :func:`backward` through the net's workspace. The workspace's A(l) and δ(l) are not
+    defined afterwards (use :func:`forward_backward` for passes that read them).
+
+    Returns
+    -------
+    J : Python float on the compiled path, a device scalar otherwise.
+    """
+    compiled = jit.gradient_for(net) if isinstance(X, np.ndarray) else None  # sparse X: the passes
+    if compiled is not None:
+        return compiled(X, T, grad, weights)
+    ws = net.workspace(X.shape[0])
+    forward(net, X, ws, net.params)
+    return backward(net, X, T, ws, net.params, grad, weights)
 
 
 def forward_backward(net: MLP, X: Any, T: Any) -> Workspace:
@@ -336,7 +360,7 @@ def r_pass(net: MLP, X: Any, T: Any, ws: Workspace, V: Any) -> Any:
 
 
 __all__ = [
-    "Workspace", "backward", "forward", "forward_backward", "input_jacobian", "layer_outputs", "loss",
+    "Workspace", "backward", "forward", "forward_backward", "loss_and_gradient", "input_jacobian", "layer_outputs", "loss",
     "loss_curvature", "output_delta", "output_residual", "output_seeds", "r_output_delta", "r_pass",
     "seeded_deltas", "seeded_gradients", "times_g1",
 ]

@@ -113,7 +113,7 @@ class LevenbergMarquardt:
             raise ValueError(f"form must be one of {', '.join(map(repr, FORMS))}, got {form!r}")
         self.net, self.alpha, self.damping = net, float(alpha), damping
         self.X, self.T = net.check_inputs(X, T)
-        xp, m, W = net.backend.xp, self.X.shape[0], net.n_params
+        m, W = self.X.shape[0], net.n_params
         self.sample_weight = None if sample_weight is None else validation.sample_weight(sample_weight, m)
         self.weights = net.weighting(self.sample_weight)  # (s_col, c) or None, for the engine's passes
         self.s_col = None if self.weights is None else self.weights[0]
@@ -353,4 +353,4 @@ class LevenbergMarquardt:
         return solve
 
 
-__all__ = ["DAMPINGS", "FORMS", "LMStep", "LevenbergMarquardt", "SERVED_LOSSES"]
+__all__ = ["DAMPINGS", "FORMS", "SERVED_LOSSES", "LMStep", "LevenbergMarquardt"]

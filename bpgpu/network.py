@@ -290,10 +290,9 @@ class MLP:
         X may be sparse)."""
         X, T = self.check_inputs(X, T, accept_sparse=True)
         weights = self._weights_for(sample_weight, X.shape[0])
-        ws = self.workspace(X.shape[0])
-        engine.forward(self, X, ws, self.params)
-        J = engine.backward(self, X, T, ws, self.params, ws.grad, weights)
-        return float(J), self.backend.xp.asarray(ws.grad, copy=True)
+        grad = self.backend.xp.empty(self.n_params, dtype=self.xp_dtype)
+        J = engine.loss_and_gradient(self, X, T, grad, weights)
+        return float(J), grad
 
     def gradient(self, X: Any, T: Any, sample_weight: Any = None) -> Any:
         """dJ/dw by backpropagation: a new flat vector in the params layout (weighted as :meth:`loss`)."""

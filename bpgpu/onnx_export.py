@@ -62,7 +62,7 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
 
 from bpgpu import io
 from bpgpu.backend import to_numpy
-from bpgpu.kernels.cpu import LEAKY_SLOPE
+from bpgpu.kernels import LEAKY_SLOPE
 from bpgpu.network import MLP
 
 IR_VERSION = 10

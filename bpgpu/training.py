@@ -544,8 +544,7 @@ def _fit_lbfgs(net: Any, X: Any, T: Any, Xv: Any, Tv: Any, epochs: int, alpha: f
 
     def loss_and_grad(x: np.ndarray) -> tuple[float, np.ndarray]:
         net.params[...] = backend.asarray(x, dt)  # host → device
-        engine.forward(net, X, ws, net.params)
-        J = engine.backward(net, X, T, ws, net.params, ws.grad, weights) + l2.penalize(ws.grad, c)
+        J = engine.loss_and_gradient(net, X, T, ws.grad, weights) + l2.penalize(ws.grad, c)
         return float(J), to_numpy(ws.grad).astype(np.float64)  # device → host
 
     history = History()

@@ -61,6 +61,11 @@ class Plan:
     fd_rounds: int = 1
     gradient_clock: str = "process_cpu"  # on a GPU backend the wall clock (the CPU only launches)
     sections: tuple[str, ...] = field(default=())  # empty: every section
+    # Levenberg–Marquardt: one-iteration problems (vs torch-LM), rounds, training-curve problems, seconds per curve
+    lm_iterations: tuple[str, ...] = ("sinc200",)
+    lm_rounds: int = 5
+    lm_curves: tuple[str, ...] = ("sinc",)
+    lm_budget_s: float = 1.5
 
 
 # quick: W = 10^1.9 .. 10^2.6 in tenths of a decade (where finite differences are measured),
@@ -80,12 +85,15 @@ def plan_for(mode: str) -> Plan:
     tanh nets up to W = 10⁶, whose passes are proportional to W only above W ≈ 5000.
     """
     if mode == "full":
-        return Plan(tuple(CONFIGS), ("float32", "float64"), 512, FULL_GRID, 120.0, 1.0, True, 10, mode=mode)
+        return Plan(tuple(CONFIGS), ("float32", "float64"), 512, FULL_GRID, 120.0, 1.0, True, 10, mode=mode,
+                    lm_iterations=("sinc200", "regression8_2000"), lm_curves=("sinc", "franke", "friedman1"),
+                    lm_budget_s=5.0)
     if mode == "quick":
         return Plan(("tiny", "small", "medium"), ("float32", "float64"), 2048, QUICK_GRID, 80.0, 0.3, True, 7,
                     mode=mode, gradient_nets=QUICK_NETS, fd_max_log10_W=2.6, fd_rounds=3)
     if mode == "smoke":
         # finite differences at two points only, so the budget (wall seconds) is never what stops them
         return Plan(("tiny", "small"), ("float32",), 64, (2.0, 2.5, 3.0, 3.5), 5.0, 0.01, False, settle_s=0.0,
-                    mode=mode, gradient_nets=QUICK_NETS, fd_max_log10_W=2.5, fd_rounds=2)
+                    mode=mode, gradient_nets=QUICK_NETS, fd_max_log10_W=2.5, fd_rounds=2, lm_rounds=1,
+                    lm_budget_s=0.1)
     raise ValueError(f"mode must be 'full', 'quick' or 'smoke', got {mode!r}")
