@@ -1,5 +1,5 @@
 """Training curves: training MSE against wall time for bpgpu LM, bpgpu Adam, bpgpu L-BFGS,
-scikit-learn's L-BFGS and torch-levenberg-marquardt, one plot per problem (issue 13).
+scikit-learn's L-BFGS and torch-levenberg-marquardt, one plot per problem (docs/guide/second_order.rst).
 
     python benchmarks/lm_curves.py --budget 5 --out benchmarks/results/lm-curves
 
@@ -16,75 +16,31 @@ import argparse
 import json
 import pathlib
 
-import numpy as np
-
-import lm_cases
-
-PROBLEMS = {"sinc": lm_cases.sinc, "franke": lm_cases.franke, "friedman1": lm_cases.friedman1}
-
-
-def curves(problem: lm_cases.Problem, budget: float) -> dict[str, list[tuple[float, float]]]:
-    return {
-        "bpgpu LM": lm_cases.bpgpu_run(problem, "lm", budget),
-        "bpgpu Adam (full batch, lr 0.01)": lm_cases.bpgpu_run(problem, "adam", budget, learning_rate=0.01),
-        "bpgpu L-BFGS": lm_cases.bpgpu_run(problem, "lbfgs", budget, max_fun=10**7),
-        "scikit-learn L-BFGS": lm_cases.sklearn_lbfgs_run(problem, budget),
-        "torch-LM (Cholesky)": lm_cases.torch_lm_run(problem, budget),
-    }
-
-
-def at_time(points: list[tuple[float, float]], t: float) -> float:
-    """The lowest MSE a run had reached by time t (its best so far)."""
-    reached = [mse for seconds, mse in points if seconds <= t]
-    return min(reached) if reached else points[0][1]
-
-
-def plot(name: str, problem: lm_cases.Problem, runs: dict, path: pathlib.Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for label, points in runs.items():
-        t, mse = np.array(points).T
-        ax.plot(np.maximum(t, 1e-4), np.minimum.accumulate(mse), label=label, lw=1.6)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("wall time (s)")
-    ax.set_ylabel("training MSE (best so far)")
-    ax.set_title(f"{problem.name}: m={problem.X.shape[0]}, net {list(problem.sizes)}, CPU float64")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+from bpgpu.bench import levenberg_marquardt as lm_cases
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--budget", type=float, default=5.0, help="seconds per run (default 5)")
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("benchmarks/results/lm-curves"))
-    parser.add_argument("--problems", nargs="*", default=list(PROBLEMS), choices=list(PROBLEMS))
+    problems = list(lm_cases.CURVE_PROBLEMS)
+    parser.add_argument("--problems", nargs="*", default=problems, choices=problems)
     args = parser.parse_args()
-    import torch
-    from threadpoolctl import threadpool_limits
-
-    torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
     results = {}
-    with threadpool_limits(1, user_api="blas"):
+    with lm_cases.one_thread():
         for name in args.problems:
-            problem = PROBLEMS[name]()
-            runs = curves(problem, args.budget)
+            problem = lm_cases.CURVE_PROBLEMS[name]()
+            runs = lm_cases.curves(problem, args.budget)
             results[name] = {"problem": problem.name, "sizes": list(problem.sizes), "m": problem.X.shape[0],
-                             "budget_s": args.budget, "curves": runs}
-            plot(name, problem, runs, args.out / f"{name}.png")
-            lm = at_time(runs["bpgpu LM"], args.budget)
+                             "budget_s": args.budget,
+                             "curves": {label: lm_cases.thinned(points) for label, points in runs.items()}}
+            lm_cases.plot_curves(problem, runs, args.out / f"{name}.png")
+            lm = lm_cases.at_time(runs["bpgpu LM"], args.budget)
             print(f"{problem.name} (m={problem.X.shape[0]}, {list(problem.sizes)}), MSE after {args.budget:g} s:")
             for label, points in runs.items():
-                mse = at_time(points, args.budget)
-                print(f"  {label:34s} {mse:10.3e}  = {mse / lm:9.3g} x LM's   ({len(points) - 1} iterations)")
+                mse = lm_cases.at_time(points, args.budget)
+                print(f"  {label:34s} {mse:10.3e}  = {mse / lm:9.3g} x LM's   ({len(points) - 1} points)")
     (args.out / "curves.json").write_text(json.dumps(results, indent=1))
 
 

@@ -1,4 +1,4 @@
-"""Levenberg–Marquardt (issue 13): one iteration against torch-levenberg-marquardt, and the
+"""Levenberg–Marquardt (docs/guide/second_order.rst): one iteration against torch-levenberg-marquardt, and the
 normal-equation product against the machine's GEMM, CPU float64, measured in one run,
 both libraries on one BLAS / intra-op thread (as the other benchmarks here), so that a
 shared machine's load disturbs them alike.
@@ -15,22 +15,15 @@ import time
 import numpy as np
 import pytest
 
-import lm_cases
-from threadpoolctl import threadpool_limits
-
+from bpgpu.bench import levenberg_marquardt as lm_cases
 from bpgpu.levenberg_marquardt import LevenbergMarquardt
 
 pytest.importorskip("torch_levenberg_marquardt", reason="torch-levenberg-marquardt (extra 'peers') is the peer")
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpool_limits(1, user_api="blas"):
+    with lm_cases.one_thread():
         yield
-    torch.set_num_threads(threads)
 
 
 PROBLEMS = {"sinc200": lm_cases.sinc, "regression8_2000": lm_cases.regression8}
@@ -56,7 +49,7 @@ def test_one_iteration(benchmark, record, problem, impl):
     case()  # warm: torch's vmap tracing, numpy's workspaces
     benchmark.group = f"LM iteration {name}"
     benchmark.pedantic(case, rounds=7 if name == "sinc200" else 3, warmup_rounds=1)
-    record("lm", (name, impl), benchmark)
+    record("lm", (f"LM iteration {name}", impl), benchmark)
 
 
 def test_normal_equation_product_against_gemm(record):

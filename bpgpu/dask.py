@@ -7,16 +7,27 @@ numpy, CuPy chunks on CuPy), with reduction "sum": the cost and its derivatives
 are sums over samples (seed: J = (1/m) Σ_n J_n), so the per-chunk sums add up in
 a tree reduction and the driver divides once by the total m for a "mean" net.
 Only the flat parameter vector (and v for the HVP) travels to the workers, once
-per evaluation: scattered to every worker under dask.distributed, one graph key
-under the local schedulers. Training runs on the driver (the dask-glm pattern):
-L-BFGS from scipy and gradient descent call the distributed loss and gradient;
-mini-batch SGD sums every chunk's share of each mini-batch.
+per evaluation, as one literal key of the evaluation's graph. Training runs on the
+driver (the dask-glm pattern): L-BFGS from scipy and gradient descent call the
+distributed loss and gradient; mini-batch SGD sums every chunk's share of each
+mini-batch.
+
+Losing a worker: every evaluation is one graph whose every key, the parameter
+vector included, can be recomputed from the graph, so when a worker dies at any
+moment dask.distributed reruns its tasks elsewhere and recomputes the data it held
+(from X's and T's own graphs), and the evaluation returns the same sums it would
+have without the loss: it is complete or it raises, never half-used. It raises
+:class:`EvaluationError` when Dask cannot finish it: ``reason`` "data lost" (a chunk
+existed only as scattered data and its only holder died), "retries exhausted"
+(KilledWorker: the scheduler's ``allowed-failures`` ran out) or "timeout" (the
+evaluation outlived ``timeout`` seconds, e.g. on a stalled worker).
 """
 
 from __future__ import annotations
 
 import json
 import threading
+from concurrent.futures import CancelledError
 from typing import Any, Callable
 
 import dask
@@ -97,13 +108,62 @@ def _distributed_client():
 
 
 def _broadcast(vector: Any) -> Any:
-    """Ship a host vector once: scattered to every worker, or one key in the local graph."""
+    """Ship a host vector once, as one literal key of the graph.
+
+    Not client.scatter: scattered data has no graph to be recomputed from, so a worker
+    dying mid-scatter (or the only holder dying) fails the evaluation, while a graph key
+    is rerun by the scheduler like any task. A fresh key each time (pure=False): no
+    evaluation can pick up a key that the previous one is releasing."""
+    return dask.delayed(vector, pure=False)
+
+
+class EvaluationError(RuntimeError):
+    """A distributed evaluation that Dask could not complete; nothing of it was used.
+
+    ``reason`` is one of :data:`FAILURE_REASONS`: "data lost" (a chunk of X or T
+    existed only as scattered data, not built from a graph, and its only holder died),
+    "retries exhausted" (KilledWorker: workers died running the same task more than
+    the scheduler's ``distributed.scheduler.allowed-failures`` times) or "timeout" (the
+    evaluation took longer than ``timeout`` seconds)."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(f"{reason}: {message}")
+        self.reason = reason
+
+
+FAILURE_REASONS = ("data lost", "retries exhausted", "timeout")
+
+
+def _computed(summed: da.Array, timeout: float | None) -> np.ndarray:
+    """summed.compute(), or :class:`EvaluationError` saying why Dask could not finish it."""
     client = _distributed_client()
-    if client is None:
-        return dask.delayed(vector, pure=True)
-    # a fresh key each time: a content-hashed key could be released by the previous
-    # evaluation's future while this one is being scattered
-    return client.scatter(vector, broadcast=True, hash=False)
+    if client is None:  # a local scheduler has no workers to lose
+        return np.asarray(summed.compute())
+    from distributed import KilledWorker
+
+    future = client.compute(summed)
+    try:
+        return np.asarray(future.result(timeout=timeout))
+    except KilledWorker as exc:
+        raise EvaluationError("retries exhausted", f"Dask gave up on a task ({type(exc).__name__}: {exc})") from exc
+    except CancelledError as exc:
+        # the scheduler cancels the keys that depend on lost data it cannot recompute
+        raise EvaluationError(
+            "data lost",
+            "a chunk of X or T held only as scattered data (not built from a graph) was lost with its "
+            "worker, and Dask cannot recompute it; persist arrays built from a graph "
+            f"(dask.array.from_array, from_zarr, ...) instead ({type(exc).__name__}: {exc})",
+        ) from exc
+    except TimeoutError as exc:
+        raise EvaluationError(
+            "timeout",
+            f"the evaluation did not finish within timeout={timeout} s (a stalled worker? the scheduler "
+            "restarts a worker silent for distributed.scheduler.worker-ttl)",
+        ) from exc
+    finally:
+        # let go of the evaluation's keys now, not when the traceback that holds this future dies:
+        # an erred key the client still wants fails any later graph that shares it (X's chunks)
+        future.release()
 
 
 def _known_chunks(a: Any, argument: str) -> None:
@@ -167,40 +227,45 @@ def _summed(net: MLP, X: Any, T: Any, part: Callable, width: int, w: Any, v: Any
     return per_chunk.sum(axis=0)
 
 
-def _sums(*args, **kwargs) -> np.ndarray:
-    return np.asarray(_summed(*args, **kwargs).compute())
+def _sums(*args, timeout: float | None = None, **kwargs) -> np.ndarray:
+    return _computed(_summed(*args, **kwargs), timeout)
 
 
-def _loss_and_gradient_at(net: MLP, X: Any, T: Any, w: Any, rows=None, m: int | None = None):
+def _loss_and_gradient_at(net: MLP, X: Any, T: Any, w: Any, rows=None, m: int | None = None,
+                          timeout: float | None = None):
     """(J, dJ/dw as host float64) at parameters w, over all rows or one mini-batch of m rows."""
-    sums = _sums(net, X, T, _loss_and_gradient_sum, 1 + net.n_params, w, rows=rows)
+    sums = _sums(net, X, T, _loss_and_gradient_sum, 1 + net.n_params, w, rows=rows, timeout=timeout)
     c = net.reduction_factor(X.shape[0] if m is None else m)
     return float(sums[0] * c), sums[1:] * c
 
 
-def loss(net: MLP, X: Any, T: Any) -> float:
-    """The cost J over all rows of the dask arrays X, T, as a Python float."""
+def loss(net: MLP, X: Any, T: Any, *, timeout: float | None = None) -> float:
+    """The cost J over all rows of the dask arrays X, T, as a Python float.
+
+    ``timeout``: seconds the evaluation may take on a dask.distributed cluster before it is
+    cancelled and :class:`EvaluationError` (reason "timeout") is raised; None (default) waits.
+    The same holds for every function of this module."""
     X, T = _check(net, X, T)
-    return float(_sums(net, X, T, _loss_sum, 1, net.params)[0] * net.reduction_factor(X.shape[0]))
+    return float(_sums(net, X, T, _loss_sum, 1, net.params, timeout=timeout)[0] * net.reduction_factor(X.shape[0]))
 
 
-def loss_and_gradient(net: MLP, X: Any, T: Any) -> tuple[float, Any]:
-    """(J, dJ/dw) over the dask arrays X, T: the gradient as a new flat vector on net's backend."""
+def loss_and_gradient(net: MLP, X: Any, T: Any, *, timeout: float | None = None) -> tuple[float, Any]:
+    """(J, dJ/dw) over the dask arrays X, T: the gradient as a new flat vector (W,) on net's backend."""
     X, T = _check(net, X, T)
-    J, g = _loss_and_gradient_at(net, X, T, net.params)
+    J, g = _loss_and_gradient_at(net, X, T, net.params, timeout=timeout)
     return J, net.backend.asarray(g, net.xp_dtype)
 
 
-def gradient(net: MLP, X: Any, T: Any) -> Any:
-    """dJ/dw over the dask arrays X, T, summed from every chunk's backpropagation."""
-    return loss_and_gradient(net, X, T)[1]
+def gradient(net: MLP, X: Any, T: Any, *, timeout: float | None = None) -> Any:
+    """dJ/dw (W,) over the dask arrays X, T, summed from every chunk's backpropagation."""
+    return loss_and_gradient(net, X, T, timeout=timeout)[1]
 
 
-def hvp(net: MLP, X: Any, T: Any, v: Any) -> Any:
-    """H v, the exact Hessian-vector product of J over the dask arrays X, T (R-operator per chunk)."""
+def hvp(net: MLP, X: Any, T: Any, v: Any, *, timeout: float | None = None) -> Any:
+    """H v (W,), the exact Hessian-vector product of J over the dask arrays X, T (R-operator per chunk)."""
     X, T = _check(net, X, T)
     v = net.flat_vector(v, "v")
-    sums = _sums(net, X, T, _hvp_sum, net.n_params, net.params, v=v)
+    sums = _sums(net, X, T, _hvp_sum, net.n_params, net.params, v=v, timeout=timeout)
     return net.backend.asarray(sums * net.reduction_factor(X.shape[0]), net.xp_dtype)
 
 
@@ -210,7 +275,8 @@ FIT_OPTIMIZERS = ("lbfgs", "gd", "sgd")
 
 
 class _Stopped:
-    """Turn a failed distributed evaluation into one clear error saying what net.params hold."""
+    """Turn a failed distributed evaluation into one clear error saying what net.params hold:
+    the result of the last complete update (``updates`` counts them), never a partial one."""
 
     def __init__(self, optimizer: str):
         self.optimizer, self.updates = optimizer, 0
@@ -221,15 +287,11 @@ class _Stopped:
     def __exit__(self, kind, exc, tb) -> None:
         if exc is None or not isinstance(exc, Exception):
             return
-        held = (
-            "unchanged (L-BFGS writes them only at the end)"
-            if self.optimizer == "lbfgs"
-            else f"the result of the {self.updates} complete update(s) before it"
-        )
-        raise RuntimeError(
-            f"bpgpu.dask.fit(optimizer={self.optimizer!r}) stopped: a Dask computation failed "
-            f"({type(exc).__name__}: {exc}); net.params are {held}"
-        ) from exc
+        stopped = (f"bpgpu.dask.fit(optimizer={self.optimizer!r}) stopped: a Dask computation failed; "
+                   f"net.params are the result of the {self.updates} complete update(s) before it")
+        if isinstance(exc, EvaluationError):
+            raise EvaluationError(exc.reason, f"{stopped} ({exc})") from exc
+        raise RuntimeError(f"{stopped} ({type(exc).__name__}: {exc})") from exc
 
 
 def fit(
@@ -244,6 +306,7 @@ def fit(
     update: str = "sgd",
     batch_size: int = 200,
     seed: int | None = None,
+    timeout: float | None = None,
     **options: Any,
 ) -> History:
     """Train ``net`` in place on the dask arrays X, T; return a :class:`bpgpu.training.History`
@@ -264,8 +327,12 @@ def fit(
                the summed share gradients make the mini-batch gradient, one update
                per step. Shuffle the rows once beforehand if they are sorted.
 
-    A failed Dask computation raises RuntimeError; net.params then hold the parameters
-    before the failed step (a complete update, never a partial one).
+    A worker lost at any moment costs time, not the fit: Dask reruns its part of the
+    evaluation (module docstring). When Dask cannot complete an evaluation, fit raises
+    :class:`EvaluationError` (reason "data lost", "retries exhausted" or "timeout": each
+    evaluation may take ``timeout`` seconds, None waits); any other failure raises
+    RuntimeError. net.params then hold the result of the last complete update (for
+    "lbfgs", the last completed iteration), never a partial one.
     """
     from bpgpu.optim import make_optimizer
 
@@ -277,29 +344,30 @@ def fit(
     if optimizer == "lbfgs":
         if options:
             raise TypeError(f"optimizer='lbfgs' takes no step-rule options, got {sorted(options)}")
-        return _fit_lbfgs(net, X, T, max_iter, tol)
+        return _fit_lbfgs(net, X, T, max_iter, tol, timeout)
     step_rule = make_optimizer(update, net, learning_rate, **options)
     if optimizer == "gd":
-        return _fit_gd(net, X, T, step_rule, max_iter, tol)
+        return _fit_gd(net, X, T, step_rule, max_iter, tol, timeout)
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-    return _fit_sgd(net, X, T, step_rule, max_iter, batch_size, seed)
+    return _fit_sgd(net, X, T, step_rule, max_iter, batch_size, seed, timeout)
 
 
-def _penalized_gradient(net: MLP, X: Any, T: Any, step_rule: Any, rows=None, m: int | None = None):
+def _penalized_gradient(net: MLP, X: Any, T: Any, step_rule: Any, timeout: float | None, rows=None,
+                        m: int | None = None):
     """(J, g) at net.params with the step rule's L2 term, g on net's backend, ready for update(g)."""
     m = X.shape[0] if m is None else m
-    J, g = _loss_and_gradient_at(net, X, T, net.params, rows=rows, m=m)
+    J, g = _loss_and_gradient_at(net, X, T, net.params, rows=rows, m=m, timeout=timeout)
     g = net.backend.asarray(g, net.xp_dtype)
     return J + float(step_rule.penalize(g, net.reduction_factor(m))), g
 
 
-def _fit_gd(net: MLP, X: Any, T: Any, step_rule: Any, max_iter: int, tol: float) -> History:
+def _fit_gd(net: MLP, X: Any, T: Any, step_rule: Any, max_iter: int, tol: float, timeout: float | None) -> History:
     history = History(stop_reason="max_iter")
     xp = net.backend.xp
     with _Stopped("gd") as stopped:
         for _ in range(max_iter):
-            J, g = _penalized_gradient(net, X, T, step_rule)
+            J, g = _penalized_gradient(net, X, T, step_rule, timeout)
             history.loss.append(J)
             history.learning_rate.append(step_rule.learning_rate)
             if float(xp.max(xp.abs(g))) <= tol:
@@ -310,7 +378,8 @@ def _fit_gd(net: MLP, X: Any, T: Any, step_rule: Any, max_iter: int, tol: float)
     return history
 
 
-def _fit_sgd(net: MLP, X: Any, T: Any, step_rule: Any, epochs: int, batch_size: int, seed) -> History:
+def _fit_sgd(net: MLP, X: Any, T: Any, step_rule: Any, epochs: int, batch_size: int, seed,
+             timeout: float | None) -> History:
     m = X.shape[0]
     # never more steps than the largest chunk has rows: every step then has a sample
     steps = min(-(-m // batch_size), max(X.chunks[0]))
@@ -322,7 +391,7 @@ def _fit_sgd(net: MLP, X: Any, T: Any, step_rule: Any, epochs: int, batch_size: 
         for _ in range(epochs):
             epoch_loss = 0.0
             for s in rng.permutation(steps).tolist():
-                J, g = _penalized_gradient(net, X, T, step_rule, rows=(s, steps), m=batch_rows[s])
+                J, g = _penalized_gradient(net, X, T, step_rule, timeout, rows=(s, steps), m=batch_rows[s])
                 step_rule.update(g)
                 stopped.updates += 1
                 epoch_loss += J * weight(s)  # the mean (or sum) over the epoch's samples
@@ -332,19 +401,23 @@ def _fit_sgd(net: MLP, X: Any, T: Any, step_rule: Any, epochs: int, batch_size: 
     return history
 
 
-def _fit_lbfgs(net: MLP, X: Any, T: Any, max_iter: int, tol: float) -> History:
-    """scipy's L-BFGS-B on host float64 vectors; net.params are written once, at the end.
+def _fit_lbfgs(net: MLP, X: Any, T: Any, max_iter: int, tol: float, timeout: float | None) -> History:
+    """scipy's L-BFGS-B on host float64 vectors; net.params take each completed iterate.
 
     history.loss holds the loss after each L-BFGS iteration."""
     from scipy.optimize import minimize
 
     history = History()
-
     w0 = to_numpy(net.params).astype(np.float64)
-    with _Stopped("lbfgs"):
-        result = minimize(lambda w: _loss_and_gradient_at(net, X, T, w), w0, jac=True, method="L-BFGS-B",
-                          options={"maxiter": max_iter, "gtol": tol},
-                          callback=lambda intermediate_result: history.loss.append(float(intermediate_result.fun)))
+    with _Stopped("lbfgs") as stopped:
+
+        def iteration_done(intermediate_result) -> None:
+            history.loss.append(float(intermediate_result.fun))
+            net.set_params(intermediate_result.x)  # a failure later keeps this iterate
+            stopped.updates += 1
+
+        result = minimize(lambda w: _loss_and_gradient_at(net, X, T, w, timeout=timeout), w0, jac=True,
+                          method="L-BFGS-B", options={"maxiter": max_iter, "gtol": tol}, callback=iteration_done)
     net.set_params(result.x)
     history.stop_reason = str(result.message)
     return history

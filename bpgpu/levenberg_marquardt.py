@@ -113,7 +113,7 @@ class LevenbergMarquardt:
             raise ValueError(f"form must be one of {', '.join(map(repr, FORMS))}, got {form!r}")
         self.net, self.alpha, self.damping = net, float(alpha), damping
         self.X, self.T = net.check_inputs(X, T)
-        xp, m, W = net.backend.xp, self.X.shape[0], net.n_params
+        m, W = self.X.shape[0], net.n_params
         self.sample_weight = None if sample_weight is None else validation.sample_weight(sample_weight, m)
         self.weights = net.weighting(self.sample_weight)  # (s_col, c) or None, for the engine's passes
         self.s_col = None if self.weights is None else self.weights[0]
@@ -302,7 +302,7 @@ class LevenbergMarquardt:
             rows = 0.0
             for l, D in deltas.items():
                 hb, hwt = layout.split(xp.reshape(h, (1, -1)), l, xp)
-                P = A[l - 1] @ hwt[0] + hb  # (m, n_l)
+                P = A[l - 1] @ hwt[0, ...] + hb  # (m, n_l)
                 rows = rows + xp.sum(xp.reshape(D, (K, m, -1)) * P[None, :, :], axis=-1)
             return xp.reshape(rows, (N,))
 
@@ -353,4 +353,4 @@ class LevenbergMarquardt:
         return solve
 
 
-__all__ = ["DAMPINGS", "FORMS", "LMStep", "LevenbergMarquardt", "SERVED_LOSSES"]
+__all__ = ["DAMPINGS", "FORMS", "SERVED_LOSSES", "LMStep", "LevenbergMarquardt"]

@@ -25,6 +25,7 @@ and u = a(L) otherwise:
     identity + squared_error         M = I                 Fᵀ = I
     sigmoid + binary_cross_entropy   M = diag(a(1 − a))    Fᵀ = diag(√(a(1 − a)))
     softmax + cross_entropy          M = diag(a) − a aᵀ    Fᵀ = diag(√a) − √a aᵀ   (Σ_k a_k = 1)
+    exp + poisson                    M = diag(a)           Fᵀ = diag(√a)
     any other pair (u = a(L))        M = diag(ℓ″)          Fᵀ = diag(√ℓ″)
 
 (for softmax: (diag(√a) − a √aᵀ)(diag(√a) − √a aᵀ) = diag(a) − 2 a aᵀ + a (Σ_k a_k) aᵀ).

@@ -88,7 +88,10 @@ def batch(x: Any, xp: Any, argument: str, width: int, layer: str, sizes: Sequenc
         )
     values = x.data if is_sparse(x) else x  # a sparse matrix's implicit zeros are finite
     if not bool(xp.all(xp.isfinite(values))):
-        raise ValueError(f"{argument} contains NaN or Inf (shape {tuple(x.shape)})")
+        # the usual way a finite float64 input gets here: the cast to a float32 net
+        overflow = _dtype_str(x.dtype) == "float32" and bool(xp.any(xp.isinf(values)))
+        hint = "; float32 holds at most 3.4e38 and larger values became Inf: dtype='float64' keeps them" if overflow else ""
+        raise ValueError(f"{argument} contains NaN or Inf (shape {tuple(x.shape)}){hint}")
 
 
 def sample_weight(s: Any, m: int) -> np.ndarray:

@@ -4,8 +4,7 @@ import os
 import pickle
 import re
 import signal
-import time
-from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import array_api_strict
 import dask
@@ -18,6 +17,8 @@ import bpgpu.dask as bd
 from bpgpu.backend import of_array
 
 distributed = pytest.importorskip("distributed")
+from dask.utils import key_split
+from distributed.diagnostics.plugin import SchedulerPlugin
 
 M, ROWS = 600, 97  # an uneven last chunk on purpose
 LOCAL = ["sync", "threads"]
@@ -277,10 +278,15 @@ def test_fit_rejects_bad_options():
 
 @pytest.fixture(scope="module")
 def client():
-    cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
-                                       dashboard_address=None)
-    with cluster, distributed.Client(cluster) as client:
-        yield client
+    # a LocalCluster closes the nanny of a worker that has not come back within lost-worker-timeout
+    # (15 s); a loaded machine restarting workers killed one after another can take longer
+    # forkserver: a restarted worker forks from a process that has imported distributed already
+    with dask.config.set({"distributed.deploy.lost-worker-timeout": "1h",
+                          "distributed.worker.multiprocessing-method": "forkserver"}):
+        cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                                           dashboard_address=None)
+        with cluster, distributed.Client(cluster) as client:
+            yield client
 
 
 def test_cluster_gradient_hvp_and_sgd_equal_one_process(client):
@@ -302,65 +308,176 @@ def test_cluster_gradient_hvp_and_sgd_equal_one_process(client):
     assert relative(net.params, reference.params) <= 1e-10
 
 
-def slowly(Xd, Td, seconds):
-    """X, T whose chunks take ``seconds`` each to produce, so that a worker can die mid-task."""
-    delay = lambda block: (time.sleep(seconds), block)[1]  # noqa: E731 (pickled by value)
-    return Xd.map_blocks(delay, dtype=Xd.dtype), Td.map_blocks(delay, dtype=Td.dtype)
+# --- a worker lost at any moment: faults injected by the scheduler itself -------------------------
+# The LocalCluster's scheduler runs in this process, so a plugin sees every task transition and
+# signals the worker involved at exactly that moment: deterministic, no sleeps, no polling.
+
+# moment: (task name, state it enters, how many such transitions one evaluation of the
+# 600 rows in 7 chunks has), the worker signalled being the one the task goes to
+# ("processing") or the one holding it ("memory")
+MOMENTS = {
+    "parameters broadcast": ("ndarray", "memory", 1),  # the vector computed, not yet fetched by the others
+    "chunk sent": ("sum", "processing", 7),  # a chunk's loss-and-gradient task goes to a worker
+    "partial sum held": ("sum-partial", "memory", 2),  # the tree reduction half done
+    "result held": ("finalize-hlgfinalizecompute", "memory", 1),  # done, before the client gathers it
+}
 
 
-def kill_a_busy_worker(client):
-    """SIGKILL the process of a worker while it holds a task (the slow chunks fuse into the
-    gradient tasks, so every task is slow); its nanny restarts it."""
-    pids = client.run(os.getpid)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        busy = [w for w, keys in client.processing().items() if keys]
-        if busy:
-            os.kill(pids[busy[0]], signal.SIGKILL)
-            return busy[0]
-        time.sleep(0.01)
-    raise AssertionError("no worker started a task within 20 s")
+class Fault(SchedulerPlugin):
+    """Send ``sig`` to the worker of the (skip + 1)-th transition of a task ``name`` into ``finish``."""
+
+    def __init__(self, scheduler, name, finish, skip, sig):
+        self.scheduler, self.name, self.finish, self.skip, self.sig = scheduler, name, finish, skip, sig
+        self.pid = None
+
+    def transition(self, key, start, finish, *args, stimulus_id, **kwargs):
+        if self.pid is not None or finish != self.finish or key_split(key) != self.name:
+            return
+        if self.skip:
+            self.skip -= 1
+            return
+        ts = self.scheduler.tasks[key]
+        self.pid = (ts.processing_on if finish == "processing" else next(iter(ts.who_has))).pid
+        os.kill(self.pid, self.sig)
 
 
-def test_worker_killed_mid_gradient_is_retried_elsewhere(client):
+@contextmanager
+def fault(client, moment, evaluation=1, sig=signal.SIGKILL, skip=0):
+    """Signal a worker at ``moment`` of the ``evaluation``-th distributed evaluation (1 = the first)."""
+    client.wait_for_workers(2, timeout=120)  # the nanny restarts a killed worker
+    name, finish, per_evaluation = MOMENTS[moment]
+    cluster = client.cluster
+    plugin = Fault(cluster.scheduler, name, finish, (evaluation - 1) * per_evaluation + skip, sig)
+
+    async def add():  # on the scheduler's event loop, not from this thread
+        cluster.scheduler.add_plugin(plugin, name="fault")
+
+    async def remove():
+        cluster.scheduler.remove_plugin(name="fault")
+
+    cluster.sync(add)
+    try:
+        yield plugin
+    finally:
+        cluster.sync(remove)
+        if plugin.pid is not None and sig != signal.SIGKILL:
+            os.kill(plugin.pid, signal.SIGKILL)  # a stalled worker ends now; its nanny restarts it
+    assert plugin.pid is not None, f"no worker was signalled at {moment!r} of evaluation {evaluation}"
+
+
+BOUND = 120  # seconds: no run of a faulty cluster may hang the suite
+
+
+@pytest.mark.parametrize("moment", ["parameters broadcast", "chunk sent"])
+def test_worker_killed_during_a_gradient_changes_nothing(client, moment):
     net, X, T = make()
     before = net.params.copy()
-    Xs, Ts = slowly(*chunked(X, T, rows=150), seconds=0.3)
-    with ThreadPoolExecutor(1) as pool:
-        running = pool.submit(bd.loss_and_gradient, net, Xs, Ts)
-        killed = kill_a_busy_worker(client)
-        J, g = running.result(timeout=60)
-    assert killed not in client.scheduler_info()["workers"]
-    assert abs(J - net.loss(X, T)) <= 1e-10 * J
-    assert relative(g, net.gradient(X, T)) <= 1e-10
+    J, g = net.loss_and_gradient(X, T)
+    Xd, Td = chunked(X, T)
+    with fault(client, moment):
+        Jd, gd = bd.loss_and_gradient(net, Xd, Td, timeout=BOUND)
+    assert abs(Jd - J) <= 1e-12 * J
+    assert relative(gd, g) <= 1e-12
     np.testing.assert_array_equal(net.params, before)
-    client.wait_for_workers(2, timeout=30)
 
 
-def test_worker_killed_without_retries_fails_clearly_and_params_hold_a_complete_update(client):
-    from bpgpu.optim import make_optimizer
+def test_worker_killed_holding_the_result_of_an_hvp_changes_nothing(client):
+    from bpgpu.derivatives import hvp
 
     net, X, T = make()
-    reference, iterates = net.copy(), [net.params.copy()]
-    rule = make_optimizer("sgd", reference, 0.5)
-    for _ in range(30):
+    v = np.random.default_rng(5).normal(size=net.n_params)
+    Xd, Td = chunked(X, T)
+    with fault(client, "result held"):
+        Hv = bd.hvp(net, Xd, Td, v, timeout=BOUND)
+    assert relative(Hv, hvp(net, X, T, v)) <= 1e-12
+
+
+FIT_RUNS = {  # optimizer: its options, and the moment and evaluation at which a worker is killed
+    "lbfgs": ({"max_iter": 6}, "parameters broadcast", 3),
+    "gd": ({"max_iter": 4, "learning_rate": 0.5}, "chunk sent", 2),
+    "sgd": ({"max_iter": 2, "batch_size": 200, "seed": 1, "learning_rate": 0.1}, "partial sum held", 4),
+}
+
+
+@pytest.mark.parametrize("optimizer", FIT_RUNS)
+def test_worker_killed_during_a_fit_changes_nothing(client, optimizer):
+    """The fit with a worker killed equals the same fit in this process (dask's sync scheduler)."""
+    options, moment, evaluation = FIT_RUNS[optimizer]
+    net, X, T = make()
+    reference = net.copy()
+    Xd, Td = chunked(X, T)
+    with dask.config.set(scheduler="sync"):
+        expected = bd.fit(reference, Xd, Td, optimizer, **options)
+    with fault(client, moment, evaluation):
+        history = bd.fit(net, Xd, Td, optimizer, timeout=BOUND, **options)
+    np.testing.assert_allclose(history.loss, expected.loss, rtol=1e-12)
+    assert relative(net.params, reference.params) <= 1e-12
+
+
+def gd_iterates(net, X, T, steps, learning_rate):
+    """The parameters after 0, 1, ..., steps full-batch gradient descent updates in one process."""
+    from bpgpu.optim import make_optimizer
+
+    reference = net.copy()
+    rule, iterates = make_optimizer("sgd", reference, learning_rate), [reference.params.copy()]
+    for _ in range(steps):
         rule.update(reference.gradient(X, T))
         iterates.append(reference.params.copy())
-    Xs, Ts = slowly(*chunked(X, T, rows=300), seconds=0.15)
+    return iterates
+
+
+def assert_params_hold_complete_updates(failure, net, iterates):
+    done = int(re.search(r"the result of the (\d+) complete update\(s\)", str(failure.value)).group(1))
+    assert 0 <= done < len(iterates) - 1
+    assert relative(net.params, iterates[done]) <= 1e-10
+    return done
+
+
+def test_scattered_data_lost_with_its_worker_raises_data_lost_and_params_hold_complete_updates(client):
+    net, X, T = make()
+    iterates = gd_iterates(net, X, T, 30, 0.5)
+    client.wait_for_workers(2, timeout=120)
+    rows = [slice(start, start + 100) for start in range(0, M, 100)]
+    # round-robin over both workers: either one's death loses rows that have no graph to be rebuilt from
+    Xd, Td = (da.concatenate([da.from_delayed(f, (100, a.shape[1]), a.dtype)
+                              for f in client.scatter([a[r] for r in rows])]) for a in (X, T))
+    with fault(client, "parameters broadcast", evaluation=3), pytest.raises(
+        bd.EvaluationError, match=r"data lost: bpgpu.dask.fit\(optimizer='gd'\) stopped: a Dask computation failed; "
+                                  r"net.params are the result of the \d+ complete update\(s\) before it \(data lost: "
+                                  r"a chunk of X or T held only as scattered data") as failure:
+        bd.fit(net, Xd, Td, "gd", max_iter=30, learning_rate=0.5, timeout=BOUND)
+    assert failure.value.reason == "data lost"
+    assert assert_params_hold_complete_updates(failure, net, iterates) >= 2  # evaluations 1 and 2 completed
+
+
+def test_worker_killed_without_retries_raises_retries_exhausted_and_params_hold_complete_updates(client):
+    net, X, T = make()
+    iterates = gd_iterates(net, X, T, 30, 0.5)
+    Xd, Td = chunked(X, T)
     allowed = client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.allowed_failures)
     client.run_on_scheduler(lambda dask_scheduler: setattr(dask_scheduler, "allowed_failures", 0))
     try:
-        with ThreadPoolExecutor(1) as pool:
-            running = pool.submit(bd.fit, net, Xs, Ts, "gd", max_iter=30, learning_rate=0.5)
-            time.sleep(0.5)  # let a few updates complete first
-            kill_a_busy_worker(client)
-            with pytest.raises(RuntimeError, match=r"fit\(optimizer='gd'\) stopped: a Dask computation failed "
-                                                   r"\(KilledWorker: .*net.params are the result of the (\d+) "
-                                                   r"complete update\(s\) before it") as failure:
-                running.result(timeout=60)
+        with fault(client, "chunk sent", evaluation=3, skip=1), pytest.raises(
+            bd.EvaluationError, match=r"retries exhausted: bpgpu.dask.fit\(optimizer='gd'\) stopped: .*Dask gave up "
+                                      r"on a task \(KilledWorker: ") as failure:
+            bd.fit(net, Xd, Td, "gd", max_iter=30, learning_rate=0.5, timeout=BOUND)
     finally:
         client.run_on_scheduler(lambda dask_scheduler: setattr(dask_scheduler, "allowed_failures", allowed))
-        client.wait_for_workers(2, timeout=30)
-    done = int(re.search(r"the result of the (\d+) complete", str(failure.value)).group(1))
-    assert 0 <= done < 30  # 0 on a slow machine: then net.params are the initial ones
-    assert relative(net.params, iterates[done]) <= 1e-10
+    assert failure.value.reason == "retries exhausted"
+    assert assert_params_hold_complete_updates(failure, net, iterates) == 2
+    J, g = net.loss_and_gradient(X, T)  # with retries back, the same chunks compute again
+    Jd, gd = bd.loss_and_gradient(net, Xd, Td, timeout=BOUND)
+    assert abs(Jd - J) <= 1e-12 * J and relative(gd, g) <= 1e-12
+
+
+def test_worker_stalled_past_the_timeout_raises_timeout_and_params_hold_complete_updates(client):
+    net, X, T = make()
+    iterates = gd_iterates(net, X, T, 30, 0.5)
+    Xd, Td = chunked(X, T)
+    with fault(client, "chunk sent", evaluation=1 + 3, sig=signal.SIGSTOP):  # the fit's third
+        bd.loss(net, Xd, Td, timeout=BOUND)  # both workers past their first task (imports) before the clock counts
+        with pytest.raises(bd.EvaluationError, match=r"timeout: bpgpu.dask.fit\(optimizer='gd'\) stopped: .*the "
+                                                     r"evaluation did not finish within timeout=4 s") as failure:
+            bd.fit(net, Xd, Td, "gd", max_iter=30, learning_rate=0.5, timeout=4)
+    assert failure.value.reason == "timeout"
+    assert_params_hold_complete_updates(failure, net, iterates)

@@ -1,4 +1,4 @@
-"""Sparse input (issue 14, item 2): scipy.sparse X in the estimators (as scikit-learn's MLP takes
+"""Sparse input (docs/guide/estimators.rst): scipy.sparse X in the estimators (as scikit-learn's MLP takes
 it) and in bp.MLP (net.forward, net.loss_and_gradient, bp.fit), multiplied sparse × dense in
 layer 1 and never densified."""
 
