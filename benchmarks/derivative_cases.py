@@ -1,0 +1,171 @@
+"""The derivative tools of bpgpu against JAX jit and torch.func, as timed cases (issue 12).
+
+Four quantities on the same net (tanh hidden layers, identity output, squared error,
+reduction "mean", parameters in bpgpu's flat layout w):
+
+    gradient   (J, ∂J/∂w)                 bpgpu net.loss_and_gradient   JAX jit(value_and_grad)   torch.func.grad_and_value
+    jacobian   ∂y/∂x per sample (m, nL, n0) bp.jacobian                 jit(vmap(jacrev))         vmap(jacrev)
+    hvp        H v                        bp.hvp                        jit(jvp of grad)          jvp of grad
+    hessian    H (W, W)                   bp.hessian                    jit(hessian)              torch.func.hessian
+
+bpgpu is called through its public functions (input checks included); the peers get
+their arrays ready-made and are compiled (JAX) before any timing. :func:`cases`
+checks that the three agree (float64: 1e-9 relative) before it returns them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+import bpgpu as bp
+from bpgpu.bench import Case
+
+# (layer sizes, batch m) of the issue's table; the exact Hessian only where W² fits easily
+NETS = {
+    "8-16-1": ([8, 16, 1], 64),
+    "32-64-64-4": ([32, 64, 64, 4], 128),
+    "64-128-128-10": ([64, 128, 128, 10], 256),
+    "784-256-10": ([784, 256, 10], 128),
+}
+HESSIAN_MAX_W = 7000
+QUANTITIES = ("gradient", "jacobian", "hvp", "hessian")
+AGREEMENT = {"float64": 1e-9, "float32": 2e-3}
+
+
+def problem(sizes, m: int, dtype: str, seed: int = 0):
+    """(net, X, T, v) with X, T, v host numpy arrays in ``dtype``."""
+    net = bp.MLP(sizes, hidden="tanh", output="identity", loss="squared_error", dtype=dtype, backend="numpy",
+                 init="glorot", seed=seed)
+    rng = np.random.default_rng(seed + 1)
+    X = rng.standard_normal((m, sizes[0])).astype(dtype)
+    T = rng.standard_normal((m, sizes[-1])).astype(dtype)
+    v = rng.standard_normal(net.n_params).astype(dtype)
+    return net, X, T, v
+
+
+def _unflatten(w, sizes, reshape):
+    """[(b(l), Wᵀ(l))] of a flat vector in bpgpu's layout, for a peer's own array type."""
+    layers, off = [], 0
+    for n_in, n_out in zip(sizes, sizes[1:]):
+        block = reshape(w[off : off + n_out * (n_in + 1)], (n_in + 1, n_out))
+        layers.append((block[0], block[1:]))
+        off += n_out * (n_in + 1)
+    return layers
+
+
+def bpgpu_fns(net, X, T, v) -> dict:
+    return {
+        "gradient": lambda: net.loss_and_gradient(X, T),
+        "jacobian": lambda: bp.jacobian(net, X),
+        "hvp": lambda: bp.hvp(net, X, T, v),
+        "hessian": lambda: bp.hessian(net, X, T),
+    }
+
+
+def jax_fns(net, X, T, v) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    jax.config.update("jax_enable_x64", True)  # float64 cases; explicit dtypes keep float32 as float32
+    sizes, m = list(net.sizes), X.shape[0]
+    w, Xj, Tj, vj = (jnp.asarray(np.asarray(a)) for a in (net.params, X, T, v))
+
+    def forward(w, x):
+        a = x
+        layers = _unflatten(w, sizes, jnp.reshape)
+        for l, (b, wt) in enumerate(layers, start=1):
+            a = a @ wt + b
+            if l < len(layers):
+                a = jnp.tanh(a)
+        return a
+
+    def loss(w):
+        r = forward(w, Xj) - Tj
+        return 0.5 * jnp.sum(r * r) / m
+
+    value_and_grad = jax.jit(jax.value_and_grad(loss))
+    jacobian = jax.jit(jax.vmap(jax.jacrev(forward, argnums=1), in_axes=(None, 0)))
+    hvp = jax.jit(lambda w, v: jax.jvp(jax.grad(loss), (w,), (v,))[1])
+    hessian = jax.jit(jax.hessian(loss))
+
+    def ready(f):
+        return lambda: jax.block_until_ready(f())
+
+    return {
+        "gradient": ready(lambda: value_and_grad(w)),
+        "jacobian": ready(lambda: jacobian(w, Xj)),
+        "hvp": ready(lambda: hvp(w, vj)),
+        "hessian": ready(lambda: hessian(w)),
+    }
+
+
+def torch_fns(net, X, T, v) -> dict:
+    import torch
+    from torch import func
+
+    sizes, m = list(net.sizes), X.shape[0]
+    w, Xt, Tt, vt = (torch.from_numpy(np.array(a)) for a in (net.params, X, T, v))
+
+    def forward(w, x):
+        a = x
+        layers = _unflatten(w, sizes, torch.reshape)
+        for l, (b, wt) in enumerate(layers, start=1):
+            a = a @ wt + b
+            if l < len(layers):
+                a = torch.tanh(a)
+        return a
+
+    def loss(w):
+        r = forward(w, Xt) - Tt
+        return 0.5 * torch.sum(r * r) / m
+
+    grad_and_value = func.grad_and_value(loss)
+    jacobian = func.vmap(func.jacrev(forward, argnums=1), in_dims=(None, 0))
+    hessian = func.hessian(loss)
+
+    def no_grad(f):
+        def call():
+            with torch.no_grad():
+                return f()
+        return call
+
+    return {
+        "gradient": no_grad(lambda: grad_and_value(w)),
+        "jacobian": no_grad(lambda: jacobian(w, Xt)),
+        "hvp": no_grad(lambda: func.jvp(func.grad(loss), (w,), (vt,))[1]),
+        "hessian": no_grad(lambda: hessian(w)),
+    }
+
+
+def _array(x) -> np.ndarray:
+    """The derivative part of one result, as float64 numpy (the gradient: its vector)."""
+    if isinstance(x, tuple):  # (J, g) of bpgpu and JAX, (g, J) of torch.func
+        x = next(p for p in x if np.ndim(np.asarray(p)) == 1)
+    return np.asarray(x, dtype=np.float64)
+
+
+def relative_error(a, b) -> float:
+    a, b = _array(a), _array(b)
+    return float(np.max(np.abs(a - b)) / max(float(np.max(np.abs(b))), 1e-300))
+
+
+def cases(name: str, dtype: str, quantity: str, peers=("jax", "torch")) -> dict[str, Case]:
+    """{"bpgpu": Case, "jax": Case, "torch": Case} for one net, dtype and quantity, after
+    checking that every peer agrees with bpgpu (AGREEMENT, relative to the largest entry)."""
+    sizes, m = NETS[name]
+    net, X, T, v = problem(sizes, m, dtype)
+    makers = {"bpgpu": bpgpu_fns, "jax": jax_fns, "torch": torch_fns}
+    fns = {impl: makers[impl](net, X, T, v)[quantity] for impl in ("bpgpu", *peers)}
+    reference = fns["bpgpu"]()
+    for impl in peers:
+        err = relative_error(fns[impl](), reference)
+        if not err <= AGREEMENT[dtype]:
+            raise AssertionError(f"{impl} {quantity} on {name} {dtype}: relative difference {err:.3g} "
+                                 f"from bpgpu > {AGREEMENT[dtype]:g}")
+    return {impl: Case(fn) for impl, fn in fns.items()}
+
+
+def applies(name: str, quantity: str) -> bool:
+    sizes, _ = NETS[name]
+    W = sum(n * (k + 1) for k, n in zip(sizes, sizes[1:]))
+    return quantity != "hessian" or W <= HESSIAN_MAX_W
