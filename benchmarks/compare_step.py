@@ -6,8 +6,8 @@
 Implementations (same net: relu hidden, identity output, ½‖a − t‖² / m, SGD lr 0.01):
 
     numpy_reference  the plain preallocated numpy step (bpgpu.bench.numpy_reference_case)
-    bpgpu_numpy      bpgpu's numpy path: engine.forward, engine.backward, optimizer.update
-    bpgpu_jit        the compiled step (bpgpu.kernels.jit.compiled_train_step), one numba call
+    bpgpu_numpy      bpgpu's numpy path: forward, backward, optimizer.update (bpgpu.bench.bpgpu_numpy_path_case)
+    bpgpu_jit        the compiled step, one numba call (bpgpu.bench.bpgpu_jit_case)
     bpgpu_train_step bpgpu.training.train_step as it is wired now (bpgpu.bench.bpgpu_step_case)
     jax_jit          value_and_grad + SGD in one jax.jit, parameters donated
     torch_eager      nn.Linear/ReLU, backward, optim.SGD
@@ -17,58 +17,31 @@ Implementations (same net: relu hidden, identity output, ½‖a − t‖² / m, 
 The machine is shared, so a single timing is noise: every implementation runs a
 short burst of steps in each round, the order shuffled per round, and the table
 gives the best and the median round (seconds per step) and both ratios to the
-plain numpy step measured in the same rounds. Case builders come from
-bpgpu.bench (the code benchmarks/test_train_step.py times), so the peers are the
-same code in both places.
+plain numpy step measured in the same rounds. Case builders and the timing
+(bpgpu.bench.interleaved_timings) come from bpgpu.bench, the code ``bpgpu bench``
+and benchmarks/test_train_step.py time, so the peers and the rounds are the same
+code in all three places.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import random
 import sys
-import time
 
 import numpy as np
 
-from bpgpu import bench, engine, optim
+from bpgpu import bench
+from bpgpu.backend import resolve
 from bpgpu.kernels import jit
-from bpgpu.network import MLP
-
-
-def numpy_path_case(sizes, m, dtype, backend):
-    """bpgpu's numpy path, whatever train_step routes to: the three calls of a step."""
-    net = MLP(sizes, dtype=dtype, backend=backend, init="he", seed=0, **bench.STEP_NET)
-    X, T = net.check_inputs(*bench.batch(backend, sizes, m, dtype))
-    opt = optim.SGD(net, learning_rate=bench.LEARNING_RATE)
-    ws = net.workspace(m)
-
-    def step():
-        engine.forward(net, X, ws, net.params)
-        loss = engine.backward(net, X, T, ws, net.params, ws.grad)
-        opt.update(ws.grad)
-        return loss
-
-    return bench.Case(step, float)
-
-
-def jit_case(sizes, m, dtype, backend):
-    net = MLP(sizes, dtype=dtype, backend=backend, init="he", seed=0, **bench.STEP_NET)
-    X, T = net.check_inputs(*bench.batch(backend, sizes, m, dtype))
-    step = jit.compiled_train_step(net, optim.SGD(net, learning_rate=bench.LEARNING_RATE))
-    if step is None:
-        return None
-    step(X, T)  # compile (or load numba's cache)
-    return bench.Case(lambda: step(X, T), float)
 
 
 def cases(sizes, m, dtype, only=None):
-    backend = bench.resolve("numpy")
+    backend = resolve("numpy")
     found = {
         "numpy_reference": bench.numpy_reference_case(sizes, m, dtype),
-        "bpgpu_numpy": numpy_path_case(sizes, m, dtype, backend),
-        "bpgpu_jit": jit_case(sizes, m, dtype, backend),
+        "bpgpu_numpy": bench.bpgpu_numpy_path_case(sizes, m, dtype, backend),
+        "bpgpu_jit": bench.bpgpu_jit_case(sizes, m, dtype, backend),
         "bpgpu_train_step": bench.bpgpu_step_case(sizes, m, dtype, backend),
     }
     peers = [p for p in bench.available_peers() if only is None or p in only]
@@ -82,60 +55,27 @@ def cases(sizes, m, dtype, only=None):
     return found
 
 
-def burst(case, n):
-    t0 = time.perf_counter()
-    for _ in range(n):
-        handle = case.fn()
-    case.finish(handle)
-    return (time.perf_counter() - t0) / n
-
-
-def interleaved(found, rounds, round_seconds, settle=0.0, seed=0):
-    """Per implementation: seconds per step of every round (bursts of n steps, n calibrated once).
-
-    settle: seconds of sleep before each burst, so the thread pools of the
-    implementation before (numpy's and scipy's OpenBLAS, PyTorch's OpenMP, XLA's)
-    stop spin-waiting on the 2 cores before the next one is timed.
-    """
-    calls = {}
-    for name, case in found.items():
-        case.finish(case.fn())  # warm-up
-        once = burst(case, 1)
-        calls[name] = max(1, int(round_seconds / max(once, 1e-7)))
-        calls[name] = max(1, int(round_seconds / burst(case, calls[name])))  # re-measured over a burst
-        print(f"  {name}: {calls[name]} steps per burst", file=sys.stderr, flush=True)
-    order, times = list(found), {name: [] for name in found}
-    shuffle = random.Random(seed).shuffle
-    for _ in range(rounds):
-        shuffle(order)
-        for name in order:
-            time.sleep(settle)
-            times[name].append(burst(found[name], calls[name]))
-    return times, calls
-
-
-def summary(times, calls, sizes, m, base="numpy_reference"):
-    best0, median0 = min(times[base]), float(np.median(times[base]))
+def summary(stats, sizes, m, base="numpy_reference"):
+    """Per implementation: best and median round, both ratios to the plain numpy step, GFLOP/s of the best."""
+    best0, median0 = stats[base]["best"], stats[base]["median"]
     k, n = bench.largest_layer(sizes)
-    flops = {name: bench.step_flops(sizes, m) for name in times} | {"gemm": 2 * m * k * n}
+    flops = {name: bench.step_flops(sizes, m) for name in stats} | {"gemm": 2 * m * k * n}
     return {
         name: {
-            "best_s": min(t), "median_s": float(np.median(t)), "calls_per_round": calls[name],
-            "ratio_best": min(t) / best0, "ratio_median": float(np.median(t)) / median0,
-            "gflops_best": flops[name] / min(t) / 1e9,
+            "best_s": s["best"], "median_s": s["median"], "calls_per_round": s["calls"] // len(s["rounds"]),
+            "ratio_best": s["best"] / best0, "ratio_median": s["median"] / median0,
+            "gflops_best": flops[name] / s["best"] / 1e9,
         }
-        for name, t in times.items()
+        for name, s in stats.items()
     }
 
 
 def table(results):
-    lines = ["| size | dtype | implementation | best µs | median µs | ratio best | ratio median | GFLOP/s (best) |",
-             "|---|---|---|---:|---:|---:|---:|---:|"]
-    for (config, dtype), rows in results.items():
-        for name, r in rows.items():
-            lines.append(f"| {config} | {dtype} | {name} | {r['best_s'] * 1e6:.1f} | {r['median_s'] * 1e6:.1f} "
-                         f"| {r['ratio_best']:.2f} | {r['ratio_median']:.2f} | {r['gflops_best']:.1f} |")
-    return "\n".join(lines)
+    header = ["size", "dtype", "implementation", "best µs", "median µs", "ratio best", "ratio median", "GFLOP/s (best)"]
+    rows = [[config, dtype, name, f"{r['best_s'] * 1e6:.1f}", f"{r['median_s'] * 1e6:.1f}", f"{r['ratio_best']:.2f}",
+             f"{r['ratio_median']:.2f}", f"{r['gflops_best']:.1f}"]
+            for (config, dtype), rows in results.items() for name, r in rows.items()]
+    return "\n".join(bench.md_table(header, rows, align=["", "", ""] + ["r"] * 5))
 
 
 def main(argv=None):
@@ -157,8 +97,10 @@ def main(argv=None):
         rounds = args.rounds if config != "large" else min(args.rounds, 5)
         for dtype in args.dtype:
             print(f"{config} {dtype}: building", file=sys.stderr)
-            times, calls = interleaved(cases(sizes, m, dtype, args.only and {"numpy_reference", *args.only}), rounds, args.round_seconds, args.settle)
-            results[(config, dtype)] = summary(times, calls, sizes, m)
+            found = cases(sizes, m, dtype, args.only and {"numpy_reference", *args.only})
+            stats = bench.interleaved_timings(found, min_time=rounds * args.round_seconds, repeats=rounds,
+                                              long_call=np.inf, settle=args.settle)
+            results[(config, dtype)] = summary(stats, sizes, m)
     print(table(results))
     if args.json:
         with open(args.json, "w") as f:

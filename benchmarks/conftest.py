@@ -13,7 +13,10 @@ import pytest
 
 from bpgpu import bench
 
-RESULTS: dict = {"gradient": {}, "gemm": {}, "gemm_seconds": {}, "step": {}, "memory": {}}
+# what benchmarks/test_gradient_cost.py times: the full plan's gradient nets
+GRADIENT_NETS, GRADIENT_WHY = bench.describe_nets(bench.plan_for("full"))
+
+RESULTS: dict = {"gradient": {}, "gemm": {}, "gemm_seconds": {}, "step": {}, "memory": {}, "lm": {}}
 
 
 def pytest_addoption(parser):
@@ -50,6 +53,9 @@ def record():
 
 
 def pytest_terminal_summary(terminalreporter):
+    """The derived figures, formatted by the same code as ``bpgpu bench``'s table."""
+    from bpgpu.bench.sections import gradient_cost, train_step
+
     write = terminalreporter.write_line
     grad = RESULTS["gradient"]
     for backend in sorted({key[0] for key in grad}):
@@ -60,28 +66,34 @@ def pytest_terminal_summary(terminalreporter):
         points = [by_W[W] for W in sorted(by_W) if "backprop" in by_W[W] and "loss_pass" in by_W[W]]
         if len(points) < 2:
             continue
-        fits = bench.fit_gradient_cost(points)
-        write(f"\ngradient cost on {backend} (exponents over W in {fits['fit_range']}):")
-        for method in bench.METHODS:
-            own = fits["fits"][method]
-            if own:
-                write(f"  {method:20s} W^{fits['exponents'][method]:.2f}   own range {own['fit_range']}: "
-                      f"W^{own['exponent']:.2f}")
-        for row in fits["extrapolated"][-1:]:
-            write("  extrapolated at W=%d: " % row["W"] + ", ".join(
-                f"{m} ~{bench.duration(t)}" for m, t in row.items() if m != "W"))
+        section = {"backend": backend, "dtype": "float64", "blas_threads": 1, "clock": "wall-clock seconds",
+                   "net": GRADIENT_NETS, "net_reason": GRADIENT_WHY, "points": points,
+                   **bench.fit_gradient_cost(points)}
+        write("")
+        for line in gradient_cost.text(section):
+            write(line)
     if RESULTS["step"]:
-        write("\ntraining step: time, GFLOP/s / same-run GEMM, time / bpgpu, time / plain numpy step")
+        rows = []
         for (config, dtype, backend, impl), t in RESULTS["step"].items():
-            sizes, m = bench.CONFIGS[config]
-            gflops = bench.step_flops(sizes, m) / t / 1e9
             gemm = RESULTS["gemm"].get((config, dtype, backend))
-            base = RESULTS["step"].get((config, dtype, backend, "bpgpu"))
-            ref = RESULTS["step"].get((config, dtype, "numpy", "numpy_reference"))
-            cells = [f"{bench.duration(t):>9s}", f"{gflops:8.2f} GFLOP/s",
-                     f"{gflops / gemm:5.2f} of GEMM" if gemm else "", f"{t / base:5.2f}x bpgpu" if base else "",
-                     f"{t / ref:5.2f}x numpy" if ref else ""]
-            write(f"  {config:7s} {dtype:8s} {backend:6s} {impl:16s} " + "  ".join(cells))
-    for (config, dtype, backend), mem in RESULTS["memory"].items():
-        write(f"  bytes per bpgpu step {config} {dtype} {backend}: peak {mem['peak']}, retained {mem['retained']}, "
-              f"pool growth {mem['pool_growth']} ({mem['method']})")
+            rows.append(train_step.step_row(config, dtype, backend, impl, "", t, gemm))
+        groups: dict[tuple, list[dict]] = {}
+        for r in rows:
+            groups.setdefault((r["config"], r["dtype"], r["backend"]), []).append(r)
+        for (config, dtype, _), group in groups.items():
+            train_step.add_ratios(group, RESULTS["step"].get((config, dtype, "numpy", "numpy_reference")))
+        memory = [{"config": c, "dtype": d, "backend": b, **mem} for (c, d, b), mem in RESULTS["memory"].items()]
+        write("")
+        for line in train_step.text({"rows": rows, "memory": memory}):
+            write(line)
+    lm = RESULTS["lm"]
+    for name in sorted({key[0] for key in lm if (key[0], "bpgpu") in lm}):
+        ours = lm[(name, "bpgpu")]
+        peers = ", ".join(f"{impl} {bench.duration(t)} ({t / ours:.2f}x bpgpu's)"
+                          for (n, impl), t in lm.items() if n == name and impl != "bpgpu")
+        write(f"\n{name}: bpgpu {bench.duration(ours)}; {peers}")
+    for (kind, W), rate in lm.items():
+        if kind == "product_gflops":
+            gemm = lm[("gemm_gflops", W)]
+            write(f"LM normal-equation product at W={W}: {rate:.1f} GFLOP/s (GEMM-equivalent), same-run GEMM "
+                  f"{gemm:.1f} GFLOP/s: {rate / gemm:.2f} of GEMM")

@@ -1,14 +1,14 @@
 """Gradient cost versus W: backprop O(W), finite differences O(W²), on every backend.
 
 The nets, batch and single-threaded host BLAS are those of ``bpgpu bench``
-(see :func:`bpgpu.bench.gradient_net`). Finite differences stop at
+(the full plan's, see :mod:`bpgpu.bench.sections.gradient_cost`). Finite differences stop at
 --fd-max-log10-W; the session summary fits the exponents and extrapolates.
 """
 
 import pytest
 from threadpoolctl import threadpool_limits
 
-from bpgpu import bench, engine
+from bpgpu import bench
 
 PLAN = bench.plan_for("full")
 BACKENDS = {b.name: b for b in bench.available_backends()}
@@ -23,7 +23,7 @@ def one_blas_thread():
 
 
 def _net(backend, e):
-    return bench.gradient_net(10**e, PLAN.gradient_batch, DTYPE, BACKENDS[backend])
+    return bench.plan_net(PLAN, 10**e, BACKENDS[backend], DTYPE)
 
 
 @pytest.mark.parametrize("e", GRID, ids=lambda e: f"W1e{e:g}")
@@ -42,9 +42,9 @@ def test_backprop(benchmark, record, backend, e):
 def test_loss_evaluation(benchmark, record, backend, e):
     """One forward pass: the unit finite differences repeat W or 2W times."""
     net, X, T = _net(backend, e)
-    ws = net.workspace(X.shape[0])
+    case = bench.loss_case(net, X, T)
     benchmark.group = f"gradient {backend} W=1e{e:g}"
-    benchmark(lambda: bench.sync_scalar(engine.loss(net, X, T, ws, net.params)))
+    benchmark(lambda: case.finish(case.fn()))
     record("gradient", (backend, "loss_pass", net.n_params), benchmark)
 
 

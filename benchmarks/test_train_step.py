@@ -8,8 +8,6 @@ from bpgpu import bench
 BACKENDS = {b.name: b for b in bench.available_backends()}
 DTYPES = ("float32", "float64")
 
-PEER_MODULES = {"torch_eager": "torch", "jax_jit": "jax", "sklearn": "sklearn"}
-
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -30,9 +28,9 @@ def test_gemm(benchmark, record, config, backend, dtype):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("config", bench.CONFIGS)
 def test_train_step(benchmark, record, config, backend, dtype, impl):
-    if impl in PEER_MODULES:
-        pytest.importorskip(PEER_MODULES[impl])
-    if impl not in bench.implementations(BACKENDS[backend], list(PEER_MODULES)):
+    if impl in bench.PEER_MODULES:
+        pytest.importorskip(bench.PEER_MODULES[impl])
+    if impl not in bench.implementations(BACKENDS[backend], list(bench.PEER_MODULES)):
         pytest.skip(f"{impl} runs on the CPU: timed with the numpy backend")
     sizes, m = bench.CONFIGS[config]
     case = bench.step_case(impl, sizes, m, dtype, BACKENDS[backend])

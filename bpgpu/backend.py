@@ -36,14 +36,56 @@ class GpuStatus:
     reason: str
 
 
+# The CUDA driver library, by platform: what CuPy itself ends up loading.
+_DRIVER_LIBRARIES = {"win32": ("nvcuda.dll",), "darwin": ()}
+_DEFAULT_DRIVER_LIBRARIES = ("libcuda.so.1", "libcuda.so")
+
+
+def cuda_driver() -> str:
+    """Why there is no CUDA device to use, judged from the driver alone ("" when there may be one).
+
+    ctypes loads the driver library and asks it for its devices (cuInit,
+    cuDeviceGetCount): milliseconds, against the most of a second that importing
+    CuPy takes only to find out the same. An error here is no verdict (""): CuPy's
+    own probe decides then.
+    """
+    import ctypes
+    import sys
+
+    names = _DRIVER_LIBRARIES.get(sys.platform, _DEFAULT_DRIVER_LIBRARIES)
+    for name in names:
+        try:
+            driver = ctypes.CDLL(name)
+            break
+        except OSError:
+            continue
+    else:
+        return f"no CUDA driver (none of {', '.join(names) or 'the CUDA libraries'} loads)"
+    try:
+        status = driver.cuInit(0)
+        if status == 100:  # CUDA_ERROR_NO_DEVICE
+            return "no CUDA device (the CUDA driver finds none)"
+        count = ctypes.c_int(0)
+        if status == 0 and driver.cuDeviceGetCount(ctypes.byref(count)) == 0 and count.value == 0:
+            return "no CUDA device (the CUDA driver finds none)"
+    except (AttributeError, OSError):
+        pass
+    return ""
+
+
 @functools.lru_cache(maxsize=1)
 def gpu_status() -> GpuStatus:
-    """Probe CuPy once per process: import, driver, device, then a smoke test.
+    """Probe the GPU once per process: the driver (:func:`cuda_driver`), then CuPy's import,
+    driver, device, and a smoke test.
 
+    The driver comes first so that a machine without one never imports CuPy.
     ``cupy.is_available()`` only counts devices; a machine can have a device and
     still lack NVRTC, the CUDA headers or cuBLAS, so a tiny kernel and a matmul
     are actually run (docs/guide/gpu.rst, "Which machines count as having a GPU").
     """
+    missing = cuda_driver()
+    if missing:
+        return GpuStatus(False, missing)
     try:
         import cupy
         from cupy.cuda import runtime
@@ -95,7 +137,7 @@ class Backend:
 
     name: str
     xp: Any  # array-API namespace
-    ops: ModuleType  # kernel table: bpgpu.kernels.{cpu,cuda,generic}
+    ops: ModuleType  # kernel table: bpgpu.kernels.{compiled,cuda,generic}
     reason: str = ""
 
     @property
@@ -124,6 +166,29 @@ class Backend:
 
     def dtype(self, name: str) -> Any:
         return getattr(self.xp, name)
+
+    def as_sparse(self, x: Any, dtype: Any) -> Any:
+        """A sparse matrix (scipy's or CuPy's, any format) as a CSR matrix on this backend, explicitly:
+        scipy.sparse on numpy, cupyx.scipy.sparse on CuPy (host ↔ device where it is not there yet).
+        The network multiplies it as it is (sparse × dense, never densified)."""
+        if self.name == "numpy":
+            import scipy.sparse
+
+            if is_sparse(x) and type(x).__module__.startswith("cupyx"):
+                x = x.get()  # device -> host, on purpose
+            return scipy.sparse.csr_array(x, dtype=dtype)
+        if self.name == "cupy":
+            import cupyx.scipy.sparse
+
+            if not type(x).__module__.startswith("cupyx"):
+                import scipy.sparse
+
+                x = scipy.sparse.csr_matrix(x, dtype=dtype)  # cupyx takes scipy's matrices, not its arrays
+            return cupyx.scipy.sparse.csr_matrix(x, dtype=dtype)  # host -> device when x is not on it
+        raise TypeError(
+            f"sparse input needs the numpy or cupy backend (scipy.sparse / cupyx.scipy.sparse); "
+            f"the {self.name} namespace has no sparse matrices: pass a dense array"
+        )
 
     # --- dense linear algebra and memory, for the second-order methods ------------
 
@@ -201,6 +266,14 @@ class Backend:
             return 1 << 34
 
 
+def is_sparse(x: Any) -> bool:
+    """Whether ``x`` is a scipy.sparse or cupyx.scipy.sparse matrix or array (no import of either)."""
+    module = type(x).__module__
+    if not module.startswith(("scipy.sparse", "cupyx.scipy.sparse")):
+        return False
+    return hasattr(x, "tocsr") and getattr(x, "ndim", 2) == 2
+
+
 def to_numpy(x: Any) -> np.ndarray:
     """Bring any backend array to a numpy array on the host (an explicit transfer)."""
     if array_api_compat.is_cupy_array(x):
@@ -222,9 +295,14 @@ def of_array(x: Any) -> Backend:
 
 
 def _numpy_backend(reason: str) -> Backend:
-    from bpgpu.kernels import cpu
+    """numpy with the compiled table, or with the array-API reference table (and the reason in
+    ``reason``) when numba cannot be used."""
+    from bpgpu.kernels import generic, jit
 
-    return Backend("numpy", array_api_compat.array_namespace(np.empty(0)), cpu, reason)
+    table = jit.kernels()
+    if table is None:
+        table, reason = generic, f"{reason}; array-API kernels: {jit.reason}"
+    return Backend("numpy", array_api_compat.array_namespace(np.empty(0)), table, reason)
 
 
 def _cupy_backend(reason: str) -> Backend:

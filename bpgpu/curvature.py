@@ -84,7 +84,7 @@ def hessian_eigenvalues(
     if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol >= 0:
         raise ValueError(f"tol must be a number >= 0, got {tol!r}")
     X, T = net.check_inputs(X, T)
-    backend, xp = net.backend, net.backend.xp
+    backend = net.backend
     mode, key = _WHICH[which]
     if k == W:
         lam, vec = np.linalg.eigh(to_numpy(hessian(net, X, T, method="exact")).astype(np.float64))

@@ -8,14 +8,14 @@ go through the net's kernel table (``net.backend.ops``), everything else
 through its array namespace (``net.backend.xp``). The flat layout of w is
 :class:`bpgpu.layout.Layout`'s (``net.layout``).
 
-Notation (seed 000). Layer l = 1..L: z(l) = Θ(l) a(l−1) with a_0 = 1, a(l) = g_l(z(l)).
+Notation (docs/guide/feedforward.rst). Layer l = 1..L: z(l) = Θ(l) a(l−1) with a_0 = 1, a(l) = g_l(z(l)).
 A batch is row-major, so with Wᵀ(l) and b(l) views of w (layout.py):
 
     Z(l) = A(l−1) Wᵀ(l) + b(l),   A(l) = g_l(Z(l)),   A(0) = X (m, n_0)
     J = c Σ_n ℓ(a_n(L), t_n),      c = 1/m ("mean") or 1 ("sum"); with sample weights
                                    J = c Σ_n s_n ℓ_n, c = 1/Σ s_n ("mean") or 1
     δ(l) = ∂J/∂z(l):  δ(L) from the loss (c (a − t) for a canonical pair),
-                      δ(l) = (δ(l+1) W(l+1)) ⊙ g′_l(z(l))        (the delta rule, seed 001)
+                      δ(l) = (δ(l+1) W(l+1)) ⊙ g′_l(z(l))        (the delta rule, docs/guide/backprop.rst)
     ∂J/∂Wᵀ(l) = A(l−1)ᵀ δ(l),   ∂J/∂b(l) = Σ_n δ_n(l)             (the δ·aᵀ products)
 
 Public operations
@@ -27,6 +27,8 @@ buffers of a :class:`Workspace` (``net.workspace(m)``):
     output_delta(net, T, ws, weights)         δ(L) into ws.D[L]; returns Σ_n J_n (unscaled)
     backward(net, X, T, ws, w, grad, weights) δ(l) into ws.D[l], ∂J/∂w into ``grad``; returns J
     loss(net, X, T, ws, w, weights)           forward + the loss J, no backprop
+    loss_and_gradient(net, X, T, grad, weights)  J and ∂J/∂w at net.params into ``grad``: one compiled
+                                              call on the numpy backend (numba), forward + backward elsewhere
     forward_backward(net, X, T)               forward and backward at net.params; returns ws
 
 Building blocks of the derivative tools (stacks of K seeds or directions are
@@ -37,7 +39,7 @@ arrays (K, m, n_l), so every product is one batched GEMM):
     output_residual(net, ws, T)               c ∂ℓ/∂a(L), clipped as the loss kernels clip
     output_seeds(net, a, through_output)      δ(L) seeds e_k ⊙ g′_L (∂y_k/∂z(L)) or e_k (∂z_k/∂z(L)), (n_L, m, n_L)
     seeded_deltas(net, A, D)                  backprop of a seed stack: yields (l, δ(l)) for l = L..1,
-                                              δ(l−1) = (δ(l) W(l)) ⊙ g′ (seed 002's Jacobian recursion)
+                                              δ(l−1) = (δ(l) W(l)) ⊙ g′ (the Jacobian recursion)
     input_jacobian(net, A)                    ∂y_k/∂x per sample, (m, n_L, n_0): δ(1) W(1) for the output seeds
     seeded_gradients(net, A, seeds)           per-seed, per-sample gradients ∂u_kn/∂w, (K·m, W):
                                               layer l's block is [1, A_n(l−1)] ⊗ δ_kn(l), laid out like Θ(l)
@@ -53,7 +55,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Iterator
 
-from bpgpu.kernels import generic
+import numpy as np
+
+from bpgpu.kernels import generic, jit
 
 if TYPE_CHECKING:
     from bpgpu.network import MLP
@@ -163,6 +167,26 @@ def loss(net: MLP, X: Any, T: Any, ws: Workspace, w: Any, weights: Any = None) -
     return net.reduction_factor(ws.m, weights) * output_delta(net, T, ws, weights)
 
 
+def loss_and_gradient(net: MLP, X: Any, T: Any, grad: Any, weights: Any = None) -> Any:
+    """J and ∂J/∂w at ``net.params``, the gradient written into ``grad`` (W,): the fastest path.
+
+    On the numpy backend with the compiled table and a dense X, one numba call (forward pass, backprop and
+    the δ·aᵀ products, :class:`bpgpu.kernels.jit.CompiledGradient`); elsewhere :func:`forward`
+    and :func:`backward` through the net's workspace. The workspace's A(l) and δ(l) are not
+    defined afterwards (use :func:`forward_backward` for passes that read them).
+
+    Returns
+    -------
+    J : Python float on the compiled path, a device scalar otherwise.
+    """
+    compiled = jit.gradient_for(net) if isinstance(X, np.ndarray) else None  # sparse X: the passes
+    if compiled is not None:
+        return compiled(X, T, grad, weights)
+    ws = net.workspace(X.shape[0])
+    forward(net, X, ws, net.params)
+    return backward(net, X, T, ws, net.params, grad, weights)
+
+
 def forward_backward(net: MLP, X: Any, T: Any) -> Workspace:
     """One forward pass and backprop at ``net.params``; the returned workspace then holds
     A(l), δ(l) for every layer and the gradient in ws.grad."""
@@ -225,7 +249,7 @@ def output_seeds(net: MLP, a: Any, through_output: bool) -> Any:
 def seeded_deltas(net: MLP, A: list[Any], D: Any) -> Iterator[tuple[int, Any]]:
     """Backprop of a stack of K seeds δ(L) = D (K, m, n_L): yields (l, δ(l)) for l = L..1.
 
-    δ(l−1) = (δ(l) W(l)) ⊙ g′_{l−1} (seed 002's Jacobian recursion), all K·m rows in one
+    δ(l−1) = (δ(l) W(l)) ⊙ g′_{l−1} (docs/guide/jacobian_hessian.rst), all K·m rows in one
     batched product per layer. A: :func:`layer_outputs`.
     """
     layout, xp = net.layout, net.backend.xp
@@ -301,11 +325,13 @@ def r_output_delta(net: MLP, ws: Workspace, T: Any, Rz: Any, Ra: Any) -> Any:
 def r_pass(net: MLP, X: Any, T: Any, ws: Workspace, V: Any) -> Any:
     """H vᵣ for every row vᵣ of V (K, W), after :func:`forward_backward`; returns (K, W).
 
-    Forward:  R{z(l)} = R{A(l−1)} Wᵀ(l) + A(l−1) Vᵀ_W(l) + v_b(l),  R{A(l)} = g′ ⊙ R{z(l)}   (R{A(0)} = 0)
-    Backward: R{δ(L)} from the loss (:func:`r_output_delta`);
-              s(l) = δ(l+1) W(l+1),  R{s(l)} = R{δ(l+1)} W(l+1) + δ(l+1) V_W(l+1),
-              R{δ(l)} = R{s(l)} ⊙ g′ + s(l) ⊙ g″ ⊙ R{z(l)};
-    Gradient: R{∂J/∂Wᵀ(l)} = R{A(l−1)}ᵀ δ(l) + A(l−1)ᵀ R{δ(l)},  R{∂J/∂b(l)} = Σ_n R{δ(l)}.
+    The R-operator on every line of the passes::
+
+        Forward:  R{z(l)} = R{A(l−1)} Wᵀ(l) + A(l−1) Vᵀ_W(l) + v_b(l),  R{A(l)} = g′ ⊙ R{z(l)}   (R{A(0)} = 0)
+        Backward: R{δ(L)} from the loss (r_output_delta);
+                  s(l) = δ(l+1) W(l+1),  R{s(l)} = R{δ(l+1)} W(l+1) + δ(l+1) V_W(l+1),
+                  R{δ(l)} = R{s(l)} ⊙ g′ + s(l) ⊙ g″ ⊙ R{z(l)};
+        Gradient: R{∂J/∂Wᵀ(l)} = R{A(l−1)}ᵀ δ(l) + A(l−1)ᵀ R{δ(l)},  R{∂J/∂b(l)} = Σ_n R{δ(l)}.
     """
     xp, layout, L, w = net.backend.xp, net.layout, net.n_layers, net.params
     A, D = layer_outputs(X, ws), ws.D
@@ -334,7 +360,7 @@ def r_pass(net: MLP, X: Any, T: Any, ws: Workspace, V: Any) -> Any:
 
 
 __all__ = [
-    "Workspace", "backward", "forward", "forward_backward", "input_jacobian", "layer_outputs", "loss",
+    "Workspace", "backward", "forward", "forward_backward", "loss_and_gradient", "input_jacobian", "layer_outputs", "loss",
     "loss_curvature", "output_delta", "output_residual", "output_seeds", "r_output_delta", "r_pass",
     "seeded_deltas", "seeded_gradients", "times_g1",
 ]

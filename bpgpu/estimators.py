@@ -31,8 +31,11 @@ a run whose loss or parameters turn NaN/Inf raises scikit-learn's ValueError
 stopping, which records nan in ``validation_scores_``, stops and keeps the best
 parameters; the early-stopping split is stratified on the binarized labels.
 
-Where it differs from scikit-learn (1.9): sparse X is refused (sklearn's "dense
-data is required" error); for multi-output
+Sparse X (scipy.sparse CSR, CSC or COO, matrices or arrays) is accepted in every
+method, as scikit-learn accepts it, and never densified: the net multiplies it
+sparse × dense (cupyx.scipy.sparse on the GPU).
+
+Where it differs from scikit-learn (1.9): for multi-output
 regression ``loss_`` sums the half squared error over the outputs where sklearn
 averages it (the gradients, hence the training, are the same); the sample order
 of each epoch comes from bpgpu's generator (seeded from random_state), so the
@@ -420,7 +423,7 @@ class _BaseMLP(BaseEstimator):
     def _forward_host(self, X) -> np.ndarray:
         """a(L) for X as a numpy array on the host (one explicit transfer)."""
         check_is_fitted(self)
-        X = validate_data(self, X, reset=False, dtype=(np.float64, np.float32))
+        X = validate_data(self, X, accept_sparse=["csr", "csc"], reset=False, dtype=(np.float64, np.float32))
         return to_numpy(self._net.forward(X))
 
     def _validation_score(self, X_val: np.ndarray, y_val: np.ndarray, sample_weight=None) -> float:
@@ -429,6 +432,11 @@ class _BaseMLP(BaseEstimator):
         if np.issubdtype(prediction.dtype, np.floating) and not np.isfinite(prediction).all():
             return float("nan")
         return float(self._score_function(y_val, prediction, sample_weight=sample_weight))
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.sparse = True  # as scikit-learn's MLP: CSR / CSC (COO converted) in every method
+        return tags
 
     # --- pickling and bp.save ------------------------------------------------
     # The net and the optimizer hold modules (the backend namespace and kernel
@@ -556,7 +564,7 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
 
     def _validate_input(self, X, y, incremental, reset):
         X, y = validate_data(
-            self, X, y, multi_output=True, dtype=(np.float64, np.float32), reset=reset
+            self, X, y, accept_sparse=["csr", "csc"], multi_output=True, dtype=(np.float64, np.float32), reset=reset
         )
         if y.ndim == 2 and y.shape[1] == 1:
             y = column_or_1d(y, warn=True)
@@ -713,7 +721,8 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
 
     def _validate_input(self, X, y, incremental, reset):
         X, y = validate_data(
-            self, X, y, multi_output=True, y_numeric=True, dtype=(np.float64, np.float32), reset=reset
+            self, X, y, accept_sparse=["csr", "csc"], multi_output=True, y_numeric=True,
+            dtype=(np.float64, np.float32), reset=reset,
         )
         if y.ndim == 2 and y.shape[1] == 1:
             y = column_or_1d(y, warn=True)

@@ -1,6 +1,6 @@
 """The flat parameter vector w: where each Θ(l) lives in it, and views into it.
 
-Notation (seed 000): layer l maps a(l−1) (n_{l−1} wide) to a(l) (n_l wide),
+Notation (docs/guide/feedforward.rst): layer l maps a(l−1) (n_{l−1} wide) to a(l) (n_l wide),
 z(l) = Θ(l) a(l−1) with a_0 = 1. Θ(l) is (n_l, n_{l−1} + 1), column 0 the bias
 θ_j0. All Θ(l) live in one flat vector w of length W = Σ_l n_l (n_{l−1} + 1)
 (the seeds' "single vector w"); block l starts at ``offsets[l − 1]`` and is

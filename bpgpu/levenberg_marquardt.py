@@ -1,6 +1,6 @@
 """Levenberg–Marquardt: full-batch Gauss–Newton steps with an adaptive damping μ.
 
-Notation (seed 000, per_sample.py): J = c Σ_n s_n ℓ_n + (α c / 2) ‖W‖², with c = 1/m,
+Notation (docs/guide/feedforward.rst, per_sample.py): J = c Σ_n s_n ℓ_n + (α c / 2) ‖W‖², with c = 1/m,
 1/Σ s ("mean") or 1 ("sum"). LM works on E = J / c = Σ_n s_n ℓ_n + (α/2) ‖W‖², so μ
 means what it means in MATLAB's ``trainlm`` (which damps the unnormalised JᵀJ of the
 errors) whatever the reduction. Each iteration solves
@@ -8,7 +8,7 @@ errors) whatever the reduction. Each iteration solves
     (RᵀR + α P + μ D) δ = −∇E,          w ← w + δ if E(w + δ) < E(w)
 
 with R the Gauss–Newton factor (per_sample.py: RᵀR = Σ_n s_n J_nᵀ M_n J_n, for squared
-error the Jacobian of the residuals a − t, so RᵀR is seed 002's Σ_n ∇y_n ∇y_nᵀ), P the
+error the Jacobian of the residuals a − t, so RᵀR is the outer product Σ_n ∇y_n ∇y_nᵀ), P the
 0/1 mask of the weights (biases are not penalised), D = I (``damping="identity"``,
 MATLAB's) or diag(RᵀR) (``"diagonal"``, Marquardt's scale-invariant choice), by Cholesky
 in whichever form is smaller (N = m n_L residual rows, W parameters):
@@ -36,7 +36,7 @@ import numpy as np
 
 from bpgpu import engine, validation
 from bpgpu.network import MLP
-from bpgpu.per_sample import gauss_newton_rows
+from bpgpu.per_sample import gauss_newton_rows, gauss_newton_seeds
 
 DAMPINGS = ("identity", "diagonal")
 FORMS = ("auto", "parameters", "residuals")
@@ -113,7 +113,7 @@ class LevenbergMarquardt:
             raise ValueError(f"form must be one of {', '.join(map(repr, FORMS))}, got {form!r}")
         self.net, self.alpha, self.damping = net, float(alpha), damping
         self.X, self.T = net.check_inputs(X, T)
-        xp, m, W = net.backend.xp, self.X.shape[0], net.n_params
+        m, W = self.X.shape[0], net.n_params
         self.sample_weight = None if sample_weight is None else validation.sample_weight(sample_weight, m)
         self.weights = net.weighting(self.sample_weight)  # (s_col, c) or None, for the engine's passes
         self.s_col = None if self.weights is None else self.weights[0]
@@ -127,11 +127,17 @@ class LevenbergMarquardt:
         self.chunk_size = min(int(chunk_size), m)
         self.form = ("residuals" if N < W else "parameters") if form == "auto" else form
         chunk_bytes = 3 * self.chunk_size * net.sizes[-1] * W * itemsize
-        need = (2 * W * W * itemsize if self.form == "parameters" else (2 * N * W + 2 * N * N) * itemsize) + chunk_bytes
+        if self.form == "parameters":
+            need = 2 * W * W * itemsize + chunk_bytes
+        elif damping == "identity":  # R is never formed: three N × N arrays and the δ(l) of every seed
+            need = (3 * N * N + 2 * N * sum(net.sizes)) * itemsize
+        else:
+            need = (2 * N * W + 2 * N * N) * itemsize + chunk_bytes
         limit = net.backend.free_memory() // 2 if max_memory is None else int(max_memory)
         if need > limit:
             matrix = f"the W × W matrix RᵀR (W={W} parameters)" if self.form == "parameters" else \
-                f"the N × N matrix R Rᵀ and R itself (N={N} residuals = {m} samples × {net.sizes[-1]} outputs, W={W})"
+                f"the N × N matrix R Rᵀ{' and R itself' if damping != 'identity' else ''} (N={N} residuals = " \
+                f"{m} samples × {net.sizes[-1]} outputs, W={W})"
             raise ValueError(
                 f"Levenberg–Marquardt in form={self.form!r} needs {_gib(need)} in {net.dtype} for {matrix} of MLP "
                 f"{list(net.sizes)}, more than the {_gib(limit)} allowed (max_memory). Use a first-order optimizer "
@@ -169,18 +175,21 @@ class LevenbergMarquardt:
         g = ws.grad / self.c
         return g if self.mask is None else g + self.alpha * (self.mask * net.params)
 
-    def _chunks(self):
+    def chunks(self):
+        """(lo, hi, R_chunk) for consecutive chunks of ``chunk_size`` samples, R_chunk the Gauss–Newton
+        factor's rows of samples lo..hi−1 ((hi − lo) n_L × W)."""
         m = self.X.shape[0]
         for lo in range(0, m, self.chunk_size):
             hi = min(lo + self.chunk_size, m)
-            yield lo, hi, gauss_newton_rows(self.net, self.X[lo:hi], self.T[lo:hi],
-                                            None if self.s_col is None else self.s_col[lo:hi])
+            # every axis indexed: the array API standard does not define X[lo:hi] on a matrix
+            yield lo, hi, gauss_newton_rows(self.net, self.X[lo:hi, :], self.T[lo:hi, :],
+                                            None if self.s_col is None else self.s_col[lo:hi, :])
 
     def gram(self) -> Any:
         """A = RᵀR (W × W), summed over chunks of samples."""
         xp, W = self.net.backend.xp, self.net.n_params
         A = xp.zeros((W, W), dtype=self.net.xp_dtype)
-        for _, _, R in self._chunks():
+        for _, _, R in self.chunks():
             A += R.T @ R
         return A
 
@@ -188,7 +197,7 @@ class LevenbergMarquardt:
         """R (N × W), built chunk by chunk."""
         xp, n_out = self.net.backend.xp, self.net.sizes[-1]
         R = xp.empty((self.X.shape[0] * n_out, self.net.n_params), dtype=self.net.xp_dtype)
-        for lo, hi, rows in self._chunks():
+        for lo, hi, rows in self.chunks():
             R[lo * n_out : hi * n_out, :] = rows
         return R
 
@@ -222,7 +231,10 @@ class LevenbergMarquardt:
         """One LM iteration: R, ∇E, then μ trials until E drops or μ passes μ_max."""
         net, xp = self.net, self.net.backend.xp
         g = self._gradient()
-        solve = self._parameter_solver(g) if self.form == "parameters" else self._residual_solver(g)
+        if self.form == "parameters":
+            solve = self._parameter_solver(g)
+        else:
+            solve = self._kronecker_solver(g) if self.damping == "identity" else self._residual_solver(g)
         w0 = xp.asarray(net.params, copy=True)
         trials = 0
         while self.mu <= self.mu_max:
@@ -247,6 +259,69 @@ class LevenbergMarquardt:
         def solve() -> Any:
             x = backend.cholesky_solve(self._add_diagonal(A, self._lambda(d)), g)
             return None if x is None else -x
+
+        return solve
+
+    def _kronecker_solver(self, g: Any):
+        """The residuals form with D = I, without forming R. Row (k, n) of R's layer-l block is
+        [1, a_n(l−1)] ⊗ δ_kn(l), and Λ̃ is λ_b on every bias and λ_w on every weight, so
+
+            (R Λ̃⁻¹ Rᵀ)[(k,n), (k′,n′)] = Σ_l ⟨δ_kn(l), δ_k′n′(l)⟩ (1/λ_b + ⟨a_n(l−1), a_n′(l−1)⟩ / λ_w)
+            (R h)_kn = Σ_l δ_kn(l) · (h_b(l) + a_n(l−1) H(l))        (H(l): h's Wᵀ block)
+            Rᵀ z = per layer Σ_{k,n} z_kn [1, a_n(l−1)] ⊗ δ_kn(l)     (a weighted backprop gradient)
+
+        all GEMMs on activation-sized arrays: N² Σ_l (n_{l−1} + n_l + 1) flops for the N × N
+        matrix instead of N² W, and no N × W array.
+        """
+        net, backend, xp, layout = self.net, self.net.backend, self.net.backend.xp, self.net.layout
+        A, seeds = gauss_newton_seeds(net, self.X, self.T, self.s_col)
+        K, m = seeds.shape[0], seeds.shape[1]
+        N = K * m
+        deltas = {l: xp.reshape(D, (N, net.sizes[l])) for l, D in engine.seeded_deltas(net, A, seeds)}
+        # α = 0: Q = Σ_l δδᵀ ⊙ (1 + aaᵀ); α > 0: S_b = Σ_l δδᵀ and S_w = Σ_l δδᵀ ⊙ aaᵀ, Q = S_b/λ_b + S_w/λ_w.
+        # (N, N) each, the same for every μ; accumulated in place (one N × N temporary per layer).
+        if self.mask is None:
+            Q = xp.zeros((N, N), dtype=net.xp_dtype)
+        else:
+            S_b, S_w = xp.zeros((N, N), dtype=net.xp_dtype), xp.zeros((N, N), dtype=net.xp_dtype)
+        for l, D in deltas.items():
+            DD = D @ D.T
+            AA = A[l - 1] @ A[l - 1].T
+            if K > 1:
+                AA = xp.tile(AA, (K, K))
+            if self.mask is None:
+                AA += 1.0
+                AA *= DD
+                Q += AA
+            else:
+                S_b += DD
+                AA *= DD
+                S_w += AA
+
+        def R_times(h: Any) -> Any:
+            rows = 0.0
+            for l, D in deltas.items():
+                hb, hwt = layout.split(xp.reshape(h, (1, -1)), l, xp)
+                P = A[l - 1] @ hwt[0, ...] + hb  # (m, n_l)
+                rows = rows + xp.sum(xp.reshape(D, (K, m, -1)) * P[None, :, :], axis=-1)
+            return xp.reshape(rows, (N,))
+
+        def R_transpose_times(z: Any) -> Any:
+            blocks = []
+            for l in range(1, net.n_layers + 1):
+                E = xp.sum(xp.reshape(z, (K, m, 1)) * xp.reshape(deltas[l], (K, m, -1)), axis=0)  # (m, n_l)
+                blocks.append((xp.sum(E, axis=0)[None, :], (A[l - 1].T @ E)[None, :, :]))
+            return layout.join(blocks, xp)[0, :]
+
+        def solve() -> Any:
+            if self.mask is None:  # Λ̃ = I, σ = μ
+                sigma, lam, C = self.mu, 1.0, Q
+            else:  # Λ̃ = μ on biases, μ + α on weights, σ = 1
+                sigma, lam = 1.0, self.mu + self.alpha * self.mask
+                C = S_b / self.mu + S_w / (self.mu + self.alpha)
+            h = g / lam
+            z = backend.cholesky_solve(self._add_diagonal(C, xp.full((N,), sigma, dtype=C.dtype)), R_times(h))
+            return None if z is None else -(h - R_transpose_times(z) / lam) / sigma
 
         return solve
 
@@ -278,4 +353,4 @@ class LevenbergMarquardt:
         return solve
 
 
-__all__ = ["DAMPINGS", "FORMS", "LMStep", "LevenbergMarquardt", "SERVED_LOSSES"]
+__all__ = ["DAMPINGS", "FORMS", "SERVED_LOSSES", "LMStep", "LevenbergMarquardt"]

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from bpgpu import activations, engine, losses, validation
-from bpgpu.backend import Backend, resolve
+from bpgpu.backend import Backend, is_sparse, resolve
 from bpgpu.layout import Layout
 
 INITS = ("uniform", "glorot", "he")
@@ -166,13 +166,17 @@ class MLP:
 
     # --- inputs ------------------------------------------------------------
 
-    def check_inputs(self, X: Any, T: Any = None) -> tuple[Any, Any]:
+    def check_inputs(self, X: Any, T: Any = None, accept_sparse: bool = False) -> tuple[Any, Any]:
         """X (and T) moved to the backend in the net's dtype and checked, as every pass expects them.
 
         Parameters
         ----------
-        X : array-like (m, n_0)
+        X : array-like (m, n_0); with ``accept_sparse`` also a scipy.sparse or cupyx.scipy.sparse
+            matrix or array (any format), which becomes a CSR matrix on the backend, never dense.
         T : array-like (m, n_L), or (m,) when n_L = 1; or None.
+        accept_sparse : whether the caller's passes take a sparse X: the engine's forward and
+            backward passes do (layer 1's products X Wᵀ and Xᵀ δ are sparse × dense); the
+            derivative tools, which stack X into batched products, do not.
 
         Returns
         -------
@@ -180,7 +184,16 @@ class MLP:
         the layer and the shapes when they do not fit the net, or when T does not fit the loss.
         """
         validation.numeric_kind(X, "X")
-        X = self.backend.asarray(X, self.xp_dtype)
+        if is_sparse(X):
+            if not accept_sparse:
+                raise TypeError(
+                    f"X is a sparse {type(X).__name__} of shape {tuple(X.shape)}, but this function needs a "
+                    "dense X (net.forward, net.loss, net.gradient, net.loss_and_gradient and bp.fit, but for "
+                    "optimizer='lm', take sparse X); pass X.toarray()"
+                )
+            X = self.backend.as_sparse(X, self.xp_dtype)
+        else:
+            X = self.backend.asarray(X, self.xp_dtype)
         validation.batch(X, self.backend.xp, "X", self.sizes[0], "layer 0 (input)", self.sizes)
         if T is None:
             return X, None
@@ -258,8 +271,8 @@ class MLP:
     # --- public API ----------------------------------------------------------
 
     def forward(self, X: Any) -> Any:
-        """a(L) for a batch X of shape (m, n0): a new array of shape (m, nL)."""
-        X, _ = self.check_inputs(X)
+        """a(L) for a batch X of shape (m, n0) (dense or sparse): a new array of shape (m, nL)."""
+        X, _ = self.check_inputs(X, accept_sparse=True)
         a = engine.forward(self, X, self.workspace(X.shape[0]), self.params)
         return self.backend.xp.asarray(a, copy=True)
 
@@ -267,19 +280,19 @@ class MLP:
 
     def loss(self, X: Any, T: Any, sample_weight: Any = None) -> float:
         """The cost J as a Python float; with ``sample_weight`` (one weight ≥ 0 per row) the
-        weighted cost c Σ_n s_n J_n, c = 1/Σ_n s_n for reduction="mean"."""
-        X, T = self.check_inputs(X, T)
+        weighted cost c Σ_n s_n J_n, c = 1/Σ_n s_n for reduction="mean". X may be sparse."""
+        X, T = self.check_inputs(X, T, accept_sparse=True)
         weights = self._weights_for(sample_weight, X.shape[0])
         return float(engine.loss(self, X, T, self.workspace(X.shape[0]), self.params, weights))
 
     def loss_and_gradient(self, X: Any, T: Any, sample_weight: Any = None) -> tuple[float, Any]:
-        """(J, dJ/dw): the loss and a new flat gradient in the params layout (weighted as :meth:`loss`)."""
-        X, T = self.check_inputs(X, T)
+        """(J, dJ/dw): the loss and a new flat gradient in the params layout (weighted as :meth:`loss`;
+        X may be sparse)."""
+        X, T = self.check_inputs(X, T, accept_sparse=True)
         weights = self._weights_for(sample_weight, X.shape[0])
-        ws = self.workspace(X.shape[0])
-        engine.forward(self, X, ws, self.params)
-        J = engine.backward(self, X, T, ws, self.params, ws.grad, weights)
-        return float(J), self.backend.xp.asarray(ws.grad, copy=True)
+        grad = self.backend.xp.empty(self.n_params, dtype=self.xp_dtype)
+        J = engine.loss_and_gradient(self, X, T, grad, weights)
+        return float(J), grad
 
     def gradient(self, X: Any, T: Any, sample_weight: Any = None) -> Any:
         """dJ/dw by backpropagation: a new flat vector in the params layout (weighted as :meth:`loss`)."""

@@ -62,7 +62,7 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
 
 from bpgpu import io
 from bpgpu.backend import to_numpy
-from bpgpu.kernels.cpu import LEAKY_SLOPE
+from bpgpu.kernels import LEAKY_SLOPE
 from bpgpu.network import MLP
 
 IR_VERSION = 10
@@ -70,7 +70,7 @@ OPSET = 21
 MIN_OPSET = 13
 ML_OPSET = 1  # ai.onnx.ml: ArrayFeatureExtractor
 
-_ELEM_TYPE = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float64): TensorProto.DOUBLE}
+ELEMENT_TYPE = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float64): TensorProto.DOUBLE}
 # scikit-learn's activation names (MLP*.activation, out_activation_) -> bpgpu's
 _SKLEARN_ACTIVATIONS = {"logistic": "sigmoid"}
 
@@ -187,7 +187,7 @@ def _class_labels(classes: np.ndarray) -> tuple[np.ndarray, int]:
 
 def _classifier_outputs(g: _Graph, est: Any, a: str, n: int) -> list[onnx.ValueInfoProto]:
     """skl2onnx's label and probabilities (zipmap=False) from the output activations ``a``."""
-    elem = _ELEM_TYPE[g.dtype]
+    elem = ELEMENT_TYPE[g.dtype]
     n_classes = len(est.classes_)
     if est.out_activation_ == "logistic" and est.n_outputs_ > 1:  # multilabel: threshold each σ at ½
         g.op("Identity", a, out="probabilities")
@@ -220,9 +220,9 @@ def _graph_of(model: Any) -> tuple[_Graph, list[onnx.ValueInfoProto], list[onnx.
         from sklearn.utils.validation import check_is_fitted
 
         check_is_fitted(model)  # NotFittedError (a ValueError) naming the estimator
-        g = _Graph(np.dtype(model.dtype))
+        g = _Graph(np.asarray(model.coefs_[0]).dtype)  # the fitted precision (dtype=None: the input's)
         layers, kind = _estimator_layers(model), type(model).__name__
-    elem = _ELEM_TYPE[g.dtype]
+    elem = ELEMENT_TYPE[g.dtype]
     n_in, n_out = layers[0][0].shape[0], layers[-1][0].shape[1]
     inputs = [helper.make_tensor_value_info("X", elem, ["N", n_in])]
     if kind == "MLPClassifier":

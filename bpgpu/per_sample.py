@@ -1,7 +1,7 @@
 """Derivatives per sample with respect to the parameters w: the parameter Jacobian,
 per-sample gradients and the Gauss–Newton factor, all by one vectorised backprop.
 
-Notation (seed 000, network.py): z(l) = A(l−1) Wᵀ(l) + b(l), A(l) = g_l(z(l)), a_0 = 1,
+Notation (docs/guide/feedforward.rst, network.py): z(l) = A(l−1) Wᵀ(l) + b(l), A(l) = g_l(z(l)), a_0 = 1,
 J = c Σ_n s_n ℓ_n with ℓ_n = ℓ(a_n(L), t_n), c = 1/m or 1/Σ s ("mean") or 1 ("sum").
 
 Backprop of a seed δ_n(L) = ∂u_n/∂z_n(L) for a scalar u_n of sample n gives, by the
@@ -11,7 +11,7 @@ delta rule δ(l−1) = (δ(l) W(l)) ⊙ g′(z(l−1)), every δ_n(l), and then
 
 laid out like Θ(l) in the flat vector. Stacks of seeds (K, m, n_L) go through as one
 batched pass, and the outer products of all samples are one broadcast, so nothing
-loops over samples (Opacus's per-sample gradients, seed 002's Jacobian recursion):
+loops over samples (Opacus's per-sample gradients, the Jacobian recursion of docs/guide/jacobian_hessian.rst):
 
     parameter_jacobian    seeds ∂y_k/∂z(L) (y = a(L)):              (m, n_L, W) = ∂y_nk/∂w
     per_sample_gradients  seed s_n ∂ℓ_n/∂z(L):                      (m, W) = s_n ∂ℓ_n/∂w
@@ -25,6 +25,7 @@ and u = a(L) otherwise:
     identity + squared_error         M = I                 Fᵀ = I
     sigmoid + binary_cross_entropy   M = diag(a(1 − a))    Fᵀ = diag(√(a(1 − a)))
     softmax + cross_entropy          M = diag(a) − a aᵀ    Fᵀ = diag(√a) − √a aᵀ   (Σ_k a_k = 1)
+    exp + poisson                    M = diag(a)           Fᵀ = diag(√a)
     any other pair (u = a(L))        M = diag(ℓ″)          Fᵀ = diag(√ℓ″)
 
 (for softmax: (diag(√a) − a √aᵀ)(diag(√a) − √a aᵀ) = diag(a) − 2 a aᵀ + a (Σ_k a_k) aᵀ).
@@ -103,14 +104,23 @@ def gauss_newton_factor(net: MLP, X: Any, T: Any, sample_weight: Any = None) -> 
 def gauss_newton_rows(net: MLP, X: Any, T: Any, s_col: Any = None) -> Any:
     """:func:`gauss_newton_factor` on a batch already on the backend (X, T as ``net.check_inputs``
     returns them; s_col an (m, 1) column of weights or None), for callers that chunk the data."""
+    return engine.seeded_gradients(net, *gauss_newton_seeds(net, X, T, s_col))
+
+
+def gauss_newton_seeds(net: MLP, X: Any, T: Any, s_col: Any = None) -> tuple[list[Any], Any]:
+    """(A, seeds): the layer outputs [A(0) = X, ..., A(L)] and the δ(L) seeds (n_L, m, n_L)
+    √s_n Fᵀ_n ∂u/∂z(L) whose backprop (``engine.seeded_deltas``) gives the Gauss–Newton
+    factor's rows [1, a_n(l−1)] ⊗ δ_kn(l), for callers that use the δ(l) without forming R."""
     xp, L = net.backend.xp, net.n_layers
     _, A = _forward(net, X)
     a, output, loss = A[-1], net.activations[-1], net.loss_function
     if loss.is_canonical(output):
         if output.name == "identity":
             seeds = engine.output_seeds(net, a, through_output=False)
-        elif output.name == "sigmoid":
+        elif output.name == "sigmoid":  # M = diag(a (1 − a))
             seeds = _scaled_unit_seeds(net, a, xp.sqrt(a * (1.0 - a)))
+        elif output.name == "exp":  # exp + poisson: M = ∂²ℓ/∂z² = diag(e^z) = diag(a)
+            seeds = _scaled_unit_seeds(net, a, xp.sqrt(a))
         else:  # softmax: row k of Fᵀ is √a_k (e_k − a)
             eye = xp.eye(a.shape[1], dtype=a.dtype)
             seeds = xp.permute_dims(xp.sqrt(a)[:, :, None] * (eye[None, :, :] - a[:, None, :]), (1, 0, 2))
@@ -118,7 +128,7 @@ def gauss_newton_rows(net: MLP, X: Any, T: Any, s_col: Any = None) -> Any:
         seeds = engine.times_g1(net, L, _scaled_unit_seeds(net, a, xp.sqrt(engine.loss_curvature(net, a, T))), a)
     if s_col is not None:
         seeds = seeds * xp.sqrt(s_col)[None, :, :]
-    return engine.seeded_gradients(net, A, seeds)
+    return A, seeds
 
 
-__all__ = ["gauss_newton_factor", "gauss_newton_rows", "parameter_jacobian", "per_sample_gradients"]
+__all__ = ["gauss_newton_factor", "gauss_newton_rows", "gauss_newton_seeds", "parameter_jacobian", "per_sample_gradients"]

@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from bpgpu import engine, validation
-from bpgpu.backend import to_numpy
+from bpgpu.backend import is_sparse, to_numpy
 from bpgpu.kernels import jit
 from bpgpu.optim import SGD, Optimizer, make_optimizer
 
@@ -93,9 +93,12 @@ def train_step(net: Any, X: Any, T: Any, optimizer: Optimizer, weights: tuple[An
 
     weights: ``(s_col, c)`` from :meth:`MLP.weighting` for sample weights; c
     also scales the L2 term, as scikit-learn divides it by Σ s.
+
+    A sparse X (CSR, as ``check_inputs`` makes it) takes the kernel-table path,
+    whose layer-1 products are sparse × dense.
     """
     compiled = jit.train_step_for(net, optimizer)
-    if compiled is not None:
+    if compiled is not None and not is_sparse(X):
         return compiled(X, T, weights)
     ws = net.workspace(X.shape[0])
     engine.forward(net, X, ws, net.params)
@@ -177,7 +180,7 @@ def _split_validation(net: Any, X: Any, T: Any, s: Any, validation_data: Any, fr
             Xv, Tv = validation_data
         except (TypeError, ValueError):
             raise TypeError("validation_data must be a pair (X_val, T_val)") from None
-        Xv, Tv = net.check_inputs(Xv, Tv)
+        Xv, Tv = net.check_inputs(Xv, Tv, accept_sparse=True)
         return X, T, s, Xv, Tv, None
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction < 1:
         raise ValueError(f"validation_fraction must be a number in [0, 1), got {fraction!r}")
@@ -199,8 +202,12 @@ def _split_validation(net: Any, X: Any, T: Any, s: Any, validation_data: Any, fr
         s_val = None
     xp, order = net.backend.xp, net.backend.asarray(perm, net.backend.xp.int64)
     val, train = order[:n_val], order[n_val:]
-    return (xp.take(X, train, axis=0), xp.take(T, train, axis=0), s,
-            xp.take(X, val, axis=0), xp.take(T, val, axis=0), s_val)
+    return (_rows(xp, X, train), xp.take(T, train, axis=0), s, _rows(xp, X, val), xp.take(T, val, axis=0), s_val)
+
+
+def _rows(xp: Any, X: Any, idx: Any) -> Any:
+    """The rows idx of X, a dense array or a sparse matrix (which stays sparse)."""
+    return X[idx] if is_sparse(X) else xp.take(X, idx, axis=0)
 
 
 def _sample_weight(net: Any, sample_weight: Any, m: int) -> np.ndarray | None:
@@ -242,6 +249,10 @@ def fit(
     **optimizer_options: Any,
 ) -> History:
     """Train ``net`` in place on (X, T) and return its :class:`History`.
+
+    X may be a scipy.sparse (or, on the GPU, cupyx.scipy.sparse) matrix or array of
+    any format: it stays sparse (CSR), batches are sparse row selections and layer 1's
+    products X Wᵀ and Xᵀ δ are sparse × dense.
 
     optimizer: "sgd", "momentum", "nesterov", "adam", "lbfgs", "lm" (Levenberg–Marquardt,
         :mod:`bpgpu.levenberg_marquardt`), or an
@@ -303,7 +314,7 @@ def fit(
     for cb in callbacks:
         if not callable(cb):
             raise TypeError(f"callbacks must be callables cb(epoch, history, net), got {cb!r}")
-    X, T = net.check_inputs(X, T)
+    X, T = net.check_inputs(X, T, accept_sparse=True)
     s = _sample_weight(net, sample_weight, X.shape[0])
     rng = np.random.default_rng(seed)
     X, T, s, Xv, Tv, s_val = _split_validation(net, X, T, s, validation_data, validation_fraction, rng)
@@ -372,7 +383,8 @@ class _EpochLoop:
         # sample weights: the host vector (batch sums, hence c, on the host) and a device column
         self.s, self.weights_val = s, weights_val
         self.S = None if s is None else net.weighting(s)[0]
-        fused_sample = batch == 1 and type(opt) is SGD and opt.alpha == 0.0 and s is None
+        self.sparse = is_sparse(X)  # batches of a sparse X are sparse row selections, not buffer gathers
+        fused_sample = batch == 1 and type(opt) is SGD and opt.alpha == 0.0 and s is None and not self.sparse
         # the compiled step, where there is one, beats even the fused per-sample update
         self.step = _sample_sgd_step if fused_sample and jit.train_step_for(net, opt) is None else train_step
         self.step_losses = xp.zeros(len(self.bounds), dtype=dt)
@@ -382,7 +394,7 @@ class _EpochLoop:
         self.good = xp.empty_like(net.params)  # the parameters at the start of the epoch
         if self.shuffle:
             sizes = {hi - lo for lo, hi in self.bounds}
-            self.Xb = {b: xp.empty((b, X.shape[1]), dtype=dt) for b in sizes}
+            self.Xb = {} if self.sparse else {b: xp.empty((b, X.shape[1]), dtype=dt) for b in sizes}
             self.Tb = {b: xp.empty((b, T.shape[1]), dtype=dt) for b in sizes}
             self.Sb = {b: xp.empty((b, 1), dtype=dt) for b in sizes} if s is not None else None
 
@@ -395,10 +407,10 @@ class _EpochLoop:
         for s, (lo, hi) in enumerate(self.bounds):
             if self.shuffle:
                 rows = order[lo:hi]
-                xb = ops.take_rows(self.X, rows, self.Xb[hi - lo])
+                xb = self.X[rows] if self.sparse else ops.take_rows(self.X, rows, self.Xb[hi - lo])
                 tb = ops.take_rows(self.T, rows, self.Tb[hi - lo])
             else:
-                xb, tb = self.X[lo:hi, ...], self.T[lo:hi, ...]  # the array API needs every axis indexed
+                xb, tb = self.X[lo:hi, :], self.T[lo:hi, :]  # every axis indexed: the array API, sparse X
             weights = None
             if self.s is not None:  # the batch's weights gathered on the device, their sum on the host
                 sb = ops.take_rows(self.S, rows, self.Sb[hi - lo]) if self.shuffle else self.S[lo:hi, ...]
@@ -532,8 +544,7 @@ def _fit_lbfgs(net: Any, X: Any, T: Any, Xv: Any, Tv: Any, epochs: int, alpha: f
 
     def loss_and_grad(x: np.ndarray) -> tuple[float, np.ndarray]:
         net.params[...] = backend.asarray(x, dt)  # host → device
-        engine.forward(net, X, ws, net.params)
-        J = engine.backward(net, X, T, ws, net.params, ws.grad, weights) + l2.penalize(ws.grad, c)
+        J = engine.loss_and_gradient(net, X, T, ws.grad, weights) + l2.penalize(ws.grad, c)
         return float(J), to_numpy(ws.grad).astype(np.float64)  # device → host
 
     history = History()

@@ -7,6 +7,8 @@ from typing import Any, Sequence
 import array_api_compat
 import numpy as np
 
+from bpgpu.backend import is_sparse
+
 DTYPES = ("float32", "float64")
 
 
@@ -69,7 +71,8 @@ def numeric_kind(x: Any, argument: str) -> None:
 
 
 def batch(x: Any, xp: Any, argument: str, width: int, layer: str, sizes: Sequence[int]) -> None:
-    """Check a converted 2-D batch: width, emptiness and finiteness."""
+    """Check a converted 2-D batch (dense, or a CSR matrix: its stored values): width, emptiness and
+    finiteness."""
     if x.ndim != 2:
         raise ValueError(
             f"{argument} must be 2-D (samples, features) for {layer} of MLP {list(sizes)}, "
@@ -83,8 +86,12 @@ def batch(x: Any, xp: Any, argument: str, width: int, layer: str, sizes: Sequenc
             f"{argument} has {cols} columns but {layer} of MLP {list(sizes)} has {width} units: "
             f"{argument}.shape={tuple(x.shape)}"
         )
-    if not bool(xp.all(xp.isfinite(x))):
-        raise ValueError(f"{argument} contains NaN or Inf (shape {tuple(x.shape)})")
+    values = x.data if is_sparse(x) else x  # a sparse matrix's implicit zeros are finite
+    if not bool(xp.all(xp.isfinite(values))):
+        # the usual way a finite float64 input gets here: the cast to a float32 net
+        overflow = _dtype_str(x.dtype) == "float32" and bool(xp.any(xp.isinf(values)))
+        hint = "; float32 holds at most 3.4e38 and larger values became Inf: dtype='float64' keeps them" if overflow else ""
+        raise ValueError(f"{argument} contains NaN or Inf (shape {tuple(x.shape)}){hint}")
 
 
 def sample_weight(s: Any, m: int) -> np.ndarray:

@@ -78,6 +78,9 @@ def _write_benchmark_pages():
             lines += ["```{literalinclude} " + f"{up}/{run.name}/{text.name}", ":language: text", "```", ""]
         for image in sorted(run.glob("*.png")):
             lines += [f"![{image.stem.replace('_', ' ')}]({up}/{run.name}/{image.name})", ""]
+        data = sorted(f.name for f in run.iterdir() if f.suffix not in (".md", ".txt", ".png"))
+        if data:
+            lines += ["The folder's data: " + ", ".join(f"`{name}`" for name in data) + ".", ""]
         (out / f"{run.name}.md").write_text("\n".join(lines))
 
 

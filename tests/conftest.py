@@ -14,12 +14,14 @@ settings.load_profile("ci" if os.environ.get("CI") else os.environ.get("HYPOTHES
 
 @pytest.fixture(params=["numpy path", "compiled step"])
 def step_path(request, monkeypatch):
-    """Run a training test on both CPU step implementations: the numpy kernels
-    (the reference, bit-exact) and numba's compiled step (skipped without numba)."""
+    """Run a training test on both CPU step implementations: the engine's kernel-by-kernel
+    passes (the reference, bit-exact; the one-call compiled gradient is off too) and numba's
+    compiled step (skipped without numba)."""
     from bpgpu.kernels import jit
 
     if request.param == "numpy path":
         monkeypatch.setattr(jit, "train_step_for", lambda net, optimizer: None)
+        monkeypatch.setattr(jit, "gradient_for", lambda net: None)
     elif not jit.available():
         pytest.skip("numba is not installed (extra 'jit'), so there is no compiled step")
     return request.param
@@ -27,7 +29,8 @@ def step_path(request, monkeypatch):
 
 @pytest.fixture
 def numpy_path(monkeypatch):
-    """Force the numpy kernels, for tests about numpy's own floating-point signals."""
+    """Force the kernel-by-kernel passes (no one-call compiled step or gradient)."""
     from bpgpu.kernels import jit
 
     monkeypatch.setattr(jit, "train_step_for", lambda net, optimizer: None)
+    monkeypatch.setattr(jit, "gradient_for", lambda net: None)

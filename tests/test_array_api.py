@@ -1,4 +1,4 @@
-"""Every public function of bpgpu on any array-API namespace (issue 14, item 8): array_api_strict
+"""Every public function of bpgpu on any array-API namespace (the array-API promise of docs/guide/gpu.rst): array_api_strict
 (the standard and nothing more) and PyTorch tensors through array-api-compat, each held against
 the numpy backend as the oracle: the same seed, data and arithmetic in float64 give the same
 numbers, and results stay in the caller's namespace."""
@@ -72,6 +72,8 @@ FITS = [
     dict(batch_size=6, shuffle=False, optimizer="momentum", sample_weight=S),
     dict(validation_fraction=0.2, early_stopping=True, batch_size=4),
     dict(optimizer="lbfgs", epochs=5, alpha=0.01),
+    dict(optimizer="lm", form="parameters", chunk_size=7, sample_weight=S),
+    dict(optimizer="lm", form="residuals", chunk_size=7),
 ]
 
 
@@ -119,10 +121,15 @@ def test_derivatives_match_numpy(ns):
     for method in ("exact", "finite_difference", "outer_product"):
         _close(bp.hessian(net, x4, t4, method=method), bp.hessian(ref, X[:4], T[:4], method=method),
                rtol=1e-7, atol=1e-9)
+    psg = bp.per_sample_gradients(net, Xn, Tn, sample_weight=S)
+    _in(ns, psg)
+    _close(psg, bp.per_sample_gradients(ref, X, T, sample_weight=S))
+    _close(bp.hessian_eigenvalues(net, Xn, Tn, k=2), bp.hessian_eigenvalues(ref, X, T, k=2), rtol=1e-8)
+    assert bp.hessian_trace(net, Xn, Tn, seed=0) == pytest.approx(bp.hessian_trace(ref, X, T, seed=0), rel=1e-10)
 
 
 @pytest.mark.parametrize("ns", NAMESPACES)
-def test_save_load_and_to_numpy(ns, tmp_path):
+def test_save_load_to_onnx_and_to_numpy(ns, tmp_path):
     ref, net = _nets(ns)
     bp.save(net, tmp_path / "net.npz")
     twin = bp.load(tmp_path / "net.npz", backend=ns)
@@ -130,3 +137,5 @@ def test_save_load_and_to_numpy(ns, tmp_path):
     host = bp.to_numpy(twin.params)
     assert type(host) is np.ndarray
     np.testing.assert_array_equal(host, bp.to_numpy(ref.params))
+    pytest.importorskip("onnx")
+    assert bp.to_onnx(net).SerializeToString() == bp.to_onnx(ref).SerializeToString()

@@ -1,5 +1,6 @@
 """`bpgpu bench` end to end on a tiny plan, and the pieces its numbers rest on."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -7,11 +8,17 @@ import pytest
 
 from bpgpu import bench
 from bpgpu.backend import resolve
+from bpgpu.bench.sections import train_step as train_step_section
 from bpgpu.cli import main
 
 
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
+    # The compiled kernels' first call for a dtype compiles them when numba's on-disk cache is
+    # cold (a fresh checkout); the harness would time that call once as a "long" one. A pass of
+    # the gradient nets first, so the run times the kernels and not numba's compiler.
+    net, X, T = bench.gradient_net(100, 8, "float64", resolve("numpy"))
+    net.loss_and_gradient(X, T)
     out = tmp_path_factory.mktemp("bench")
     assert main(["bench", "--smoke", "--out", str(out)]) == 0
     return out, json.loads((out / "results.json").read_text())
@@ -112,7 +119,6 @@ def test_interleaved_rounds_shuffle_the_order_and_time_every_case():
 def test_a_step_that_compiles_on_its_first_call_is_timed_warm(monkeypatch):
     """A first call that compiles (numba, XLA) for longer than interleaved_timings' long_call
     must not become the step's time (it did once: tiny showed 6.75 s after a cold numba cache)."""
-    import dataclasses
     import time
 
     real = bench.step_case
@@ -128,7 +134,40 @@ def test_a_step_that_compiles_on_its_first_call_is_timed_warm(monkeypatch):
 
         return bench.Case(fn, case.finish)
 
-    monkeypatch.setattr(bench, "step_case", compiling)
+    monkeypatch.setattr(train_step_section, "step_case", compiling)
     plan = dataclasses.replace(bench.plan_for("smoke"), configs=("tiny",))
     rows = bench.train_step_rows([resolve("numpy")], plan, tick=lambda message: None)["rows"]
     assert rows and all(r["seconds"] < 0.5 for r in rows), [(r["impl"], r["seconds"]) for r in rows]
+
+
+def test_quick_plan_fits_its_exponents_over_a_range_where_all_three_methods_were_measured():
+    """The quick plan's gradient-cost part, cut to W <= 10^2.2 and one round: the headline
+    exponents come from points where backprop and both differences were timed (nothing
+    extrapolated inside the range), over several points, each with its R²."""
+    quick = bench.plan_for("quick")
+    grid = tuple(e for e in quick.gradient_log10_W if e <= 2.2)
+    plan = dataclasses.replace(quick, gradient_log10_W=grid, fd_max_log10_W=grid[-1], fd_rounds=1, min_time_s=0.05)
+    g = bench.gradient_cost(resolve("numpy"), plan, tick=lambda message: None)
+    assert g["fit_range_is_common"]
+    lo, hi = g["fit_range"]
+    inside = [p for p in g["points"] if lo <= p["W"] <= hi]
+    assert len(inside) >= 3 and g["common_fit_points"] == len(inside)
+    assert all(p[m] is not None and p[m] > 0 for p in inside for m in bench.METHODS)
+    assert not [row for row in g["extrapolated"] if row["W"] <= hi]
+    assert set(g["r2"]) == set(bench.METHODS) and all(r2 <= 1.0 for r2 in g["r2"].values())
+    # each method's own proportional range contains the common one
+    assert all(f["fit_range"][0] <= lo and hi <= f["fit_range"][1] for f in g["fits"].values())
+
+
+def test_a_range_not_measured_by_every_method_is_not_called_common():
+    """Backprop timed at four W, finite differences only at the first two (the budget ran
+    out): the fit must not claim a common range past W = 200."""
+    W = [100, 200, 400, 800]
+    points = [{"W": w, "loss_pass": 1e-6 * w, "backprop": 2e-6 * w} for w in W]
+    for p in points[:2]:
+        p["central_difference"], p["forward_difference"] = 2e-6 * p["W"] ** 2, 1e-6 * p["W"] ** 2
+    floors = dict.fromkeys(bench.METHODS, 1e-6)
+    g = bench.fit_gradient_cost(points, floors)
+    assert g["fit_range"] == [100, 200] and g["common_fit_points"] == 2
+    assert g["exponents"]["backprop"] == pytest.approx(1.0) and g["exponents"]["central_difference"] == pytest.approx(2.0)
+    assert [row["W"] for row in g["extrapolated"]] == [400, 800]

@@ -213,13 +213,20 @@ def test_without_numba_every_hook_returns_none(monkeypatch):
 
     jit.kernels.cache_clear()
     monkeypatch.setitem(sys.modules, "numba", None)  # import numba now raises ImportError
-    monkeypatch.delitem(sys.modules, "bpgpu.kernels.numba_step", raising=False)
-    monkeypatch.delattr(bpgpu.kernels, "numba_step", raising=False)
+    monkeypatch.delitem(sys.modules, "bpgpu.kernels.compiled", raising=False)
+    monkeypatch.delattr(bpgpu.kernels, "compiled", raising=False)
     try:
-        net = bp.MLP([2, 3, 1], backend="numpy")
+        net = bp.MLP([2, 3, 1], backend="numpy", dtype="float64", seed=0)
         assert not jit.available()
         assert jit.compiled_train_step(net, 0.1) is None
         assert jit.train_step_for(net, optim.SGD(net)) is None
+        # the numpy backend falls back to the array-API reference table, and says why in one line
+        from bpgpu.kernels import generic
+
+        assert net.backend.ops is generic
+        assert "array-API kernels: numba or scipy not importable" in net.backend.reason
+        X = np.random.default_rng(0).normal(size=(5, 2))
+        assert bp.check_gradient(net, X, X[:, :1] ** 2).passed
     finally:
         jit.kernels.cache_clear()
 
@@ -273,10 +280,10 @@ def test_a_compiled_step_pickles_as_not_built_and_is_rebuilt():
 
 
 def test_every_activation_and_loss_has_a_code():
-    from bpgpu.kernels import ACTIVATIONS, LOSSES, numba_step
+    from bpgpu.kernels import ACTIVATIONS, LOSSES, compiled
 
     names = [n.upper() for n in itertools.chain(ACTIVATIONS, LOSSES)]
-    codes = [getattr(numba_step, n) for n in names]
+    codes = [getattr(compiled, n) for n in names]
     assert codes == list(range(len(ACTIVATIONS))) + list(range(len(LOSSES)))
 
 
@@ -302,7 +309,7 @@ def test_compare_step_script_times_the_compiled_step(capsys):
 def test_gemm_with_alpha_and_beta_matches_numpy(shape, dtype):
     """The step's product, loop (below SMALL_GEMM multiply-adds) and BLAS alike, on the operand
     layouts the step passes: row-major matrices and transposed views of them."""
-    from bpgpu.kernels import numba_step
+    from bpgpu.kernels import compiled
 
     rng = np.random.default_rng(sum(shape))
     m, k, n = shape
@@ -313,7 +320,7 @@ def test_gemm_with_alpha_and_beta_matches_numpy(shape, dtype):
         for b in (B, np.ascontiguousarray(B.T).T):
             for alpha, beta in [(1.0, 0.0), (-0.3, 1.0), (0.5, 0.9)]:
                 out = C.copy() if beta else np.full_like(C, np.nan)  # β = 0 must not read out
-                numba_step._gemm(a, b, out, alpha, beta, slots)
+                compiled._gemm(a, b, out, alpha, beta, slots)
                 expected = alpha * (A.astype(np.float64) @ B) + (beta * C if beta else 0.0)
                 assert relative(out, expected) <= tol, (a.strides, b.strides, alpha, beta)
 

@@ -156,9 +156,11 @@ def test_a_net_too_large_for_its_matrix_is_refused_before_allocating():
     with pytest.raises(ValueError, match=rf"W={W} parameters.*more than the .* allowed.*'lbfgs' or 'adam'"):
         LevenbergMarquardt(net, X, T, max_memory=W * W * 8)  # one copy fits, the factorisation's copy does not
     assert LevenbergMarquardt(net, X, T, max_memory=4 * W * W * 8).form == "parameters"
-    net, X, T, _ = make([4, 50, 50, 1], m=100)  # N = 100 < W: the N × N form, R itself dominates
-    with pytest.raises(ValueError, match=r"N=100 residuals = 100 samples × 1 outputs"):
-        LevenbergMarquardt(net, X, T, max_memory=100 * W * 8)
+    net, X, T, _ = make([4, 50, 50, 1], m=100)  # N = 100 < W: the N × N form
+    with pytest.raises(ValueError, match=r"N × N matrix R Rᵀ \(N=100 residuals = 100 samples × 1 outputs"):
+        LevenbergMarquardt(net, X, T, max_memory=2 * 100 * 100 * 8)
+    with pytest.raises(ValueError, match=r"R Rᵀ and R itself \(N=100 residuals"):  # D = diag(RᵀR) forms R
+        LevenbergMarquardt(net, X, T, damping="diagonal", max_memory=100 * W * 8)
 
 
 def test_a_loss_without_a_gauss_newton_factor_is_refused():
@@ -190,3 +192,39 @@ def test_estimators_take_solver_lm_and_fit_better_than_lbfgs():
     assert len(clf.validation_scores_) == clf.n_iter_ and clf.score(X, c) > 0.8
     with pytest.raises(AttributeError, match="has no attribute .partial_fit."):  # as for lbfgs
         clf.partial_fit(X, c)
+
+
+GPU = bp.gpu_status()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not GPU.usable, reason=f"no usable GPU: {GPU.reason}")
+@pytest.mark.parametrize("form", ["parameters", "residuals"])
+def test_gpu_step_eigenvalues_and_per_sample_gradients_match_numpy(form):
+    results = {}
+    for backend in ("numpy", "cupy"):
+        net = bp.MLP([3, 6, 2], hidden="tanh", output="identity", dtype="float64", backend=backend, seed=0,
+                     init="glorot")
+        rng = np.random.default_rng(1)
+        X, T = rng.normal(size=(40 if form == "parameters" else 5, 3)), rng.normal(size=(40 if form == "parameters"
+                                                                                         else 5, 2))
+        LevenbergMarquardt(net, X, T, form=form, alpha=0.1).step()  # cuSOLVER's Cholesky on the GPU
+        results[backend] = [bp.to_numpy(net.params), bp.to_numpy(bp.hessian_eigenvalues(net, X, T, k=2)),
+                            bp.to_numpy(bp.per_sample_gradients(net, X, T))]
+    for ours, reference in zip(results["cupy"], results["numpy"]):
+        np.testing.assert_allclose(ours, reference, rtol=1e-9, atol=1e-12)
+
+
+def test_readme_second_order_example_runs():
+    import contextlib
+    import io
+    import pathlib
+    import re
+
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code = re.search(r"## Second-order training\n\n```python\n(.*?)```", readme, re.S).group(1)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(code, "README.md", "exec"), {})
+    reason, mse = out.getvalue().split("\n")[0].split()
+    assert reason == "epochs" and float(mse) < 1e-3

@@ -18,7 +18,7 @@ skl2onnx = pytest.importorskip("skl2onnx", reason="skl2onnx (test extra) is not 
 
 import bpgpu as bp  # noqa: E402
 from bpgpu import onnx_export  # noqa: E402
-from bpgpu.activations import HIDDEN, OUTPUT  # noqa: E402
+from bpgpu.activations import HIDDEN, OUTPUT, POSITIVE  # noqa: E402
 from sklearn import neural_network  # noqa: E402
 from sklearn.exceptions import ConvergenceWarning, NotFittedError  # noqa: E402
 
@@ -52,6 +52,7 @@ CASES = sorted(
     {(g, g, "squared_error") for g in HIDDEN}
     | {("tanh", g, "squared_error") for g in OUTPUT}
     | {("relu", g, loss) for g in ("sigmoid", "softmax") for loss in ("binary_cross_entropy", "cross_entropy")}
+    | {("tanh", g, "poisson") for g in POSITIVE}
 )
 
 
@@ -139,10 +140,10 @@ def op_types(model, substitute=False):
     return [op for op in ops if op not in ("Cast", "Identity")]
 
 
-def sklearn_twin(est, X, y):
+def sklearn_twin(est, X, y, **params):
     """scikit-learn's own estimator with ``est``'s weights (fitted one step for its fitted attributes)."""
     cls = getattr(neural_network, type(est).__name__)
-    twin = cls(hidden_layer_sizes=est.hidden_layer_sizes, activation=est.activation, max_iter=1)
+    twin = cls(hidden_layer_sizes=est.hidden_layer_sizes, activation=est.activation, max_iter=1, **params)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         twin.fit(X, y)
@@ -229,6 +230,40 @@ def test_regressor_matches_skl2onnx(n_outputs, dtype):
     assert_close(values, run(theirs, X)[0].reshape(-1, n_outputs), dtype)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_poisson_regressor_exports_its_exp_output(dtype):
+    """skl2onnx 1.20 cannot convert scikit-learn's MLPRegressor(loss="poisson") (it has no form for
+    out_activation_ "exp"), so the oracles are its graph for the identity output with the Exp
+    appended, and scikit-learn's own predict with the same weights."""
+    X = _data().astype(dtype)
+    y = np.exp(0.5 * X[:, 0] - 0.3 * X[:, 1])
+    reg = fitted(bp.MLPRegressor, X, y, hidden_layer_sizes=(5,), activation="relu", loss="poisson", dtype=dtype)
+    assert reg.out_activation_ == "exp"
+    model = bp.to_onnx(reg)
+    check(model)
+    twin = sklearn_twin(reg, X, y, loss="poisson")
+    assert twin.out_activation_ == "exp"
+    identity = sklearn_twin(reg, X, y)
+    identity_graph = skl2onnx.to_onnx(identity, X[:1], target_opset=onnx_export.OPSET)
+    expected = op_types(identity_graph, substitute=True)
+    assert expected.pop() == "Reshape"  # skl2onnx's no-op reshape, as for squared error
+    assert op_types(model) == [*expected, "Exp"]
+    (values,) = run(model, X)
+    assert_close(values, reg.predict(X).reshape(-1, 1), dtype)
+    assert_close(values, twin.predict(X).astype(dtype).reshape(-1, 1), dtype)
+    assert bool(np.all(values > 0))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_default_dtype_follows_the_fitted_precision(dtype):
+    """dtype=None is scikit-learn's rule (float32 input stays float32): the graph follows the fit."""
+    X = _data().astype(dtype)
+    reg = fitted(bp.MLPRegressor, X, X[:, 0] * X[:, 1], hidden_layer_sizes=(3,))
+    model = bp.to_onnx(reg)
+    assert model.graph.input[0].type.tensor_type.elem_type == onnx_export.ELEMENT_TYPE[np.dtype(dtype)]
+    assert_close(run(model, X)[0], reg.predict(X).reshape(-1, 1), dtype)
+
+
 def test_classifier_on_float_and_bool_labels():
     X = _data()
     for y, label_dtype in [((X[:, 0] > 0) * 2.0, np.int64), (X[:, 0] > 0, np.int64)]:
@@ -303,7 +338,7 @@ def test_readme_export_runs(tmp_path, monkeypatch):
     scope = {"bp": bp, "np": np, "onnxruntime": ort, "clf": clf, "X": X}
     exec(compile(code, "README.md", "exec"), scope)
     np.testing.assert_array_equal(scope["label"], clf.predict(X))
-    assert_close(scope["proba"], clf.predict_proba(X), "float32")
+    assert_close(scope["proba"], clf.predict_proba(X), str(scope["proba"].dtype))
 
 
 @pytest.mark.gpu

@@ -1,7 +1,7 @@
 """The same MLP written in PyTorch from its configuration and flat parameters, as an
 independent oracle for per-sample derivatives (torch.func's jacrev, vmap(grad), hessian).
 
-Only the documented flat layout is shared with bpgpu (DESIGN.md): block l of w is
+Only the documented flat layout is shared with bpgpu (docs/guide/feedforward.rst): block l of w is
 Θ(l) column-major, i.e. ``w[off:off + n_l (n_{l−1} + 1)].reshape(n_{l−1} + 1, n_l)``
 holds the bias in row 0 and Wᵀ below it.
 """
@@ -22,12 +22,15 @@ _G = {
     "leaky_relu": lambda z: torch.nn.functional.leaky_relu(z, 0.01),
     "softplus": torch.nn.functional.softplus,
     "softmax": lambda z: torch.softmax(z, dim=-1),
+    "exp": torch.exp,
 }
 
 _LOSS = {  # per sample, on the outputs a (away from 0 and 1, where bpgpu clips)
     "squared_error": lambda a, t: 0.5 * torch.sum((a - t) ** 2),
     "binary_cross_entropy": lambda a, t: -torch.sum(t * torch.log(a) + (1 - t) * torch.log(1 - a)),
     "cross_entropy": lambda a, t: -torch.sum(t * torch.log(a)),
+    # half Poisson deviance; t log t − t log a so that t = 0 has the gradient 1, not 0/0
+    "poisson": lambda a, t: torch.sum(torch.special.xlogy(t, t) - torch.special.xlogy(t, a) - t + a),
 }
 
 

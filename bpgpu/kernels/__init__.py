@@ -1,16 +1,21 @@
-"""Fused elementwise kernels, each twice: a numpy twin and a CuPy twin.
+"""The kernel tables: each equation once per language.
 
-``cpu``     numpy ufuncs with ``out=``, in place (the CPU path)
-``cuda``    CuPy ElementwiseKernel / ReductionKernel, created once and cached
-``generic`` the array API standard only (array_api_strict and other namespaces)
+``compiled`` numba loops over one scalar definition of each g, g′, g″ and loss, plus the
+            whole training step as one call (the numpy backend's table)
+``cuda``     CuPy ElementwiseKernel / ReductionKernel bodies in CUDA C, created once and cached
+``generic``  the array API standard only: the reference, and the table of any other
+            namespace (array_api_strict, and numpy itself when numba is missing or broken)
 
 All three modules export the same names with the same signatures; a caller
 picks the module once through :func:`bpgpu.backend.resolve` (``backend.ops``)
-and never branches on the backend itself. ``OPS`` lists the contract.
+and never branches on the backend itself. ``OPS`` lists the contract;
+tests/test_tables.py holds every table's names, signatures and values against
+the reference.
 """
 
 ACTIVATIONS = ("identity", "sigmoid", "tanh", "relu", "leaky_relu", "softplus", "softmax", "exp")
 LOSSES = ("squared_error", "binary_cross_entropy", "cross_entropy", "poisson")
+LEAKY_SLOPE = 0.01  # k of leaky_relu, max(z, k z)
 
 OPS = (
     ("matmul", "colsum")

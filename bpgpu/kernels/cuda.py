@@ -1,6 +1,6 @@
 """CuPy twins of the fused kernels: ElementwiseKernel / ReductionKernel, one pass each.
 
-Same names, signatures and equations as :mod:`bpgpu.kernels.cpu`; ``scratch``
+Same names, signatures and equations as the reference :mod:`bpgpu.kernels.generic`; ``scratch``
 and ``rows`` are accepted for the common calling convention, and ``rows``
 (an ``(m, 2)`` buffer) holds the per-row statistics of softmax. Every CUDA body
 is a string in :data:`SPECS`; :func:`kernel` builds a CuPy kernel from it on
@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from bpgpu.kernels.cpu import LEAKY_SLOPE
+from bpgpu.kernels import LEAKY_SLOPE
 
 # --- CUDA sources ------------------------------------------------------------
 
@@ -133,9 +133,9 @@ SPECS: dict[str, Elementwise | Reduction] = {
     "colsum": _sum("T delta", "bias_grad", "delta"),
     # activations, forward: a = g(z + b)
     "identity_fwd": _bias_act("v"),
-    # 1 / (1 + e^{−z}): e^{−z} = inf gives 0 with no trap on the GPU, and unlike
-    # (1 + tanh(z/2)) / 2 it keeps full relative precision where σ is tiny.
-    "sigmoid_fwd": _bias_act("T(1) / (T(1) + exp(-v))"),
+    # exp(−softplus(−z)), as the other tables: no overflow for any z, and unlike
+    # (1 + tanh(z/2)) / 2 full relative precision where σ is tiny.
+    "sigmoid_fwd": _bias_act("exp(-bpgpu_softplus(T(-v)))"),
     "tanh_fwd": _bias_act("tanh(v)"),
     "relu_fwd": _bias_act("v < T(0) ? T(0) : v"),  # not max(v, 0): NaN stays NaN, as in numpy
     "leaky_relu_fwd": _bias_act(f"v > T(0) ? v : T({_SLOPE} * v)"),
@@ -261,7 +261,7 @@ def all_kernels() -> dict[str, Any]:
 
 @functools.lru_cache(maxsize=None)
 def _unit_bounds(dtype: Any) -> tuple[float, float]:
-    """[tiny, 1⁻] of ``dtype`` as Python floats: the clip range of the cpu twin."""
+    """[tiny, 1⁻] of ``dtype`` as Python floats: the clip range of the other tables."""
     info = np.finfo(dtype)
     one = np.dtype(dtype).type(1)
     return float(info.tiny), float(np.nextafter(one, np.dtype(dtype).type(0)))
@@ -271,9 +271,15 @@ def _unit_bounds(dtype: Any) -> tuple[float, float]:
 
 
 def matmul(a, b, out):
-    """out = a @ b by cuBLAS GEMM straight into ``out`` (C-contiguous; see the module note)."""
+    """out = a @ b by cuBLAS GEMM straight into ``out`` (C-contiguous; see the module note).
+
+    ``a`` may be a cupyx.scipy.sparse matrix (the input X of layer 1, or its transpose): then
+    the product is cuSPARSE's sparse × dense (SpMM), copied into out; a is never densified."""
     import cupy
 
+    if hasattr(a, "tocsr"):  # cupyx.scipy.sparse
+        out[...] = a @ b
+        return out
     return cupy.matmul(a, b, out=out)
 
 

@@ -2,16 +2,16 @@
 
 Used for any namespace that is neither numpy nor CuPy (the tests run the whole
 network on ``array_api_strict`` with them, which proves the generic code uses
-nothing outside the standard). Same signatures and equations as
-:mod:`bpgpu.kernels.cpu`; they build temporaries freely and copy the result
-into ``out`` with ``out[...] = ...``.
+nothing outside the standard), for numpy when numba is missing or broken, and
+as the reference every other table is tested against (tests/test_tables.py).
+They build temporaries freely and copy the result into ``out`` with ``out[...] = ...``.
 """
 
 from __future__ import annotations
 
 from array_api_compat import array_namespace
 
-from bpgpu.kernels.cpu import LEAKY_SLOPE
+from bpgpu.kernels import LEAKY_SLOPE
 
 
 def _put(out, value):

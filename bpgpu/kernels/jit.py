@@ -1,12 +1,16 @@
-"""A compiled CPU training step: forward, backprop, L2 term and update in one numba call.
+"""The compiled CPU table, loaded once, and the training step as one numba call.
 
-On small nets the numpy path spends its time in Python and in numpy's per-call
-overhead (4–8 calls per layer and pass), not in arithmetic. This module gives
-the numpy backend one compiled call per step instead
-(:mod:`bpgpu.kernels.numba_step`), with the numpy path's arithmetic; the numpy
-path stays the reference. numba is optional (the ``jit`` extra): it is looked
-for once, on first use, and without it (or with BPGPU_JIT=0 in the environment)
-the hooks return None and callers keep the numpy path.
+:func:`kernels` loads :mod:`bpgpu.kernels.compiled`, the numpy backend's kernel
+table (numba is a core dependency); when it cannot be used (BPGPU_JIT=0, numba
+missing or broken) it returns None, :data:`reason` says why, and the numpy
+backend runs the array-API reference table instead.
+
+On small nets a pass kernel by kernel spends its time in Python and in per-call
+overhead (several calls per layer and pass), not in arithmetic. This module gives
+the numpy backend one compiled call per training step instead
+(:func:`bpgpu.kernels.compiled.train_step`), built on the same scalar
+definitions as the table's kernels; without the compiled table the hooks return
+None and callers keep the engine's kernel-by-kernel path.
 
     step = compiled_train_step(net, optimizer_or_lr)   # None when not applicable
     loss = step(X, T)   # X (m, n0), T (m, nL): numpy arrays in the net's dtype
@@ -22,15 +26,18 @@ compiled gradient and then its own one-kernel update.
 from __future__ import annotations
 
 import functools
+import logging
 import numbers
 import os
+import weakref
 from types import ModuleType
 from typing import Any
 
 import numpy as np
 
 from bpgpu.kernels import ACTIVATIONS, LOSSES
-from bpgpu.kernels.cpu import LEAKY_SLOPE
+
+log = logging.getLogger("bpgpu")
 
 _BUFFERS_KEPT = 4  # batch sizes whose buffers are kept, like MLP.workspace
 _IN_KERNEL = ("sgd", "momentum", "nesterov")  # optimizers whose update is compiled too
@@ -38,28 +45,51 @@ _FUSED = ("sgd", "momentum")  # of those, the ones applied inside the gradient p
 _AFTER_KERNEL = ("adam",)  # optimizers that update with their own kernel after the compiled gradient
 
 
+# Why the compiled table is not used, once :func:`kernels` has decided ("" while it is).
+reason = ""
+
+
 @functools.cache
 def kernels() -> ModuleType | None:
-    """The compiled kernels, or None when numba is not installed or BPGPU_JIT=0 (decided once).
+    """The compiled table :mod:`bpgpu.kernels.compiled`, or None (decided once; :data:`reason` says why).
 
-    The first step of a dtype compiles for some seconds; numba caches the result
-    next to this module, so later processes load it in well under a second.
-    The products go through numba's BLAS helper (``numba_xxgemm``, the one its
-    np.dot calls), which calls SciPy's BLAS, so SciPy is needed as well; a numba
-    without that helper gets the numpy path rather than a step that cannot compile.
+    None when BPGPU_JIT=0, when numba is not installed, when numba lacks the
+    BLAS helper (``numba_xxgemm``, the one its np.dot calls; it calls SciPy's
+    BLAS, so SciPy is needed too), or when a first compiled call fails: the numpy
+    backend then runs the array-API reference table, logged in one line. A
+    kernel compiles on its first call for a dtype; numba caches the result next
+    to the module, so later processes load it in milliseconds.
     """
+    global reason
+    module, reason = _load()
+    if module is None and reason != _OFF:
+        log.warning("bpgpu: numba kernels not used (%s); numpy runs the array-API reference kernels", reason)
+    return module
+
+
+_OFF = "BPGPU_JIT=0"
+
+
+def _load() -> tuple[ModuleType | None, str]:
     if os.environ.get("BPGPU_JIT", "1") == "0":
-        return None
+        return None, _OFF
     try:
         import scipy.linalg.cython_blas  # noqa: F401  (loaded by numba's BLAS helper on the first product)
         from numba import _helperlib
 
-        from bpgpu.kernels import numba_step
-    except ImportError:
-        return None
+        from bpgpu.kernels import compiled
+    except ImportError as exc:
+        return None, f"numba or scipy not importable: {exc}"
     if "xxgemm" not in _helperlib.c_helpers:
-        return None
-    return numba_step
+        return None, "this numba has no numba_xxgemm BLAS helper"
+    try:  # a broken numba or LLVM fails here, not in the middle of a pass
+        probe = np.zeros((1, 1))
+        compiled.sigmoid_fwd(probe, np.zeros(1), probe, probe, probe)
+    except Exception as exc:  # noqa: BLE001  (any failure of the compiler means: do not use it)
+        return None, f"numba failed to compile a kernel ({type(exc).__name__}: {exc})"
+    if probe[0, 0] != 0.5:
+        return None, f"numba's sigmoid(0) gave {probe[0, 0]!r}, not 0.5"
+    return compiled, ""
 
 
 def available() -> bool:
@@ -74,15 +104,16 @@ class CompiledStep:
     every call, so schedules and state shared with the numpy path keep working.
     """
 
-    def __init__(self, net: Any, optimizer_or_lr: Any, module: ModuleType):
+    def __init__(self, net: Any, optimizer_or_lr: Any, module: ModuleType, gradient_only: bool = False):
         self.net = net
         self.optimizer = None if isinstance(optimizer_or_lr, numbers.Real) else optimizer_or_lr
         self._lr = float(optimizer_or_lr) if self.optimizer is None else None
         name = "sgd" if self.optimizer is None else self.optimizer.name
         self._update_after = name in _AFTER_KERNEL
-        self._rule = module.GRADIENT_ONLY if self._update_after else getattr(module, name.upper())
+        gradient_only = gradient_only or self._update_after
+        self._rule = module.GRADIENT_ONLY if gradient_only else getattr(module, name.upper())
         self._has_velocity = hasattr(self.optimizer, "velocity")
-        self._fused = name in _FUSED
+        self._fused = name in _FUSED and not gradient_only
         self._kernel = module.train_step
         self._plan = np.empty((3, net.n_layers + 1), dtype=np.int64)
         self._plan[module.SIZE] = net.sizes
@@ -90,7 +121,6 @@ class CompiledStep:
         self._plan[module.CODE] = [-1] + [ACTIVATIONS.index(g.name) for g in net.activations]
         self._loss = LOSSES.index(net.loss_function.name)
         self._mean = net.reduction == "mean"
-        self._tiny = float(np.finfo(net.xp_dtype).tiny)
         self._alpha = 0.0 if self.optimizer is None else float(self.optimizer.alpha)
         self._grad = np.empty(0 if self._fused else net.n_params, dtype=net.xp_dtype)
         self._work: dict[int, np.ndarray] = {}
@@ -123,6 +153,14 @@ class CompiledStep:
     def __call__(self, X: np.ndarray, T: np.ndarray, weights: tuple[np.ndarray, float] | None = None) -> float:
         """One step; ``weights``: ``(s_col, c)`` from :meth:`MLP.weighting` for sample weights
         (the kernel recomputes c from s, in the net's dtype)."""
+        loss = self.run(X, T, self._grad, weights)
+        if self._update_after:  # the optimizer's own one-kernel update (Adam)
+            self.optimizer.update(self._grad)
+        return loss
+
+    def run(self, X: np.ndarray, T: np.ndarray, grad: np.ndarray, weights: Any = None) -> float:
+        """The kernel once, its gradient (for the rules that form one) into ``grad``; returns the loss.
+        No update after it: :meth:`__call__` adds Adam's."""
         if not (X.flags.c_contiguous and T.flags.c_contiguous):  # one compiled layout only
             X, T = np.ascontiguousarray(X), np.ascontiguousarray(T)
         opt = self.optimizer
@@ -133,13 +171,39 @@ class CompiledStep:
             mu, velocity = 0.0, self.net.params  # not read by this rule: any vector of the params' length
         # s=None has its own numba specialization, with no weighting code; c comes from the weights
         s = None if weights is None else np.ascontiguousarray(weights[0][:, 0])
-        loss = self._kernel(
-            X, T, self.net.params, self._grad, self._buffers(X.shape[0]), self._plan, self._loss, self._mean,
-            LEAKY_SLOPE, self._tiny, self._alpha, self._rule, lr, mu, velocity, s,
+        return self._kernel(
+            X, T, self.net.params, grad, self._buffers(X.shape[0]), self._plan, self._loss, self._mean,
+            self._alpha, self._rule, lr, mu, velocity, s,
         )
-        if self._update_after:  # the optimizer's own one-kernel update (Adam)
-            opt.update(self._grad)
-        return loss
+
+
+class CompiledGradient:
+    """``gradient(X, T, grad, weights) -> J``: the loss and ∂J/∂w at ``net.params`` in one compiled
+    call (forward pass and backprop of :func:`bpgpu.kernels.compiled.train_step` with no update),
+    written into ``grad`` (W,). X, T: validated numpy arrays in the net's dtype."""
+
+    def __init__(self, net: Any, module: ModuleType):
+        self.net = net
+        self._step = CompiledStep(net, 0.0, module, gradient_only=True)
+
+    def __call__(self, X: np.ndarray, T: np.ndarray, grad: np.ndarray,
+                 weights: tuple[np.ndarray, float] | None = None) -> float:
+        return self._step.run(X, T, grad, weights)
+
+
+_GRADIENTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def gradient_for(net: Any) -> CompiledGradient | None:
+    """The compiled loss-and-gradient of ``net`` (built once per net), or None when there is
+    none: numba unavailable, or a backend other than numpy."""
+    cached = _GRADIENTS.get(net)
+    if cached is None:
+        module = kernels()
+        if module is None or net.backend.name != "numpy":
+            return None
+        cached = _GRADIENTS[net] = CompiledGradient(net, module)
+    return cached
 
 
 def compiled_train_step(net: Any, optimizer_or_lr: Any) -> CompiledStep | None:

@@ -4,7 +4,7 @@
    :mod:`bpgpu.kernels.cuda` compiles with NVRTC for float16, float32 and
    float64, for sm_80 and sm_90 (:mod:`~bpgpu.testing.sources`).
 2. That same source, compiled by g++ against CuPy's own headers, runs on the CPU
-   and every op matches its numpy twin on random, broadcast and strided inputs
+   and every op matches the array-API reference on random, broadcast and strided inputs
    (:mod:`~bpgpu.testing.host`, :mod:`~bpgpu.testing.runner`,
    :mod:`~bpgpu.testing.checks`, :mod:`~bpgpu.testing.cases`).
 

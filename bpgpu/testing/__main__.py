@@ -73,7 +73,7 @@ def main(argv=None):
     print(f"bpgpu kernel checks without a GPU: {_versions()}")
     print(f"\n1. NVRTC compiles of the exact generated source (sources per cell; layouts: {', '.join(compile_layouts)})")
     print("\n".join(_compile_table(report, dtypes, archs)))
-    print("\n2. CPU run of the generated source vs the numpy twin in float64:")
+    print("\n2. CPU run of the generated source vs the array-API reference in float64:")
     print(f"   max |kernel - twin| / max(1, |twin|) per call ('!' = over the tolerance: {tol})")
     print("\n".join(_cpu_table(report, dtypes, cases.LAYOUTS)))
     for op, why in cases.NOT_GENERATED.items():

@@ -15,11 +15,11 @@ signature.  A :class:`Case` builds them for one dtype and one layout:
 ``extreme``    contiguous, with the values that break naive formulas: logits up to
                |z| ≈ 150 (e^z overflows float32 beyond 88) and outputs/targets
                exactly 0 and 1 (the clip in log a, 1/a).  float32 and float64 only,
-               compared with the numpy twin run in the same dtype (its clip bounds
+               compared with the reference run in the same dtype (its clip bounds
                depend on the dtype).
 
 Arguments the CUDA twins ignore (``scratch``, ``rows``) are fresh buffers for the
-numpy twin; everything else is compared after the call, inputs included (so an
+reference; everything else is compared after the call, inputs included (so an
 op that must leave an input alone, or must update it in place, is checked too).
 """
 
@@ -217,15 +217,15 @@ class Case:
         return CANONICAL[self.op] if self.op in CANONICAL else SIGNATURES[self.op]
 
     def call(self, module, args):
-        """The op of ``module`` (bpgpu.kernels.cuda or .cpu) on ``args``."""
+        """The op of ``module`` (a kernel table: bpgpu.kernels.cuda, .compiled or .generic) on ``args``."""
         op, _, loss = self.op.partition("/")
         return getattr(module, op)(*((loss,) if loss else ()), *args)
 
     def reference(self, args):
-        """The numpy twin on ``args`` (float64 copies), in place; its return value."""
-        from bpgpu.kernels import cpu
+        """The array-API reference table on ``args`` (float64 numpy copies), in place; its return value."""
+        from bpgpu.kernels import generic
 
-        return self.call(cpu, args)
+        return self.call(generic, args)
 
     def build(self, seed=0):
         """The arguments (numpy arrays and Python scalars) of one call."""

@@ -4,7 +4,7 @@
 wrappers, so argument order and in-place contracts are checked too) on numpy
 arrays, with every kernel call executed on the CPU from the source CuPy generates
 (:mod:`bpgpu.testing.runner`), and compares every array argument (and a loss
-value) with the numpy twin of :mod:`bpgpu.kernels.cpu` run on the same inputs in
+value) with the array-API reference :mod:`bpgpu.kernels.generic` run on the same inputs in
 float64 (in the case's own dtype for the "extreme" layout, whose clip bounds
 depend on the dtype).
 :func:`compile_sources` compiles the recorded sources with NVRTC for sm_80 and sm_90.
@@ -21,7 +21,7 @@ import numpy as np
 from bpgpu.testing import cases as cases_mod
 from bpgpu.testing import runner, sources
 
-# Largest accepted |kernel − float64 twin| / max(1, max |twin|) per array, by dtype.
+# Largest accepted |kernel − float64 reference| / max(1, max |reference|) per array, by dtype.
 # float32/float16: a few units of rounding of the dtype plus transcendental-function
 # differences; float64: the twins use different but exact-to-rounding formulas.
 TOLERANCE = {np.dtype(np.float16): 2e-3, np.dtype(np.float32): 1e-5, np.dtype(np.float64): 1e-12}
@@ -84,12 +84,12 @@ def _compare(case, got_args, got_ret, ref_args, ref_ret):
         got = np.asarray(got, dtype=np.float64)
         ref = np.asarray(ref, dtype=np.float64)
         if got.shape != ref.shape:
-            return worst, name, f"{name}: shape {got.shape}, numpy twin {ref.shape}"
+            return worst, name, f"{name}: shape {got.shape}, reference {ref.shape}"
         finite = np.isfinite(ref)
         if not np.array_equal(np.isfinite(got), finite) or not np.array_equal(got[~finite], ref[~finite], equal_nan=True):
             bad = np.flatnonzero((np.isfinite(got) != finite).ravel() | (~finite.ravel() & (got.ravel() != ref.ravel())))
             i = bad[0]
-            return float("inf"), name, (f"{name}: kernel {got.ravel()[i]} where the numpy twin has {ref.ravel()[i]} "
+            return float("inf"), name, (f"{name}: kernel {got.ravel()[i]} where the reference has {ref.ravel()[i]} "
                                         f"(flat index {i}, {bad.size} such)")
         scale = max(1.0, float(np.max(np.abs(ref[finite]), initial=0.0)))
         err = float(np.max(np.abs(got[finite] - ref[finite]), initial=0.0)) / scale
@@ -97,13 +97,31 @@ def _compare(case, got_args, got_ret, ref_args, ref_ret):
             worst, where = err, name
     failure = ""
     if worst > tol:
-        failure = f"{where}: max |kernel - numpy twin| / max(1, |twin|) = {worst:.3g} > {tol:g}"
+        failure = f"{where}: max |kernel - reference| / max(1, |reference|) = {worst:.3g} > {tol:g}"
     return worst, where, failure
+
+
+def reference_of(case):
+    """(arguments after the call, return value) of the array-API reference on the case's inputs:
+    float64 copies, or copies in the case's own dtype for the "extreme" layout."""
+    ref_dtype = case.dtype if case.layout == "extreme" else np.float64
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+        ref_args = _reference_args(case.build(), ref_dtype)
+        return ref_args, case.reference(ref_args)
+
+
+def check_table(case, module):
+    """The case's op of a numpy-array table ``module`` (such as bpgpu.kernels.compiled) against the
+    reference: (worst normalised difference, where, failure message or "")."""
+    args = case.build()
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+        ret = case.call(module, args)
+    return _compare(case, args, ret, *reference_of(case))
 
 
 def run_cases(case_list, replace=None, session=None):
     """Run every case's CUDA op on the CPU (two passes: plan all sources, build once,
-    execute) and compare with the numpy twin; returns one Result per case."""
+    execute) and compare with the array-API reference; returns one Result per case."""
     cuda = cuda_module()
     session = session or runner.HostSession()
     results = []
@@ -118,11 +136,7 @@ def run_cases(case_list, replace=None, session=None):
             before = len(session.launched)
             args = case.build()
             ret = session.replay(case.call, cuda, args)
-            ref_dtype = case.dtype if case.layout == "extreme" else np.float64
-            with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
-                ref_args = _reference_args(case.build(), ref_dtype)
-                ref_ret = case.reference(ref_args)
-            err, where, failure = _compare(case, args, ret, ref_args, ref_ret)
+            err, where, failure = _compare(case, args, ret, *reference_of(case))
             if len(session.launched) == before and case.launches_kernels():
                 failure = "launched no kernel: the op did not go through bpgpu.kernels.cuda.kernel()"
             results.append(Result(case, err, where, tuple(session.launched[before:]), case_sources, failure))

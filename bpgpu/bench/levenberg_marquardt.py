@@ -1,9 +1,11 @@
 """Levenberg–Marquardt benchmark cases: the problems, bpgpu's LM iteration, the same
 iteration in torch-levenberg-marquardt, and training runs recorded as (seconds, MSE).
 
-Shared by benchmarks/test_levenberg_marquardt.py (pytest-benchmark: one iteration
-against torch-LM, the normal-equation product against GEMM) and
-benchmarks/lm_curves.py (training curves, one plot per problem).
+Shared by the ``levenberg_marquardt`` section of ``bpgpu bench``,
+benchmarks/test_levenberg_marquardt.py (pytest-benchmark: one iteration against
+torch-LM, the normal-equation product against GEMM) and benchmarks/lm_curves.py
+(training curves, one plot per problem). Heavy peers (torch, scikit-learn) are
+imported inside the functions that use them.
 
 Every net: tanh hidden layers, identity output, squared error, float64, CPU, Glorot
 initial parameters from one seed shared by every optimizer of a problem.
@@ -11,13 +13,32 @@ initial parameters from one seed shared by every optimizer of a problem.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 import bpgpu as bp
 from bpgpu.levenberg_marquardt import LevenbergMarquardt
+
+
+@contextlib.contextmanager
+def one_thread():
+    """One BLAS thread (numpy's and scipy's) and one torch intra-op thread, so that every library
+    shares a loaded machine alike; restored afterwards."""
+    import scipy.linalg  # noqa: F401  loaded first, so that the BLAS limit covers scipy's own BLAS too
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with threadpool_limits(1, user_api="blas"):
+            yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 @dataclass(frozen=True)
@@ -136,7 +157,11 @@ def mse(net: bp.MLP, problem: Problem) -> float:
 
 def bpgpu_run(problem: Problem, optimizer: str, budget: float, **options) -> list[tuple[float, float]]:
     """bp.fit with ``optimizer`` until ``budget`` seconds: (seconds, training MSE) per iteration.
-    The MSE is 2 × the half squared error bp.fit records (no L2 term)."""
+    The MSE is 2 × the half squared error bp.fit records (no L2 term). No stopping rule
+    (tol=None; L-BFGS: gtol = 0, as scikit-learn's tol=0 below)."""
+    options = {"tol": 0.0 if optimizer == "lbfgs" else None, **options}
+    bp.fit(bpgpu_net(problem), problem.X, problem.T, optimizer=optimizer, epochs=2, progress=False,
+           **options)  # warm: numba's compiled step, the workspaces
     net = bpgpu_net(problem)
     points = [(0.0, mse(net, problem))]
     start = time.perf_counter()
@@ -146,15 +171,19 @@ def bpgpu_run(problem: Problem, optimizer: str, budget: float, **options) -> lis
         points.append((elapsed, 2.0 * history.loss[-1]))
         return elapsed > budget
 
-    bp.fit(net, problem.X, problem.T, optimizer=optimizer, epochs=10**7, tol=None, progress=False,
-           callbacks=[record], **options)
+    bp.fit(net, problem.X, problem.T, optimizer=optimizer, epochs=10**7, progress=False, callbacks=[record],
+           **options)
     return points
 
 
 def torch_lm_run(problem: Problem, budget: float) -> list[tuple[float, float]]:
     """torch-LM's training_step in a loop until ``budget`` seconds (its loss is the MSE)."""
+    import torch
+
+    TorchLMIteration(problem)()  # warm: torch.func's first vmap/jacrev
     case = TorchLMIteration(problem)
-    points = [(0.0, float(case.module.loss_fn(case.model(case.X), case.T)))]
+    with torch.no_grad():
+        points = [(0.0, float(case.module.loss_fn(case.model(case.X), case.T)))]
     start = time.perf_counter()
     while time.perf_counter() - start < budget:
         _, loss, stop, _ = case.module.training_step(case.X, case.T)
@@ -198,3 +227,97 @@ def gemm_rate(n: int, k: int, repeats: int = 3) -> float:
         np.matmul(A, B, out=C)
         best = min(best, time.perf_counter() - start)
     return 2.0 * n * n * k / best / 1e9
+
+
+# --- training curves ----------------------------------------------------------------
+
+CURVE_PROBLEMS = {"sinc": sinc, "franke": franke, "friedman1": friedman1}
+
+
+def torch_lm_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("torch_levenberg_marquardt") is not None
+
+
+def curves(problem: Problem, budget: float, peers: bool = True) -> dict[str, list[tuple[float, float]]]:
+    """Every optimizer's (seconds, MSE) run on ``problem`` for ``budget`` seconds (peers: also
+    scikit-learn's L-BFGS and, when installed, torch-LM)."""
+    runs = {
+        "bpgpu LM": bpgpu_run(problem, "lm", budget),
+        "bpgpu Adam (full batch, lr 0.01)": bpgpu_run(problem, "adam", budget, learning_rate=0.01),
+        "bpgpu L-BFGS": bpgpu_run(problem, "lbfgs", budget, max_fun=10**7),
+    }
+    if peers:
+        runs["scikit-learn L-BFGS"] = sklearn_lbfgs_run(problem, budget)
+        if torch_lm_available():
+            runs["torch-LM (Cholesky)"] = torch_lm_run(problem, budget)
+    return runs
+
+
+ITERATION_PROBLEMS = {"sinc200": sinc, "regression8_2000": regression8}
+
+
+def iteration_times(name: str, rounds: int, peers: bool) -> dict:
+    """Best seconds of one LM iteration from the same point, bpgpu and (peers, installed) torch-LM,
+    calls interleaved round by round; the two steps checked equal first."""
+    problem = ITERATION_PROBLEMS[name]()
+    cases = {"bpgpu": BpgpuIteration(problem)}
+    if peers and torch_lm_available():
+        cases["torch_lm"] = TorchLMIteration(problem)
+    for case in cases.values():
+        case()  # warm, and the step compared below
+    row = {"problem": name, "sizes": list(problem.sizes), "m": problem.X.shape[0],
+           "W": cases["bpgpu"].net.n_params}
+    if "torch_lm" in cases:
+        ours = np.asarray(cases["bpgpu"].net.params)
+        moved = np.abs(ours - cases["bpgpu"].w0).max()
+        row["step_gap"] = float(np.abs(ours - cases["torch_lm"].bpgpu_params()).max() / moved)
+    best = {impl: np.inf for impl in cases}
+    for _ in range(rounds):
+        for impl, case in cases.items():
+            start = time.perf_counter()
+            case()
+            best[impl] = min(best[impl], time.perf_counter() - start)
+    row.update({f"{impl}_s": t for impl, t in best.items()})
+    row["torch_lm_over_bpgpu"] = best["torch_lm"] / best["bpgpu"] if "torch_lm" in best else None
+    return row
+
+
+def thinned(points: list[tuple[float, float]], n: int = 200) -> list[tuple[float, float]]:
+    """At most about n points, log-spaced in time, keeping the first and the last (for curves.json)."""
+    if len(points) <= n:
+        return points
+    t = np.array([p[0] for p in points])
+    edges = np.geomspace(max(t[1], 1e-6), t[-1], n)
+    keep = sorted({0, len(points) - 1, *np.searchsorted(t, edges).clip(0, len(points) - 1).tolist()})
+    return [points[i] for i in keep]
+
+
+def at_time(points: list[tuple[float, float]], t: float) -> float:
+    """The lowest MSE a run had reached by time t (its best so far)."""
+    reached = [mse for seconds, mse in points if seconds <= t]
+    return min(reached) if reached else points[0][1]
+
+
+def plot_curves(problem: Problem, runs: dict, path: Path) -> None:
+    """One plot: training MSE (best so far) against wall time, log-log, one line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for label, points in runs.items():
+        t, mse = np.array(points).T
+        ax.plot(np.maximum(t, 1e-4), np.minimum.accumulate(mse), label=label, lw=1.6)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("wall time (s)")
+    ax.set_ylabel("training MSE (best so far)")
+    ax.set_title(f"{problem.name}: m={problem.X.shape[0]}, net {list(problem.sizes)}, CPU float64")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,730 @@
+"""The compiled CPU table: every kernel of the numpy backend, and the training step, compiled by numba.
+
+One of the three kernel tables (compiled CPU here, CUDA C in :mod:`bpgpu.kernels.cuda`,
+the array-API reference in :mod:`bpgpu.kernels.generic`). It exports every name of
+:data:`bpgpu.kernels.OPS` with the reference's signature, so the numpy backend calls it
+as it would any other table, plus :func:`train_step`, the whole training step in one
+call (:mod:`bpgpu.kernels.jit` drives it).
+
+Each equation is written once, as a scalar function that every loop here calls:
+
+    g(code, z)            the activation: identity, σ = exp(−softplus(−z)), tanh, relu,
+                          leaky_relu max(z, k z), softplus log(1 + e^z), exp e^z
+    g1(code, a)           g′(z) through a = g(z): 1, a(1 − a), 1 − a², [a > 0], 1 or k, 1 − e^{−a}, a
+    g2(code, a)           g″(z) through a: 0, a(1 − a)(1 − 2a), −2a(1 − a²), 0, 0, (1 − e^{−a}) e^{−a}, a
+    loss_term(ℓ, a, t)    ℓ per output: ½(a − t)², −t log p − (1 − t) log(1 − p), −t log p,
+                          t log t − t log q − t + a (Poisson, 0 log 0 = 0)
+    loss_grad(ℓ, a, t)    ∂ℓ/∂a: a − t, (a − t) / (p (1 − p)), −t / p, 1 − t / q
+    loss_curvature        ∂²ℓ/∂a²: 1, t/p² + (1 − t)/(1 − p)², t/p², t/q²
+                          (p: a clipped into [tiny, 1⁻]; q: a raised to at least tiny)
+    logit_term(ℓ, z, t)   ℓ from the logit of a canonical elementwise pair: softplus(z) − t z
+                          (sigmoid + binary cross-entropy), t log t − t z − t + e^z (exp + Poisson)
+    softmax rows          a_k = e^{z_k − max z} / Σ_j e^{z_j − max z}; the product a ⊙ (s − Σ_k s_k a_k);
+                          cross-entropy from the logits, (Σ_k t_k) lse(z) − Σ_k t_k z_k
+
+Scalars are cast to the arrays' dtype first, so float32 stays float32; loss sums
+are accumulated in float64. Everything compiles with numba's numpy error model:
+x / 0 is ±inf or NaN, as in numpy, never an exception. Matrix products go to BLAS: the table's ``matmul`` and
+``colsum`` through numpy, the training step through the ?gemm helper that numba's
+own np.dot calls (with α and β, which the fused updates need).
+
+Why one module: numba's on-disk cache (``cache=True``) checks a function only
+against its own source file, so a cached function calling an edited function of
+another module would go on running the stale code.
+
+The training step's buffers: the caller passes one flat ``work`` vector of length
+m (2 Σ_l n_l + n_L) + max_l n_l + 2 holding a(l), δ(l) for l = 1..L, z(L), a
+row for the bias-gradient sums and the two scalars BLAS reads through pointers
+(α, β); the kernel slices it into views, so a step allocates nothing.
+
+SGD and momentum are fused into backprop: the weight-gradient product of each
+layer is one BLAS call C ← α a(l−1)ᵀ δ(l) + β C with C the weights (SGD) or
+the velocity (momentum), so the gradient of the weights is never written to
+memory and no extra pass over the parameters reads it back (measured in
+benchmarks/NOTES.md, "N1").
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+from numba import njit, types
+
+from bpgpu.kernels import LEAKY_SLOPE, LOSSES
+
+# Codes in the order of bpgpu.kernels.ACTIVATIONS and LOSSES.
+IDENTITY, SIGMOID, TANH, RELU, LEAKY_RELU, SOFTPLUS, SOFTMAX, EXP = range(8)
+SQUARED_ERROR, BINARY_CROSS_ENTROPY, CROSS_ENTROPY, POISSON = range(4)
+GRADIENT_ONLY, SGD, MOMENTUM, NESTEROV = range(4)  # the update applied after backprop
+SIZE, OFFSET, CODE = range(3)  # the rows of train_step's plan
+_LOSS_CODE = {name: code for code, name in enumerate(LOSSES)}
+_TINY32, _TINY64 = float(np.finfo(np.float32).tiny), float(np.finfo(np.float64).tiny)
+
+# Below this many multiply-adds (m k n) a plain loop beats the BLAS call made
+# through np.dot (measured: benchmarks/NOTES.md, "Compiled CPU step (numba)", G1).
+SMALL_GEMM = 512
+
+# ?gemm through the helper numba's own np.dot calls (numba's helper library, which
+# loads scipy.linalg.cython_blas): a named symbol, so the kernels stay cacheable,
+# unlike a ctypes pointer to scipy's function. np.dot has no α and β, which the fused
+# updates need. Arguments: kind ('s' or 'd'), transa, transb, m, n, k, &α, A, lda,
+# B, ldb, &β, C, ldc, in BLAS's column-major terms.
+_xxgemm = types.ExternalFunction("numba_xxgemm", types.intc(
+    types.char, types.char, types.char, types.intp, types.intp, types.intp,
+    types.voidptr, types.voidptr, types.intp, types.voidptr, types.intp, types.voidptr, types.voidptr, types.intp,
+))
+
+
+# --- the scalar definitions ----------------------------------------------------------
+# ``one`` is 1 in the arrays' dtype (numba has no type(x)(1)), ``slope`` k in it; the loops
+# below make them once per call with :func:`_constants`.
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def g(code, x, one, slope):
+    """a = g(z) for an elementwise activation (softmax works on rows: :func:`_softmax_rows`)."""
+    zero = one - one
+    if code == SIGMOID:
+        return np.exp(-np.logaddexp(-x, zero))  # exp(−softplus(−z)): no overflow, full precision where σ is tiny
+    if code == TANH:
+        return np.tanh(x)
+    if code == RELU:
+        return zero if x < zero else x  # not max(x, 0): NaN stays NaN
+    if code == LEAKY_RELU:
+        return x if x > zero else x * slope
+    if code == SOFTPLUS:
+        return np.logaddexp(x, zero)  # log(1 + e^z), overflow-free
+    if code == EXP:
+        return np.exp(x)  # the inverse of the log link (overflows to inf, as numpy's exp)
+    return x  # IDENTITY
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def g1(code, a, one, slope):
+    """g′(z) written through the output a = g(z)."""
+    zero = one - one
+    if code == SIGMOID:
+        return a * (one - a)
+    if code == TANH:
+        return one - a * a
+    if code == RELU:
+        return one if a > zero else zero
+    if code == LEAKY_RELU:
+        return one if a > zero else slope  # a has the sign of z
+    if code == SOFTPLUS:
+        return -np.expm1(-a)  # σ(z) = 1 − e^{−a}
+    if code == EXP:
+        return a  # exp′ = exp
+    return one  # IDENTITY
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def g2(code, a, one):
+    """g″(z) written through a = g(z); 0 for identity and (almost everywhere) relu and leaky_relu."""
+    if code == SIGMOID:
+        return a * (one - a) * (one - (a + a))  # σ″ = σ′ (1 − 2σ)
+    if code == TANH:
+        return -(a + a) * (one - a * a)  # tanh″ = −2 tanh · tanh′
+    if code == SOFTPLUS:
+        return -np.expm1(-a) * np.exp(-a)  # σ(z)(1 − σ(z)) with σ = 1 − e^{−a}
+    if code == EXP:
+        return a  # exp″ = exp
+    return one - one
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def clip_unit(a, tiny, below_one):
+    """a clipped into [tiny, 1⁻] so log and 1/a stay finite for saturated outputs (NaN stays NaN)."""
+    return tiny if a < tiny else (below_one if a > below_one else a)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def clip_positive(a, tiny):
+    """a raised to at least tiny, so log a and 1/a stay finite (NaN stays NaN)."""
+    return tiny if a < tiny else a
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _t_log_t(t, tiny):
+    return t * np.log(clip_positive(t, tiny))  # 0 log 0 = 0: exactly 0 at t = 0
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def loss_term(loss, a, t, one, tiny, below_one):
+    """ℓ for one output: the per-sample loss is the sum over the outputs."""
+    if loss == SQUARED_ERROR:
+        e = a - t
+        return e * e * (one / (one + one))
+    if loss == POISSON:  # half the Poisson deviance
+        return _t_log_t(t, tiny) - t * np.log(clip_positive(a, tiny)) - t + a
+    p = clip_unit(a, tiny, below_one)
+    if loss == BINARY_CROSS_ENTROPY:
+        return -(t * np.log(p) + (one - t) * np.log1p(-p))
+    return -(t * np.log(p))  # CROSS_ENTROPY
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def loss_grad(loss, a, t, one, tiny, below_one):
+    """∂ℓ/∂a for one output."""
+    if loss == SQUARED_ERROR:
+        return a - t
+    if loss == POISSON:
+        return one - t / clip_positive(a, tiny)
+    p = clip_unit(a, tiny, below_one)
+    if loss == BINARY_CROSS_ENTROPY:
+        return (a - t) / (p * (one - p))
+    return -(t / p)  # CROSS_ENTROPY
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def loss_curvature(loss, a, t, one, tiny, below_one):
+    """∂²ℓ/∂a² for one output (the losses' Hessians are diagonal)."""
+    if loss == SQUARED_ERROR:
+        return one
+    if loss == POISSON:
+        q = clip_positive(a, tiny)
+        return t / (q * q)
+    p = clip_unit(a, tiny, below_one)
+    if loss == BINARY_CROSS_ENTROPY:
+        return t / (p * p) + (one - t) / ((one - p) * (one - p))
+    return t / (p * p)  # CROSS_ENTROPY
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def logit_term(loss, z, t, one, tiny):
+    """ℓ from the logit z of a canonical elementwise pair, exact for any z: binary cross-entropy
+    −t log σ(z) − (1 − t) log(1 − σ(z)) = softplus(z) − t z; Poisson (a = e^z) t log t − t z − t + e^z."""
+    if loss == POISSON:
+        return _t_log_t(t, tiny) - t * z - t + np.exp(z)
+    return np.logaddexp(z, one - one) - t * z
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _constants(x):
+    """(1, k, tiny, 1⁻) in the dtype of array x."""
+    one = x.dtype.type(1)
+    tiny = x.dtype.type(_TINY32 if x.itemsize == 4 else _TINY64)
+    return one, x.dtype.type(LEAKY_SLOPE), tiny, np.nextafter(one, one - one)
+
+
+# --- whole arrays: the loops over the scalar definitions -------------------------------
+
+
+@njit(cache=True, error_model="numpy")
+def _softmax_rows(z, out):
+    """out = softmax of every row of z (out may be z)."""
+    m, n = z.shape
+    for i in range(m):
+        top = z[i, 0]
+        for j in range(1, n):
+            top = max(top, z[i, j])
+        total = z.dtype.type(0)
+        for j in range(n):
+            out[i, j] = np.exp(z[i, j] - top)
+            total += out[i, j]
+        for j in range(n):
+            out[i, j] /= total
+
+
+@njit(cache=True, error_model="numpy")
+def _activate(code, z, b, out):
+    """z ← z + b; out = g(z) (out may be z); returns out."""
+    m, n = z.shape
+    one, slope, _, _ = _constants(z)
+    for i in range(m):
+        for j in range(n):
+            z[i, j] += b[j]
+    if code == SOFTMAX:
+        _softmax_rows(z, out)
+        return out
+    for i in range(m):
+        for j in range(n):
+            out[i, j] = g(code, z[i, j], one, slope)
+    return out
+
+
+@njit(cache=True, error_model="numpy")
+def _derive(code, s, a, out):
+    """out = s ⊙ g′(z), g′ through a = g(z) (out may be s; returns out); softmax: a ⊙ (s − Σ_k s_k a_k) per row."""
+    m, n = s.shape
+    one, slope, _, _ = _constants(s)
+    if code == SOFTMAX:
+        for i in range(m):
+            dot = s.dtype.type(0)
+            for j in range(n):
+                dot += s[i, j] * a[i, j]
+            for j in range(n):
+                out[i, j] = (s[i, j] - dot) * a[i, j]
+        return out
+    for i in range(m):
+        for j in range(n):
+            out[i, j] = s[i, j] * g1(code, a[i, j], one, slope)
+    return out
+
+
+@njit(cache=True, error_model="numpy")
+def _softmax_cross_entropy_row(z, t, i):
+    """J_i of softmax + cross-entropy from the logits: (Σ_k t_k) lse(z) − Σ_k t_k z_k, lse = top + log Σ e^{z − top}."""
+    n = z.shape[1]
+    top = z[i, 0]
+    for j in range(1, n):
+        top = max(top, z[i, j])
+    se = z.dtype.type(0)
+    mass, row = 0.0, 0.0
+    for j in range(n):
+        se += np.exp(z[i, j] - top)
+        mass += t[i, j]
+        row -= t[i, j] * z[i, j]
+    return row + mass * (np.log(se) + top)
+
+
+@njit(cache=True, error_model="numpy")
+def _loss_sum(loss, x, t, from_logits=False, weights=None):
+    """Σ_n s_n J_n (s_n = 1 without weights; float64): from the outputs x = a (clipped), or, with
+    ``from_logits``, from the logits x = z of a canonical pair (exact for any z)."""
+    m, n = x.shape
+    one, _, tiny, below_one = _constants(x)
+    total = 0.0
+    for i in range(m):
+        s = 1.0 if weights is None else weights[i]
+        if from_logits and loss == CROSS_ENTROPY:
+            row = _softmax_cross_entropy_row(x, t, i)
+        elif from_logits and loss != SQUARED_ERROR:  # ½ (z − t)² is the identity pair's own form
+            row = 0.0
+            for j in range(n):
+                row += logit_term(loss, x[i, j], t[i, j], one, tiny)
+        else:
+            row = 0.0
+            for j in range(n):
+                row += loss_term(loss, x[i, j], t[i, j], one, tiny, below_one)
+        total += row * s
+    return total
+
+
+@njit(cache=True, error_model="numpy")
+def _loss_grad(loss, a, t, c, out):
+    """out = c ∂ℓ/∂a (out may be a); returns out."""
+    m, n = a.shape
+    one, _, tiny, below_one = _constants(a)
+    c_ = a.dtype.type(c)
+    for i in range(m):
+        for j in range(n):
+            out[i, j] = loss_grad(loss, a[i, j], t[i, j], one, tiny, below_one) * c_
+    return out
+
+
+@njit(cache=True, error_model="numpy")
+def _residual(a, t, c, delta):
+    """δ = c (a − t): the output delta of every canonical pair."""
+    m, n = a.shape
+    c_ = a.dtype.type(c)
+    for i in range(m):
+        for j in range(n):
+            delta[i, j] = (a[i, j] - t[i, j]) * c_
+
+
+# --- the table: bpgpu.kernels.OPS ---------------------------------------------------------
+
+
+def matmul(a, b, out):
+    """out = a @ b straight into a preallocated buffer (or a view of the flat vector), by BLAS.
+
+    ``a`` may be a scipy.sparse matrix (the input X of layer 1, or its transpose): then the
+    product is scipy's sparse × dense, copied into out; a is never densified."""
+    if type(a) is np.ndarray:  # every dense operand of the passes, views included: no further test
+        return np.matmul(a, b, out=out)
+    if hasattr(a, "tocsr"):  # scipy.sparse
+        out[...] = a @ b
+        return out
+    return np.matmul(a, b, out=out)
+
+
+@functools.lru_cache(maxsize=8)
+def _ones(m, dtype):
+    """A read-only vector of m ones, made once per batch size and dtype."""
+    ones = np.ones(m, dtype=dtype)
+    ones.flags.writeable = False
+    return ones
+
+
+def colsum(d, out):
+    """out = Σ_rows d = 1ᵀ d: the bias gradient ∂J/∂b = Σ_n δ_n, as a BLAS product
+    (np.sum(axis=0, out=) allocates a reduction buffer on every call)."""
+    if not out.flags.c_contiguous:  # np.dot writes only into contiguous outputs (never the case in a pass)
+        out[...] = np.dot(_ones(d.shape[0], d.dtype), d)
+        return out
+    return np.dot(_ones(d.shape[0], d.dtype), d, out=out)
+
+
+def take_rows(x, idx, out):
+    """out ← x[idx]: one shuffled batch gathered into a reused buffer."""
+    return np.take(x, idx, axis=0, out=out)
+
+
+def _named(fn, name: str):
+    fn.__name__ = fn.__qualname__ = name
+    return fn
+
+
+def _fwd(code: int, name: str):
+    def fwd(z, b, out, scratch, rows):
+        """z ← z + b in place; out = g(z + b) (out may be z)."""
+        return _activate(code, z, b, out)
+
+    return _named(fwd, f"{name}_fwd")
+
+
+def _bwd(code: int, name: str):
+    def bwd(s, a, out, scratch, rows):
+        """out = s ⊙ g′(z), g′ through a = g(z) (out may be s)."""
+        return _derive(code, s, a, out)
+
+    return _named(bwd, f"{name}_bwd")
+
+
+identity_fwd, identity_bwd = _fwd(IDENTITY, "identity"), _bwd(IDENTITY, "identity")
+sigmoid_fwd, sigmoid_bwd = _fwd(SIGMOID, "sigmoid"), _bwd(SIGMOID, "sigmoid")
+tanh_fwd, tanh_bwd = _fwd(TANH, "tanh"), _bwd(TANH, "tanh")
+relu_fwd, relu_bwd = _fwd(RELU, "relu"), _bwd(RELU, "relu")
+leaky_relu_fwd, leaky_relu_bwd = _fwd(LEAKY_RELU, "leaky_relu"), _bwd(LEAKY_RELU, "leaky_relu")
+softplus_fwd, softplus_bwd = _fwd(SOFTPLUS, "softplus"), _bwd(SOFTPLUS, "softplus")
+softmax_fwd, softmax_bwd = _fwd(SOFTMAX, "softmax"), _bwd(SOFTMAX, "softmax")
+exp_fwd, exp_bwd = _fwd(EXP, "exp"), _bwd(EXP, "exp")
+
+
+def _loss_fwd(code: int, name: str):
+    def fwd(a, t, scratch, rows):
+        """Σ_n J_n from the outputs a (clipped into [tiny, 1⁻] inside the logarithms)."""
+        return _loss_sum(code, a, t)
+
+    return _named(fwd, f"{name}_fwd")
+
+
+def _loss_bwd(code: int, name: str):
+    def bwd(a, t, c, out, scratch):
+        """out = c ∂ℓ/∂a."""
+        return _loss_grad(code, a, t, c, out)
+
+    return _named(bwd, f"{name}_bwd")
+
+
+squared_error_fwd = _loss_fwd(SQUARED_ERROR, "squared_error")
+squared_error_bwd = _loss_bwd(SQUARED_ERROR, "squared_error")
+binary_cross_entropy_fwd = _loss_fwd(BINARY_CROSS_ENTROPY, "binary_cross_entropy")
+binary_cross_entropy_bwd = _loss_bwd(BINARY_CROSS_ENTROPY, "binary_cross_entropy")
+cross_entropy_fwd = _loss_fwd(CROSS_ENTROPY, "cross_entropy")
+cross_entropy_bwd = _loss_bwd(CROSS_ENTROPY, "cross_entropy")
+poisson_fwd = _loss_fwd(POISSON, "poisson")
+poisson_bwd = _loss_bwd(POISSON, "poisson")
+
+
+def sigmoid_binary_cross_entropy_fwd(z, t, scratch, rows):
+    """Σ J_n from the logits: Σ softplus(z) − t z."""
+    return _loss_sum(BINARY_CROSS_ENTROPY, z, t, True)
+
+
+def softmax_cross_entropy_fwd(z, t, scratch, rows):
+    """Σ J_n from the logits: Σ_n (Σ_k t_k) lse(z_n) − Σ_k t_k z_k."""
+    return _loss_sum(CROSS_ENTROPY, z, t, True)
+
+
+def exp_poisson_fwd(z, t, scratch, rows):
+    """Σ J_n from the logits (a = e^z): Σ t log t − t z − t + e^z, no log of a at all."""
+    return _loss_sum(POISSON, z, t, True)
+
+
+def canonical_value_and_delta(loss, z, a, t, c, delta, scratch, rows):
+    """A canonical (output, loss) pair: Σ_n J_n from the logits z, and δ(L) = c (a − t)."""
+    total = _loss_sum(_LOSS_CODE[loss], z, t, True)
+    _residual(a, t, c, delta)
+    return total
+
+
+# --- optimizer updates over the flat vector, in place (scikit-learn's equations) ---------------
+# ``scratch`` is unused here: the loops need no temporaries.
+
+
+@njit(cache=True, error_model="numpy")
+def _sgd(w, g_, lr):
+    step = w.dtype.type(lr)
+    for i in range(w.shape[0]):
+        w[i] -= g_[i] * step
+
+
+@njit(cache=True, error_model="numpy")
+def _momentum(w, g_, v, lr, mu, nesterov):
+    step, mu_ = w.dtype.type(lr), w.dtype.type(mu)
+    for i in range(w.shape[0]):
+        d = g_[i] * step
+        v[i] = v[i] * mu_ - d
+        w[i] = w[i] + v[i] if not nesterov else (w[i] - d) + v[i] * mu_
+
+
+@njit(cache=True, error_model="numpy")
+def _adam(w, g_, m, v, lr_t, beta1, beta2, eps):
+    dt = w.dtype.type
+    b1, b2, one = dt(beta1), dt(beta2), dt(1)
+    step, eps_ = dt(lr_t), dt(eps)
+    for i in range(w.shape[0]):
+        m[i] = m[i] * b1 + g_[i] * (one - b1)
+        v[i] = v[i] * b2 + g_[i] * g_[i] * (one - b2)
+        w[i] -= m[i] / (np.sqrt(v[i]) + eps_) * step
+
+
+@njit(cache=True, error_model="numpy")
+def _l2(g_, w, mask, alpha):
+    a = w.dtype.type(alpha)
+    for i in range(w.shape[0]):
+        g_[i] += w[i] * mask[i] * a
+
+
+@njit(cache=True, error_model="numpy")
+def _outer_sgd(wt, b, a, delta, lr):
+    step = wt.dtype.type(lr)
+    for i in range(wt.shape[0]):
+        for j in range(wt.shape[1]):
+            wt[i, j] -= a[i] * delta[j] * step
+    for j in range(b.shape[0]):
+        b[j] -= delta[j] * step
+
+
+def sgd_update(w, g, lr, scratch):
+    """w ← w − lr g."""
+    _sgd(w, g, lr)
+    return w
+
+
+def momentum_update(w, g, v, lr, mu, scratch):
+    """v ← μ v − lr g ;  w ← w + v."""
+    _momentum(w, g, v, lr, mu, False)
+    return w
+
+
+def nesterov_update(w, g, v, lr, mu, scratch):
+    """v ← μ v − lr g ;  w ← w + μ v − lr g (the look-ahead step, with the new v)."""
+    _momentum(w, g, v, lr, mu, True)
+    return w
+
+
+def adam_update(w, g, m, v, lr_t, beta1, beta2, eps, scratch):
+    """m ← β1 m + (1 − β1) g ;  v ← β2 v + (1 − β2) g² ;  w ← w − lr_t m / (√v + ε)."""
+    _adam(w, g, m, v, lr_t, beta1, beta2, eps)
+    return w
+
+
+def l2_grad(g, w, mask, alpha, scratch):
+    """g ← g + α mask ⊙ w: the gradient of (α/2)‖weights‖², biases masked out."""
+    _l2(g, w, mask, alpha)
+    return g
+
+
+def outer_sgd_update(wt, b, a, delta, lr, scratch):
+    """One sample: Wᵀ ← Wᵀ − lr a ⊗ δ ;  b ← b − lr δ (the gradient matrix is never stored)."""
+    _outer_sgd(wt, b, a, delta, lr)
+    return b
+
+
+# --- the compiled training step ---------------------------------------------------------------
+
+
+@njit(cache=True, error_model="numpy")
+def _operand(x):
+    """(trans, ld) of a row-major matrix or a transposed view of one, as column-major BLAS sees it."""
+    size = x.itemsize
+    if x.strides[1] == size or x.shape[1] == 1:  # row-major: BLAS sees xᵀ, no transpose needed
+        return ord("n"), max(x.strides[0] // size, x.shape[1], 1)
+    return ord("t"), max(x.strides[1] // size, x.shape[0], 1)
+
+
+@njit(cache=True, error_model="numpy")
+def _gemm(a, b, out, alpha, beta, slots):
+    """out ← α a @ b + β out (β = 0: out is only written): BLAS for real layers, a loop for tiny ones.
+
+    slots: two elements of the work vector that hold α and β for BLAS, which takes them by pointer.
+    """
+    m, k = a.shape
+    n = b.shape[1]
+    if m * k * n >= SMALL_GEMM:
+        slots[0], slots[1] = alpha, beta
+        tb, ldb = _operand(b)
+        ta, lda = _operand(a)
+        kind = ord("s") if out.itemsize == 4 else ord("d")
+        # row-major out = a @ b is column-major outᵀ = bᵀ aᵀ
+        status = _xxgemm(kind, tb, ta, n, m, k, slots[0:].ctypes, b.ctypes, ldb, a.ctypes, lda, slots[1:].ctypes,
+                         out.ctypes, max(out.strides[0] // out.itemsize, n, 1))
+        if status < 0:  # the helper could not load SciPy's BLAS: out was not written
+            raise RuntimeError("BLAS ?gemm failed: numba's BLAS helper could not load scipy.linalg.cython_blas")
+        return
+    alpha_, beta_ = out.dtype.type(alpha), out.dtype.type(beta)
+    for i in range(m):
+        for j in range(n):
+            total = out.dtype.type(0)
+            for p in range(k):
+                total += a[i, p] * b[p, j]
+            if beta == 0.0:
+                out[i, j] = total if alpha == 1.0 else total * alpha_
+            else:
+                out[i, j] = total * alpha_ + out[i, j] * beta_
+
+
+@njit(cache=True, error_model="numpy")
+def _colsum(d, out):
+    """out = Σ_rows d, row after row."""
+    m, n = d.shape
+    out[:] = d[0]
+    for i in range(1, m):
+        for j in range(n):
+            out[j] += d[i, j]
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _sgd_layer(a_in, delta, wt, b, row, lr, decay, slots):
+    """SGD on one layer, the weight gradient a_inᵀ δ + decay Wᵀ folded into one BLAS call:
+    Wᵀ ← (1 − lr decay) Wᵀ − lr a_inᵀ δ ;  b ← b − lr Σ_n δ_n  (row: scratch for the sum)."""
+    _colsum(delta, row)
+    _gemm(a_in.T, delta, wt, -lr, 1.0 - lr * decay, slots)
+    step = b.dtype.type(lr)
+    for j in range(b.shape[0]):
+        b[j] = b[j] - row[j] * step
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _momentum_layer(a_in, delta, wt, b, vt, vb, row, lr, mu, decay, slots):
+    """Momentum on one layer, the product folded into the velocity:
+    Vᵀ ← μ Vᵀ − lr a_inᵀ δ − lr decay Wᵀ ;  Wᵀ ← Wᵀ + Vᵀ ;  the same for b, with no decay."""
+    _colsum(delta, row)
+    _gemm(a_in.T, delta, vt, -lr, mu, slots)
+    step, mu_, shrink = b.dtype.type(lr), b.dtype.type(mu), b.dtype.type(lr * decay)
+    for i in range(wt.shape[0]):
+        for j in range(wt.shape[1]):
+            if decay != 0.0:
+                vt[i, j] = vt[i, j] - wt[i, j] * shrink
+            wt[i, j] = wt[i, j] + vt[i, j]
+    for j in range(b.shape[0]):
+        vb[j] = vb[j] * mu_ - row[j] * step
+        b[j] = b[j] + vb[j]
+
+
+@njit(cache=True, error_model="numpy")
+def _weigh_rows(delta, weights):
+    """δ_n ← s_n δ_n (nothing without weights)."""
+    if weights is None:
+        return
+    for i in range(delta.shape[0]):
+        s = delta.dtype.type(weights[i])
+        for j in range(delta.shape[1]):
+            delta[i, j] *= s
+
+
+@njit(cache=True, error_model="numpy")
+def _loss_and_delta(loss, output, z, a, t, c, delta, weights):
+    """Σ_n J_n (float64) and δ(L) into delta: the compiled twin of losses.Loss.value_and_delta.
+
+    weights: None, or one weight per row: Σ_n s_n J_n, and each row of δ(L) times s_n (as
+    bpgpu.engine.output_delta weighs them). None is pruned at compile time: the unweighted
+    step has no extra work.
+    """
+    canonical = (
+        (loss == SQUARED_ERROR and output == IDENTITY)
+        or (loss == BINARY_CROSS_ENTROPY and output == SIGMOID)
+        or (loss == CROSS_ENTROPY and output == SOFTMAX)
+        or (loss == POISSON and output == EXP)
+    )
+    if canonical:  # the loss from the logits; the link cancels: δ = c (a − t)
+        total = _loss_sum(loss, z, t, True, weights)
+        _residual(a, t, c, delta)
+    else:  # δ = c ∂J/∂a ⊙ g′
+        total = _loss_sum(loss, a, t, False, weights)
+        _loss_grad(loss, a, t, c, delta)
+        _derive(output, delta, a, delta)
+    _weigh_rows(delta, weights)
+    return total
+
+
+@njit(cache=True, error_model="numpy")
+def _view(work, start, m, n):
+    return work[start : start + m * n].reshape(m, n)
+
+
+@njit(cache=True, error_model="numpy")
+def train_step(X, T, w, grad, work, plan, loss, mean, alpha, rule, lr, mu, velocity, weights=None):
+    """Forward, backprop and the update ``rule``; returns the batch loss (with the L2 term).
+
+    plan (3, L + 1) int64, one column per layer l = 0..L: row SIZE n_l, row
+    OFFSET where Θ(l + 1) starts in w (Θ column-major: the bias, then Wᵀ
+    (n_l, n_{l+1})), row CODE the activation of layer l (column 0 unused).
+    alpha: the L2 weight (0 for none); rule: GRADIENT_ONLY or NESTEROV (the
+    gradient, with the L2 term, is written to grad) or SGD or MOMENTUM (fused,
+    grad is not touched), with lr, mu and the velocity vector (any vector for SGD).
+    The loss is c Σ_n J_n + (alpha c / 2) ‖W‖², c = 1/m (mean) or 1 (sum); with
+    ``weights`` (one per row of X) c Σ_n s_n J_n with c = 1/Σ s (mean; 0 when every
+    weight is 0) or 1, and δ(L) rows times s_n, as MLP.weighting defines them.
+    """
+    sizes, offsets, codes = plan[SIZE], plan[OFFSET], plan[CODE]
+    dt = w.dtype.type
+    m, L = X.shape[0], sizes.shape[0] - 1
+    total_weight = float(m)
+    if weights is not None:
+        total_weight = 0.0
+        for i in range(m):
+            total_weight += weights[i]
+    scale = (1.0 / total_weight if total_weight > 0.0 else 0.0) if mean else 1.0  # the reduction factor c
+    c = dt(scale)
+    decay = dt(alpha * scale)
+    total_units, widest = 0, 0
+    for l in range(1, L + 1):
+        total_units += sizes[l]
+        widest = max(widest, sizes[l])
+    d_start = m * total_units  # work = [a(1)..a(L) | δ(1)..δ(L) | z(L) | a row | α, β]
+    z_out = _view(work, 2 * d_start, m, sizes[L])
+    row_start = 2 * d_start + m * sizes[L]
+    slots = work[row_start + widest : row_start + widest + 2]
+
+    a_prev = X
+    start = 0
+    for l in range(1, L + 1):
+        n_in, n_out, off = sizes[l - 1], sizes[l], offsets[l - 1]
+        a = _view(work, start, m, n_out)
+        z = z_out if l == L else a  # hidden layers activate in place
+        _gemm(a_prev, w[off + n_out : off + n_out * (n_in + 1)].reshape(n_in, n_out), z, 1.0, 0.0, slots)
+        _activate(codes[l], z, w[off : off + n_out], a)
+        a_prev = a
+        start += m * n_out
+
+    start -= m * sizes[L]  # a(L)
+    total = _loss_and_delta(loss, codes[L], z_out, a_prev, T, c, _view(work, d_start + start, m, sizes[L]), weights)
+    squares = 0.0
+    for l in range(L, 0, -1):
+        n_in, n_out, off = sizes[l - 1], sizes[l], offsets[l - 1]
+        wt = w[off + n_out : off + n_out * (n_in + 1)].reshape(n_in, n_out)
+        delta = _view(work, d_start + start, m, n_out)
+        a_in = X if l == 1 else _view(work, start - m * n_in, m, n_in)
+        if alpha != 0.0:  # L2 on the weights only: J += (alpha c / 2) ‖W‖², before W changes
+            for i in range(n_in):
+                for j in range(n_out):
+                    squares += wt[i, j] * wt[i, j]
+        if l > 1:  # δ(l − 1) = (δ(l) W(l)) ⊙ g′, while W(l) still holds the forward pass's weights
+            s = _view(work, d_start + start - m * n_in, m, n_in)
+            _gemm(delta, wt.T, s, 1.0, 0.0, slots)
+        if rule == SGD:
+            _sgd_layer(a_in, delta, wt, w[off : off + n_out], work[row_start : row_start + n_out], lr, decay, slots)
+        elif rule == MOMENTUM:
+            _momentum_layer(a_in, delta, wt, w[off : off + n_out],
+                            velocity[off + n_out : off + n_out * (n_in + 1)].reshape(n_in, n_out),
+                            velocity[off : off + n_out], work[row_start : row_start + n_out], lr, mu, decay, slots)
+        else:  # the gradient: ∂J/∂Wᵀ = a_inᵀ δ (+ alpha c Wᵀ), ∂J/∂b = Σ_n δ_n
+            gt = grad[off + n_out : off + n_out * (n_in + 1)].reshape(n_in, n_out)
+            _gemm(a_in.T, delta, gt, 1.0, 0.0, slots)
+            _colsum(delta, grad[off : off + n_out])
+            if alpha != 0.0:
+                for i in range(n_in):
+                    for j in range(n_out):
+                        gt[i, j] = gt[i, j] + wt[i, j] * decay
+        if l > 1:
+            _derive(codes[l - 1], s, a_in, s)
+            start -= m * n_in
+
+    if rule == NESTEROV:
+        _momentum(w, grad, velocity, lr, mu, True)  # one pass after backprop: the new w needs lr g and the new v
+    return total * scale + 0.5 * alpha * scale * squares
