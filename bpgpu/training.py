@@ -337,26 +337,44 @@ def fit(
     else:
         opt = make_optimizer(optimizer, net, learning_rate, **optimizer_options)
     loop = _EpochLoop(net, X, T, opt, _batch_size(batch_size, X.shape[0]), shuffle, rng, s, weights_val)
-    history = History()
-    bar = _progress_bar(progress, epochs)
     monitor = _Monitor(net, Xv, Tv, early_stopping, tol, n_iter_no_change, validation_score,
                        print if progress == "lines" else None)
+
+    def one_epoch(epoch: int, history: History) -> tuple[float, float | None, Any, str | None]:
+        loss, val_loss = loop.run_epoch(epoch, Xv, Tv, history)
+        opt.iteration_ends(opt.samples_seen + X.shape[0])
+        return loss, val_loss, opt, None
+
+    return _run_epochs(net, epochs, progress, monitor, callbacks, one_epoch, stacklevel=3)
+
+
+def _run_epochs(net: Any, epochs: int, progress: bool | str, monitor: _Monitor, callbacks: tuple,
+                one_epoch: Callable[[int, History], tuple[float, float | None, Any, str | None]],
+                stacklevel: int) -> History:
+    """The epoch loop of :func:`fit`'s gradient optimizers and of Levenberg–Marquardt (an
+    "epoch" is one LM iteration): ``one_epoch(epoch, history)`` runs it and returns
+    (training loss, validation loss or None, the optimizer or None, a stop reason of its
+    own or None); then the stopping rule, the bar, the callbacks, in that order. A
+    DivergenceError or the end restores early stopping's best parameters. ``stacklevel``
+    points the interruption warning at the caller of :func:`fit`.
+    """
+    history = History()
+    bar = _progress_bar(progress, epochs)
     try:
         for epoch in range(1, epochs + 1):
             try:
-                loss, val_loss = loop.run_epoch(epoch, Xv, Tv, history)
+                loss, val_loss, opt, halt = one_epoch(epoch, history)
             except KeyboardInterrupt:
-                warnings.warn("training interrupted by the user", stacklevel=2)
+                warnings.warn("training interrupted by the user", stacklevel=stacklevel)
                 history.stop_reason = "interrupted"
                 break
-            opt.iteration_ends(opt.samples_seen + X.shape[0])
             stop = monitor.epoch_done(history, loss, val_loss, opt)
             _show(bar, epoch, history)
             if _run_callbacks(callbacks, epoch, history, net):
                 history.stop_reason = "callback"
                 break
-            if stop:
-                history.stop_reason = stop
+            if halt or stop:
+                history.stop_reason = halt or stop
                 break
         else:
             history.stop_reason = "epochs"
@@ -610,37 +628,15 @@ def _fit_lm(net: Any, X: Any, T: Any, s: Any, Xv: Any, Tv: Any, weights_val: Any
     if unknown:
         raise TypeError(f"optimizer 'lm' does not take {', '.join(unknown)}; it takes {', '.join(sorted(allowed))}")
     solver = LevenbergMarquardt(net, X, T, s, **options)
-    history = History()
-    bar = _progress_bar(progress, epochs)
     monitor = _Monitor(net, Xv, Tv, early_stopping, tol, n_iter_no_change, validation_score,
                        print if progress == "lines" else None)
-    try:
-        for epoch in range(1, epochs + 1):
-            try:
-                result = solver.step()
-            except KeyboardInterrupt:
-                warnings.warn("training interrupted by the user", stacklevel=3)
-                history.stop_reason = "interrupted"
-                break
-            val_loss = None
-            if Xv is not None:
-                val_loss = float(engine.loss(net, Xv, Tv, net.workspace(Xv.shape[0]), net.params, weights_val))
-            history.mu.append(result.mu)
-            stop = monitor.epoch_done(history, result.loss, val_loss, None)
-            _show(bar, epoch, history)
-            if _run_callbacks(callbacks, epoch, history, net):
-                history.stop_reason = "callback"
-                break
-            if not result.accepted:
-                history.stop_reason = "mu_max"
-                break
-            if stop:
-                history.stop_reason = stop
-                break
-        else:
-            history.stop_reason = "epochs"
-    finally:
-        if bar is not None:
-            bar.close()
-    monitor.restore_best(history)
-    return history
+
+    def one_iteration(epoch: int, history: History) -> tuple[float, float | None, Any, str | None]:
+        result = solver.step()
+        val_loss = None
+        if Xv is not None:
+            val_loss = float(engine.loss(net, Xv, Tv, net.workspace(Xv.shape[0]), net.params, weights_val))
+        history.mu.append(result.mu)
+        return result.loss, val_loss, None, None if result.accepted else "mu_max"
+
+    return _run_epochs(net, epochs, progress, monitor, callbacks, one_iteration, stacklevel=4)
