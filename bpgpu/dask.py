@@ -113,18 +113,31 @@ def _broadcast(vector: Any) -> Any:
     Not client.scatter: scattered data has no graph to be recomputed from, so a worker
     dying mid-scatter (or the only holder dying) fails the evaluation, while a graph key
     is rerun by the scheduler like any task. A fresh key each time (pure=False): no
-    evaluation can pick up a key that the previous one is releasing."""
+    evaluation can pick up a key that the previous one is releasing. A vector above
+    distributed.admin.large-graph-warning-threshold (10 MB: 1.3 M float64 parameters)
+    makes the client warn of a large graph; it still travels once per evaluation."""
     return dask.delayed(vector, pure=False)
 
 
 class EvaluationError(RuntimeError):
     """A distributed evaluation that Dask could not complete; nothing of it was used.
 
-    ``reason`` is one of :data:`FAILURE_REASONS`: "data lost" (a chunk of X or T
-    existed only as scattered data, not built from a graph, and its only holder died),
-    "retries exhausted" (KilledWorker: workers died running the same task more than
-    the scheduler's ``distributed.scheduler.allowed-failures`` times) or "timeout" (the
-    evaluation took longer than ``timeout`` seconds)."""
+    Parameters
+    ----------
+    reason : str
+        Why, one of ``FAILURE_REASONS``.
+    message : str
+        What happened, after "reason: " in the error's text.
+
+    Attributes
+    ----------
+    reason : str
+        "data lost": a chunk of X or T existed only as scattered data (``client.scatter``,
+        not built from a graph) and its only holder died. "retries exhausted":
+        ``KilledWorker``, workers died running the same task more than the scheduler's
+        ``distributed.scheduler.allowed-failures`` times. "timeout": the evaluation took
+        longer than ``timeout`` seconds.
+    """
 
     def __init__(self, reason: str, message: str):
         super().__init__(f"{reason}: {message}")
@@ -152,7 +165,8 @@ def _computed(summed: da.Array, timeout: float | None) -> np.ndarray:
             "data lost",
             "a chunk of X or T held only as scattered data (not built from a graph) was lost with its "
             "worker, and Dask cannot recompute it; persist arrays built from a graph "
-            f"(dask.array.from_array, from_zarr, ...) instead ({type(exc).__name__}: {exc})",
+            f"(dask.array.from_array, from_zarr, ...) instead ({type(exc).__name__}: {exc}; Dask's reason: "
+            f"{getattr(exc, 'reason', None)})",
         ) from exc
     except TimeoutError as exc:
         raise EvaluationError(

@@ -260,6 +260,31 @@ def test_lbfgs_equals_scipy_on_one_process():
     assert relative(net.params, result.x) <= 1e-8  # 15 iterations amplify 1e-16 differences a little
 
 
+def test_lbfgs_stopped_by_a_failed_evaluation_keeps_its_last_completed_iteration(monkeypatch):
+    net, X, T = make(output="softmax", loss="cross_entropy")
+    Xd, Td = chunked(X, T)
+    computed, calls = bd._computed, []
+
+    def fails_on_the_eighth(summed, timeout):
+        calls.append(timeout)
+        if len(calls) == 8:
+            raise bd.EvaluationError("timeout", "injected")
+        return computed(summed, timeout)
+
+    monkeypatch.setattr(bd, "_computed", fails_on_the_eighth)
+    with dask.config.set(scheduler="sync"), pytest.raises(
+            bd.EvaluationError, match=r"timeout: bpgpu.dask.fit\(optimizer='lbfgs'\) stopped: .*the result of the "
+                                      r"(\d+) complete update\(s\) before it \(timeout: injected\)") as failure:
+        bd.fit(net, Xd, Td, "lbfgs", max_iter=50, timeout=9.0)
+    assert failure.value.reason == "timeout" and set(calls) == {9.0}
+    done = int(re.search(r"the result of the (\d+) complete", str(failure.value)).group(1))
+    assert 1 <= done < 8
+    reference = make(output="softmax", loss="cross_entropy")[0]
+    with dask.config.set(scheduler="sync"):
+        bd.fit(reference, Xd, Td, "lbfgs", max_iter=done)  # stops at the same iterate
+    assert relative(net.params, reference.params) <= 1e-12
+
+
 def test_fit_rejects_bad_options():
     net, X, T = make()
     Xd, Td = chunked(X, T)
