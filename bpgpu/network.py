@@ -252,22 +252,6 @@ class MLP:
         """Validate ``sample_weight`` against m rows and return :meth:`weighting`'s pair."""
         return None if sample_weight is None else self.weighting(validation.sample_weight(sample_weight, m))
 
-    # --- old private names, for bpgpu/bench.py only -------------------------
-    # bench.py is being split into the bpgpu/bench/ package by another change; until that
-    # lands and moves onto bpgpu.engine, these forward to the engine. Nothing else uses them.
-
-    def _inputs(self, X: Any, T: Any = None) -> tuple[Any, Any]:
-        return self.check_inputs(X, T)
-
-    def _forward(self, X: Any, ws: engine.Workspace, w: Any) -> Any:
-        return engine.forward(self, X, ws, w)
-
-    def _backward(self, X: Any, T: Any, ws: engine.Workspace, w: Any, grad: Any, weights: Any = None) -> Any:
-        return engine.backward(self, X, T, ws, w, grad, weights)
-
-    def _loss(self, X: Any, T: Any, ws: engine.Workspace, w: Any, weights: Any = None) -> Any:
-        return engine.loss(self, X, T, ws, w, weights)
-
     # --- public API ----------------------------------------------------------
 
     def forward(self, X: Any) -> Any:

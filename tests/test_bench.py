@@ -14,11 +14,6 @@ from bpgpu.cli import main
 
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
-    # The compiled kernels' first call for a dtype compiles them when numba's on-disk cache is
-    # cold (a fresh checkout); the harness would time that call once as a "long" one. A pass of
-    # the gradient nets first, so the run times the kernels and not numba's compiler.
-    net, X, T = bench.gradient_net(100, 8, "float64", resolve("numpy"))
-    net.loss_and_gradient(X, T)
     out = tmp_path_factory.mktemp("bench")
     assert main(["bench", "--smoke", "--out", str(out)]) == 0
     return out, json.loads((out / "results.json").read_text())

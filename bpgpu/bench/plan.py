@@ -66,6 +66,9 @@ class Plan:
     lm_rounds: int = 5
     lm_curves: tuple[str, ...] = ("sinc",)
     lm_budget_s: float = 1.5
+    # derivatives against JAX and torch.func: the nets of bpgpu.bench.derivatives.NETS timed
+    # (quick and smoke: the smallest; its exact Hessian takes milliseconds, W ≈ 6500's minutes here)
+    derivative_nets: tuple[str, ...] = ("8-16-1",)
 
 
 # quick: W = 10^1.9 .. 10^2.6 in tenths of a decade (where finite differences are measured),
@@ -87,7 +90,7 @@ def plan_for(mode: str) -> Plan:
     if mode == "full":
         return Plan(tuple(CONFIGS), ("float32", "float64"), 512, FULL_GRID, 120.0, 1.0, True, 10, mode=mode,
                     lm_iterations=("sinc200", "regression8_2000"), lm_curves=("sinc", "franke", "friedman1"),
-                    lm_budget_s=5.0)
+                    lm_budget_s=5.0, derivative_nets=("8-16-1", "32-64-64-4", "64-128-128-10", "784-256-10"))
     if mode == "quick":
         return Plan(("tiny", "small", "medium"), ("float32", "float64"), 2048, QUICK_GRID, 80.0, 0.3, True, 7,
                     mode=mode, gradient_nets=QUICK_NETS, fd_max_log10_W=2.6, fd_rounds=3)

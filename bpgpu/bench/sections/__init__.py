@@ -7,7 +7,7 @@ To add one: a module here with a ``SECTION = Section(...)`` (see
 from __future__ import annotations
 
 from ..section import Section
-from . import gradient_cost, levenberg_marquardt, train_step
+from . import derivatives, gradient_cost, levenberg_marquardt, train_step
 
 SECTIONS: dict[str, Section] = {s.key: s for s in (gradient_cost.SECTION, train_step.SECTION,
-                                                  levenberg_marquardt.SECTION)}
+                                                  levenberg_marquardt.SECTION, derivatives.SECTION)}

@@ -136,6 +136,11 @@ def _floors(plan: Plan, backend: Backend, dtype: str, clock: str) -> dict[str, f
 
 def _gradient_cost(backend: Backend, plan: Plan, dtype: str, tick: Callable[[str], None]) -> dict:
     clock = plan.gradient_clock if backend.device == "cpu" else "wall"
+    # One pass before any clock runs: the compiled kernels' first call for a dtype compiles them
+    # when numba's on-disk cache is cold, which the timing would otherwise take for a long call.
+    warm = plan_net(plan, 10 ** plan.gradient_log10_W[0], backend, dtype)
+    backprop_case(*warm).fn()
+    loss_case(*warm).fn()
     started, cpu_started, load_before = time.perf_counter(), time.process_time(), load_average()
     floors = _floors(plan, backend, dtype, clock)
     points, nets = [], {}

@@ -10,7 +10,8 @@ reduction "mean", parameters in bpgpu's flat layout w):
 
 bpgpu is called through its public functions (input checks included); the peers get
 their arrays ready-made and are compiled (JAX) before any timing. :func:`cases`
-checks that the three agree (float64: 1e-9 relative) before it returns them.
+checks that the three agree (float64: 1e-9 relative) before it returns them. Used by
+``bpgpu bench``'s ``derivatives`` section and by benchmarks/test_derivatives.py.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from __future__ import annotations
 import numpy as np
 
 import bpgpu as bp
-from bpgpu.bench import Case
+
+from .timing import Case, interleaved_timings
 
 # (layer sizes, batch m) of the issue's table; the exact Hessian only where W² fits easily
 NETS = {
@@ -53,6 +55,27 @@ def _unflatten(w, sizes, reshape):
     return layers
 
 
+def _model(sizes, lib, X, T):
+    """(forward(w, x), loss(w)) of the benchmark net in a peer's array library ``lib`` (jax.numpy,
+    torch): tanh hidden layers, identity output, J = ½ Σ (a − t)² / m, w in bpgpu's layout."""
+    m = X.shape[0]
+
+    def forward(w, x):
+        a = x
+        layers = _unflatten(w, sizes, lib.reshape)
+        for l, (b, wt) in enumerate(layers, start=1):
+            a = a @ wt + b
+            if l < len(layers):
+                a = lib.tanh(a)
+        return a
+
+    def loss(w):
+        r = forward(w, X) - T
+        return 0.5 * lib.sum(r * r) / m
+
+    return forward, loss
+
+
 def bpgpu_fns(net, X, T, v) -> dict:
     return {
         "gradient": lambda: net.loss_and_gradient(X, T),
@@ -67,21 +90,10 @@ def jax_fns(net, X, T, v) -> dict:
     import jax.numpy as jnp
 
     jax.config.update("jax_enable_x64", True)  # float64 cases; explicit dtypes keep float32 as float32
-    sizes, m = list(net.sizes), X.shape[0]
+    sizes = list(net.sizes)
     w, Xj, Tj, vj = (jnp.asarray(np.asarray(a)) for a in (net.params, X, T, v))
 
-    def forward(w, x):
-        a = x
-        layers = _unflatten(w, sizes, jnp.reshape)
-        for l, (b, wt) in enumerate(layers, start=1):
-            a = a @ wt + b
-            if l < len(layers):
-                a = jnp.tanh(a)
-        return a
-
-    def loss(w):
-        r = forward(w, Xj) - Tj
-        return 0.5 * jnp.sum(r * r) / m
+    forward, loss = _model(sizes, jnp, Xj, Tj)
 
     value_and_grad = jax.jit(jax.value_and_grad(loss))
     jacobian = jax.jit(jax.vmap(jax.jacrev(forward, argnums=1), in_axes=(None, 0)))
@@ -103,21 +115,10 @@ def torch_fns(net, X, T, v) -> dict:
     import torch
     from torch import func
 
-    sizes, m = list(net.sizes), X.shape[0]
+    sizes = list(net.sizes)
     w, Xt, Tt, vt = (torch.from_numpy(np.array(a)) for a in (net.params, X, T, v))
 
-    def forward(w, x):
-        a = x
-        layers = _unflatten(w, sizes, torch.reshape)
-        for l, (b, wt) in enumerate(layers, start=1):
-            a = a @ wt + b
-            if l < len(layers):
-                a = torch.tanh(a)
-        return a
-
-    def loss(w):
-        r = forward(w, Xt) - Tt
-        return 0.5 * torch.sum(r * r) / m
+    forward, loss = _model(sizes, torch, Xt, Tt)
 
     grad_and_value = func.grad_and_value(loss)
     jacobian = func.vmap(func.jacrev(forward, argnums=1), in_dims=(None, 0))
@@ -163,6 +164,15 @@ def cases(name: str, dtype: str, quantity: str, peers=("jax", "torch")) -> dict[
             raise AssertionError(f"{impl} {quantity} on {name} {dtype}: relative difference {err:.3g} "
                                  f"from bpgpu > {AGREEMENT[dtype]:g}")
     return {impl: Case(fn) for impl, fn in fns.items()}
+
+
+def ratios(name: str, dtype: str, quantity: str, peers=("jax", "torch"), min_time: float = 1.0) -> dict:
+    """One interleaved timing of bpgpu and ``peers`` (agreement checked first): seconds per call
+    and each peer's time over bpgpu's (> 1: bpgpu is faster)."""
+    times = interleaved_timings(cases(name, dtype, quantity, peers), min_time=min_time)
+    best = {impl: t["best"] for impl, t in times.items()}
+    return {"net": name, "dtype": dtype, "quantity": quantity, "seconds": best,
+            "over_bpgpu": {impl: best[impl] / best["bpgpu"] for impl in peers}}
 
 
 def applies(name: str, quantity: str) -> bool:
