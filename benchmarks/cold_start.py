@@ -45,13 +45,17 @@ def main(argv: list[str] | None = None) -> int:
     for _ in range(args.runs):
         out = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, check=True).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
-    print("| run | GPU probe s | numpy backend with the numba table s | first fit (after both) s | warm fit s | "
-          "first call − warm s |")
+    print(
+        "| run | GPU probe s | numpy backend with the numba table s | first fit (after both) s | warm fit s | "
+        "first call − warm s |"
+    )
     print("|---|---|---|---|---|---|")
     for i, r in enumerate(rows, 1):
         first = r["gpu_probe"] + r["numba_table"] + r["first_fit"]
-        print(f"| {i} | {r['gpu_probe']:.3f} | {r['numba_table']:.3f} | {r['first_fit']:.3f} | "
-              f"{r['warm_fit']:.3f} | {first - r['warm_fit']:.3f} |")
+        print(
+            f"| {i} | {r['gpu_probe']:.3f} | {r['numba_table']:.3f} | {r['first_fit']:.3f} | "
+            f"{r['warm_fit']:.3f} | {first - r['warm_fit']:.3f} |"
+        )
     return 0
 
 

@@ -62,8 +62,11 @@ def summary(stats, sizes, m, base="numpy_reference"):
     flops = {name: bench.step_flops(sizes, m) for name in stats} | {"gemm": 2 * m * k * n}
     return {
         name: {
-            "best_s": s["best"], "median_s": s["median"], "calls_per_round": s["calls"] // len(s["rounds"]),
-            "ratio_best": s["best"] / best0, "ratio_median": s["median"] / median0,
+            "best_s": s["best"],
+            "median_s": s["median"],
+            "calls_per_round": s["calls"] // len(s["rounds"]),
+            "ratio_best": s["best"] / best0,
+            "ratio_median": s["median"] / median0,
             "gflops_best": flops[name] / s["best"] / 1e9,
         }
         for name, s in stats.items()
@@ -72,9 +75,20 @@ def summary(stats, sizes, m, base="numpy_reference"):
 
 def table(results):
     header = ["size", "dtype", "implementation", "best µs", "median µs", "ratio best", "ratio median", "GFLOP/s (best)"]
-    rows = [[config, dtype, name, f"{r['best_s'] * 1e6:.1f}", f"{r['median_s'] * 1e6:.1f}", f"{r['ratio_best']:.2f}",
-             f"{r['ratio_median']:.2f}", f"{r['gflops_best']:.1f}"]
-            for (config, dtype), rows in results.items() for name, r in rows.items()]
+    rows = [
+        [
+            config,
+            dtype,
+            name,
+            f"{r['best_s'] * 1e6:.1f}",
+            f"{r['median_s'] * 1e6:.1f}",
+            f"{r['ratio_best']:.2f}",
+            f"{r['ratio_median']:.2f}",
+            f"{r['gflops_best']:.1f}",
+        ]
+        for (config, dtype), rows in results.items()
+        for name, r in rows.items()
+    ]
     return "\n".join(bench.md_table(header, rows, align=["", "", ""] + ["r"] * 5))
 
 
@@ -85,8 +99,12 @@ def main(argv=None):
     parser.add_argument("--only", nargs="+", help="implementations to run (default: all; numpy_reference always)")
     parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--round-seconds", type=float, default=0.04, help="length of one burst per implementation")
-    parser.add_argument("--settle", type=float, default=0.2,
-                        help="idle seconds before each burst (other libraries' BLAS threads stop spinning)")
+    parser.add_argument(
+        "--settle",
+        type=float,
+        default=0.2,
+        help="idle seconds before each burst (other libraries' BLAS threads stop spinning)",
+    )
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
     if not jit.available():
@@ -98,8 +116,9 @@ def main(argv=None):
         for dtype in args.dtype:
             print(f"{config} {dtype}: building", file=sys.stderr)
             found = cases(sizes, m, dtype, args.only and {"numpy_reference", *args.only})
-            stats = bench.interleaved_timings(found, min_time=rounds * args.round_seconds, repeats=rounds,
-                                              long_call=np.inf, settle=args.settle)
+            stats = bench.interleaved_timings(
+                found, min_time=rounds * args.round_seconds, repeats=rounds, long_call=np.inf, settle=args.settle
+            )
             results[(config, dtype)] = summary(stats, sizes, m)
     print(table(results))
     if args.json:

@@ -21,8 +21,12 @@ RESULTS: dict = {"gradient": {}, "gemm": {}, "gemm_seconds": {}, "step": {}, "me
 
 def pytest_addoption(parser):
     group = parser.getgroup("bpgpu benchmarks")
-    group.addoption("--fd-max-log10-W", type=float, default=3.5,
-                    help="largest W (as log10) timed by finite differences (default 3.5; O(W^2) beyond)")
+    group.addoption(
+        "--fd-max-log10-W",
+        type=float,
+        default=3.5,
+        help="largest W (as log10) timed by finite differences (default 3.5; O(W^2) beyond)",
+    )
     group.addoption("--no-large", action="store_true", help="skip the [4096,4096,4096,10] b512 step (~90 GFLOP)")
 
 
@@ -66,9 +70,16 @@ def pytest_terminal_summary(terminalreporter):
         points = [by_W[W] for W in sorted(by_W) if "backprop" in by_W[W] and "loss_pass" in by_W[W]]
         if len(points) < 2:
             continue
-        section = {"backend": backend, "dtype": "float64", "blas_threads": 1, "clock": "wall-clock seconds",
-                   "net": GRADIENT_NETS, "net_reason": GRADIENT_WHY, "points": points,
-                   **bench.fit_gradient_cost(points)}
+        section = {
+            "backend": backend,
+            "dtype": "float64",
+            "blas_threads": 1,
+            "clock": "wall-clock seconds",
+            "net": GRADIENT_NETS,
+            "net_reason": GRADIENT_WHY,
+            "points": points,
+            **bench.fit_gradient_cost(points),
+        }
         write("")
         for line in gradient_cost.text(section):
             write(line)
@@ -89,11 +100,16 @@ def pytest_terminal_summary(terminalreporter):
     lm = RESULTS["lm"]
     for name in sorted({key[0] for key in lm if (key[0], "bpgpu") in lm}):
         ours = lm[(name, "bpgpu")]
-        peers = ", ".join(f"{impl} {bench.duration(t)} ({t / ours:.2f}x bpgpu's)"
-                          for (n, impl), t in lm.items() if n == name and impl != "bpgpu")
+        peers = ", ".join(
+            f"{impl} {bench.duration(t)} ({t / ours:.2f}x bpgpu's)"
+            for (n, impl), t in lm.items()
+            if n == name and impl != "bpgpu"
+        )
         write(f"\n{name}: bpgpu {bench.duration(ours)}; {peers}")
     for (kind, W), rate in lm.items():
         if kind == "product_gflops":
             gemm = lm[("gemm_gflops", W)]
-            write(f"LM normal-equation product at W={W}: {rate:.1f} GFLOP/s (GEMM-equivalent), same-run GEMM "
-                  f"{gemm:.1f} GFLOP/s: {rate / gemm:.2f} of GEMM")
+            write(
+                f"LM normal-equation product at W={W}: {rate:.1f} GFLOP/s (GEMM-equivalent), same-run GEMM "
+                f"{gemm:.1f} GFLOP/s: {rate / gemm:.2f} of GEMM"
+            )

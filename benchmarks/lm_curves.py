@@ -32,9 +32,13 @@ def main() -> None:
         for name in args.problems:
             problem = lm_cases.CURVE_PROBLEMS[name]()
             runs = lm_cases.curves(problem, args.budget)
-            results[name] = {"problem": problem.name, "sizes": list(problem.sizes), "m": problem.X.shape[0],
-                             "budget_s": args.budget,
-                             "curves": {label: lm_cases.thinned(points) for label, points in runs.items()}}
+            results[name] = {
+                "problem": problem.name,
+                "sizes": list(problem.sizes),
+                "m": problem.X.shape[0],
+                "budget_s": args.budget,
+                "curves": {label: lm_cases.thinned(points) for label, points in runs.items()},
+            }
             lm_cases.plot_curves(problem, runs, args.out / f"{name}.png")
             lm = lm_cases.at_time(runs["bpgpu LM"], args.budget)
             print(f"{problem.name} (m={problem.X.shape[0]}, {list(problem.sizes)}), MSE after {args.budget:g} s:")

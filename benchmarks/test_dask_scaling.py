@@ -34,8 +34,9 @@ def _net():
 @pytest.fixture(scope="module", params=[1, 2, 4], ids=lambda n: f"{n}-workers")
 def cluster_data(request):
     with (
-        distributed.LocalCluster(n_workers=request.param, threads_per_worker=1, processes=True,
-                                 host="127.0.0.1", dashboard_address=None) as cluster,
+        distributed.LocalCluster(
+            n_workers=request.param, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None
+        ) as cluster,
         distributed.Client(cluster) as client,
     ):
         rng = da.random.default_rng(0)

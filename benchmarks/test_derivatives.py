@@ -39,7 +39,10 @@ def test_derivative(benchmark, name, dtype, quantity):
     benchmark.group = f"{quantity} {name} {dtype}"
     benchmark.extra_info.update({f"{impl}_s": s for impl, s in best.items()})
     benchmark.extra_info.update({f"{impl}_over_bpgpu": r for impl, r in row["over_bpgpu"].items()})
-    benchmark.pedantic(dc.bpgpu_fns(*dc.problem(*dc.NETS[name], dtype))[quantity], rounds=3, iterations=1,
-                       warmup_rounds=1)
-    ROWS.append(f"| {name} | {dtype} | {quantity} | {best['bpgpu']:.3g} | {best['jax'] / best['bpgpu']:.2f} "
-                f"| {best['torch'] / best['bpgpu']:.2f} |")
+    benchmark.pedantic(
+        dc.bpgpu_fns(*dc.problem(*dc.NETS[name], dtype))[quantity], rounds=3, iterations=1, warmup_rounds=1
+    )
+    ROWS.append(
+        f"| {name} | {dtype} | {quantity} | {best['bpgpu']:.3g} | {best['jax'] / best['bpgpu']:.2f} "
+        f"| {best['torch'] / best['bpgpu']:.2f} |"
+    )

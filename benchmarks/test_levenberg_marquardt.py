@@ -20,6 +20,7 @@ from bpgpu.levenberg_marquardt import LevenbergMarquardt
 
 pytest.importorskip("torch_levenberg_marquardt", reason="torch-levenberg-marquardt (extra 'peers') is the peer")
 
+
 @pytest.fixture(autouse=True)
 def one_thread():
     with lm_cases.one_thread():

@@ -103,8 +103,7 @@ def gpu_status() -> GpuStatus:
         if exc.status == 35:
             return GpuStatus(
                 False,
-                f"CUDA driver {driver} too old for CuPy's runtime "
-                f"{runtime.runtimeGetVersion()}",
+                f"CUDA driver {driver} too old for CuPy's runtime {runtime.runtimeGetVersion()}",
             )
         if exc.status == 100:
             return GpuStatus(False, "no CUDA device")
@@ -112,9 +111,7 @@ def gpu_status() -> GpuStatus:
     if count == 0:
         return GpuStatus(False, "no CUDA device visible (check CUDA_VISIBLE_DEVICES)")
     try:
-        doubled = cupy.ElementwiseKernel("T x", "T y", "y = x + x", "bpgpu_smoke")(
-            cupy.arange(4, dtype=cupy.float32)
-        )
+        doubled = cupy.ElementwiseKernel("T x", "T y", "y = x + x", "bpgpu_smoke")(cupy.arange(4, dtype=cupy.float32))
         product = cupy.ones((2, 2), dtype=cupy.float32) @ cupy.ones((2, 2), dtype=cupy.float32)
         ok = doubled.get().tolist() == [0.0, 2.0, 4.0, 6.0] and float(product.sum()) == 8.0
     except Exception as exc:
@@ -216,8 +213,9 @@ class Backend:
             try:
                 # A is symmetric, so its transpose is A too: LAPACK (column-major) then factors
                 # a C-contiguous A in place instead of in a copy
-                factor = cho_factor(A.T if A.flags.c_contiguous else A, lower=True, overwrite_a=True,
-                                    check_finite=False)
+                factor = cho_factor(
+                    A.T if A.flags.c_contiguous else A, lower=True, overwrite_a=True, check_finite=False
+                )
             except LinAlgError:
                 return None
             X = cho_solve(factor, B, check_finite=False)
@@ -313,7 +311,7 @@ def _cupy_backend(reason: str) -> Backend:
     return Backend("cupy", array_api_compat.array_namespace(cupy.empty(0)), cuda, reason)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _auto() -> Backend:
     status = gpu_status()
     if status.usable:
@@ -336,8 +334,7 @@ def resolve(backend: Any = "auto") -> Backend:
         return _namespace_backend(backend)
     if not isinstance(backend, str):
         raise TypeError(
-            f"backend must be 'auto', 'numpy', 'cupy' or an array-API namespace, "
-            f"got {type(backend).__name__}"
+            f"backend must be 'auto', 'numpy', 'cupy' or an array-API namespace, got {type(backend).__name__}"
         )
     requested = backend.lower()
     if requested == "auto":
@@ -359,13 +356,10 @@ def _named(name: str, source: str) -> Backend:
                 f"{status.reason}. Use backend='numpy' or 'auto'."
             )
         return _cupy_backend(f"{source}={name!r}: {status.reason}")
-    raise ValueError(
-        f"{source}={name!r} is not a backend; choose 'auto', 'numpy' (or 'cpu') "
-        f"or 'cupy' (or 'gpu')"
-    )
+    raise ValueError(f"{source}={name!r} is not a backend; choose 'auto', 'numpy' (or 'cpu') or 'cupy' (or 'gpu')")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _namespace_backend(module: ModuleType) -> Backend:
     if module is np:
         return _numpy_backend("numpy module")

@@ -79,8 +79,12 @@ def hessian_eigenvalues(
     if not isinstance(which, str) or which not in _WHICH:
         raise ValueError(f"which must be one of {', '.join(map(repr, _WHICH))}, got {which!r}")
     W = net.n_params
-    k = _count(k, "k", W, f"the number of parameters W={W} of MLP {list(net.sizes)}: the Hessian "
-                          f"is {W} × {W}, so it has {W} eigenvalues")
+    k = _count(
+        k,
+        "k",
+        W,
+        f"the number of parameters W={W} of MLP {list(net.sizes)}: the Hessian is {W} × {W}, so it has {W} eigenvalues",
+    )
     if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol >= 0:
         raise ValueError(f"tol must be a number >= 0, got {tol!r}")
     X, T = net.check_inputs(X, T)

@@ -27,8 +27,9 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Callable
 from concurrent.futures import CancelledError
-from typing import Any, Callable
+from typing import Any
 
 import dask
 import dask.array as da
@@ -183,8 +184,7 @@ def _computed(summed: da.Array, timeout: float | None) -> np.ndarray:
 def _known_chunks(a: Any, argument: str) -> None:
     if any(np.isnan(c) for axis in a.chunks for c in axis):
         raise ValueError(
-            f"{argument} has unknown chunk sizes (chunks={a.chunks}); call "
-            f"{argument}.compute_chunk_sizes() first"
+            f"{argument} has unknown chunk sizes (chunks={a.chunks}); call {argument}.compute_chunk_sizes() first"
         )
 
 
@@ -207,8 +207,7 @@ def _check(net: MLP, X: Any, T: Any) -> tuple[Any, Any]:
     ):
         if a.ndim != 2:
             raise ValueError(
-                f"{argument} must be 2-D (samples, features) for {layer} of MLP {list(net.sizes)}, "
-                f"got shape {a.shape}"
+                f"{argument} must be 2-D (samples, features) for {layer} of MLP {list(net.sizes)}, got shape {a.shape}"
             )
         if a.shape[1] != width:
             raise ValueError(
@@ -245,8 +244,9 @@ def _sums(*args, timeout: float | None = None, **kwargs) -> np.ndarray:
     return _computed(_summed(*args, **kwargs), timeout)
 
 
-def _loss_and_gradient_at(net: MLP, X: Any, T: Any, w: Any, rows=None, m: int | None = None,
-                          timeout: float | None = None):
+def _loss_and_gradient_at(
+    net: MLP, X: Any, T: Any, w: Any, rows=None, m: int | None = None, timeout: float | None = None
+):
     """(J, dJ/dw as host float64) at parameters w, over all rows or one mini-batch of m rows."""
     sums = _sums(net, X, T, _loss_and_gradient_sum, 1 + net.n_params, w, rows=rows, timeout=timeout)
     c = net.reduction_factor(X.shape[0] if m is None else m)
@@ -301,8 +301,10 @@ class _Stopped:
     def __exit__(self, kind, exc, tb) -> None:
         if exc is None or not isinstance(exc, Exception):
             return
-        stopped = (f"bpgpu.dask.fit(optimizer={self.optimizer!r}) stopped: a Dask computation failed; "
-                   f"net.params are the result of the {self.updates} complete update(s) before it")
+        stopped = (
+            f"bpgpu.dask.fit(optimizer={self.optimizer!r}) stopped: a Dask computation failed; "
+            f"net.params are the result of the {self.updates} complete update(s) before it"
+        )
         if isinstance(exc, EvaluationError):
             raise EvaluationError(exc.reason, f"{stopped} ({exc})") from exc
         raise RuntimeError(f"{stopped} ({type(exc).__name__}: {exc})") from exc
@@ -367,8 +369,9 @@ def fit(
     return _fit_sgd(net, X, T, step_rule, max_iter, batch_size, seed, timeout)
 
 
-def _penalized_gradient(net: MLP, X: Any, T: Any, step_rule: Any, timeout: float | None, rows=None,
-                        m: int | None = None):
+def _penalized_gradient(
+    net: MLP, X: Any, T: Any, step_rule: Any, timeout: float | None, rows=None, m: int | None = None
+):
     """(J, g) at net.params with the step rule's L2 term, g on net's backend, ready for update(g)."""
     m = X.shape[0] if m is None else m
     J, g = _loss_and_gradient_at(net, X, T, net.params, rows=rows, m=m, timeout=timeout)
@@ -392,8 +395,9 @@ def _fit_gd(net: MLP, X: Any, T: Any, step_rule: Any, max_iter: int, tol: float,
     return history
 
 
-def _fit_sgd(net: MLP, X: Any, T: Any, step_rule: Any, epochs: int, batch_size: int, seed,
-             timeout: float | None) -> History:
+def _fit_sgd(
+    net: MLP, X: Any, T: Any, step_rule: Any, epochs: int, batch_size: int, seed, timeout: float | None
+) -> History:
     m = X.shape[0]
     # never more steps than the largest chunk has rows: every step then has a sample
     steps = min(-(-m // batch_size), max(X.chunks[0]))
@@ -430,8 +434,14 @@ def _fit_lbfgs(net: MLP, X: Any, T: Any, max_iter: int, tol: float, timeout: flo
             net.set_params(intermediate_result.x)  # a failure later keeps this iterate
             stopped.updates += 1
 
-        result = minimize(lambda w: _loss_and_gradient_at(net, X, T, w, timeout=timeout), w0, jac=True,
-                          method="L-BFGS-B", options={"maxiter": max_iter, "gtol": tol}, callback=iteration_done)
+        result = minimize(
+            lambda w: _loss_and_gradient_at(net, X, T, w, timeout=timeout),
+            w0,
+            jac=True,
+            method="L-BFGS-B",
+            options={"maxiter": max_iter, "gtol": tol},
+            callback=iteration_done,
+        )
     net.set_params(result.x)
     history.stop_reason = str(result.message)
     return history

@@ -22,10 +22,18 @@ EPOCHS = 100
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", type=Path, default=Path("bpgpu-demo"),
-                        help="folder for loss_curve.png, created if missing (default: ./bpgpu-demo)")
-    parser.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto",
-                        help="where to train (default: auto, the GPU when one is usable)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("bpgpu-demo"),
+        help="folder for loss_curve.png, created if missing (default: ./bpgpu-demo)",
+    )
+    parser.add_argument(
+        "--device",
+        choices=("auto", "cpu", "gpu"),
+        default="auto",
+        help="where to train (default: auto, the GPU when one is usable)",
+    )
     parser.add_argument("--epochs", type=int, default=EPOCHS, help=f"epochs of Adam (default: {EPOCHS})")
     parser.add_argument("--seed", type=int, default=0, help="seed of the split and the initial weights")
     parser.add_argument("--no-progress", action="store_true", help="do not show the progress bar")
@@ -63,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
         import matplotlib  # noqa: F401
         import sklearn  # noqa: F401
     except ImportError as exc:
-        raise SystemExit(f"bpgpu demo needs scikit-learn and matplotlib: pip install 'bpgpu[sklearn]' ({exc})")
+        raise SystemExit(f"bpgpu demo needs scikit-learn and matplotlib: pip install 'bpgpu[sklearn]' ({exc})") from exc
     from sklearn.exceptions import ConvergenceWarning
 
     import bpgpu as bp
@@ -75,8 +83,13 @@ def run(args: argparse.Namespace) -> int:
     X_train, X_test, y_train, y_test = _load_split(args.seed)
     print(f"digits: {len(X_train)} training and {len(X_test)} test images, 8x8 pixels, 10 classes")
     clf = bp.MLPClassifier(
-        hidden_layer_sizes=HIDDEN, learning_rate_init=LEARNING_RATE, alpha=ALPHA, max_iter=args.epochs,
-        random_state=args.seed, device=args.device, verbose="bar" if not args.no_progress else False,
+        hidden_layer_sizes=HIDDEN,
+        learning_rate_init=LEARNING_RATE,
+        alpha=ALPHA,
+        max_iter=args.epochs,
+        random_state=args.seed,
+        device=args.device,
+        verbose="bar" if not args.no_progress else False,
         dtype="float32",  # the GPU's fast precision, as the demo has always trained
     )
     start = time.perf_counter()
@@ -85,8 +98,10 @@ def run(args: argparse.Namespace) -> int:
         warnings.simplefilter("ignore", ConvergenceWarning)
         clf.fit(X_train, y_train)
     seconds = time.perf_counter() - start
-    print(f"trained MLPClassifier(hidden_layer_sizes={HIDDEN}) on {backend.name} "
-          f"for {clf.n_iter_} epochs in {seconds:.1f} s, final loss {clf.loss_:.4f}")
+    print(
+        f"trained MLPClassifier(hidden_layer_sizes={HIDDEN}) on {backend.name} "
+        f"for {clf.n_iter_} epochs in {seconds:.1f} s, final loss {clf.loss_:.4f}"
+    )
     accuracy = clf.score(X_test, y_test)
     print(f"test accuracy: {accuracy:.4f}")
     args.out.mkdir(parents=True, exist_ok=True)

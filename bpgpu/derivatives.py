@@ -210,8 +210,10 @@ def jacobian(net: MLP, X: Any, method: str = "backprop", eps: float | None = Non
         raise ValueError(f"wrt must be 'inputs' or 'params', got {wrt!r}")
     if wrt == "params":
         if method != "backprop":
-            raise ValueError(f"wrt='params' is computed by backprop only, got method={method!r} "
-                             f"(bp.numerical_gradient differences the loss in w)")
+            raise ValueError(
+                f"wrt='params' is computed by backprop only, got method={method!r} "
+                f"(bp.numerical_gradient differences the loss in w)"
+            )
         return parameter_jacobian(net, X)
     X, _ = net.check_inputs(X)
     ws = net.workspace(X.shape[0])
@@ -337,5 +339,13 @@ def _gauss_newton(net: MLP, X: Any, T: Any) -> Any:
     return c * ((weights * Ja).T @ Ja)
 
 
-__all__ = ["GradientCheck", "TOLERANCES", "check_gradient", "default_eps", "hessian", "hvp", "jacobian",
-           "numerical_gradient"]
+__all__ = [
+    "GradientCheck",
+    "TOLERANCES",
+    "check_gradient",
+    "default_eps",
+    "hessian",
+    "hvp",
+    "jacobian",
+    "numerical_gradient",
+]

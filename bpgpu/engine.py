@@ -53,7 +53,8 @@ arrays (K, m, n_l), so every product is one batched GEMM):
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Iterator
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -129,8 +130,9 @@ def output_delta(net: MLP, T: Any, ws: Workspace, weights: Any = None) -> Any:
     """
     L, out = net.n_layers, net.activations[-1]
     c = net.reduction_factor(ws.m, weights)
-    total = net.loss_function.value_and_delta(net.backend.ops, out, ws.Z, ws.A[L], T, c, ws.D[L],
-                                              ws.scratch[L], ws.rows)
+    total = net.loss_function.value_and_delta(
+        net.backend.ops, out, ws.Z, ws.A[L], T, c, ws.D[L], ws.scratch[L], ws.rows
+    )
     if weights is None:
         return total
     s = weights[0]
@@ -360,7 +362,21 @@ def r_pass(net: MLP, X: Any, T: Any, ws: Workspace, V: Any) -> Any:
 
 
 __all__ = [
-    "Workspace", "backward", "forward", "forward_backward", "loss_and_gradient", "input_jacobian", "layer_outputs", "loss",
-    "loss_curvature", "output_delta", "output_residual", "output_seeds", "r_output_delta", "r_pass",
-    "seeded_deltas", "seeded_gradients", "times_g1",
+    "Workspace",
+    "backward",
+    "forward",
+    "forward_backward",
+    "loss_and_gradient",
+    "input_jacobian",
+    "layer_outputs",
+    "loss",
+    "loss_curvature",
+    "output_delta",
+    "output_residual",
+    "output_seeds",
+    "r_output_delta",
+    "r_pass",
+    "seeded_deltas",
+    "seeded_gradients",
+    "times_g1",
 ]

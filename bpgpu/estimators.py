@@ -96,8 +96,9 @@ _OUTPUT = {
 }
 _STOCHASTIC = ("sgd", "adam")
 # scikit-learn's words for a run whose parameters became NaN or Inf (BaseMultilayerPerceptron._fit)
-_NON_FINITE = ("Solver produced non-finite parameter weights. The input data may contain large values and "
-               "need to be preprocessed.")
+_NON_FINITE = (
+    "Solver produced non-finite parameter weights. The input data may contain large values and need to be preprocessed."
+)
 
 
 class _BaseMLP(BaseEstimator):
@@ -191,8 +192,9 @@ class _BaseMLP(BaseEstimator):
             backend=self.device if backend is None else backend,
         )
 
-    def _initialize(self, n_features: int, n_outputs: int, random_state: np.random.RandomState,
-                    input_dtype: np.dtype) -> None:
+    def _initialize(
+        self, n_features: int, n_outputs: int, random_state: np.random.RandomState, input_dtype: np.dtype
+    ) -> None:
         """First fit: fitted attributes, a new net, and sklearn's Glorot draw.
 
         The net computes in ``dtype``, or with dtype=None in scikit-learn's precision:
@@ -285,14 +287,28 @@ class _BaseMLP(BaseEstimator):
     def _make_optimizer(self):
         """sklearn's solver and its options as a bpgpu optimizer bound to the net."""
         if self.solver == "adam":
-            return make_optimizer("adam", self._net, self.learning_rate_init, alpha=self.alpha,
-                                  beta_1=self.beta_1, beta_2=self.beta_2, epsilon=self.epsilon)
+            return make_optimizer(
+                "adam",
+                self._net,
+                self.learning_rate_init,
+                alpha=self.alpha,
+                beta_1=self.beta_1,
+                beta_2=self.beta_2,
+                epsilon=self.epsilon,
+            )
         name = "sgd"
         if self.momentum > 0:  # sklearn's velocity update with momentum 0 is plain SGD
             name = "nesterov" if self.nesterovs_momentum else "momentum"
         options = dict(momentum=self.momentum) if name != "sgd" else {}
-        optimizer = make_optimizer(name, self._net, self.learning_rate_init, alpha=self.alpha,
-                                   lr_schedule=self.learning_rate, power_t=self.power_t, **options)
+        optimizer = make_optimizer(
+            name,
+            self._net,
+            self.learning_rate_init,
+            alpha=self.alpha,
+            lr_schedule=self.learning_rate,
+            power_t=self.power_t,
+            **options,
+        )
         optimizer.samples_seen = self.t_  # the invscaling schedule counts every sample seen
         return optimizer
 
@@ -305,7 +321,9 @@ class _BaseMLP(BaseEstimator):
         patience = self._patience()
         try:
             history = fit(
-                self._net, X, Y,
+                self._net,
+                X,
+                Y,
                 optimizer=self._optimizer,
                 epochs=1 if incremental else self.max_iter,
                 batch_size=self.batch_size,
@@ -340,6 +358,7 @@ class _BaseMLP(BaseEstimator):
                 f"Stochastic Optimizer: Maximum iterations ({self.max_iter}) reached and the optimization "
                 "hasn't converged yet.",
                 ConvergenceWarning,
+                stacklevel=2,
             )
 
     def _early_stopping_data(self, X, Y, sample_weight, random_state):
@@ -349,9 +368,14 @@ class _BaseMLP(BaseEstimator):
             return X, Y, sample_weight, {}
         X, X_val, Y, Y_val, sample_weight, weight_val = self._validation_split(X, Y, sample_weight, random_state)
         y_val = self._validation_targets(Y_val)
-        return X, Y, sample_weight, dict(
-            validation_data=(X_val, Y_val),
-            validation_score=lambda net, Xv, Tv: self._validation_score(Xv, y_val, weight_val),
+        return (
+            X,
+            Y,
+            sample_weight,
+            dict(
+                validation_data=(X_val, Y_val),
+                validation_score=lambda net, Xv, Tv: self._validation_score(Xv, y_val, weight_val),
+            ),
         )
 
     def _patience(self) -> int:
@@ -362,9 +386,20 @@ class _BaseMLP(BaseEstimator):
         max_iter iterations, with tol / n_iter_no_change / early_stopping as the other solvers."""
         self._optimizer = None
         X, Y, sample_weight, validation = self._early_stopping_data(X, Y, sample_weight, random_state)
-        history = fit(self._net, X, Y, optimizer="lm", epochs=self.max_iter, alpha=self.alpha, tol=self.tol,
-                      n_iter_no_change=self._patience(), early_stopping=self.early_stopping,
-                      progress=self._progress(lines=True), sample_weight=sample_weight, **validation)
+        history = fit(
+            self._net,
+            X,
+            Y,
+            optimizer="lm",
+            epochs=self.max_iter,
+            alpha=self.alpha,
+            tol=self.tol,
+            n_iter_no_change=self._patience(),
+            early_stopping=self.early_stopping,
+            progress=self._progress(lines=True),
+            sample_weight=sample_weight,
+            **validation,
+        )
         self.n_iter_ = history.epochs
         self.loss_curve_ += history.loss
         self.loss_ = history.loss[-1]
@@ -374,14 +409,28 @@ class _BaseMLP(BaseEstimator):
         else:
             self.best_loss_ = min(self.best_loss_, history.best_loss)
         if history.stop_reason == "epochs":
-            warnings.warn(f"Levenberg–Marquardt: Maximum iterations ({self.max_iter}) reached and the "
-                          "optimization hasn't converged yet.", ConvergenceWarning)
+            warnings.warn(
+                f"Levenberg–Marquardt: Maximum iterations ({self.max_iter}) reached and the "
+                "optimization hasn't converged yet.",
+                ConvergenceWarning,
+                stacklevel=2,
+            )
 
     def _fit_lbfgs(self, X, Y, sample_weight) -> None:
         self._optimizer = None
         try:
-            history = fit(self._net, X, Y, optimizer="lbfgs", epochs=self.max_iter, alpha=self.alpha, tol=self.tol,
-                          max_fun=self.max_fun, progress=self._progress(lines=False), sample_weight=sample_weight)
+            history = fit(
+                self._net,
+                X,
+                Y,
+                optimizer="lbfgs",
+                epochs=self.max_iter,
+                alpha=self.alpha,
+                tol=self.tol,
+                max_fun=self.max_fun,
+                progress=self._progress(lines=False),
+                sample_weight=sample_weight,
+            )
         except DivergenceError as exc:
             raise ValueError(_NON_FINITE) from exc
         # scikit-learn's own check of the scipy result: the same ConvergenceWarning whenever L-BFGS
@@ -410,8 +459,9 @@ class _BaseMLP(BaseEstimator):
         single = isinstance(self, ClassifierMixin) and self.n_outputs_ == 1
         stratify = Y.astype(bool) if single else None
         arrays = (X, Y) if sample_weight is None else (X, Y, sample_weight)
-        parts = train_test_split(*arrays, random_state=random_state, test_size=self.validation_fraction,
-                                 stratify=stratify)
+        parts = train_test_split(
+            *arrays, random_state=random_state, test_size=self.validation_fraction, stratify=stratify
+        )
         if parts[1].shape[0] < 2:
             raise ValueError(
                 "The validation set is too small. Increase 'validation_fraction' or the size of your dataset."
@@ -456,9 +506,12 @@ class _BaseMLP(BaseEstimator):
         optimizer = state.pop("_optimizer", None)
         if optimizer is not None:
             fields = {k: v for k, v in vars(optimizer).items() if k not in ("net", "_outer_views")}
-            state["_optimizer_host"] = (type(optimizer), {  # its state vectors to the host, scalars as they are
-                k: np.array(to_numpy(v), copy=True) if getattr(v, "ndim", 0) else v for k, v in fields.items()
-            })
+            state["_optimizer_host"] = (
+                type(optimizer),
+                {  # its state vectors to the host, scalars as they are
+                    k: np.array(to_numpy(v), copy=True) if getattr(v, "ndim", 0) else v for k, v in fields.items()
+                },
+            )
         return state
 
     def __setstate__(self, state):
@@ -485,8 +538,19 @@ class _BaseMLP(BaseEstimator):
     # optimizer state is not part of a model file: partial_fit after bp.load starts a
     # fresh optimizer (pickle keeps it).
 
-    _FITTED = ("n_features_in_", "n_outputs_", "n_layers_", "out_activation_", "loss_", "loss_curve_",
-               "best_loss_", "n_iter_", "t_", "validation_scores_", "best_validation_score_")
+    _FITTED = (
+        "n_features_in_",
+        "n_outputs_",
+        "n_layers_",
+        "out_activation_",
+        "loss_",
+        "loss_curve_",
+        "best_loss_",
+        "n_iter_",
+        "t_",
+        "validation_scores_",
+        "best_validation_score_",
+    )
 
     def __bpgpu_state__(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         check_is_fitted(self)
@@ -709,20 +773,44 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
         dtype=None,
     ):
         super().__init__(
-            hidden_layer_sizes=hidden_layer_sizes, activation=activation, solver=solver, alpha=alpha,
-            batch_size=batch_size, learning_rate=learning_rate, learning_rate_init=learning_rate_init,
-            power_t=power_t, max_iter=max_iter, shuffle=shuffle, random_state=random_state, tol=tol,
-            verbose=verbose, warm_start=warm_start, momentum=momentum, nesterovs_momentum=nesterovs_momentum,
-            early_stopping=early_stopping, validation_fraction=validation_fraction, beta_1=beta_1,
-            beta_2=beta_2, epsilon=epsilon, n_iter_no_change=n_iter_no_change, max_fun=max_fun,
-            device=device, dtype=dtype,
+            hidden_layer_sizes=hidden_layer_sizes,
+            activation=activation,
+            solver=solver,
+            alpha=alpha,
+            batch_size=batch_size,
+            learning_rate=learning_rate,
+            learning_rate_init=learning_rate_init,
+            power_t=power_t,
+            max_iter=max_iter,
+            shuffle=shuffle,
+            random_state=random_state,
+            tol=tol,
+            verbose=verbose,
+            warm_start=warm_start,
+            momentum=momentum,
+            nesterovs_momentum=nesterovs_momentum,
+            early_stopping=early_stopping,
+            validation_fraction=validation_fraction,
+            beta_1=beta_1,
+            beta_2=beta_2,
+            epsilon=epsilon,
+            n_iter_no_change=n_iter_no_change,
+            max_fun=max_fun,
+            device=device,
+            dtype=dtype,
         )
         self.loss = loss
 
     def _validate_input(self, X, y, incremental, reset):
         X, y = validate_data(
-            self, X, y, accept_sparse=["csr", "csc"], multi_output=True, y_numeric=True,
-            dtype=(np.float64, np.float32), reset=reset,
+            self,
+            X,
+            y,
+            accept_sparse=["csr", "csc"],
+            multi_output=True,
+            y_numeric=True,
+            dtype=(np.float64, np.float32),
+            reset=reset,
         )
         if y.ndim == 2 and y.shape[1] == 1:
             y = column_or_1d(y, warn=True)

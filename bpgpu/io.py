@@ -35,7 +35,8 @@ import importlib
 import json
 import os
 import tempfile
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -211,8 +212,7 @@ def _check_metadata(metadata: Any, arrays: dict[str, np.ndarray], path: str) -> 
         spec = listed[name]
         if not isinstance(spec, dict) or spec.get("shape") != list(a.shape) or spec.get("dtype") != a.dtype.str:
             raise ValueError(
-                f"{path}: array {name!r} has shape {list(a.shape)} and dtype {a.dtype.str}, "
-                f"the metadata says {spec!r}"
+                f"{path}: array {name!r} has shape {list(a.shape)} and dtype {a.dtype.str}, the metadata says {spec!r}"
             )
 
 
@@ -249,9 +249,7 @@ def _mlp_from_state(state: dict[str, Any], arrays: dict[str, np.ndarray], backen
     if params.dtype != np.dtype(net.dtype):
         raise ValueError(f"params have dtype {params.dtype} but the config says {net.dtype}")
     if params.shape != (net.n_params,):
-        raise ValueError(
-            f"params have shape {params.shape} but MLP {list(net.sizes)} has n_params={net.n_params}"
-        )
+        raise ValueError(f"params have shape {params.shape} but MLP {list(net.sizes)} has n_params={net.n_params}")
     net.set_params(params)  # host → the requested backend; also refuses NaN/Inf
     return net
 

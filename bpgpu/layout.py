@@ -33,7 +33,8 @@ the flat vector.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import array_api_compat
 import numpy as np

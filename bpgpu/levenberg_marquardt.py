@@ -91,16 +91,34 @@ class LevenbergMarquardt:
         a larger need raises ValueError before anything is allocated.
     """
 
-    def __init__(self, net: MLP, X: Any, T: Any, sample_weight: Any = None, *, alpha: float = 0.0,
-                 mu: float = 1e-3, mu_dec: float = 0.1, mu_inc: float = 10.0, mu_max: float = 1e10,
-                 damping: str = "identity", form: str = "auto", chunk_size: int | None = None,
-                 max_memory: int | None = None):
+    def __init__(
+        self,
+        net: MLP,
+        X: Any,
+        T: Any,
+        sample_weight: Any = None,
+        *,
+        alpha: float = 0.0,
+        mu: float = 1e-3,
+        mu_dec: float = 0.1,
+        mu_inc: float = 10.0,
+        mu_max: float = 1e10,
+        damping: str = "identity",
+        form: str = "auto",
+        chunk_size: int | None = None,
+        max_memory: int | None = None,
+    ):
         if net.loss_function.name not in SERVED_LOSSES:
-            raise ValueError(f"Levenberg–Marquardt cannot serve loss={net.loss_function.name!r}: it has no "
-                             f"Gauss–Newton factor; LM serves {', '.join(SERVED_LOSSES)}")
+            raise ValueError(
+                f"Levenberg–Marquardt cannot serve loss={net.loss_function.name!r}: it has no "
+                f"Gauss–Newton factor; LM serves {', '.join(SERVED_LOSSES)}"
+            )
         self.mu = _positive(mu, "mu")
-        self.mu_dec, self.mu_inc, self.mu_max = (_positive(mu_dec, "mu_dec"), _positive(mu_inc, "mu_inc"),
-                                                 _positive(mu_max, "mu_max"))
+        self.mu_dec, self.mu_inc, self.mu_max = (
+            _positive(mu_dec, "mu_dec"),
+            _positive(mu_inc, "mu_inc"),
+            _positive(mu_max, "mu_max"),
+        )
         if not (self.mu_dec < 1.0 < self.mu_inc):
             raise ValueError(f"need mu_dec < 1 < mu_inc, got mu_dec={mu_dec!r}, mu_inc={mu_inc!r}")
         if self.mu > self.mu_max:
@@ -135,13 +153,17 @@ class LevenbergMarquardt:
             need = (2 * N * W + 2 * N * N) * itemsize + chunk_bytes
         limit = net.backend.free_memory() // 2 if max_memory is None else int(max_memory)
         if need > limit:
-            matrix = f"the W × W matrix RᵀR (W={W} parameters)" if self.form == "parameters" else \
-                f"the N × N matrix R Rᵀ{' and R itself' if damping != 'identity' else ''} (N={N} residuals = " \
+            matrix = (
+                f"the W × W matrix RᵀR (W={W} parameters)"
+                if self.form == "parameters"
+                else f"the N × N matrix R Rᵀ{' and R itself' if damping != 'identity' else ''} (N={N} residuals = "
                 f"{m} samples × {net.sizes[-1]} outputs, W={W})"
+            )
             raise ValueError(
                 f"Levenberg–Marquardt in form={self.form!r} needs {_gib(need)} in {net.dtype} for {matrix} of MLP "
                 f"{list(net.sizes)}, more than the {_gib(limit)} allowed (max_memory). Use a first-order optimizer "
-                f"('lbfgs' or 'adam'), a smaller net, or fewer samples (with N = m·n_L < W the N × N form is used)")
+                f"('lbfgs' or 'adam'), a smaller net, or fewer samples (with N = m·n_L < W the N × N form is used)"
+            )
         self.mask = None if self.alpha == 0.0 else net.backend.asarray(net.layout.weight_mask(), net.xp_dtype)
         self.E = self.objective()
         if not np.isfinite(self.E):
@@ -182,8 +204,13 @@ class LevenbergMarquardt:
         for lo in range(0, m, self.chunk_size):
             hi = min(lo + self.chunk_size, m)
             # every axis indexed: the array API standard does not define X[lo:hi] on a matrix
-            yield lo, hi, gauss_newton_rows(self.net, self.X[lo:hi, :], self.T[lo:hi, :],
-                                            None if self.s_col is None else self.s_col[lo:hi, :])
+            yield (
+                lo,
+                hi,
+                gauss_newton_rows(
+                    self.net, self.X[lo:hi, :], self.T[lo:hi, :], None if self.s_col is None else self.s_col[lo:hi, :]
+                ),
+            )
 
     def gram(self) -> Any:
         """A = RᵀR (W × W), summed over chunks of samples."""

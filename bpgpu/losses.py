@@ -23,8 +23,12 @@ from typing import Any
 from bpgpu.activations import Activation
 from bpgpu.kernels import LOSSES, generic
 
-_CANONICAL = {"squared_error": "identity", "binary_cross_entropy": "sigmoid", "cross_entropy": "softmax",
-              "poisson": "exp"}
+_CANONICAL = {
+    "squared_error": "identity",
+    "binary_cross_entropy": "sigmoid",
+    "cross_entropy": "softmax",
+    "poisson": "exp",
+}
 
 
 @dataclass(frozen=True)
@@ -80,7 +84,6 @@ class Loss:
         getattr(ops, f"{self.name}_bwd")(a, t, c, delta, scratch)  # c ∂J/∂a
         getattr(ops, output.bwd)(delta, a, delta, scratch, rows)  # ⊙ g′
         return total
-
 
     def row_values(self, output: Activation, z, a, t):
         """J_n for every sample n (a new array of shape (m,)), in the array API: the per-sample

@@ -13,7 +13,8 @@ Z = A_prev @ Wᵀ + b.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -160,8 +161,9 @@ class MLP:
         twin = MLP.__new__(MLP)
         # the same configuration (layout, backend, activations are immutable and shared),
         # its own parameters and its own buffers
-        twin.__dict__.update(self.__dict__, params=self.backend.xp.asarray(self.params, copy=True),
-                             _workspaces=OrderedDict())
+        twin.__dict__.update(
+            self.__dict__, params=self.backend.xp.asarray(self.params, copy=True), _workspaces=OrderedDict()
+        )
         return twin
 
     # --- inputs ------------------------------------------------------------

@@ -58,7 +58,9 @@ try:
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
-    raise ImportError("bpgpu.to_onnx needs the onnx package, an optional dependency: pip install 'bpgpu[onnx]'") from exc
+    raise ImportError(
+        "bpgpu.to_onnx needs the onnx package, an optional dependency: pip install 'bpgpu[onnx]'"
+    ) from exc
 
 from bpgpu import io
 from bpgpu.backend import to_numpy
@@ -93,8 +95,9 @@ class _Graph:
     def op(self, op_type: str, *inputs: str, out: str | None = None, domain: str = "", **attrs: Any) -> str:
         """Append one node; returns the name of its output."""
         out = out or self.name(op_type.lower())
-        self.nodes.append(helper.make_node(op_type, list(inputs), [out], name=self.name(f"{op_type}_node"),
-                                           domain=domain, **attrs))
+        self.nodes.append(
+            helper.make_node(op_type, list(inputs), [out], name=self.name(f"{op_type}_node"), domain=domain, **attrs)
+        )
         return out
 
     def tensor(self, base: str, value: Any, dtype: Any = None) -> str:
@@ -192,8 +195,10 @@ def _classifier_outputs(g: _Graph, est: Any, a: str, n: int) -> list[onnx.ValueI
     if est.out_activation_ == "logistic" and est.n_outputs_ > 1:  # multilabel: threshold each σ at ½
         g.op("Identity", a, out="probabilities")
         g.op("Cast", g.op("Greater", a, g.scalar(0.5)), out="label", to=TensorProto.INT64)
-        return [helper.make_tensor_value_info("label", TensorProto.INT64, ["N", n]),
-                helper.make_tensor_value_info("probabilities", elem, ["N", n])]
+        return [
+            helper.make_tensor_value_info("label", TensorProto.INT64, ["N", n]),
+            helper.make_tensor_value_info("probabilities", elem, ["N", n]),
+        ]
     if est.out_activation_ == "logistic":  # binary: one σ column -> [1 − σ, σ]
         g.op("Concat", g.op("Sub", g.scalar(1.0), a), a, out="probabilities", axis=1)
     else:
@@ -202,8 +207,10 @@ def _classifier_outputs(g: _Graph, est: Any, a: str, n: int) -> list[onnx.ValueI
     index = g.op("ArgMax", "probabilities", axis=1)
     picked = g.op("ArrayFeatureExtractor", g.tensor("classes", values, values.dtype), index, domain="ai.onnx.ml")
     g.op("Reshape", picked, g.tensor("shape", [-1], np.int64), out="label")
-    return [helper.make_tensor_value_info("label", label_type, ["N"]),
-            helper.make_tensor_value_info("probabilities", elem, ["N", n_classes])]
+    return [
+        helper.make_tensor_value_info("label", label_type, ["N"]),
+        helper.make_tensor_value_info("probabilities", elem, ["N", n_classes]),
+    ]
 
 
 def _graph_of(model: Any) -> tuple[_Graph, list[onnx.ValueInfoProto], list[onnx.ValueInfoProto], str]:
@@ -238,8 +245,10 @@ def _opset(opset: Any) -> int:
     if opset is None:
         return OPSET
     if isinstance(opset, bool) or not isinstance(opset, (int, np.integer)) or not MIN_OPSET <= opset <= OPSET:
-        raise ValueError(f"opset must be an int in {MIN_OPSET}..{OPSET} (the default domain's versions "
-                         f"this exporter writes with IR version {IR_VERSION}), got {opset!r}")
+        raise ValueError(
+            f"opset must be an int in {MIN_OPSET}..{OPSET} (the default domain's versions "
+            f"this exporter writes with IR version {IR_VERSION}), got {opset!r}"
+        )
     return int(opset)
 
 
@@ -295,8 +304,14 @@ def to_onnx(model: Any, path: str | os.PathLike | None = None, opset: int | None
     imports = [helper.make_opsetid("", version)]
     if any(node.domain == "ai.onnx.ml" for node in g.nodes):
         imports.append(helper.make_opsetid("ai.onnx.ml", ML_OPSET))
-    proto = helper.make_model(graph, opset_imports=imports, ir_version=IR_VERSION, producer_name="bpgpu",
-                              producer_version=__version__, doc_string=f"bpgpu {kind}")
+    proto = helper.make_model(
+        graph,
+        opset_imports=imports,
+        ir_version=IR_VERSION,
+        producer_name="bpgpu",
+        producer_version=__version__,
+        doc_string=f"bpgpu {kind}",
+    )
     onnx.checker.check_model(proto, full_check=True)
     if path is not None:
         data = proto.SerializeToString()

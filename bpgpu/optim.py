@@ -27,7 +27,8 @@ vector to scipy's L-BFGS-B (see :func:`bpgpu.training._fit_lbfgs`).
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -73,8 +74,15 @@ class Optimizer:
 
     name = "sgd"
 
-    def __init__(self, net: Any, learning_rate: float = 0.1, *, alpha: float = 0.0,
-                 lr_schedule: str = "constant", power_t: float = 0.5):
+    def __init__(
+        self,
+        net: Any,
+        learning_rate: float = 0.1,
+        *,
+        alpha: float = 0.0,
+        lr_schedule: str = "constant",
+        power_t: float = 0.5,
+    ):
         self.net = net
         self.learning_rate_init = _positive(learning_rate, "learning_rate")
         self.learning_rate = self.learning_rate_init
@@ -161,7 +169,8 @@ class SGD(Optimizer):
         if self._layer_views is None:
             net, xp = self.net, self.net.backend.xp
             self._layer_views = [None] + [
-                xp.reshape(self._scratch[: n_in * n_out], (n_in, n_out)) for n_in, n_out in zip(net.sizes, net.sizes[1:])
+                xp.reshape(self._scratch[: n_in * n_out], (n_in, n_out))
+                for n_in, n_out in zip(net.sizes, net.sizes[1:])
             ]
         return self._layer_views
 
@@ -199,8 +208,16 @@ class Adam(Optimizer):
 
     name = "adam"
 
-    def __init__(self, net: Any, learning_rate: float = 0.001, *, beta_1: float = 0.9, beta_2: float = 0.999,
-                 epsilon: float = 1e-8, **options: Any):
+    def __init__(
+        self,
+        net: Any,
+        learning_rate: float = 0.001,
+        *,
+        beta_1: float = 0.9,
+        beta_2: float = 0.999,
+        epsilon: float = 1e-8,
+        **options: Any,
+    ):
         schedule = options.get("lr_schedule", "constant")
         if schedule != "constant":
             raise ValueError(
@@ -225,8 +242,9 @@ class Adam(Optimizer):
         lr_t = self.learning_rate_init * math.sqrt(1.0 - self.beta_2**self.t) / (1.0 - self.beta_1**self.t)
         self.learning_rate = lr_t  # as scikit-learn: the step actually taken
         ops = self.net.backend.ops
-        ops.adam_update(self.net.params, grad, self.m, self.v, lr_t, self.beta_1, self.beta_2, self.epsilon,
-                        self._scratch)
+        ops.adam_update(
+            self.net.params, grad, self.m, self.v, lr_t, self.beta_1, self.beta_2, self.epsilon, self._scratch
+        )
 
     def iteration_ends(self, samples_seen: int) -> None:
         self.samples_seen = samples_seen

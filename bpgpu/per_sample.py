@@ -131,4 +131,10 @@ def gauss_newton_seeds(net: MLP, X: Any, T: Any, s_col: Any = None) -> tuple[lis
     return A, seeds
 
 
-__all__ = ["gauss_newton_factor", "gauss_newton_rows", "gauss_newton_seeds", "parameter_jacobian", "per_sample_gradients"]
+__all__ = [
+    "gauss_newton_factor",
+    "gauss_newton_rows",
+    "gauss_newton_seeds",
+    "parameter_jacobian",
+    "per_sample_gradients",
+]

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -28,8 +29,8 @@ class DivergenceError(FloatingPointError, ValueError):
     """The loss (or a parameter) became NaN or Inf; the net holds its last finite parameters.
 
     A ValueError, as scikit-learn's MLP reports a run that produced non-finite
-    weights (and a FloatingPointError, as before). Attributes: ``epoch`` and ``step`` (1-based) where it was seen, ``history``
-    (the epochs completed before it).
+    weights (and a FloatingPointError, as before). Attributes: ``epoch`` and ``step``
+    (1-based) where it was seen, ``history`` (the epochs completed before it).
     """
 
     def __init__(self, message: str, epoch: int, step: int, history: History):
@@ -127,8 +128,9 @@ def _sample_sgd_step(net: Any, X: Any, T: Any, optimizer: SGD) -> Any:
             s = ops.matmul(ws.D[l], layout.wt(w, l, xp).T, ws.D[l - 1])
             getattr(ops, net.activations[l - 2].bwd)(s, ws.A[l - 1], s, ws.scratch[l - 1], ws.rows)
         a_prev = X[0, :] if l == 1 else ws.A[l - 1][0, :]
-        ops.outer_sgd_update(layout.wt(w, l, xp), layout.bias(w, l), a_prev, ws.D[l][0, :], optimizer.learning_rate,
-                             scratch[l])
+        ops.outer_sgd_update(
+            layout.wt(w, l, xp), layout.bias(w, l), a_prev, ws.D[l][0, :], optimizer.learning_rate, scratch[l]
+        )
     return loss
 
 
@@ -164,8 +166,7 @@ def _progress_bar(progress: bool | str, epochs: int) -> Any:
         from tqdm.auto import tqdm
     except ImportError:
         raise ImportError(
-            "progress=True needs tqdm, an optional dependency: pip install 'bpgpu[sklearn]' "
-            "(or pass progress=False)"
+            "progress=True needs tqdm, an optional dependency: pip install 'bpgpu[sklearn]' (or pass progress=False)"
         ) from None
     return tqdm(total=epochs, desc="bpgpu fit", unit="epoch", leave=True)
 
@@ -195,8 +196,10 @@ def _split_validation(net: Any, X: Any, T: Any, s: Any, validation_data: Any, fr
     if s is not None:
         for part, name in ((train, "training"), (val, "validation")):
             if not np.any(s[part] > 0):
-                raise ValueError(f"sample_weight is zero on every row of the {name} split "
-                                 f"(validation_fraction={fraction}); change the seed or the weights")
+                raise ValueError(
+                    f"sample_weight is zero on every row of the {name} split "
+                    f"(validation_fraction={fraction}); change the seed or the weights"
+                )
         s, s_val = s[train], s[val]
     else:
         s_val = None
@@ -325,11 +328,40 @@ def fit(
         alpha = optimizer_options.pop("alpha", 0.0)
         if optimizer_options:
             raise TypeError(f"optimizer 'lbfgs' does not take {', '.join(sorted(optimizer_options))}")
-        return _fit_lbfgs(net, X, T, Xv, Tv, epochs, alpha, tol, max_fun, callbacks, progress, validation_score,
-                          net.weighting(s), weights_val)
+        return _fit_lbfgs(
+            net,
+            X,
+            T,
+            Xv,
+            Tv,
+            epochs,
+            alpha,
+            tol,
+            max_fun,
+            callbacks,
+            progress,
+            validation_score,
+            net.weighting(s),
+            weights_val,
+        )
     if optimizer == "lm":
-        return _fit_lm(net, X, T, s, Xv, Tv, weights_val, epochs, early_stopping, tol, n_iter_no_change,
-                       callbacks, progress, validation_score, optimizer_options)
+        return _fit_lm(
+            net,
+            X,
+            T,
+            s,
+            Xv,
+            Tv,
+            weights_val,
+            epochs,
+            early_stopping,
+            tol,
+            n_iter_no_change,
+            callbacks,
+            progress,
+            validation_score,
+            optimizer_options,
+        )
     if isinstance(optimizer, Optimizer):
         if optimizer.net is not net:
             raise ValueError("the optimizer given is bound to another net; make one with make_optimizer(name, net)")
@@ -337,8 +369,9 @@ def fit(
     else:
         opt = make_optimizer(optimizer, net, learning_rate, **optimizer_options)
     loop = _EpochLoop(net, X, T, opt, _batch_size(batch_size, X.shape[0]), shuffle, rng, s, weights_val)
-    monitor = _Monitor(net, Xv, Tv, early_stopping, tol, n_iter_no_change, validation_score,
-                       print if progress == "lines" else None)
+    monitor = _Monitor(
+        net, Xv, Tv, early_stopping, tol, n_iter_no_change, validation_score, print if progress == "lines" else None
+    )
 
     def one_epoch(epoch: int, history: History) -> tuple[float, float | None, Any, str | None]:
         loss, val_loss = loop.run_epoch(epoch, Xv, Tv, history)
@@ -348,9 +381,15 @@ def fit(
     return _run_epochs(net, epochs, progress, monitor, callbacks, one_epoch, stacklevel=3)
 
 
-def _run_epochs(net: Any, epochs: int, progress: bool | str, monitor: _Monitor, callbacks: tuple,
-                one_epoch: Callable[[int, History], tuple[float, float | None, Any, str | None]],
-                stacklevel: int) -> History:
+def _run_epochs(
+    net: Any,
+    epochs: int,
+    progress: bool | str,
+    monitor: _Monitor,
+    callbacks: tuple,
+    one_epoch: Callable[[int, History], tuple[float, float | None, Any, str | None]],
+    stacklevel: int,
+) -> History:
     """The epoch loop of :func:`fit`'s gradient optimizers and of Levenberg–Marquardt (an
     "epoch" is one LM iteration): ``one_epoch(epoch, history)`` runs it and returns
     (training loss, validation loss or None, the optimizer or None, a stop reason of its
@@ -391,8 +430,18 @@ def _run_epochs(net: Any, epochs: int, progress: bool | str, monitor: _Monitor, 
 class _EpochLoop:
     """Batches, steps and the one host transfer per epoch, with buffers made once."""
 
-    def __init__(self, net: Any, X: Any, T: Any, opt: Optimizer, batch: int, shuffle: bool, rng: Any,
-                 s: Any = None, weights_val: Any = None):
+    def __init__(
+        self,
+        net: Any,
+        X: Any,
+        T: Any,
+        opt: Optimizer,
+        batch: int,
+        shuffle: bool,
+        rng: Any,
+        s: Any = None,
+        weights_val: Any = None,
+    ):
         xp, dt = net.backend.xp, net.xp_dtype
         self.net, self.X, self.T, self.opt, self.rng = net, X, T, opt, rng
         m = X.shape[0]
@@ -435,8 +484,9 @@ class _EpochLoop:
                 total = float(np.sum(self.s[perm[lo:hi]] if self.shuffle else self.s[lo:hi]))
                 weights = (sb, net.weighted_factor(total))
             try:
-                self.step_losses[s] = (self.step(net, xb, tb, self.opt) if weights is None
-                                       else train_step(net, xb, tb, self.opt, weights))
+                self.step_losses[s] = (
+                    self.step(net, xb, tb, self.opt) if weights is None else train_step(net, xb, tb, self.opt, weights)
+                )
             except (ArithmeticError, RuntimeWarning) as exc:  # np.seterr(...="raise") or -W error: caught at once
                 self._diverged(epoch, history, s + 1, exc)
         # 0 · Σw is NaN when any parameter is non-finite, so one number checks loss and parameters.
@@ -471,8 +521,17 @@ class _EpochLoop:
 class _Monitor:
     """scikit-learn's _update_no_improvement_count, early stopping and the best parameters."""
 
-    def __init__(self, net: Any, Xv: Any, Tv: Any, early_stopping: bool, tol: float | None,
-                 n_iter_no_change: int, score: Callable | None, say: Callable[[str], Any] | None = None):
+    def __init__(
+        self,
+        net: Any,
+        Xv: Any,
+        Tv: Any,
+        early_stopping: bool,
+        tol: float | None,
+        n_iter_no_change: int,
+        score: Callable | None,
+        say: Callable[[str], Any] | None = None,
+    ):
         self.net, self.Xv, self.Tv = net, Xv, Tv
         self.early_stopping, self.tol, self.patience, self.score = early_stopping, tol, n_iter_no_change, score
         self.say = say  # progress="lines": scikit-learn's verbose output
@@ -540,9 +599,22 @@ def _show(bar: Any, epoch: int, history: History) -> None:
 # --- L-BFGS ----------------------------------------------------------------------
 
 
-def _fit_lbfgs(net: Any, X: Any, T: Any, Xv: Any, Tv: Any, epochs: int, alpha: float, tol: float | None,
-               max_fun: int, callbacks: tuple, progress: bool | str, validation_score: Callable | None,
-               weights: Any = None, weights_val: Any = None) -> History:
+def _fit_lbfgs(
+    net: Any,
+    X: Any,
+    T: Any,
+    Xv: Any,
+    Tv: Any,
+    epochs: int,
+    alpha: float,
+    tol: float | None,
+    max_fun: int,
+    callbacks: tuple,
+    progress: bool | str,
+    validation_score: Callable | None,
+    weights: Any = None,
+    weights_val: Any = None,
+) -> History:
     """scipy's L-BFGS-B on the flat parameter vector, full batch, as scikit-learn's solver="lbfgs".
 
     scipy works on host float64 vectors, so each evaluation makes two explicit
@@ -553,7 +625,9 @@ def _fit_lbfgs(net: Any, X: Any, T: Any, Xv: Any, Tv: Any, epochs: int, alpha: f
     try:
         from scipy.optimize import minimize
     except ImportError:
-        raise ImportError("optimizer='lbfgs' needs scipy, an optional dependency: pip install 'bpgpu[sklearn]'") from None
+        raise ImportError(
+            "optimizer='lbfgs' needs scipy, an optional dependency: pip install 'bpgpu[sklearn]'"
+        ) from None
     max_fun = _positive_int(max_fun, "max_fun")
     backend, dt = net.backend, net.xp_dtype
     ws = net.workspace(X.shape[0])
@@ -588,8 +662,7 @@ def _fit_lbfgs(net: Any, X: Any, T: Any, Xv: Any, Tv: Any, epochs: int, alpha: f
         if tol is not None:
             options["gtol"] = tol
         x0 = to_numpy(net.params).astype(np.float64)  # device → host, also kept to restore on divergence
-        result = minimize(loss_and_grad, x0, jac=True, method="L-BFGS-B",
-                          options=options, callback=iteration)
+        result = minimize(loss_and_grad, x0, jac=True, method="L-BFGS-B", options=options, callback=iteration)
     finally:
         if bar is not None:
             bar.close()
@@ -612,9 +685,23 @@ def _fit_lbfgs(net: Any, X: Any, T: Any, Xv: Any, Tv: Any, epochs: int, alpha: f
 # --- Levenberg–Marquardt -----------------------------------------------------------
 
 
-def _fit_lm(net: Any, X: Any, T: Any, s: Any, Xv: Any, Tv: Any, weights_val: Any, epochs: int,
-            early_stopping: bool, tol: float | None, n_iter_no_change: int, callbacks: tuple, progress: bool,
-            validation_score: Callable | None, options: dict) -> History:
+def _fit_lm(
+    net: Any,
+    X: Any,
+    T: Any,
+    s: Any,
+    Xv: Any,
+    Tv: Any,
+    weights_val: Any,
+    epochs: int,
+    early_stopping: bool,
+    tol: float | None,
+    n_iter_no_change: int,
+    callbacks: tuple,
+    progress: bool,
+    validation_score: Callable | None,
+    options: dict,
+) -> History:
     """Levenberg–Marquardt iterations (:class:`bpgpu.levenberg_marquardt.LevenbergMarquardt`), full
     batch, one "epoch" per iteration, with the stopping rules, validation and history of :func:`fit`.
 
@@ -628,8 +715,9 @@ def _fit_lm(net: Any, X: Any, T: Any, s: Any, Xv: Any, Tv: Any, weights_val: Any
     if unknown:
         raise TypeError(f"optimizer 'lm' does not take {', '.join(unknown)}; it takes {', '.join(sorted(allowed))}")
     solver = LevenbergMarquardt(net, X, T, s, **options)
-    monitor = _Monitor(net, Xv, Tv, early_stopping, tol, n_iter_no_change, validation_score,
-                       print if progress == "lines" else None)
+    monitor = _Monitor(
+        net, Xv, Tv, early_stopping, tol, n_iter_no_change, validation_score, print if progress == "lines" else None
+    )
 
     def one_iteration(epoch: int, history: History) -> tuple[float, float | None, Any, str | None]:
         result = solver.step()

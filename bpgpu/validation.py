@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import array_api_compat
 import numpy as np
@@ -75,8 +76,7 @@ def batch(x: Any, xp: Any, argument: str, width: int, layer: str, sizes: Sequenc
     finiteness."""
     if x.ndim != 2:
         raise ValueError(
-            f"{argument} must be 2-D (samples, features) for {layer} of MLP {list(sizes)}, "
-            f"got shape {tuple(x.shape)}"
+            f"{argument} must be 2-D (samples, features) for {layer} of MLP {list(sizes)}, got shape {tuple(x.shape)}"
         )
     rows, cols = x.shape
     if rows == 0:
@@ -90,7 +90,11 @@ def batch(x: Any, xp: Any, argument: str, width: int, layer: str, sizes: Sequenc
     if not bool(xp.all(xp.isfinite(values))):
         # the usual way a finite float64 input gets here: the cast to a float32 net
         overflow = _dtype_str(x.dtype) == "float32" and bool(xp.any(xp.isinf(values)))
-        hint = "; float32 holds at most 3.4e38 and larger values became Inf: dtype='float64' keeps them" if overflow else ""
+        hint = (
+            "; float32 holds at most 3.4e38 and larger values became Inf: dtype='float64' keeps them"
+            if overflow
+            else ""
+        )
         raise ValueError(f"{argument} contains NaN or Inf (shape {tuple(x.shape)}){hint}")
 
 
@@ -101,8 +105,9 @@ def sample_weight(s: Any, m: int) -> np.ndarray:
         s = s.get()  # device -> host, on purpose: the weights are split into batches on the host
     s = np.asarray(s, dtype=np.float64)
     if s.shape != (m,):
-        raise ValueError(f"sample_weight must have shape ({m},), one weight per row of X (X has {m} rows), "
-                         f"got shape {s.shape}")
+        raise ValueError(
+            f"sample_weight must have shape ({m},), one weight per row of X (X has {m} rows), got shape {s.shape}"
+        )
     if not np.all(np.isfinite(s)):
         raise ValueError("sample_weight contains NaN or Inf")
     if np.any(s < 0):

@@ -11,8 +11,8 @@ lands inside a fit even when the machine's load drops), and the runs: each refit
 same initial net while a thread sleeps a moment drawn uniformly from that window, from
 ``--seed``, and SIGKILLs a worker drawn from the same generator (its nanny restarts it).
 A run passes when the kill came before the fit ended and the fit completed with its
-final loss and parameters equal to the single-process ones to ``--rtol``. The last line is the time a fit loses to one killed
-worker (median of the runs' wall times minus the fault-free median).
+final loss and parameters equal to the single-process ones to ``--rtol``. The last line is
+the time a fit loses to one killed worker (median of the runs' wall times minus the fault-free median).
 
     PYTHONPATH=$PWD python scripts/dask_kill_runs.py --runs 20 --seed 0 \
         | tee benchmarks/results/<date>-dask-kill-runs/kill_runs.txt
@@ -46,8 +46,9 @@ def relative(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def make_net() -> bp.MLP:
-    return bp.MLP(SIZES, hidden="tanh", output="sigmoid", loss="binary_cross_entropy", dtype="float64",
-                  backend="numpy", seed=0)
+    return bp.MLP(
+        SIZES, hidden="tanh", output="sigmoid", loss="binary_cross_entropy", dtype="float64", backend="numpy", seed=0
+    )
 
 
 def scipy_lbfgs(X: np.ndarray, T: np.ndarray, max_iter: int) -> float:
@@ -57,8 +58,9 @@ def scipy_lbfgs(X: np.ndarray, T: np.ndarray, max_iter: int) -> float:
         net.set_params(w)
         return net.loss_and_gradient(X, T)
 
-    result = minimize(loss_and_gradient, net.params.copy(), jac=True, method="L-BFGS-B",
-                      options={"maxiter": max_iter, "gtol": 1e-6})
+    result = minimize(
+        loss_and_gradient, net.params.copy(), jac=True, method="L-BFGS-B", options={"maxiter": max_iter, "gtol": 1e-6}
+    )
     return float(result.fun)
 
 
@@ -90,8 +92,9 @@ def main() -> int:
         # a LocalCluster closes the nanny of a worker not back within lost-worker-timeout (15 s),
         # which a loaded machine can exceed; then the cluster would shrink run after run
         dask.config.set({"distributed.deploy.lost-worker-timeout": "1h"}),
-        distributed.LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True,
-                                 host="127.0.0.1", dashboard_address=None) as cluster,
+        distributed.LocalCluster(
+            n_workers=args.workers, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None
+        ) as cluster,
         distributed.Client(cluster) as client,
     ):
         Xd = da.random.default_rng(args.seed).standard_normal((args.rows, SIZES[0]), chunks=(args.chunk, -1))
@@ -101,22 +104,33 @@ def main() -> int:
         X, T = client.compute([Xd, Td], sync=True)
         J_scipy = scipy_lbfgs(X, T, args.max_iter)
         with dask.config.set(scheduler="sync"), threadpool_limits(1, user_api="blas"):
-            one_s, one, J_one = timed_fit(da.from_array(X, chunks=Xd.chunks), da.from_array(T, chunks=Td.chunks),
-                                          args.max_iter)
+            one_s, one, J_one = timed_fit(
+                da.from_array(X, chunks=Xd.chunks), da.from_array(T, chunks=Td.chunks), args.max_iter
+            )
         clean = [timed_fit(Xd, Td, args.max_iter) for _ in range(3)]
         clean_s = statistics.median(c[0] for c in clean)
         window = 0.75 * min(c[0] for c in clean)  # so that a kill lands inside a fit that runs fast
-        print(f"# bpgpu from {bp.__file__}; {args.workers} worker processes x 1 thread, X {args.rows} x {SIZES[0]} "
-              f"in chunks of {args.chunk}, MLP {SIZES} binary cross-entropy float64, "
-              f"fit(optimizer='lbfgs', max_iter={args.max_iter}), seed {args.seed}, "
-              f"load average {os.getloadavg()[0]:.2f}")
-        print(f"# single-process fit (sync scheduler) {one_s:.2f} s, loss {J_one!r}; scipy on net.loss_and_gradient: "
-              f"loss {J_scipy!r} (relative difference {abs(J_scipy - J_one) / J_one:.1e})")
-        print("# fault-free cluster fits: " + ", ".join(
-            f"{s_:.2f} s (loss diff {abs(J - J_one) / J_one:.1e}, params diff {relative(n.params, one.params):.1e})"
-            for s_, n, J in clean))
-        print("run  moment_s  killed_worker                during_fit  elapsed_s  lost_s  loss_rel_diff  "
-              "params_rel_diff  ok")
+        print(
+            f"# bpgpu from {bp.__file__}; {args.workers} worker processes x 1 thread, X {args.rows} x {SIZES[0]} "
+            f"in chunks of {args.chunk}, MLP {SIZES} binary cross-entropy float64, "
+            f"fit(optimizer='lbfgs', max_iter={args.max_iter}), seed {args.seed}, "
+            f"load average {os.getloadavg()[0]:.2f}"
+        )
+        print(
+            f"# single-process fit (sync scheduler) {one_s:.2f} s, loss {J_one!r}; scipy on net.loss_and_gradient: "
+            f"loss {J_scipy!r} (relative difference {abs(J_scipy - J_one) / J_one:.1e})"
+        )
+        print(
+            "# fault-free cluster fits: "
+            + ", ".join(
+                f"{s_:.2f} s (loss diff {abs(J - J_one) / J_one:.1e}, params diff {relative(n.params, one.params):.1e})"
+                for s_, n, J in clean
+            )
+        )
+        print(
+            "run  moment_s  killed_worker                during_fit  elapsed_s  lost_s  loss_rel_diff  "
+            "params_rel_diff  ok"
+        )
         passed, lost, inside = 0, [], 0
         for run in range(args.runs):
             client.wait_for_workers(args.workers, timeout=300)
@@ -144,14 +158,21 @@ def main() -> int:
             passed += ok
             if during:
                 lost.append(elapsed - clean_s)
-            print(f"{run:3d}  {moment:8.3f}  {victim:27s}  {'yes' if during else 'no':10s}  {elapsed:9.2f}  "
-                  f"{elapsed - clean_s:6.2f}  "
-                  f"{loss_diff:13.1e}  {params_diff:15.1e}  {'yes' if ok else 'NO ' + failure}", flush=True)
-        print(f"# {passed} of {args.runs} consecutive runs had the worker killed during the fit and completed with "
-              f"parity (loss and params to {args.rtol:g}); kills inside the fit: {inside}")
-        print(f"# time a fit loses to one killed worker: median {statistics.median(lost):.2f} s, "
-              f"max {max(lost):.2f} s (fault-free fit, median of 3: {clean_s:.2f} s; load average now "
-              f"{os.getloadavg()[0]:.2f})")
+            print(
+                f"{run:3d}  {moment:8.3f}  {victim:27s}  {'yes' if during else 'no':10s}  {elapsed:9.2f}  "
+                f"{elapsed - clean_s:6.2f}  "
+                f"{loss_diff:13.1e}  {params_diff:15.1e}  {'yes' if ok else 'NO ' + failure}",
+                flush=True,
+            )
+        print(
+            f"# {passed} of {args.runs} consecutive runs had the worker killed during the fit and completed with "
+            f"parity (loss and params to {args.rtol:g}); kills inside the fit: {inside}"
+        )
+        print(
+            f"# time a fit loses to one killed worker: median {statistics.median(lost):.2f} s, "
+            f"max {max(lost):.2f} s (fault-free fit, median of 3: {clean_s:.2f} s; load average now "
+            f"{os.getloadavg()[0]:.2f})"
+        )
     return 0 if passed == args.runs else 1
 
 

@@ -1,7 +1,6 @@
 import os
 
 import pytest
-
 from hypothesis import HealthCheck, settings
 
 # CI runs on 2 shared cores: no per-example deadline, a fixed number of examples.

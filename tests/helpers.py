@@ -7,9 +7,11 @@ from bpgpu.activations import HIDDEN, OUTPUT
 # Every (output activation, loss) pair the library accepts: squared error with
 # any output; the cross-entropies with the probabilistic outputs; poisson with its
 # canonical exp and with softplus (positive outputs: sigmoid/softmax are accepted too).
-OUTPUT_LOSS_PAIRS = [(g, "squared_error") for g in OUTPUT] + [
-    (g, loss) for g in ("sigmoid", "softmax") for loss in ("binary_cross_entropy", "cross_entropy")
-] + [(g, "poisson") for g in ("exp", "softplus")]
+OUTPUT_LOSS_PAIRS = (
+    [(g, "squared_error") for g in OUTPUT]
+    + [(g, loss) for g in ("sigmoid", "softmax") for loss in ("binary_cross_entropy", "cross_entropy")]
+    + [(g, "poisson") for g in ("exp", "softplus")]
+)
 
 
 def central_difference_gradient(net, X, T, h=1e-3):

@@ -1,7 +1,8 @@
-"""Every public function of bpgpu on any array-API namespace (the array-API promise of docs/guide/gpu.rst): array_api_strict
-(the standard and nothing more) and PyTorch tensors through array-api-compat, each held against
-the numpy backend as the oracle: the same seed, data and arithmetic in float64 give the same
-numbers, and results stay in the caller's namespace."""
+"""Every public function of bpgpu on any array-API namespace (the array-API promise of
+docs/guide/gpu.rst): array_api_strict (the standard and nothing more) and PyTorch tensors
+through array-api-compat, each held against the numpy backend as the oracle: the same seed,
+data and arithmetic in float64 give the same numbers, and results stay in the caller's
+namespace."""
 
 import array_api_strict
 import numpy as np
@@ -77,8 +78,11 @@ FITS = [
 ]
 
 
-@pytest.mark.parametrize("options", FITS, ids=lambda o: ",".join(f"{k}={v if k != 'sample_weight' else 'S'}"
-                                                                   for k, v in o.items()) or "full-batch")
+@pytest.mark.parametrize(
+    "options",
+    FITS,
+    ids=lambda o: ",".join(f"{k}={v if k != 'sample_weight' else 'S'}" for k, v in o.items()) or "full-batch",
+)
 @pytest.mark.parametrize("ns", NAMESPACES)
 def test_fit_matches_numpy(ns, options):
     ref, net = _nets(ns)
@@ -119,8 +123,9 @@ def test_derivatives_match_numpy(ns):
         _close(J, bp.jacobian(ref, X, method=method), rtol=1e-7, atol=1e-9)
     _close(bp.hvp(net, Xn, Tn, vn), bp.hvp(ref, X, T, v))
     for method in ("exact", "finite_difference", "outer_product"):
-        _close(bp.hessian(net, x4, t4, method=method), bp.hessian(ref, X[:4], T[:4], method=method),
-               rtol=1e-7, atol=1e-9)
+        _close(
+            bp.hessian(net, x4, t4, method=method), bp.hessian(ref, X[:4], T[:4], method=method), rtol=1e-7, atol=1e-9
+        )
     psg = bp.per_sample_gradients(net, Xn, Tn, sample_weight=S)
     _in(ns, psg)
     _close(psg, bp.per_sample_gradients(ref, X, T, sample_weight=S))

@@ -164,5 +164,7 @@ def test_a_range_not_measured_by_every_method_is_not_called_common():
     floors = dict.fromkeys(bench.METHODS, 1e-6)
     g = bench.fit_gradient_cost(points, floors)
     assert g["fit_range"] == [100, 200] and g["common_fit_points"] == 2
-    assert g["exponents"]["backprop"] == pytest.approx(1.0) and g["exponents"]["central_difference"] == pytest.approx(2.0)
+    assert g["exponents"]["backprop"] == pytest.approx(1.0) and g["exponents"]["central_difference"] == pytest.approx(
+        2.0
+    )
     assert [row["W"] for row in g["extrapolated"]] == [400, 800]

@@ -2,16 +2,25 @@
 
 import numpy as np
 import pytest
+from helpers import targets_for
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import bpgpu as bp
-from helpers import targets_for
 
 
 def make(sizes, output="identity", loss="squared_error", seed=0, m=6, hidden="tanh"):
-    net = bp.MLP(sizes, hidden=hidden, output=output, loss=loss, dtype="float64", backend="numpy",
-                 init="uniform", epsilon=1.0, seed=seed)
+    net = bp.MLP(
+        sizes,
+        hidden=hidden,
+        output=output,
+        loss=loss,
+        dtype="float64",
+        backend="numpy",
+        init="uniform",
+        epsilon=1.0,
+        seed=seed,
+    )
     rng = np.random.default_rng(seed + 1)
     return net, rng.normal(size=(m, sizes[0])), targets_for(loss, output, m, sizes[-1], rng)
 
@@ -21,11 +30,11 @@ def dense_spectrum(net, X, T):
     return np.linalg.eigvalsh(0.5 * (H + H.T)), H
 
 
-@pytest.mark.parametrize("output,loss", [("identity", "squared_error"), ("sigmoid", "binary_cross_entropy"),
-                                         ("softmax", "cross_entropy")])
+@pytest.mark.parametrize(
+    "output,loss", [("identity", "squared_error"), ("sigmoid", "binary_cross_entropy"), ("softmax", "cross_entropy")]
+)
 @settings(max_examples=6)
-@given(sizes=st.lists(st.integers(2, 4), min_size=3, max_size=4), seed=st.integers(0, 2**31 - 1),
-       k=st.integers(1, 3))
+@given(sizes=st.lists(st.integers(2, 4), min_size=3, max_size=4), seed=st.integers(0, 2**31 - 1), k=st.integers(1, 3))
 def test_extreme_eigenvalues_match_eigvalsh(output, loss, sizes, seed, k):
     net, X, T = make(sizes, output, loss, seed)
     lam, _ = dense_spectrum(net, X, T)

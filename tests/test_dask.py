@@ -17,8 +17,8 @@ import bpgpu.dask as bd
 from bpgpu.backend import of_array
 
 distributed = pytest.importorskip("distributed")
-from dask.utils import key_split
-from distributed.diagnostics.plugin import SchedulerPlugin
+from dask.utils import key_split  # noqa: E402 - after the importorskip of distributed
+from distributed.diagnostics.plugin import SchedulerPlugin  # noqa: E402
 
 M, ROWS = 600, 97  # an uneven last chunk on purpose
 LOCAL = ["sync", "threads"]
@@ -31,8 +31,17 @@ def relative(a, b):
 
 def make(output="identity", loss="squared_error", reduction="mean", dtype="float64", sizes=(4, 6, 3), seed=0):
     rng = np.random.default_rng(seed)
-    net = bp.MLP(list(sizes), hidden="tanh", output=output, loss=loss, reduction=reduction,
-                 dtype=dtype, backend="numpy", epsilon=0.5, seed=seed)
+    net = bp.MLP(
+        list(sizes),
+        hidden="tanh",
+        output=output,
+        loss=loss,
+        reduction=reduction,
+        dtype=dtype,
+        backend="numpy",
+        epsilon=0.5,
+        seed=seed,
+    )
     X = rng.normal(size=(M, sizes[0]))
     if loss == "squared_error":
         T = rng.normal(size=(M, sizes[-1]))
@@ -50,8 +59,9 @@ def chunked(*arrays, rows=ROWS):
 
 @pytest.mark.parametrize("scheduler", LOCAL)
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-@pytest.mark.parametrize("output,loss", [("identity", "squared_error"), ("softmax", "cross_entropy"),
-                                         ("sigmoid", "binary_cross_entropy")])
+@pytest.mark.parametrize(
+    "output,loss", [("identity", "squared_error"), ("softmax", "cross_entropy"), ("sigmoid", "binary_cross_entropy")]
+)
 def test_loss_and_gradient_equal_single_process(scheduler, reduction, output, loss):
     net, X, T = make(output, loss, reduction)
     J, g = net.loss_and_gradient(X, T)
@@ -184,8 +194,9 @@ def test_minibatch_sgd_equals_one_process(update, options, reduction):
     one_process_sgd(reference, X, T, 2, 64, 7, (ROWS,) * 6 + (18,), update, lr, **options)
     Xd, Td = chunked(X, T)
     with dask.config.set(scheduler="threads"):
-        history = bd.fit(net, Xd, Td, "sgd", max_iter=2, batch_size=64, seed=7, update=update,
-                         learning_rate=lr, **options)
+        history = bd.fit(
+            net, Xd, Td, "sgd", max_iter=2, batch_size=64, seed=7, update=update, learning_rate=lr, **options
+        )
     assert history.epochs == 2 and history.loss[1] < history.loss[0] and history.stop_reason == "max_iter"
     assert relative(net.params, reference.params) <= 1e-10
 
@@ -250,8 +261,9 @@ def test_lbfgs_equals_scipy_on_one_process():
         reference.set_params(w)
         return reference.loss_and_gradient(X, T)
 
-    result = minimize(loss_and_gradient, reference.params.copy(), jac=True, method="L-BFGS-B",
-                      options={"maxiter": 15, "gtol": 1e-6})
+    result = minimize(
+        loss_and_gradient, reference.params.copy(), jac=True, method="L-BFGS-B", options={"maxiter": 15, "gtol": 1e-6}
+    )
     Xd, Td = chunked(X, T)
     with dask.config.set(scheduler="threads"):
         history = bd.fit(net, Xd, Td, "lbfgs", max_iter=15)
@@ -272,9 +284,14 @@ def test_lbfgs_stopped_by_a_failed_evaluation_keeps_its_last_completed_iteration
         return computed(summed, timeout)
 
     monkeypatch.setattr(bd, "_computed", fails_on_the_eighth)
-    with dask.config.set(scheduler="sync"), pytest.raises(
-            bd.EvaluationError, match=r"timeout: bpgpu.dask.fit\(optimizer='lbfgs'\) stopped: .*the result of the "
-                                      r"(\d+) complete update\(s\) before it \(timeout: injected\)") as failure:
+    with (
+        dask.config.set(scheduler="sync"),
+        pytest.raises(
+            bd.EvaluationError,
+            match=r"timeout: bpgpu.dask.fit\(optimizer='lbfgs'\) stopped: .*the result of the "
+            r"(\d+) complete update\(s\) before it \(timeout: injected\)",
+        ) as failure,
+    ):
         bd.fit(net, Xd, Td, "lbfgs", max_iter=50, timeout=9.0)
     assert failure.value.reason == "timeout" and set(calls) == {9.0}
     done = int(re.search(r"the result of the (\d+) complete", str(failure.value)).group(1))
@@ -306,10 +323,12 @@ def client():
     # a LocalCluster closes the nanny of a worker that has not come back within lost-worker-timeout
     # (15 s); a loaded machine restarting workers killed one after another can take longer
     # forkserver: a restarted worker forks from a process that has imported distributed already
-    with dask.config.set({"distributed.deploy.lost-worker-timeout": "1h",
-                          "distributed.worker.multiprocessing-method": "forkserver"}):
-        cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
-                                           dashboard_address=None)
+    with dask.config.set(
+        {"distributed.deploy.lost-worker-timeout": "1h", "distributed.worker.multiprocessing-method": "forkserver"}
+    ):
+        cluster = distributed.LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None
+        )
         with cluster, distributed.Client(cluster) as client:
             yield client
 
@@ -464,12 +483,19 @@ def test_scattered_data_lost_with_its_worker_raises_data_lost_and_params_hold_co
     client.wait_for_workers(2, timeout=120)
     rows = [slice(start, start + 100) for start in range(0, M, 100)]
     # round-robin over both workers: either one's death loses rows that have no graph to be rebuilt from
-    Xd, Td = (da.concatenate([da.from_delayed(f, (100, a.shape[1]), a.dtype)
-                              for f in client.scatter([a[r] for r in rows])]) for a in (X, T))
-    with fault(client, "parameters broadcast", evaluation=3), pytest.raises(
-        bd.EvaluationError, match=r"data lost: bpgpu.dask.fit\(optimizer='gd'\) stopped: a Dask computation failed; "
-                                  r"net.params are the result of the \d+ complete update\(s\) before it \(data lost: "
-                                  r"a chunk of X or T held only as scattered data") as failure:
+    Xd, Td = (
+        da.concatenate([da.from_delayed(f, (100, a.shape[1]), a.dtype) for f in client.scatter([a[r] for r in rows])])
+        for a in (X, T)
+    )
+    with (
+        fault(client, "parameters broadcast", evaluation=3),
+        pytest.raises(
+            bd.EvaluationError,
+            match=r"data lost: bpgpu.dask.fit\(optimizer='gd'\) stopped: a Dask computation failed; "
+            r"net.params are the result of the \d+ complete update\(s\) before it \(data lost: "
+            r"a chunk of X or T held only as scattered data",
+        ) as failure,
+    ):
         bd.fit(net, Xd, Td, "gd", max_iter=30, learning_rate=0.5, timeout=BOUND)
     assert failure.value.reason == "data lost"
     assert assert_params_hold_complete_updates(failure, net, iterates) >= 2  # evaluations 1 and 2 completed
@@ -482,9 +508,14 @@ def test_worker_killed_without_retries_raises_retries_exhausted_and_params_hold_
     allowed = client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.allowed_failures)
     client.run_on_scheduler(lambda dask_scheduler: setattr(dask_scheduler, "allowed_failures", 0))
     try:
-        with fault(client, "chunk sent", evaluation=3, skip=1), pytest.raises(
-            bd.EvaluationError, match=r"retries exhausted: bpgpu.dask.fit\(optimizer='gd'\) stopped: .*Dask gave up "
-                                      r"on a task \(KilledWorker: ") as failure:
+        with (
+            fault(client, "chunk sent", evaluation=3, skip=1),
+            pytest.raises(
+                bd.EvaluationError,
+                match=r"retries exhausted: bpgpu.dask.fit\(optimizer='gd'\) stopped: .*Dask gave up "
+                r"on a task \(KilledWorker: ",
+            ) as failure,
+        ):
             bd.fit(net, Xd, Td, "gd", max_iter=30, learning_rate=0.5, timeout=BOUND)
     finally:
         client.run_on_scheduler(lambda dask_scheduler: setattr(dask_scheduler, "allowed_failures", allowed))
@@ -501,8 +532,11 @@ def test_worker_stalled_past_the_timeout_raises_timeout_and_params_hold_complete
     Xd, Td = chunked(X, T)
     with fault(client, "chunk sent", evaluation=1 + 3, sig=signal.SIGSTOP):  # the fit's third
         bd.loss(net, Xd, Td, timeout=BOUND)  # both workers past their first task (imports) before the clock counts
-        with pytest.raises(bd.EvaluationError, match=r"timeout: bpgpu.dask.fit\(optimizer='gd'\) stopped: .*the "
-                                                     r"evaluation did not finish within timeout=4 s") as failure:
+        with pytest.raises(
+            bd.EvaluationError,
+            match=r"timeout: bpgpu.dask.fit\(optimizer='gd'\) stopped: .*the "
+            r"evaluation did not finish within timeout=4 s",
+        ) as failure:
             bd.fit(net, Xd, Td, "gd", max_iter=30, learning_rate=0.5, timeout=4)
     assert failure.value.reason == "timeout"
     assert_params_hold_complete_updates(failure, net, iterates)

@@ -3,25 +3,38 @@
 import array_api_strict
 import numpy as np
 import pytest
+from helpers import HIDDEN, OUTPUT, OUTPUT_LOSS_PAIRS, targets_for
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import bpgpu as bp
 from bpgpu import engine
 from bpgpu.kernels import compiled, jit
-from helpers import HIDDEN, OUTPUT, OUTPUT_LOSS_PAIRS, targets_for
 
 KINKED = ("relu", "leaky_relu")
-CANONICAL = [("identity", "squared_error"), ("sigmoid", "binary_cross_entropy"), ("softmax", "cross_entropy"),
-             ("exp", "poisson")]
+CANONICAL = [
+    ("identity", "squared_error"),
+    ("sigmoid", "binary_cross_entropy"),
+    ("softmax", "cross_entropy"),
+    ("exp", "poisson"),
+]
 
 
 def make(sizes, hidden="tanh", output="identity", loss="squared_error", reduction="mean", seed=0, m=5, **kw):
     if output == "softmax" and sizes[-1] == 1:
         sizes = list(sizes[:-1]) + [2]  # softmax over one unit is rejected (it is constant)
     kw = {"dtype": "float64", "backend": "numpy", **kw}
-    net = bp.MLP(sizes, hidden=hidden, output=output, loss=loss, reduction=reduction,
-                 init="uniform", epsilon=1.0, seed=seed, **kw)
+    net = bp.MLP(
+        sizes,
+        hidden=hidden,
+        output=output,
+        loss=loss,
+        reduction=reduction,
+        init="uniform",
+        epsilon=1.0,
+        seed=seed,
+        **kw,
+    )
     rng = np.random.default_rng(seed + 1)
     X = rng.normal(size=(m, sizes[0]))
     return net, X, targets_for(loss, output, m, sizes[-1], rng)
@@ -29,10 +42,18 @@ def make(sizes, hidden="tanh", output="identity", loss="squared_error", reductio
 
 def kink_margin(net, X):
     """min |z| over the units with a kinked activation, by an independent numpy forward pass."""
-    g = {"identity": lambda z: z, "sigmoid": lambda z: 1 / (1 + np.exp(-z)), "tanh": np.tanh,
-         "relu": lambda z: np.maximum(z, 0), "leaky_relu": lambda z: np.where(z > 0, z, 0.01 * z),
-         "softplus": lambda z: np.logaddexp(z, 0), "exp": np.exp,
-         "softmax": lambda z: np.exp(z - z.max(1, keepdims=True)) / np.exp(z - z.max(1, keepdims=True)).sum(1, keepdims=True)}
+    g = {
+        "identity": lambda z: z,
+        "sigmoid": lambda z: 1 / (1 + np.exp(-z)),
+        "tanh": np.tanh,
+        "relu": lambda z: np.maximum(z, 0),
+        "leaky_relu": lambda z: np.where(z > 0, z, 0.01 * z),
+        "softplus": lambda z: np.logaddexp(z, 0),
+        "exp": np.exp,
+        "softmax": lambda z: (
+            np.exp(z - z.max(1, keepdims=True)) / np.exp(z - z.max(1, keepdims=True)).sum(1, keepdims=True)
+        ),
+    }
     a, margin = np.asarray(X, dtype=np.float64), np.inf
     for l, act in enumerate(net.activations, start=1):
         theta = np.asarray(net.theta(l), dtype=np.float64)
@@ -126,8 +147,12 @@ def test_outer_product_is_exact_without_hidden_layer_for_canonical_pairs(output,
 
 
 ZERO_RESIDUAL = [(g, "squared_error") for g in OUTPUT] + [
-    ("sigmoid", "binary_cross_entropy"), ("softmax", "binary_cross_entropy"), ("softmax", "cross_entropy"),
-    ("exp", "poisson"), ("softplus", "poisson")]
+    ("sigmoid", "binary_cross_entropy"),
+    ("softmax", "binary_cross_entropy"),
+    ("softmax", "cross_entropy"),
+    ("exp", "poisson"),
+    ("softplus", "poisson"),
+]
 
 
 @pytest.mark.parametrize("hidden", ["tanh", "softplus", "identity"])
@@ -306,9 +331,14 @@ def test_check_gradient_names_the_worst_parameter_in_theta_coordinates(monkeypat
 # --- array_api_strict and bad input -------------------------------------------------
 
 
-@pytest.mark.parametrize("hidden,output,loss", [("tanh", "softmax", "cross_entropy"),
-                                                ("softplus", "sigmoid", "binary_cross_entropy"),
-                                                ("sigmoid", "softmax", "squared_error")])
+@pytest.mark.parametrize(
+    "hidden,output,loss",
+    [
+        ("tanh", "softmax", "cross_entropy"),
+        ("softplus", "sigmoid", "binary_cross_entropy"),
+        ("sigmoid", "softmax", "squared_error"),
+    ],
+)
 def test_array_api_strict_matches_numpy(hidden, output, loss):
     ref, X, T = make([3, 4, 3], hidden, output, loss, seed=17)
     strict, _, _ = make([3, 4, 3], hidden, output, loss, seed=17, backend=array_api_strict)
@@ -339,7 +369,9 @@ def test_bad_input_is_named():
         bp.numerical_gradient(net, X, T, method="backward")
     with pytest.raises(ValueError, match=r"eps must be a float in \(0, 1\)"):
         bp.numerical_gradient(net, X, T, eps=0.0)
-    with pytest.raises(ValueError, match=rf"v must be a flat vector of length n_params={net.n_params}.*got shape \(3,\)"):
+    with pytest.raises(
+        ValueError, match=rf"v must be a flat vector of length n_params={net.n_params}.*got shape \(3,\)"
+    ):
         bp.hvp(net, X, T, np.ones(3))
     with pytest.raises(ValueError, match=r"v contains NaN"):
         bp.hvp(net, X, T, np.full(net.n_params, np.nan))
@@ -357,8 +389,11 @@ def test_cupy_matches_numpy():
     ref, X, T = make([3, 4, 3], "tanh", "softmax", "cross_entropy", seed=19)
     gpu, _, _ = make([3, 4, 3], "tanh", "softmax", "cross_entropy", seed=19, backend="cupy")
     v = np.random.default_rng(2).normal(size=ref.n_params)
-    for got, want in [(bp.hvp(gpu, X, T, v), bp.hvp(ref, X, T, v)), (bp.jacobian(gpu, X), bp.jacobian(ref, X)),
-                      (bp.hessian(gpu, X, T), bp.hessian(ref, X, T)),
-                      (bp.hessian(gpu, X, T, method="outer_product"), bp.hessian(ref, X, T, method="outer_product"))]:
+    for got, want in [
+        (bp.hvp(gpu, X, T, v), bp.hvp(ref, X, T, v)),
+        (bp.jacobian(gpu, X), bp.jacobian(ref, X)),
+        (bp.hessian(gpu, X, T), bp.hessian(ref, X, T)),
+        (bp.hessian(gpu, X, T, method="outer_product"), bp.hessian(ref, X, T, method="outer_product")),
+    ]:
         np.testing.assert_allclose(bp.to_numpy(got), want, rtol=1e-10, atol=1e-13)
     assert bp.check_gradient(gpu, X, T).passed

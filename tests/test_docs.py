@@ -12,7 +12,7 @@ API = (ROOT / "docs" / "api.rst").read_text()
 
 def _listed(module_heading: str | None = None) -> set[str]:
     """Names in the autosummary blocks of docs/api.rst (those after ``module_heading`` only)."""
-    text = API if module_heading is None else API[API.index(module_heading):]
+    text = API if module_heading is None else API[API.index(module_heading) :]
     return set(re.findall(r"^   ([A-Za-z_][A-Za-z_0-9]*)$", text, re.M))
 
 
@@ -25,8 +25,11 @@ def test_api_reference_lists_every_public_name():
 def test_api_reference_lists_the_dask_functions():
     import bpgpu.dask as bd
 
-    public = {name for name, obj in vars(bd).items()
-              if callable(obj) and not name.startswith("_") and getattr(obj, "__module__", "") == "bpgpu.dask"}
+    public = {
+        name
+        for name, obj in vars(bd).items()
+        if callable(obj) and not name.startswith("_") and getattr(obj, "__module__", "") == "bpgpu.dask"
+    }
     assert public <= _listed("Dask: ``bpgpu.dask``"), sorted(public - _listed("Dask: ``bpgpu.dask``"))
 
 

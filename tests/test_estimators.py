@@ -45,8 +45,7 @@ def test_integer_sample_weights_equal_repeated_samples_in_float64(Estimator, sol
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        check_sample_weight_equivalence_on_dense_data(
-            Estimator.__name__, Estimator(**SMALL, solver=solver))
+        check_sample_weight_equivalence_on_dense_data(Estimator.__name__, Estimator(**SMALL, solver=solver))
 
 
 # --- exact agreement with scikit-learn where nothing random differs ------------
@@ -56,8 +55,9 @@ def test_integer_sample_weights_equal_repeated_samples_in_float64(Estimator, sol
 
 
 def _blobs(n_classes, n=120, seed=0):
-    X, y = make_classification(n_samples=n, n_features=6, n_informative=4, n_classes=n_classes,
-                               n_clusters_per_class=1, random_state=seed)
+    X, y = make_classification(
+        n_samples=n, n_features=6, n_informative=4, n_classes=n_classes, n_clusters_per_class=1, random_state=seed
+    )
     return X, y
 
 
@@ -75,12 +75,15 @@ def _assert_same_model(ours, theirs, rtol=1e-9):
 EXACT = dict(hidden_layer_sizes=(7, 5), random_state=3, shuffle=False, max_iter=6, alpha=1e-2, batch_size=32)
 
 
-@pytest.mark.parametrize("solver, options", [
-    ("adam", {}),
-    ("sgd", dict(learning_rate_init=0.05, momentum=0.0)),
-    ("sgd", dict(learning_rate_init=0.05, momentum=0.9, nesterovs_momentum=False)),
-    ("sgd", dict(learning_rate_init=0.05, momentum=0.9, learning_rate="invscaling")),
-])
+@pytest.mark.parametrize(
+    "solver, options",
+    [
+        ("adam", {}),
+        ("sgd", dict(learning_rate_init=0.05, momentum=0.0)),
+        ("sgd", dict(learning_rate_init=0.05, momentum=0.9, nesterovs_momentum=False)),
+        ("sgd", dict(learning_rate_init=0.05, momentum=0.9, learning_rate="invscaling")),
+    ],
+)
 @pytest.mark.parametrize("n_classes, activation", [(2, "logistic"), (3, "relu"), (4, "tanh")])
 def test_classifier_reproduces_sklearn_exactly(solver, options, n_classes, activation):
     X, y = _blobs(n_classes)
@@ -147,8 +150,14 @@ def test_early_stopping_and_lbfgs_follow_sklearn():
     X, y = load_digits(return_X_y=True)
     X = X[:600] / 16.0
     y = y[:600]
-    params = dict(hidden_layer_sizes=(16,), random_state=0, early_stopping=True, max_iter=60,
-                  n_iter_no_change=3, learning_rate_init=0.01)
+    params = dict(
+        hidden_layer_sizes=(16,),
+        random_state=0,
+        early_stopping=True,
+        max_iter=60,
+        n_iter_no_change=3,
+        learning_rate_init=0.01,
+    )
     ours = bp.MLPClassifier(**params, device="cpu").fit(X, y)
     theirs = sk.MLPClassifier(**params).fit(X, y)
     assert ours.best_loss_ is None and len(ours.validation_scores_) == ours.n_iter_
@@ -188,8 +197,7 @@ def test_accuracy_comparable_to_sklearn_on_digits():
 
 def test_r2_comparable_to_sklearn():
     X, y = make_regression(n_samples=400, n_features=8, n_informative=6, noise=5.0, random_state=1)
-    X_train, X_test, y_train, y_test = train_test_split(StandardScaler().fit_transform(X), y / y.std(),
-                                                        random_state=0)
+    X_train, X_test, y_train, y_test = train_test_split(StandardScaler().fit_transform(X), y / y.std(), random_state=0)
     params = dict(hidden_layer_sizes=(32,), max_iter=150, learning_rate_init=1e-2, random_state=0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
@@ -258,8 +266,9 @@ def test_save_load_round_trip(tmp_path):
 
     # multilabel targets, early stopping (best_loss_ None), float64: all survive the file
     Y = np.column_stack([X[:, 0] > 0, X[:, 1] > 0]).astype(int)
-    multi = bp.MLPClassifier(hidden_layer_sizes=(4,), max_iter=20, early_stopping=True, random_state=0,
-                             dtype="float64", device="cpu").fit(X, Y)
+    multi = bp.MLPClassifier(
+        hidden_layer_sizes=(4,), max_iter=20, early_stopping=True, random_state=0, dtype="float64", device="cpu"
+    ).fit(X, Y)
     bp.save(multi, tmp_path / "multi.npz")
     twin = bp.load(tmp_path / "multi.npz", backend="numpy")
     np.testing.assert_array_equal(twin.predict(X), multi.predict(X))

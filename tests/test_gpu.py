@@ -8,11 +8,11 @@ first tests check the CUDA kernel table itself and need no device.
 
 import numpy as np
 import pytest
+from helpers import HIDDEN, OUTPUT_LOSS_PAIRS, targets_for
 
 import bpgpu as bp
-from bpgpu.testing import cases
 from bpgpu.kernels import ACTIVATIONS, LOSSES
-from helpers import HIDDEN, OUTPUT_LOSS_PAIRS, targets_for
+from bpgpu.testing import cases
 
 STATUS = bp.gpu_status()
 
@@ -99,11 +99,24 @@ def test_network_and_fit_driven_by_the_cuda_table_match_numpy_on_the_cpu(monkeyp
         X = rng.uniform(-2, 2, size=(8, 2))
         T = np.sin(X[:, :1]) * np.cos(X[:, 1:])
         for optimizer, batch_size, alpha in [("sgd", 1, 0.0), ("adam", 4, 1e-3), ("nesterov", 4, 0.0)]:
-            nets = [bp.MLP([2, 5, 1], hidden="tanh", output="identity", dtype="float64", backend=b,
-                           init="glorot", seed=2) for b in ("numpy", simulated)]
+            nets = [
+                bp.MLP([2, 5, 1], hidden="tanh", output="identity", dtype="float64", backend=b, init="glorot", seed=2)
+                for b in ("numpy", simulated)
+            ]
             for net in nets:
-                bp.fit(net, X, T, optimizer=optimizer, learning_rate=0.05, epochs=2, batch_size=batch_size,
-                       seed=1, alpha=alpha, progress=False, tol=None)
+                bp.fit(
+                    net,
+                    X,
+                    T,
+                    optimizer=optimizer,
+                    learning_rate=0.05,
+                    epochs=2,
+                    batch_size=batch_size,
+                    seed=1,
+                    alpha=alpha,
+                    progress=False,
+                    tol=None,
+                )
             np.testing.assert_allclose(nets[1].params, nets[0].params, rtol=1e-12, atol=1e-14, err_msg=optimizer)
 
     session = runner.HostSession()
@@ -151,8 +164,11 @@ def test_op_matches_its_numpy_twin_on_device_arrays(case):
         close(device[i], reference[i], f"argument {case.signature()[i].name}")
 
 
-NAN_OPS = [f"{g}_fwd" for g in ACTIVATIONS] + [f"{j}_fwd" for j in LOSSES] + [
-    "sigmoid_binary_cross_entropy_fwd", "softmax_cross_entropy_fwd", "canonical_value_and_delta/cross_entropy"]
+NAN_OPS = (
+    [f"{g}_fwd" for g in ACTIVATIONS]
+    + [f"{j}_fwd" for j in LOSSES]
+    + ["sigmoid_binary_cross_entropy_fwd", "softmax_cross_entropy_fwd", "canonical_value_and_delta/cross_entropy"]
+)
 
 
 @gpu
@@ -238,11 +254,24 @@ def test_cupy_training_matches_numpy(optimizer, batch_size):
     X = rng.uniform(-2, 2, size=(18, 2))
     T = np.sin(X[:, :1]) * np.cos(X[:, 1:])
     alpha = 0.0 if batch_size == 1 else 1e-3
-    nets = [bp.MLP([2, 8, 1], hidden="tanh", output="identity", dtype="float64", backend=b, init="glorot", seed=2)
-            for b in ("numpy", "cupy")]
+    nets = [
+        bp.MLP([2, 8, 1], hidden="tanh", output="identity", dtype="float64", backend=b, init="glorot", seed=2)
+        for b in ("numpy", "cupy")
+    ]
     for net in nets:
-        bp.fit(net, X, T, optimizer=optimizer, learning_rate=0.05, epochs=3, batch_size=batch_size, seed=1,
-               alpha=alpha, progress=False, tol=None)
+        bp.fit(
+            net,
+            X,
+            T,
+            optimizer=optimizer,
+            learning_rate=0.05,
+            epochs=3,
+            batch_size=batch_size,
+            seed=1,
+            alpha=alpha,
+            progress=False,
+            tol=None,
+        )
     np.testing.assert_allclose(bp.to_numpy(nets[1].params), nets[0].params, rtol=1e-10, atol=1e-12)
 
 
@@ -260,8 +289,19 @@ def test_weighted_loss_gradient_and_fit_on_cupy_match_numpy(output, loss):
     assert J == pytest.approx(J_ref, rel=1e-12)
     np.testing.assert_allclose(g.get(), g_ref, rtol=1e-10, atol=1e-13)
     for net in (ref, gpu):
-        bp.fit(net, X, T, sample_weight=s, optimizer="adam", learning_rate=0.01, batch_size=5, epochs=3, seed=1,
-               progress=False, tol=None)
+        bp.fit(
+            net,
+            X,
+            T,
+            sample_weight=s,
+            optimizer="adam",
+            learning_rate=0.01,
+            batch_size=5,
+            epochs=3,
+            seed=1,
+            progress=False,
+            tol=None,
+        )
     np.testing.assert_allclose(bp.to_numpy(gpu.params), ref.params, rtol=1e-10, atol=1e-12)
 
 
@@ -306,5 +346,3 @@ def test_gemms_of_a_training_step_write_into_their_buffers_without_copies():
         cupy.cuda.set_allocator(pool.malloc)
     expected = bp.to_numpy(ws.D[2]) @ bp.to_numpy(net.layout.wt(net.params, 2)).T
     np.testing.assert_allclose(ws.D[1].get(), expected, rtol=1e-5, atol=1e-5)
-
-

@@ -2,11 +2,11 @@
 
 import numpy as np
 import pytest
+from helpers import HIDDEN, OUTPUT_LOSS_PAIRS, central_difference_gradient, targets_for
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
 import bpgpu as bp
-from helpers import HIDDEN, OUTPUT_LOSS_PAIRS, central_difference_gradient, targets_for
 
 
 def max_relative_error(g, n, J):
@@ -23,10 +23,18 @@ KINKED = ("relu", "leaky_relu")  # a difference step must not cross the kink at 
 
 def kink_margin(net, X):
     """min |z| over the units with a kinked activation, by an independent forward pass."""
-    g = {"identity": lambda z: z, "sigmoid": lambda z: 1 / (1 + np.exp(-z)), "tanh": np.tanh,
-         "relu": lambda z: np.maximum(z, 0), "leaky_relu": lambda z: np.where(z > 0, z, 0.01 * z),
-         "softplus": lambda z: np.logaddexp(z, 0), "exp": np.exp,
-         "softmax": lambda z: np.exp(z - z.max(1, keepdims=True)) / np.exp(z - z.max(1, keepdims=True)).sum(1, keepdims=True)}
+    g = {
+        "identity": lambda z: z,
+        "sigmoid": lambda z: 1 / (1 + np.exp(-z)),
+        "tanh": np.tanh,
+        "relu": lambda z: np.maximum(z, 0),
+        "leaky_relu": lambda z: np.where(z > 0, z, 0.01 * z),
+        "softplus": lambda z: np.logaddexp(z, 0),
+        "exp": np.exp,
+        "softmax": lambda z: (
+            np.exp(z - z.max(1, keepdims=True)) / np.exp(z - z.max(1, keepdims=True)).sum(1, keepdims=True)
+        ),
+    }
     a, margin = X, np.inf
     for l, act in enumerate(net.activations, start=1):
         theta = net.theta(l)
@@ -53,8 +61,18 @@ def test_backprop_matches_central_differences(hidden, output, loss, arch):
     if output == "softmax" and sizes[-1] == 1:
         sizes = sizes[:-1] + [2]  # softmax over one unit is rejected (it is constant)
     rng = np.random.default_rng(seed)
-    net = bp.MLP(sizes, hidden=hidden, output=output, loss=loss, reduction=reduction,
-                 dtype="float64", backend="numpy", init="uniform", epsilon=1.0, seed=seed)
+    net = bp.MLP(
+        sizes,
+        hidden=hidden,
+        output=output,
+        loss=loss,
+        reduction=reduction,
+        dtype="float64",
+        backend="numpy",
+        init="uniform",
+        epsilon=1.0,
+        seed=seed,
+    )
     X = rng.normal(size=(m, sizes[0]))
     T = targets_for(loss, output, m, sizes[-1], rng)
     J, g = net.loss_and_gradient(X, T)

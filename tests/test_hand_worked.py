@@ -1,4 +1,5 @@
-"""A 2-2-1 sigmoid network worked by hand (scalar arithmetic, the equations of docs/guide/feedforward.rst and backprop.rst).
+"""A 2-2-1 sigmoid network worked by hand (scalar arithmetic, the equations of
+docs/guide/feedforward.rst and backprop.rst).
 
 x = (0.05, 0.10), t = 0.01, squared error ½(a − t)², reduction "sum" (m = 1).
 Θ(1) = [[0.35, 0.15, 0.20], [0.35, 0.25, 0.30]], Θ(2) = [[0.60, 0.40, 0.45]] (column 0: bias).
@@ -22,14 +23,23 @@ J = 0.274811083176155  # ½(0.75136507 − 0.01)²
 D2 = 0.13849856162855695  # (a − t)·a(1 − a)
 D1 = [0.013367920422887458, 0.014996075488896851]  # θ(2)_j·δ(2)·a_j(1 − a_j)
 G2 = [[0.13849856162855695, 0.08216704056423077, 0.08266762784753325]]  # δ(2)·(1, a(1))
-G1 = [[0.013367920422887458, 0.000668396021144373, 0.001336792042288746],
-      [0.014996075488896851, 0.0007498037744448426, 0.0014996075488896852]]
+G1 = [
+    [0.013367920422887458, 0.000668396021144373, 0.001336792042288746],
+    [0.014996075488896851, 0.0007498037744448426, 0.0014996075488896852],
+]
 
 
 @pytest.fixture
 def net():
-    net = bp.MLP([2, 2, 1], hidden="sigmoid", output="sigmoid", loss="squared_error",
-                 reduction="sum", dtype="float64", backend="numpy")
+    net = bp.MLP(
+        [2, 2, 1],
+        hidden="sigmoid",
+        output="sigmoid",
+        loss="squared_error",
+        reduction="sum",
+        dtype="float64",
+        backend="numpy",
+    )
     net.theta(1)[...] = [[0.35, 0.15, 0.20], [0.35, 0.25, 0.30]]
     net.theta(2)[...] = [[0.60, 0.40, 0.45]]
     return net

@@ -13,8 +13,16 @@ from bpgpu import io as bpio
 
 
 def small_net(dtype="float32", backend="numpy"):
-    return bp.MLP([3, 5, 2], hidden="tanh", output="softmax", loss="cross_entropy", dtype=dtype,
-                  backend=backend, init="glorot", seed=4)
+    return bp.MLP(
+        [3, 5, 2],
+        hidden="tanh",
+        output="softmax",
+        loss="cross_entropy",
+        dtype=dtype,
+        backend=backend,
+        init="glorot",
+        seed=4,
+    )
 
 
 def write_raw(path, metadata, **arrays):

@@ -26,9 +26,11 @@ pytest.importorskip("numba", reason="numba is not installed (pip install 'bpgpu[
 
 TOL = {"float64": 1e-12, "float32": 1e-5}
 ARRAY_ARGUMENTS = 7  # X, T, w, grad, work, plan, velocity
-PAIRS = [(g, "squared_error") for g in activations.OUTPUT] + [
-    (g, loss) for g in ("sigmoid", "softmax") for loss in ("binary_cross_entropy", "cross_entropy")
-] + [(g, "poisson") for g in ("exp", "softplus")]
+PAIRS = (
+    [(g, "squared_error") for g in activations.OUTPUT]
+    + [(g, loss) for g in ("sigmoid", "softmax") for loss in ("binary_cross_entropy", "cross_entropy")]
+    + [(g, "poisson") for g in ("exp", "softplus")]
+)
 
 
 def reference_step(net, X, T, optimizer):
@@ -94,8 +96,9 @@ def test_sgd_step_matches_numpy_path(hidden, output, loss, dtype):
     depth = int(rng.integers(1, 4))
     sizes = [int(n) for n in rng.integers(2, 9, size=depth + 1)] + [int(rng.integers(2, 6))]
     m = int(rng.integers(1, 8))
-    ref, ref_opt, net, opt = twins(sizes, dtype, lambda n: optim.SGD(n, learning_rate=0.3),
-                                   hidden=hidden, output=output, loss=loss)
+    ref, ref_opt, net, opt = twins(
+        sizes, dtype, lambda n: optim.SGD(n, learning_rate=0.3), hidden=hidden, output=output, loss=loss
+    )
     X, T = problem(rng, sizes, output, dtype, m, loss=loss)
     step = jit.compiled_train_step(net, opt)
     assert step is not None
@@ -103,21 +106,31 @@ def test_sgd_step_matches_numpy_path(hidden, output, loss, dtype):
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
-@pytest.mark.parametrize("name,options", [
-    ("sgd", {"alpha": 0.3}),
-    ("momentum", {"momentum": 0.9}),
-    ("momentum", {"momentum": 0.5, "alpha": 0.1}),
-    ("nesterov", {"momentum": 0.9, "alpha": 0.2}),
-    ("adam", {}),
-    ("adam", {"alpha": 0.1}),
-])
+@pytest.mark.parametrize(
+    "name,options",
+    [
+        ("sgd", {"alpha": 0.3}),
+        ("momentum", {"momentum": 0.9}),
+        ("momentum", {"momentum": 0.5, "alpha": 0.1}),
+        ("nesterov", {"momentum": 0.9, "alpha": 0.2}),
+        ("adam", {}),
+        ("adam", {"alpha": 0.1}),
+    ],
+)
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_optimizers_and_l2_match_numpy_path(name, options, reduction, dtype):
     rng = np.random.default_rng(3)
     sizes = [6, 9, 5, 3]
     lr = 0.05 if reduction == "mean" else 0.01
-    ref, ref_opt, net, opt = twins(sizes, dtype, lambda n: optim.make_optimizer(name, n, lr, **options),
-                                   hidden="tanh", output="softmax", loss="cross_entropy", reduction=reduction)
+    ref, ref_opt, net, opt = twins(
+        sizes,
+        dtype,
+        lambda n: optim.make_optimizer(name, n, lr, **options),
+        hidden="tanh",
+        output="softmax",
+        loss="cross_entropy",
+        reduction=reduction,
+    )
     X, T = problem(rng, sizes, "softmax", dtype, 11)
     step = jit.compiled_train_step(net, opt)
     assert_same_steps(ref, ref_opt, net, step, X, T, dtype, steps=4)  # velocity and moments carried over
@@ -127,8 +140,9 @@ def test_matches_at_the_benchmark_sizes_with_blas_products():
     """Layers big enough for the np.dot branch, with the benchmarks' net (relu, identity, squared error)."""
     rng = np.random.default_rng(0)
     sizes, dtype = [64, 32, 10], "float32"
-    ref, ref_opt, net, opt = twins(sizes, dtype, lambda n: optim.SGD(n, learning_rate=0.01),
-                                   hidden="relu", output="identity", loss="squared_error")
+    ref, ref_opt, net, opt = twins(
+        sizes, dtype, lambda n: optim.SGD(n, learning_rate=0.01), hidden="relu", output="identity", loss="squared_error"
+    )
     X, T = problem(rng, sizes, "identity", dtype, 32)
     assert_same_steps(ref, ref_opt, net, jit.compiled_train_step(net, opt), X, T, dtype, steps=3)
 
@@ -137,8 +151,14 @@ def test_saturated_logits_give_the_same_finite_losses():
     """Logits of ±1000: the losses from the logits stay exact and finite, as on the numpy path."""
     rng = np.random.default_rng(1)
     for output, loss in [("sigmoid", "binary_cross_entropy"), ("softmax", "cross_entropy")]:
-        ref, ref_opt, net, opt = twins([3, 4, 3], "float64", lambda n: optim.SGD(n, learning_rate=1e-3),
-                                       hidden="identity", output=output, loss=loss)
+        ref, ref_opt, net, opt = twins(
+            [3, 4, 3],
+            "float64",
+            lambda n: optim.SGD(n, learning_rate=1e-3),
+            hidden="identity",
+            output=output,
+            loss=loss,
+        )
         ref.params[...] *= 300.0
         net.params[...] = ref.params
         X, T = problem(rng, [3, 4, 3], output, "float64", 5, scale=30.0)
@@ -169,8 +189,15 @@ def test_no_allocation_per_step_after_warm_up():
 
     rng = np.random.default_rng(5)
     for sizes, m in [([2, 2, 2, 1], 1), ([64, 32, 10], 32)]:
-        net = bp.MLP(sizes, hidden="sigmoid", output="softmax" if sizes[-1] > 1 else "sigmoid",
-                     loss="cross_entropy", dtype="float32", backend="numpy", seed=0)
+        net = bp.MLP(
+            sizes,
+            hidden="sigmoid",
+            output="softmax" if sizes[-1] > 1 else "sigmoid",
+            loss="cross_entropy",
+            dtype="float32",
+            backend="numpy",
+            seed=0,
+        )
         step = jit.compiled_train_step(net, optim.Momentum(net, 0.1, alpha=0.01))
         X, T = problem(rng, sizes, net.activations[-1].name, "float32", m)
         step(X, T)
@@ -331,8 +358,14 @@ def test_fused_updates_with_blas_products_match_numpy_path(name, options, dtype)
     """SGD and momentum inside the BLAS products (layers above SMALL_GEMM), with the L2 term, over steps."""
     rng = np.random.default_rng(8)
     sizes = [40, 24, 16, 3]
-    ref, ref_opt, net, opt = twins(sizes, dtype, lambda n: optim.make_optimizer(name, n, 0.05, **options),
-                                   hidden="tanh", output="softmax", loss="cross_entropy")
+    ref, ref_opt, net, opt = twins(
+        sizes,
+        dtype,
+        lambda n: optim.make_optimizer(name, n, 0.05, **options),
+        hidden="tanh",
+        output="softmax",
+        loss="cross_entropy",
+    )
     X, T = problem(rng, sizes, "softmax", dtype, 20)
     step = jit.compiled_train_step(net, opt)
     assert step.gradient is None and step._grad.size == 0  # no gradient buffer for a fused update
@@ -347,8 +380,9 @@ def test_weighted_step_matches_numpy_path(output, loss, name, dtype, numpy_path)
     (numpy_path: train_step, the reference, runs the numpy kernels.)"""
     rng = np.random.default_rng(zlib.crc32(f"weighted {output} {loss} {name} {dtype}".encode()))
     sizes = [5, 24, 30, 3]  # the middle product is above SMALL_GEMM: BLAS and loops both weighted
-    ref, ref_opt, net, opt = twins(sizes, dtype, lambda n: optim.make_optimizer(name, n, 0.05, alpha=0.1),
-                                   hidden="tanh", output=output, loss=loss)
+    ref, ref_opt, net, opt = twins(
+        sizes, dtype, lambda n: optim.make_optimizer(name, n, 0.05, alpha=0.1), hidden="tanh", output=output, loss=loss
+    )
     X, T = problem(rng, sizes, output, dtype, 9, loss=loss)
     s = rng.uniform(0.0, 3.0, size=9)
     s[2] = 0.0
@@ -362,4 +396,6 @@ def test_weighted_step_matches_numpy_path(output, loss, name, dtype, numpy_path)
         got = step(X, T, net.weighting(s))
         assert abs(got - expected) <= tol * abs(expected), (got, expected)
         update, expected_update = net.params - before, ref.params - before
-        assert np.linalg.norm(update - expected_update) <= tol * np.linalg.norm(expected_update) + 4 * eps * np.linalg.norm(before)
+        assert np.linalg.norm(update - expected_update) <= tol * np.linalg.norm(
+            expected_update
+        ) + 4 * eps * np.linalg.norm(before)

@@ -40,7 +40,9 @@ def host_run():
 def test_cupy_internals_are_the_pinned_ones(monkeypatch):
     assert sources.require_cupy() is cupy
     monkeypatch.setattr(cupy, "__version__", "99.0.0")
-    with pytest.raises(sources.CupyInternalsError, match=r"CuPy internals checked against CuPy 14\.2\.x; installed: 99\.0\.0"):
+    with pytest.raises(
+        sources.CupyInternalsError, match=r"CuPy internals checked against CuPy 14\.2\.x; installed: 99\.0\.0"
+    ):
         sources.require_cupy.__wrapped__()
 
 
@@ -60,8 +62,13 @@ def test_every_kernel_is_exercised(host_run):
 @pytest.mark.parametrize("name", KERNEL_NAMES)
 def test_generated_source_compiles_with_nvrtc(host_run, name, dtype, arch):
     results, session = host_run
-    codes = {code for r in results.values() if r.case.layout == "random" and np.dtype(r.case.dtype).name == dtype
-             for code in r.sources if session.launches[code].name == name}
+    codes = {
+        code
+        for r in results.values()
+        if r.case.layout == "random" and np.dtype(r.case.dtype).name == dtype
+        for code in r.sources
+        if session.launches[code].name == name
+    }
     assert codes, f"no call of {name} in {dtype} was recorded"
     for code in sorted(codes):
         sources.nvrtc_compile(session.launches[code], arch)
@@ -132,10 +139,18 @@ def test_wrong_arithmetic_fails_the_cpu_comparison(host_run, op, kernel, layout)
 
 def test_an_unsafe_softmax_passes_ordinary_inputs_and_fails_extreme_ones():
     # e^v / (Σ e^{v − top} · e^top) is softmax too, but e^v overflows for large logits.
-    naive = _with_operation("softmax_fwd", "const T v = T(z + bias); z = v; act = T(exp(v) / (total_exp * exp(top)));",
-                            "bias", "top", "total_exp", "z", "act")
+    naive = _with_operation(
+        "softmax_fwd",
+        "const T v = T(z + bias); z = v; act = T(exp(v) / (total_exp * exp(top)));",
+        "bias",
+        "top",
+        "total_exp",
+        "z",
+        "act",
+    )
     ordinary, extreme = checks.run_cases(
-        [cases.Case("softmax_fwd", np.float32, layout) for layout in ("random", "extreme")], replace={"softmax_fwd": naive}
+        [cases.Case("softmax_fwd", np.float32, layout) for layout in ("random", "extreme")],
+        replace={"softmax_fwd": naive},
     )
     assert ordinary.ok
     assert not extreme.ok and "nan" in extreme.failure
@@ -146,7 +161,12 @@ def test_a_stride_bug_passes_contiguous_inputs_and_fails_the_strided_layout():
     ignores_strides = _with_operation(
         "outer_sgd_update",
         "wt = T(wt - lr * (a_col * d_row)); if (i < bias.size()) bias[i] = T(bias[i] - lr * (&d_raw[0])[i]);",
-        "a_col", "d_row", "d_raw", "lr", "wt", "bias",
+        "a_col",
+        "d_row",
+        "d_raw",
+        "lr",
+        "wt",
+        "bias",
     )
     contiguous, strided = checks.run_cases(
         [cases.Case("outer_sgd_update", np.float32, layout) for layout in ("random", "strided")],
@@ -191,6 +211,8 @@ def test_planned_source_is_the_one_cupy_compiles(monkeypatch, dtype):
         cupy.cuda.Device().synchronize()
         compiled = {(name, code) for name, k in fresh.items() for code in k.cached_codes.values()}
         if compiled != planned:
-            mismatches.append(f"{case.id}: planned only {sorted(n for n, _ in planned - compiled)}, "
-                              f"CuPy only {sorted(n for n, _ in compiled - planned)}")
+            mismatches.append(
+                f"{case.id}: planned only {sorted(n for n, _ in planned - compiled)}, "
+                f"CuPy only {sorted(n for n, _ in compiled - planned)}"
+            )
     assert not mismatches, "\n".join(mismatches)

@@ -3,19 +3,34 @@ convergence on a linear least-squares problem, bp.fit(optimizer="lm") and bad in
 
 import numpy as np
 import pytest
-
-import bpgpu as bp
-from bpgpu.levenberg_marquardt import LevenbergMarquardt
 from helpers import targets_for
 from torch_oracle import TorchMLP
 
-PAIRS = [("identity", "squared_error"), ("sigmoid", "binary_cross_entropy"), ("softmax", "cross_entropy"),
-         ("sigmoid", "cross_entropy"), ("tanh", "squared_error")]
+import bpgpu as bp
+from bpgpu.levenberg_marquardt import LevenbergMarquardt
+
+PAIRS = [
+    ("identity", "squared_error"),
+    ("sigmoid", "binary_cross_entropy"),
+    ("softmax", "cross_entropy"),
+    ("sigmoid", "cross_entropy"),
+    ("tanh", "squared_error"),
+]
 
 
 def make(sizes, output="identity", loss="squared_error", reduction="mean", seed=0, m=8, hidden="tanh"):
-    net = bp.MLP(sizes, hidden=hidden, output=output, loss=loss, reduction=reduction, dtype="float64",
-                 backend="numpy", init="uniform", epsilon=1.0, seed=seed)
+    net = bp.MLP(
+        sizes,
+        hidden=hidden,
+        output=output,
+        loss=loss,
+        reduction=reduction,
+        dtype="float64",
+        backend="numpy",
+        init="uniform",
+        epsilon=1.0,
+        seed=seed,
+    )
     rng = np.random.default_rng(seed + 1)
     return net, rng.normal(size=(m, sizes[0])), targets_for(loss, output, m, sizes[-1], rng), rng
 
@@ -100,8 +115,9 @@ def test_lm_trains_sinc_ten_times_lower_than_adam_and_lbfgs_given_far_more_steps
     y = np.sinc(5 * x)
 
     def trained(optimizer, epochs, **options):
-        net = bp.MLP([1, 10, 1], hidden="tanh", output="identity", dtype="float64", backend="numpy",
-                     init="glorot", seed=0)
+        net = bp.MLP(
+            [1, 10, 1], hidden="tanh", output="identity", dtype="float64", backend="numpy", init="glorot", seed=0
+        )
         return bp.fit(net, x, y, optimizer=optimizer, epochs=epochs, tol=None, progress=False, **options).loss[-1]
 
     lm = trained("lm", 150)
@@ -113,9 +129,22 @@ def test_fit_options_validation_split_early_stopping_weights_and_callbacks():
     net, X, T, rng = make([2, 4, 1], m=40)
     seen = []
     s = rng.uniform(0.5, 1.5, size=40)
-    history = bp.fit(net, X, T, optimizer="lm", epochs=30, progress=False, seed=0, validation_fraction=0.25,
-                     early_stopping=True, n_iter_no_change=2, sample_weight=s, alpha=1e-3, damping="diagonal",
-                     callbacks=[lambda epoch, h, n: seen.append(epoch)])
+    history = bp.fit(
+        net,
+        X,
+        T,
+        optimizer="lm",
+        epochs=30,
+        progress=False,
+        seed=0,
+        validation_fraction=0.25,
+        early_stopping=True,
+        n_iter_no_change=2,
+        sample_weight=s,
+        alpha=1e-3,
+        damping="diagonal",
+        callbacks=[lambda epoch, h, n: seen.append(epoch)],
+    )
     assert len(history.validation_loss) == history.epochs == len(history.mu) == len(seen)
     assert history.stop_reason in ("early_stopping", "epochs", "mu_max")
     with pytest.raises(TypeError, match="optimizer 'lm' does not take momentum"):
@@ -178,8 +207,9 @@ def test_estimators_take_solver_lm_and_fit_better_than_lbfgs():
 
     x = np.linspace(-1, 1, 120)[:, None]
     y = np.sinc(5 * x).ravel()
-    common = dict(hidden_layer_sizes=(10,), activation="tanh", max_iter=80, random_state=0, dtype="float64",
-                  device="cpu", tol=0.0)
+    common = dict(
+        hidden_layer_sizes=(10,), activation="tanh", max_iter=80, random_state=0, dtype="float64", device="cpu", tol=0.0
+    )
     with pytest.warns(ConvergenceWarning, match="Levenberg–Marquardt: Maximum iterations \\(80\\) reached"):
         lm = bp.MLPRegressor(solver="lm", **common).fit(x, y)
     assert lm.n_iter_ == len(lm.loss_curve_) <= 80 and lm.loss_ == lm.loss_curve_[-1]
@@ -187,8 +217,16 @@ def test_estimators_take_solver_lm_and_fit_better_than_lbfgs():
         lbfgs = bp.MLPRegressor(solver="lbfgs", **common).fit(x, y)
     assert lm.loss_ < lbfgs.loss_ / 5 and lm.score(x, y) > 0.99
     X, c = make_classification(n_samples=150, n_features=5, n_classes=3, n_informative=3, random_state=0)
-    clf = bp.MLPClassifier(solver="lm", hidden_layer_sizes=(6,), max_iter=40, random_state=0, dtype="float64",
-                           device="cpu", early_stopping=True, validation_fraction=0.2).fit(X, c)
+    clf = bp.MLPClassifier(
+        solver="lm",
+        hidden_layer_sizes=(6,),
+        max_iter=40,
+        random_state=0,
+        dtype="float64",
+        device="cpu",
+        early_stopping=True,
+        validation_fraction=0.2,
+    ).fit(X, c)
     assert len(clf.validation_scores_) == clf.n_iter_ and clf.score(X, c) > 0.8
     with pytest.raises(AttributeError, match="has no attribute .partial_fit."):  # as for lbfgs
         clf.partial_fit(X, c)
@@ -203,14 +241,20 @@ GPU = bp.gpu_status()
 def test_gpu_step_eigenvalues_and_per_sample_gradients_match_numpy(form):
     results = {}
     for backend in ("numpy", "cupy"):
-        net = bp.MLP([3, 6, 2], hidden="tanh", output="identity", dtype="float64", backend=backend, seed=0,
-                     init="glorot")
+        net = bp.MLP(
+            [3, 6, 2], hidden="tanh", output="identity", dtype="float64", backend=backend, seed=0, init="glorot"
+        )
         rng = np.random.default_rng(1)
-        X, T = rng.normal(size=(40 if form == "parameters" else 5, 3)), rng.normal(size=(40 if form == "parameters"
-                                                                                         else 5, 2))
+        X, T = (
+            rng.normal(size=(40 if form == "parameters" else 5, 3)),
+            rng.normal(size=(40 if form == "parameters" else 5, 2)),
+        )
         LevenbergMarquardt(net, X, T, form=form, alpha=0.1).step()  # cuSOLVER's Cholesky on the GPU
-        results[backend] = [bp.to_numpy(net.params), bp.to_numpy(bp.hessian_eigenvalues(net, X, T, k=2)),
-                            bp.to_numpy(bp.per_sample_gradients(net, X, T))]
+        results[backend] = [
+            bp.to_numpy(net.params),
+            bp.to_numpy(bp.hessian_eigenvalues(net, X, T, k=2)),
+            bp.to_numpy(bp.per_sample_gradients(net, X, T)),
+        ]
     for ours, reference in zip(results["cupy"], results["numpy"]):
         np.testing.assert_allclose(ours, reference, rtol=1e-9, atol=1e-12)
 

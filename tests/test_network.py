@@ -3,9 +3,9 @@
 import array_api_strict
 import numpy as np
 import pytest
+from helpers import HIDDEN, OUTPUT_LOSS_PAIRS, targets_for
 
 import bpgpu as bp
-from helpers import HIDDEN, OUTPUT_LOSS_PAIRS, targets_for
 
 
 def random_problem(sizes, m=5, seed=0, loss="squared_error", output="sigmoid"):
@@ -19,7 +19,7 @@ def test_theta_is_a_view_into_params():
     net.theta(2)[1, 0] = 7.0
     assert net.params[net.layout.offsets[1] + 1] == 7.0  # bias column first, column-major
     net.theta(1)[:, 1:] = 0.0
-    assert np.count_nonzero(net.params[: 16]) <= 4
+    assert np.count_nonzero(net.params[:16]) <= 4
     assert net.theta(1).shape == (4, 4) and net.theta(2).shape == (2, 5)
     assert np.shares_memory(net.theta(1), net.params)
 
@@ -79,9 +79,15 @@ def test_dtype_stays_float64():
 
 @pytest.mark.parametrize(
     "output,loss,z",
-    [("sigmoid", "binary_cross_entropy", 800.0), ("sigmoid", "binary_cross_entropy", -800.0),
-     ("softmax", "cross_entropy", 1e4), ("softmax", "binary_cross_entropy", 1e4),
-     ("sigmoid", "cross_entropy", -1e3), ("sigmoid", "squared_error", 1e3), ("softplus", "squared_error", 1e3)],
+    [
+        ("sigmoid", "binary_cross_entropy", 800.0),
+        ("sigmoid", "binary_cross_entropy", -800.0),
+        ("softmax", "cross_entropy", 1e4),
+        ("softmax", "binary_cross_entropy", 1e4),
+        ("sigmoid", "cross_entropy", -1e3),
+        ("sigmoid", "squared_error", 1e3),
+        ("softplus", "squared_error", 1e3),
+    ],
 )
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_saturated_outputs_stay_finite(output, loss, z, dtype):

@@ -16,11 +16,12 @@ onnx = pytest.importorskip("onnx", reason="the onnx extra is not installed")
 ort = pytest.importorskip("onnxruntime", reason="onnxruntime (test extra) is not installed")
 skl2onnx = pytest.importorskip("skl2onnx", reason="skl2onnx (test extra) is not installed")
 
+from sklearn import neural_network  # noqa: E402
+from sklearn.exceptions import ConvergenceWarning, NotFittedError  # noqa: E402
+
 import bpgpu as bp  # noqa: E402
 from bpgpu import onnx_export  # noqa: E402
 from bpgpu.activations import HIDDEN, OUTPUT, POSITIVE  # noqa: E402
-from sklearn import neural_network  # noqa: E402
-from sklearn.exceptions import ConvergenceWarning, NotFittedError  # noqa: E402
 
 # Tolerances: relative to the largest magnitude of each output (a unit whose z(L) is a
 # cancellation near 0 has no relative precision of its own, in bpgpu or in onnxruntime).
@@ -59,8 +60,9 @@ CASES = sorted(
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize(("hidden", "output", "loss"), CASES)
 def test_mlp_outputs_equal_bpgpu(hidden, output, loss, dtype):
-    net = bp.MLP([5, 8, 6, 3], hidden=hidden, output=output, loss=loss, dtype=dtype, init="glorot",
-                 backend="numpy", seed=1)
+    net = bp.MLP(
+        [5, 8, 6, 3], hidden=hidden, output=output, loss=loss, dtype=dtype, init="glorot", backend="numpy", seed=1
+    )
     model = bp.to_onnx(net)
     check(model)
     assert [o.name for o in model.graph.output] == ["Y"]
@@ -94,8 +96,15 @@ def test_random_architectures_float64(sizes, data):
     L = len(sizes) - 1
     hidden = data.draw(st.lists(st.sampled_from(HIDDEN), min_size=L - 1, max_size=L - 1))
     output = data.draw(st.sampled_from([g for g in OUTPUT if g != "softmax" or sizes[-1] > 1]))
-    net = bp.MLP(sizes, hidden=hidden, output=output, dtype="float64", init="glorot", backend="numpy",
-                 seed=data.draw(st.integers(0, 2**16)))
+    net = bp.MLP(
+        sizes,
+        hidden=hidden,
+        output=output,
+        dtype="float64",
+        init="glorot",
+        backend="numpy",
+        seed=data.draw(st.integers(0, 2**16)),
+    )
     model = bp.to_onnx(net, opset=data.draw(st.integers(onnx_export.MIN_OPSET, onnx_export.OPSET)))
     check(model)
     X = np.random.default_rng(0).normal(size=(data.draw(st.integers(1, 9)), sizes[0]))
@@ -177,8 +186,11 @@ def compare_with_skl2onnx(est, twin, X, dtype):
         assert expected.pop() == "Reshape"  # skl2onnx's no-op reshape of (N, n_outputs) to (N, n_outputs)
     assert op_types(ours) == expected
     weights = [onnx.numpy_helper.to_array(t) for t in ours.graph.initializer if t.name[0] in "Wb"]
-    reference = [onnx.numpy_helper.to_array(t) for t in theirs.graph.initializer
-                 if t.name.startswith(("coefficient", "intercepts"))]
+    reference = [
+        onnx.numpy_helper.to_array(t)
+        for t in theirs.graph.initializer
+        if t.name.startswith(("coefficient", "intercepts"))
+    ]
     for w, r in zip(weights, reference, strict=True):
         np.testing.assert_array_equal(w, r.reshape(w.shape))
     return ours, theirs
@@ -344,8 +356,10 @@ def test_readme_export_runs(tmp_path, monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.skipif(not bp.gpu_status().usable, reason=f"no usable GPU: {bp.gpu_status().reason}")
 def test_a_net_on_the_gpu_exports_as_on_the_cpu():
-    on_gpu = bp.MLP([3, 4, 2], hidden="softplus", output="softmax", loss="cross_entropy", dtype="float64",
-                    backend="cupy", seed=0)
-    on_cpu = bp.MLP([3, 4, 2], hidden="softplus", output="softmax", loss="cross_entropy", dtype="float64",
-                    backend="numpy", seed=0)
+    on_gpu = bp.MLP(
+        [3, 4, 2], hidden="softplus", output="softmax", loss="cross_entropy", dtype="float64", backend="cupy", seed=0
+    )
+    on_cpu = bp.MLP(
+        [3, 4, 2], hidden="softplus", output="softmax", loss="cross_entropy", dtype="float64", backend="numpy", seed=0
+    )
     assert bp.to_onnx(on_gpu) == bp.to_onnx(on_cpu)  # the same seed draws the same parameters on the host

@@ -38,8 +38,13 @@ def _reference(op, w, g, m, v, mask):
 
 
 FLAT_OPS = ["sgd_update", "momentum_update", "nesterov_update", "adam_update", "l2_grad"]
-UPDATED = {"sgd_update": (0,), "momentum_update": (0, 2), "nesterov_update": (0, 2),
-           "adam_update": (0, 2, 3), "l2_grad": (0,)}  # which arguments the op writes
+UPDATED = {
+    "sgd_update": (0,),
+    "momentum_update": (0, 2),
+    "nesterov_update": (0, 2),
+    "adam_update": (0, 2, 3),
+    "l2_grad": (0,),
+}  # which arguments the op writes
 
 
 @pytest.mark.parametrize("op", FLAT_OPS)
@@ -86,8 +91,12 @@ def test_numpy_twins_allocate_nothing():
 def _outer_state(seed, dtype=np.float64):
     rng = np.random.default_rng(seed)
     n_in, n_out = 5, 3
-    return (rng.normal(size=(n_in, n_out)).astype(dtype), rng.normal(size=n_out).astype(dtype),
-            rng.normal(size=n_in).astype(dtype), rng.normal(size=n_out).astype(dtype))
+    return (
+        rng.normal(size=(n_in, n_out)).astype(dtype),
+        rng.normal(size=n_out).astype(dtype),
+        rng.normal(size=n_in).astype(dtype),
+        rng.normal(size=n_out).astype(dtype),
+    )
 
 
 def test_outer_sgd_update_numpy_matches_formula():

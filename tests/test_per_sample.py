@@ -2,13 +2,13 @@
 
 import numpy as np
 import pytest
+from helpers import OUTPUT_LOSS_PAIRS, targets_for
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch_oracle import TorchMLP
 
 import bpgpu as bp
 from bpgpu import per_sample
-from helpers import OUTPUT_LOSS_PAIRS, targets_for
-from torch_oracle import TorchMLP
 
 SMOOTH = ("identity", "sigmoid", "tanh", "softplus")  # torch and bpgpu agree on kinks only almost everywhere
 
@@ -23,8 +23,18 @@ architectures = st.tuples(
 def make(sizes, hidden, output, loss, reduction, seed, m):
     if output == "softmax" and sizes[-1] == 1:
         sizes = list(sizes[:-1]) + [2]
-    net = bp.MLP(sizes, hidden=hidden, output=output, loss=loss, reduction=reduction, dtype="float64",
-                 backend="numpy", init="uniform", epsilon=1.0, seed=seed)
+    net = bp.MLP(
+        sizes,
+        hidden=hidden,
+        output=output,
+        loss=loss,
+        reduction=reduction,
+        dtype="float64",
+        backend="numpy",
+        init="uniform",
+        epsilon=1.0,
+        seed=seed,
+    )
     rng = np.random.default_rng(seed + 1)
     X = rng.normal(size=(m, sizes[0]))
     return net, X, targets_for(loss, output, m, net.sizes[-1], rng), rng
@@ -62,8 +72,7 @@ def test_parameter_jacobian_and_per_sample_gradients_match_torch_func(hidden, ou
 @pytest.mark.parametrize("output,loss", [p for p in OUTPUT_LOSS_PAIRS if p[0] not in ("relu", "leaky_relu")])
 @settings(max_examples=4)
 @given(arch=architectures)
-def test_gauss_newton_factor_gives_torchs_gauss_newton_matrix_and_bp_hessian_outer_product(hidden, output, loss,
-                                                                                         arch):
+def test_gauss_newton_factor_gives_torchs_gauss_newton_matrix_and_bp_hessian_outer_product(hidden, output, loss, arch):
     sizes, m, reduction, seed = arch
     net, X, T, rng = make(sizes, hidden, output, loss, reduction, seed, m)
     s = rng.uniform(0.1, 3.0, size=m)

@@ -9,11 +9,11 @@ import warnings
 
 import numpy as np
 import pytest
+from helpers import HIDDEN, OUTPUT_LOSS_PAIRS, central_difference_gradient, targets_for
 
 import bpgpu as bp
 from bpgpu import optim
 from bpgpu.training import train_step
-from helpers import HIDDEN, OUTPUT_LOSS_PAIRS, central_difference_gradient, targets_for
 
 WEIGHTS = np.array([1.0, 0.0, 2.0, 3.0, 1.0, 4.0, 0.0])
 
@@ -24,8 +24,16 @@ def relative(a, b):
 
 def problem(hidden, output, loss, reduction="mean", seed=0, sizes=(3, 4, 3)):
     rng = np.random.default_rng(seed)
-    net = bp.MLP(list(sizes), hidden=hidden, output=output, loss=loss, reduction=reduction, dtype="float64",
-                 backend="numpy", seed=seed)
+    net = bp.MLP(
+        list(sizes),
+        hidden=hidden,
+        output=output,
+        loss=loss,
+        reduction=reduction,
+        dtype="float64",
+        backend="numpy",
+        seed=seed,
+    )
     m = WEIGHTS.size
     return net, rng.normal(size=(m, sizes[0])), targets_for(loss, output, m, sizes[-1], rng)
 
@@ -75,22 +83,26 @@ def test_weighted_gradient_matches_central_differences(output, loss):
 def test_weighted_passes_on_array_api_strict_match_numpy():
     strict = pytest.importorskip("array_api_strict")
     net, X, T = problem("sigmoid", "softmax", "cross_entropy")
-    twin = bp.MLP([3, 4, 3], hidden="sigmoid", output="softmax", loss="cross_entropy", dtype="float64",
-                  backend=strict, seed=0)
+    twin = bp.MLP(
+        [3, 4, 3], hidden="sigmoid", output="softmax", loss="cross_entropy", dtype="float64", backend=strict, seed=0
+    )
     J, g = net.loss_and_gradient(X, T, sample_weight=WEIGHTS)
     J_strict, g_strict = twin.loss_and_gradient(strict.asarray(X), strict.asarray(T), sample_weight=WEIGHTS)
     assert J_strict == pytest.approx(J, rel=1e-12)
     assert relative(np.asarray(g_strict), g) <= 1e-12
 
 
-@pytest.mark.parametrize("bad,error,message", [
-    (np.ones(6), ValueError, r"sample_weight must have shape \(7,\).*X has 7 rows.*got shape \(6,\)"),
-    (np.ones((7, 1)), ValueError, r"shape \(7,\).*got shape \(7, 1\)"),
-    (np.r_[np.ones(6), -1.0], ValueError, r"sample_weight must be >= 0, got -1 at row 6"),
-    (np.r_[np.ones(6), np.nan], ValueError, r"sample_weight contains NaN or Inf"),
-    (np.zeros(7), ValueError, r"at least one non-zero weight \(all are zero\)"),
-    (np.array(["a"] * 7), TypeError, r"sample_weight must hold real numbers"),
-])
+@pytest.mark.parametrize(
+    "bad,error,message",
+    [
+        (np.ones(6), ValueError, r"sample_weight must have shape \(7,\).*X has 7 rows.*got shape \(6,\)"),
+        (np.ones((7, 1)), ValueError, r"shape \(7,\).*got shape \(7, 1\)"),
+        (np.r_[np.ones(6), -1.0], ValueError, r"sample_weight must be >= 0, got -1 at row 6"),
+        (np.r_[np.ones(6), np.nan], ValueError, r"sample_weight contains NaN or Inf"),
+        (np.zeros(7), ValueError, r"at least one non-zero weight \(all are zero\)"),
+        (np.array(["a"] * 7), TypeError, r"sample_weight must hold real numbers"),
+    ],
+)
 def test_bad_weights_are_clear_errors(bad, error, message):
     net, X, T = problem("relu", "identity", "squared_error")
     with pytest.raises(error, match=message):
@@ -147,8 +159,19 @@ def test_minibatches_shuffled_and_a_validation_split_carry_their_weights():
     rng = np.random.default_rng(1)
     X, T = np.vstack([X] * 6), np.vstack([T] * 6)
     s = rng.uniform(0.5, 2.0, size=X.shape[0])
-    history = bp.fit(net, X, T, sample_weight=s, optimizer="adam", learning_rate=0.01, batch_size=8, epochs=3,
-                     seed=0, validation_fraction=0.25, progress=False)
+    history = bp.fit(
+        net,
+        X,
+        T,
+        sample_weight=s,
+        optimizer="adam",
+        learning_rate=0.01,
+        batch_size=8,
+        epochs=3,
+        seed=0,
+        validation_fraction=0.25,
+        progress=False,
+    )
     assert len(history.loss) == 3 and np.all(np.isfinite(history.loss))
     # the validation loss is the weighted loss of the held-out rows (the fit's own split, redrawn here)
     perm = np.random.default_rng(0).permutation(X.shape[0])
@@ -171,17 +194,26 @@ def test_estimators_take_sample_weight_in_fit_and_partial_fit():
 
     X, y = make_classification(n_samples=80, n_features=5, random_state=0)
     s = np.where(y == 1, 3.0, 1.0)
-    clf = bp.MLPClassifier(hidden_layer_sizes=(8,), max_iter=30, dtype="float64", random_state=0, device="cpu",
-                           early_stopping=True, n_iter_no_change=50)
+    clf = bp.MLPClassifier(
+        hidden_layer_sizes=(8,),
+        max_iter=30,
+        dtype="float64",
+        random_state=0,
+        device="cpu",
+        early_stopping=True,
+        n_iter_no_change=50,
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         clf.fit(X, y, sample_weight=s)
     assert np.isfinite(clf.best_validation_score_) and len(clf.validation_scores_) == clf.n_iter_
     reg = bp.MLPRegressor(hidden_layer_sizes=(8,), dtype="float64", random_state=0, device="cpu")
     reg.partial_fit(X, y.astype(float), sample_weight=s)
-    twin = bp.MLPRegressor(hidden_layer_sizes=(8,), dtype="float64", random_state=0, device="cpu",
-                           shuffle=False, batch_size=80)
+    twin = bp.MLPRegressor(
+        hidden_layer_sizes=(8,), dtype="float64", random_state=0, device="cpu", shuffle=False, batch_size=80
+    )
     twin.partial_fit(X, y.astype(float), sample_weight=np.ones(80))  # equal weights: the unweighted epoch
-    plain = bp.MLPRegressor(hidden_layer_sizes=(8,), dtype="float64", random_state=0, device="cpu",
-                            shuffle=False, batch_size=80).partial_fit(X, y.astype(float))
+    plain = bp.MLPRegressor(
+        hidden_layer_sizes=(8,), dtype="float64", random_state=0, device="cpu", shuffle=False, batch_size=80
+    ).partial_fit(X, y.astype(float))
     np.testing.assert_array_equal(twin.coefs_[0], plain.coefs_[0])

@@ -33,8 +33,9 @@ def _pair(Estimator, params, X, y, **ours):
 
 
 @pytest.mark.parametrize("Estimator", [bp.MLPClassifier, bp.MLPRegressor])
-@pytest.mark.parametrize("input_dtype, expected", [(np.float32, np.float32), (np.float64, np.float64),
-                                                   (np.int64, np.float64)])
+@pytest.mark.parametrize(
+    "input_dtype, expected", [(np.float32, np.float32), (np.float64, np.float64), (np.int64, np.float64)]
+)
 def test_default_dtype_is_sklearns_rule(Estimator, input_dtype, expected):
     """scikit-learn keeps float32 input in float32 and computes everything else in float64:
     coefs_, intercepts_ and the predictions are in that dtype. dtype=None (the default) does the same."""
@@ -75,8 +76,7 @@ VERBOSE_CASES = [
     # with early stopping "Validation score: S" after each epoch's line, and its own message
     dict(solver="adam", early_stopping=True, n_iter_no_change=2, tol=10.0, max_iter=8),
     # adaptive SGD: "Setting learning rate to ..." until "Learning rate too small. Stopping."
-    dict(solver="sgd", learning_rate="adaptive", tol=10.0, n_iter_no_change=1, max_iter=40,
-         learning_rate_init=1e-3),
+    dict(solver="sgd", learning_rate="adaptive", tol=10.0, n_iter_no_change=1, max_iter=40, learning_rate_init=1e-3),
 ]
 
 
@@ -136,8 +136,16 @@ def test_lbfgs_warns_like_sklearn_when_max_fun_or_max_iter_stops_it(limits):
 
 # --- 5. divergence -------------------------------------------------------------------
 
-DIVERGING = dict(hidden_layer_sizes=(8,), solver="sgd", learning_rate_init=0.05, momentum=0.9, shuffle=False,
-                 random_state=0, max_iter=30, n_iter_no_change=50)
+DIVERGING = dict(
+    hidden_layer_sizes=(8,),
+    solver="sgd",
+    learning_rate_init=0.05,
+    momentum=0.9,
+    shuffle=False,
+    random_state=0,
+    max_iter=30,
+    n_iter_no_change=50,
+)
 
 
 def _diverging_data():
@@ -170,8 +178,10 @@ def test_divergence_without_early_stopping_raises_sklearns_value_error():
     parameter weights. ..."); so do bpgpu's estimators (from bp.fit's DivergenceError, now a
     ValueError itself), and the estimator keeps its last finite parameters."""
     X, y = _diverging_data()
-    message = ("Solver produced non-finite parameter weights. The input data may contain large values and "
-               "need to be preprocessed.")
+    message = (
+        "Solver produced non-finite parameter weights. The input data may contain large values and "
+        "need to be preprocessed."
+    )
     params = DIVERGING
     for make in (sk.MLPRegressor, bp.MLPRegressor):
         with warnings.catch_warnings():
@@ -197,8 +207,20 @@ def test_bp_fit_keeps_divergence_error_and_early_stopping_keeps_its_best():
             best.append(bp.to_numpy(net.params).copy())
 
     with pytest.raises(ValueError) as info:
-        bp.fit(net, X, y.reshape(-1, 1), optimizer="momentum", learning_rate=0.05, epochs=30, shuffle=False,
-               validation_fraction=0.2, early_stopping=True, n_iter_no_change=50, progress=False, callbacks=[keep])
+        bp.fit(
+            net,
+            X,
+            y.reshape(-1, 1),
+            optimizer="momentum",
+            learning_rate=0.05,
+            epochs=30,
+            shuffle=False,
+            validation_fraction=0.2,
+            early_stopping=True,
+            n_iter_no_change=50,
+            progress=False,
+            callbacks=[keep],
+        )
     assert isinstance(info.value, bp.DivergenceError)
     np.testing.assert_array_equal(bp.to_numpy(net.params), best[-1])
 
@@ -212,8 +234,15 @@ def test_early_stopping_split_is_sklearns_stratified_split():
     scores and parameters), and a class too small to split is named as scikit-learn names it."""
     X = np.random.RandomState(0).randn(60, 3)
     y = np.where(X[:, 0] > 0.3, "yes", "no")
-    params = dict(hidden_layer_sizes=(5,), early_stopping=True, shuffle=False, random_state=1, max_iter=15,
-                  validation_fraction=0.3, learning_rate_init=0.01)
+    params = dict(
+        hidden_layer_sizes=(5,),
+        early_stopping=True,
+        shuffle=False,
+        random_state=1,
+        max_iter=15,
+        validation_fraction=0.3,
+        learning_rate_init=0.01,
+    )
     mine, theirs = _pair(bp.MLPClassifier, params, X, y)
     assert mine.validation_scores_ == pytest.approx(theirs.validation_scores_, rel=1e-12)
     np.testing.assert_allclose(mine.coefs_[0], theirs.coefs_[0], rtol=1e-9)
@@ -265,8 +294,16 @@ def test_poisson_regressor_reproduces_sklearn(solver, n_outputs):
     half the Poisson deviance, averaged over samples and summed over outputs. Unshuffled in float64
     bpgpu's fit gives the same parameters, loss_ and predictions."""
     X, y = _counts(n_outputs)
-    params = dict(loss="poisson", hidden_layer_sizes=(6,), random_state=0, shuffle=False, max_iter=8,
-                  batch_size=32, alpha=1e-2, solver=solver)
+    params = dict(
+        loss="poisson",
+        hidden_layer_sizes=(6,),
+        random_state=0,
+        shuffle=False,
+        max_iter=8,
+        batch_size=32,
+        alpha=1e-2,
+        solver=solver,
+    )
     mine, theirs = _pair(bp.MLPRegressor, params, X, y)
     assert mine.out_activation_ == theirs.out_activation_ == "exp"
     assert mine.loss_ == pytest.approx(theirs.loss_, rel=1e-12)
@@ -290,8 +327,16 @@ def test_poisson_loss_of_the_net_is_half_sklearns_mean_poisson_deviance(output, 
 
     X, y = _counts(n=40)
     y[:5] = 0.0
-    net = bp.MLP([4, 5, 1], hidden="tanh", output=output, loss="poisson", reduction=reduction,
-                 dtype="float64", backend="numpy", seed=1)
+    net = bp.MLP(
+        [4, 5, 1],
+        hidden="tanh",
+        output=output,
+        loss="poisson",
+        reduction=reduction,
+        dtype="float64",
+        backend="numpy",
+        seed=1,
+    )
     a = bp.to_numpy(net.forward(X))[:, 0]
     expected = 0.5 * mean_poisson_deviance(y, a) * (1 if reduction == "mean" else len(y))
     assert net.loss(X, y) == pytest.approx(expected, rel=1e-12)

@@ -42,8 +42,9 @@ def test_classifier_on_sparse_input_is_sklearns_and_its_own_dense_fit(container,
         theirs = sk.MLPClassifier(**params).fit(Xs, y)
         mine = bp.MLPClassifier(**params, device="cpu").fit(Xs, y)
         dense = bp.MLPClassifier(**params, device="cpu").fit(X, y)
-    for ours, their, own in zip(mine.coefs_ + mine.intercepts_, theirs.coefs_ + theirs.intercepts_,
-                                dense.coefs_ + dense.intercepts_):
+    for ours, their, own in zip(
+        mine.coefs_ + mine.intercepts_, theirs.coefs_ + theirs.intercepts_, dense.coefs_ + dense.intercepts_
+    ):
         np.testing.assert_allclose(ours, their, rtol=1e-9, atol=1e-13)
         np.testing.assert_allclose(ours, own, rtol=1e-12, atol=1e-15)
     np.testing.assert_allclose(mine.predict_proba(Xs), theirs.predict_proba(Xs), rtol=1e-9)
@@ -62,8 +63,16 @@ def test_regressor_on_sparse_input_with_early_stopping_and_weights(loss):
     X, _, rng = _sparse_problem(n=120)
     y = rng.poisson(np.exp(X[:, :5].sum(axis=1))).astype(float)
     w = rng.uniform(0.5, 2.0, size=len(y))
-    params = dict(loss=loss, hidden_layer_sizes=(5,), random_state=0, shuffle=False, max_iter=5, batch_size=40,
-                  early_stopping=True, learning_rate_init=0.01)
+    params = dict(
+        loss=loss,
+        hidden_layer_sizes=(5,),
+        random_state=0,
+        shuffle=False,
+        max_iter=5,
+        batch_size=40,
+        early_stopping=True,
+        learning_rate_init=0.01,
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         theirs = sk.MLPRegressor(**params).fit(sp.csr_array(X), y, sample_weight=w)
@@ -73,9 +82,15 @@ def test_regressor_on_sparse_input_with_early_stopping_and_weights(loss):
     np.testing.assert_allclose(mine.predict(sp.csc_matrix(X)), theirs.predict(sp.csc_matrix(X)), rtol=1e-9)
 
 
-FITS = [dict(), dict(batch_size=7), dict(batch_size=7, shuffle=False), dict(batch_size=1, epochs=2),
-        dict(optimizer="lbfgs"), dict(optimizer="adam", batch_size=8, validation_fraction=0.2, early_stopping=True),
-        dict(batch_size=5, optimizer="momentum", alpha=0.1, sample_weight=np.linspace(0.0, 2.0, 60))]
+FITS = [
+    dict(),
+    dict(batch_size=7),
+    dict(batch_size=7, shuffle=False),
+    dict(batch_size=1, epochs=2),
+    dict(optimizer="lbfgs"),
+    dict(optimizer="adam", batch_size=8, validation_fraction=0.2, early_stopping=True),
+    dict(batch_size=5, optimizer="momentum", alpha=0.1, sample_weight=np.linspace(0.0, 2.0, 60)),
+]
 
 
 @pytest.mark.parametrize("options", FITS, ids=lambda o: ",".join(o) or "full-batch")
@@ -83,8 +98,9 @@ FITS = [dict(), dict(batch_size=7), dict(batch_size=7, shuffle=False), dict(batc
 def test_bp_fit_forward_and_gradient_on_sparse_x_equal_the_dense_ones(options, dtype):
     X, _, rng = _sparse_problem(n=60, n_features=30)
     T = rng.normal(size=(60, 2))
-    nets = [bp.MLP([30, 5, 2], hidden="tanh", output="identity", dtype=dtype, backend="numpy", seed=0)
-            for _ in range(2)]
+    nets = [
+        bp.MLP([30, 5, 2], hidden="tanh", output="identity", dtype=dtype, backend="numpy", seed=0) for _ in range(2)
+    ]
     kw = {"epochs": 4, "seed": 0, "progress": False, "tol": None, "learning_rate": 0.05, **options}
     dense, sparse = bp.fit(nets[0], X, T, **kw), bp.fit(nets[1], sp.coo_array(X), T, **kw)
     # scipy's sparse products sum in another order than BLAS: in float32 the results differ by
@@ -149,8 +165,9 @@ def test_gpu_sparse_input_and_the_float64_default():
         dense_gpu = bp.MLPClassifier(**params, device="gpu").fit(X, y)
     assert gpu._net.backend.name == "cupy" and gpu._net.dtype == "float64"
     assert gpu.coefs_[0].dtype == np.float64
-    for a, b, c in zip(gpu.coefs_ + gpu.intercepts_, cpu.coefs_ + cpu.intercepts_,
-                       dense_gpu.coefs_ + dense_gpu.intercepts_):
+    for a, b, c in zip(
+        gpu.coefs_ + gpu.intercepts_, cpu.coefs_ + cpu.intercepts_, dense_gpu.coefs_ + dense_gpu.intercepts_
+    ):
         np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-13)
         np.testing.assert_allclose(a, c, rtol=1e-9, atol=1e-13)
     np.testing.assert_allclose(gpu.predict_proba(sp.csc_matrix(X)), cpu.predict_proba(X), rtol=1e-9)

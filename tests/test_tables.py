@@ -15,6 +15,7 @@ import inspect
 
 import numpy as np
 import pytest
+from helpers import HIDDEN, OUTPUT_LOSS_PAIRS, targets_for
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -23,7 +24,6 @@ from bpgpu import engine
 from bpgpu.backend import Backend
 from bpgpu.kernels import ACTIVATIONS, LOSSES, OPS, compiled, cuda, generic, jit
 from bpgpu.testing import cases, checks
-from helpers import HIDDEN, OUTPUT_LOSS_PAIRS, targets_for
 
 
 @pytest.mark.parametrize("table", [compiled, cuda], ids=lambda t: t.__name__)
@@ -45,8 +45,15 @@ def test_compiled_table_matches_the_reference(case):
 def _outputs(name, rng):
     """Valid outputs a = g(z) of activation ``name``, saturated ones included."""
     z = np.concatenate([rng.normal(scale=3.0, size=200), [-40.0, -5.0, 0.0, 5.0, 40.0]])
-    return {"identity": z, "sigmoid": 1.0 / (1.0 + np.exp(-z)), "tanh": np.tanh(z), "relu": np.maximum(z, 0.0),
-            "leaky_relu": np.where(z > 0, z, 0.01 * z), "softplus": np.logaddexp(z, 0.0), "exp": np.exp(z)}[name]
+    return {
+        "identity": z,
+        "sigmoid": 1.0 / (1.0 + np.exp(-z)),
+        "tanh": np.tanh(z),
+        "relu": np.maximum(z, 0.0),
+        "leaky_relu": np.where(z > 0, z, 0.01 * z),
+        "softplus": np.logaddexp(z, 0.0),
+        "exp": np.exp(z),
+    }[name]
 
 
 @pytest.mark.parametrize("name", [g for g in ACTIVATIONS if g != "softmax"])
@@ -100,8 +107,14 @@ def test_the_sigmoid_is_the_same_formula_in_every_table():
 
 
 @settings(max_examples=25, deadline=None)
-@given(st.lists(st.integers(1, 6), min_size=2, max_size=4), st.sampled_from(HIDDEN),
-       st.sampled_from(OUTPUT_LOSS_PAIRS), st.integers(1, 9), st.booleans(), st.integers(0, 2**16))
+@given(
+    st.lists(st.integers(1, 6), min_size=2, max_size=4),
+    st.sampled_from(HIDDEN),
+    st.sampled_from(OUTPUT_LOSS_PAIRS),
+    st.integers(1, 9),
+    st.booleans(),
+    st.integers(0, 2**16),
+)
 def test_compiled_gradient_matches_the_array_api_passes_to_1e_12(sizes, hidden, pair, m, weighted, seed):
     """net.loss_and_gradient on numpy (one numba call) against the engine's passes through the
     array-API reference table, float64: the same J and ∂J/∂w to 1e-12 relative."""
@@ -115,14 +128,21 @@ def test_compiled_gradient_matches_the_array_api_passes_to_1e_12(sizes, hidden, 
     s = rng.uniform(0.1, 2.0, m) if weighted else None
     assert jit.gradient_for(net) is not None
     J, g = net.loss_and_gradient(X, T, sample_weight=s)
-    reference = bp.MLP(sizes, hidden=hidden, output=output, loss=loss, dtype="float64",
-                       backend=Backend("numpy", net.backend.xp, generic, "the array-API reference table"))
+    reference = bp.MLP(
+        sizes,
+        hidden=hidden,
+        output=output,
+        loss=loss,
+        dtype="float64",
+        backend=Backend("numpy", net.backend.xp, generic, "the array-API reference table"),
+    )
     reference.set_params(net.params)
     Xr, Tr = reference.check_inputs(X, T)
     ws = reference.workspace(m)
     engine.forward(reference, Xr, ws, reference.params)
-    J_ref = float(engine.backward(reference, Xr, Tr, ws, reference.params, ws.grad,
-                                  reference.weighting(s) if weighted else None))
+    J_ref = float(
+        engine.backward(reference, Xr, Tr, ws, reference.params, ws.grad, reference.weighting(s) if weighted else None)
+    )
     assert J == pytest.approx(J_ref, rel=1e-12, abs=1e-300)
     scale = max(1.0, float(np.max(np.abs(ws.grad))))
     assert float(np.max(np.abs(g - ws.grad))) <= 1e-12 * scale

@@ -16,8 +16,16 @@ XOR_T = np.array([[0.0], [1.0], [1.0], [0.0]])
 
 
 def xor_net(dtype="float64", backend="numpy", seed=0):
-    return bp.MLP([2, 4, 1], hidden="tanh", output="sigmoid", loss="binary_cross_entropy",
-                  dtype=dtype, backend=backend, init="glorot", seed=seed)
+    return bp.MLP(
+        [2, 4, 1],
+        hidden="tanh",
+        output="sigmoid",
+        loss="binary_cross_entropy",
+        dtype=dtype,
+        backend=backend,
+        init="glorot",
+        seed=seed,
+    )
 
 
 def regression_data(m=64, seed=0):
@@ -27,8 +35,16 @@ def regression_data(m=64, seed=0):
 
 
 def regression_net(seed=0, dtype="float64", backend="numpy"):
-    return bp.MLP([1, 16, 1], hidden="tanh", output="identity", loss="squared_error",
-                  dtype=dtype, backend=backend, init="glorot", seed=seed)
+    return bp.MLP(
+        [1, 16, 1],
+        hidden="tanh",
+        output="identity",
+        loss="squared_error",
+        dtype=dtype,
+        backend=backend,
+        init="glorot",
+        seed=seed,
+    )
 
 
 def test_xor_is_learned_by_full_batch_gradient_descent():
@@ -42,8 +58,9 @@ def test_xor_is_learned_by_full_batch_gradient_descent():
 def test_regression_reaches_a_low_loss_with_adam_mini_batches():
     X, T = regression_data()
     net = regression_net()
-    history = bp.fit(net, X, T, optimizer="adam", learning_rate=0.02, epochs=300, batch_size=16, seed=3,
-                     progress=False, tol=None)
+    history = bp.fit(
+        net, X, T, optimizer="adam", learning_rate=0.02, epochs=300, batch_size=16, seed=3, progress=False, tol=None
+    )
     assert history.loss[-1] < 2e-3, history.loss[-1]
     assert net.loss(X, T) < 2e-3
 
@@ -54,9 +71,13 @@ def test_each_optimizer_decreases_the_loss(optimizer):
     net = regression_net(seed=1)
     before = net.loss(X, T)
     lr = 0.01 if optimizer == "adam" else 0.05
-    history = bp.fit(net, X, T, optimizer=optimizer, learning_rate=lr, epochs=30, batch_size=8, seed=0,
-                     progress=False, tol=None) if optimizer != "lbfgs" else \
-        bp.fit(net, X, T, optimizer="lbfgs", epochs=30, progress=False)
+    history = (
+        bp.fit(
+            net, X, T, optimizer=optimizer, learning_rate=lr, epochs=30, batch_size=8, seed=0, progress=False, tol=None
+        )
+        if optimizer != "lbfgs"
+        else bp.fit(net, X, T, optimizer="lbfgs", epochs=30, progress=False)
+    )
     after = net.loss(X, T)
     assert after < 0.5 * before, (before, after)
     assert history.loss[-1] == pytest.approx(after, rel=0.5)
@@ -67,8 +88,7 @@ def test_same_seed_same_result_and_the_seed_drives_the_shuffle():
     runs = []
     for seed in (7, 7, 8):
         net = regression_net(seed=2)
-        bp.fit(net, X, T, optimizer="momentum", learning_rate=0.05, epochs=5, batch_size=8, seed=seed,
-               progress=False)
+        bp.fit(net, X, T, optimizer="momentum", learning_rate=0.05, epochs=5, batch_size=8, seed=seed, progress=False)
         runs.append(bp.to_numpy(net.params))
     np.testing.assert_array_equal(runs[0], runs[1])
     assert not np.array_equal(runs[0], runs[2])
@@ -109,8 +129,16 @@ def test_first_full_batch_step_is_w_minus_lr_g(step_path):
 
 def test_single_sample_fused_update_equals_the_gradient_step():
     rng = np.random.default_rng(8)
-    net = bp.MLP([3, 5, 4, 2], hidden=["tanh", "relu"], output="softmax", loss="cross_entropy",
-                 dtype="float64", backend="numpy", init="glorot", seed=9)
+    net = bp.MLP(
+        [3, 5, 4, 2],
+        hidden=["tanh", "relu"],
+        output="softmax",
+        loss="cross_entropy",
+        dtype="float64",
+        backend="numpy",
+        init="glorot",
+        seed=9,
+    )
     twin = net.copy()
     x, t = net.check_inputs(rng.normal(size=(1, 3)), np.array([[0.0, 1.0]]))
     loss_fused = _sample_sgd_step(net, x, t, SGD(net, 0.2))
@@ -138,8 +166,19 @@ def test_divergence_restores_the_last_finite_parameters_and_names_epoch_and_step
     net = regression_net(seed=13)
     seen = [bp.to_numpy(net.params).copy()]  # the parameters at the start of each epoch
     with pytest.raises(bp.DivergenceError, match=r"epoch \d+, step \d+ of 4") as info:
-        bp.fit(net, X, T, optimizer="sgd", learning_rate=50.0, epochs=100, batch_size=8, seed=0,
-               progress=False, tol=None, callbacks=[lambda e, h, n: seen.append(bp.to_numpy(n.params).copy())])
+        bp.fit(
+            net,
+            X,
+            T,
+            optimizer="sgd",
+            learning_rate=50.0,
+            epochs=100,
+            batch_size=8,
+            seed=0,
+            progress=False,
+            tol=None,
+            callbacks=[lambda e, h, n: seen.append(bp.to_numpy(n.params).copy())],
+        )
     err = info.value
     assert isinstance(err, FloatingPointError)
     assert err.epoch == len(seen) and 1 <= err.step <= 4
@@ -155,10 +194,11 @@ def test_floating_point_errors_mid_epoch_are_a_divergence_at_that_step(numpy_pat
     net = regression_net(seed=13)
     start = bp.to_numpy(net.params).copy()
     # step 1 makes w ~ 1e200 (finite); step 2's matmul overflows
-    with np.errstate(over="raise", invalid="raise"), \
-            pytest.raises(bp.DivergenceError, match="epoch 1, step 2 of 4") as info:
-        bp.fit(net, X, T, optimizer="sgd", learning_rate=1e200, epochs=5, batch_size=8, shuffle=False,
-               progress=False)
+    with (
+        np.errstate(over="raise", invalid="raise"),
+        pytest.raises(bp.DivergenceError, match="epoch 1, step 2 of 4") as info,
+    ):
+        bp.fit(net, X, T, optimizer="sgd", learning_rate=1e200, epochs=5, batch_size=8, shuffle=False, progress=False)
     assert isinstance(info.value.__cause__, FloatingPointError)
     np.testing.assert_array_equal(net.params, start)
 
@@ -191,8 +231,9 @@ def test_tol_rule_stops_like_scikit_learn():
 def test_adaptive_schedule_divides_the_rate_by_five_then_stops():
     X, T = regression_data(16)
     net = regression_net()
-    history = bp.fit(net, X, T, learning_rate=0.01, epochs=500, tol=1e3, n_iter_no_change=1,
-                     lr_schedule="adaptive", progress=False)
+    history = bp.fit(
+        net, X, T, learning_rate=0.01, epochs=500, tol=1e3, n_iter_no_change=1, lr_schedule="adaptive", progress=False
+    )
     rates = sorted(set(history.learning_rate), reverse=True)
     np.testing.assert_allclose(rates, [0.01 / 5**k for k in range(len(rates))])
     assert rates[-1] <= 1e-6 and history.stop_reason == "tol"
@@ -201,16 +242,28 @@ def test_adaptive_schedule_divides_the_rate_by_five_then_stops():
 def test_invscaling_schedule():
     X, T = regression_data(10)
     net = regression_net()
-    history = bp.fit(net, X, T, learning_rate=0.1, epochs=3, lr_schedule="invscaling", power_t=0.5,
-                     progress=False)
+    history = bp.fit(net, X, T, learning_rate=0.1, epochs=3, lr_schedule="invscaling", power_t=0.5, progress=False)
     np.testing.assert_allclose(history.learning_rate, [0.1 / (10 * e + 1) ** 0.5 for e in (1, 2, 3)])
 
 
 def test_early_stopping_restores_the_best_validation_parameters():
     X, T = regression_data(60, seed=14)
     net = regression_net(seed=15)
-    history = bp.fit(net, X, T, optimizer="adam", learning_rate=0.05, epochs=300, batch_size=10, seed=1,
-                     validation_fraction=0.2, early_stopping=True, n_iter_no_change=3, tol=1e-2, progress=False)
+    history = bp.fit(
+        net,
+        X,
+        T,
+        optimizer="adam",
+        learning_rate=0.05,
+        epochs=300,
+        batch_size=10,
+        seed=1,
+        validation_fraction=0.2,
+        early_stopping=True,
+        n_iter_no_change=3,
+        tol=1e-2,
+        progress=False,
+    )
     assert history.stop_reason == "early_stopping" and history.epochs < 300
     assert len(history.validation_loss) == len(history.validation_score) == history.epochs
     assert history.best_validation_score == max(history.validation_score)
@@ -229,8 +282,9 @@ def test_validation_data_and_custom_score_are_recorded():
         calls.append(xv.shape)
         return 1.0 - n.loss(xv, tv)
 
-    history = bp.fit(net, X, T, learning_rate=0.1, epochs=4, validation_data=(Xv, Tv), validation_score=score,
-                     progress=False)
+    history = bp.fit(
+        net, X, T, learning_rate=0.1, epochs=4, validation_data=(Xv, Tv), validation_score=score, progress=False
+    )
     assert calls == [(10, 1)] * 4
     np.testing.assert_allclose(history["validation_score"], 1.0 - np.array(history["validation_loss"]), rtol=1e-12)
 
@@ -268,8 +322,16 @@ def test_progress_without_tqdm_names_the_extra(monkeypatch):
 
 def test_train_step_allocates_nothing_after_warm_up():
     rng = np.random.default_rng(16)
-    net = bp.MLP([20, 256, 64, 5], hidden="relu", output="softmax", loss="cross_entropy", dtype="float32",
-                 backend="numpy", init="he", seed=0)
+    net = bp.MLP(
+        [20, 256, 64, 5],
+        hidden="relu",
+        output="softmax",
+        loss="cross_entropy",
+        dtype="float32",
+        backend="numpy",
+        init="he",
+        seed=0,
+    )
     X, T = net.check_inputs(rng.normal(size=(50, 20)), np.eye(5)[rng.integers(0, 5, 50)])
     opt = bp.make_optimizer("adam", net, 1e-3, alpha=1e-4)
     for _ in range(3):

@@ -27,8 +27,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", default="auto", help="auto (default), numpy or cupy")
     parser.add_argument("--no-peers", action="store_true", help="skip PyTorch, JAX and scikit-learn")
     parser.add_argument("--no-plots", action="store_true", help="write results.json only")
-    parser.add_argument("--section", action="append", choices=list(SECTIONS), metavar="NAME",
-                        help=f"run only this section (repeatable; default all: {', '.join(SECTIONS)})")
+    parser.add_argument(
+        "--section",
+        action="append",
+        choices=list(SECTIONS),
+        metavar="NAME",
+        help=f"run only this section (repeatable; default all: {', '.join(SECTIONS)})",
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,12 +1,13 @@
-"""The derivative tools of bpgpu against JAX jit and torch.func, as timed cases (issue 12).
+"""The derivative tools of bpgpu against JAX jit and torch.func, as timed cases.
 
 Four quantities on the same net (tanh hidden layers, identity output, squared error,
 reduction "mean", parameters in bpgpu's flat layout w):
 
-    gradient   (J, ∂J/∂w)                 bpgpu net.loss_and_gradient   JAX jit(value_and_grad)   torch.func.grad_and_value
-    jacobian   ∂y/∂x per sample (m, nL, n0) bp.jacobian                 jit(vmap(jacrev))         vmap(jacrev)
-    hvp        H v                        bp.hvp                        jit(jvp of grad)          jvp of grad
-    hessian    H (W, W)                   bp.hessian                    jit(hessian)              torch.func.hessian
+    quantity                                bpgpu                     JAX                       torch.func
+    gradient   (J, ∂J/∂w)                   net.loss_and_gradient     jit(value_and_grad)       grad_and_value
+    jacobian   ∂y/∂x per sample (m, nL, n0) bp.jacobian               jit(vmap(jacrev))         vmap(jacrev)
+    hvp        H v                          bp.hvp                    jit(jvp of grad)          jvp of grad
+    hessian    H (W, W)                     bp.hessian                jit(hessian)              hessian
 
 bpgpu is called through its public functions (input checks included); the peers get
 their arrays ready-made and are compiled (JAX) before any timing. :func:`cases`
@@ -36,8 +37,16 @@ AGREEMENT = {"float64": 1e-9, "float32": 2e-3}
 
 def problem(sizes, m: int, dtype: str, seed: int = 0):
     """(net, X, T, v) with X, T, v host numpy arrays in ``dtype``."""
-    net = bp.MLP(sizes, hidden="tanh", output="identity", loss="squared_error", dtype=dtype, backend="numpy",
-                 init="glorot", seed=seed)
+    net = bp.MLP(
+        sizes,
+        hidden="tanh",
+        output="identity",
+        loss="squared_error",
+        dtype=dtype,
+        backend="numpy",
+        init="glorot",
+        seed=seed,
+    )
     rng = np.random.default_rng(seed + 1)
     X = rng.standard_normal((m, sizes[0])).astype(dtype)
     T = rng.standard_normal((m, sizes[-1])).astype(dtype)
@@ -128,6 +137,7 @@ def torch_fns(net, X, T, v) -> dict:
         def call():
             with torch.no_grad():
                 return f()
+
         return call
 
     return {
@@ -161,8 +171,9 @@ def cases(name: str, dtype: str, quantity: str, peers=("jax", "torch")) -> dict[
     for impl in peers:
         err = relative_error(fns[impl](), reference)
         if not err <= AGREEMENT[dtype]:
-            raise AssertionError(f"{impl} {quantity} on {name} {dtype}: relative difference {err:.3g} "
-                                 f"from bpgpu > {AGREEMENT[dtype]:g}")
+            raise AssertionError(
+                f"{impl} {quantity} on {name} {dtype}: relative difference {err:.3g} from bpgpu > {AGREEMENT[dtype]:g}"
+            )
     return {impl: Case(fn) for impl, fn in fns.items()}
 
 
@@ -171,8 +182,13 @@ def ratios(name: str, dtype: str, quantity: str, peers=("jax", "torch"), min_tim
     and each peer's time over bpgpu's (> 1: bpgpu is faster)."""
     times = interleaved_timings(cases(name, dtype, quantity, peers), min_time=min_time)
     best = {impl: t["best"] for impl, t in times.items()}
-    return {"net": name, "dtype": dtype, "quantity": quantity, "seconds": best,
-            "over_bpgpu": {impl: best[impl] / best["bpgpu"] for impl in peers}}
+    return {
+        "net": name,
+        "dtype": dtype,
+        "quantity": quantity,
+        "seconds": best,
+        "over_bpgpu": {impl: best[impl] / best["bpgpu"] for impl in peers},
+    }
 
 
 def applies(name: str, quantity: str) -> bool:

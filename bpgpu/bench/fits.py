@@ -25,8 +25,13 @@ def fit_power_law(W, t) -> dict:
     x, y = np.log10(np.asarray(W, dtype=float)), np.log10(np.asarray(t, dtype=float))
     k, log_c = np.polyfit(x, y, 1)
     residual, spread = float(np.sum((y - (k * x + log_c)) ** 2)), float(np.sum((y - y.mean()) ** 2))
-    return {"exponent": float(k), "prefactor": float(10**log_c), "fit_range": [int(min(W)), int(max(W))],
-            "n_points": len(W), "r2": 1.0 - residual / spread if spread > 0 else 1.0}
+    return {
+        "exponent": float(k),
+        "prefactor": float(10**log_c),
+        "fit_range": [int(min(W)), int(max(W))],
+        "n_points": len(W),
+        "r2": 1.0 - residual / spread if spread > 0 else 1.0,
+    }
 
 
 def proportional_points(points: list[dict], method: str, floor: float | None = None) -> list[dict]:
@@ -61,10 +66,15 @@ def fit_gradient_cost(points: list[dict], floors: dict[str, float] | None = None
     else:  # no overlap: report each method's own fit, over the union of the ranges
         exponents = {m: own[m]["exponent"] if own[m] else None for m in METHODS}
         fit_range = [min(b[0] for b in bounds), max(b[1] for b in bounds)]
-    return {"exponents": exponents, "fit_range": fit_range, "common_fit_points": len(common_pts),
-            "fit_range_is_common": common is not None,
-            "r2": {m: common[m]["r2"] for m in METHODS} if common else None,
-            "fits": own, "extrapolated": extrapolate_differences(points)}
+    return {
+        "exponents": exponents,
+        "fit_range": fit_range,
+        "common_fit_points": len(common_pts),
+        "fit_range_is_common": common is not None,
+        "r2": {m: common[m]["r2"] for m in METHODS} if common else None,
+        "fits": own,
+        "extrapolated": extrapolate_differences(points),
+    }
 
 
 def extrapolate_differences(points: list[dict]) -> list[dict]:

@@ -60,17 +60,21 @@ def regression8(m: int = 2000, hidden: int = 64) -> Problem:
     rng = np.random.default_rng(0)
     X = rng.standard_normal((m, 8))
     a, b = rng.standard_normal(8) / np.sqrt(8), rng.standard_normal(8) / np.sqrt(8)
-    return Problem(f"8-input regression (m={m})", (8, hidden, hidden, 1), X,
-                   (np.sin(X @ a) + 0.5 * np.cos(2 * X @ b))[:, None])
+    return Problem(
+        f"8-input regression (m={m})", (8, hidden, hidden, 1), X, (np.sin(X @ a) + 0.5 * np.cos(2 * X @ b))[:, None]
+    )
 
 
 def franke(m: int = 400) -> Problem:
     """Franke's 2-D test function on m uniform points of [0, 1]², net [2, 20, 20, 1] (W = 501)."""
     rng = np.random.default_rng(1)
     x, y = rng.uniform(size=(2, m))
-    f = (0.75 * np.exp(-((9 * x - 2) ** 2 + (9 * y - 2) ** 2) / 4) + 0.75 * np.exp(-((9 * x + 1) ** 2) / 49
-         - (9 * y + 1) / 10) + 0.5 * np.exp(-((9 * x - 7) ** 2 + (9 * y - 3) ** 2) / 4)
-         - 0.2 * np.exp(-(9 * x - 4) ** 2 - (9 * y - 7) ** 2))
+    f = (
+        0.75 * np.exp(-((9 * x - 2) ** 2 + (9 * y - 2) ** 2) / 4)
+        + 0.75 * np.exp(-((9 * x + 1) ** 2) / 49 - (9 * y + 1) / 10)
+        + 0.5 * np.exp(-((9 * x - 7) ** 2 + (9 * y - 3) ** 2) / 4)
+        - 0.2 * np.exp(-((9 * x - 4) ** 2) - (9 * y - 7) ** 2)
+    )
     return Problem("Franke 2-D", (2, 20, 20, 1), np.stack([x, y], axis=1), f[:, None])
 
 
@@ -83,8 +87,16 @@ def friedman1(m: int = 500) -> Problem:
 
 
 def bpgpu_net(problem: Problem, seed: int = 0) -> bp.MLP:
-    return bp.MLP(problem.sizes, hidden="tanh", output="identity", loss="squared_error", dtype="float64",
-                  backend="numpy", init="glorot", seed=seed)
+    return bp.MLP(
+        problem.sizes,
+        hidden="tanh",
+        output="identity",
+        loss="squared_error",
+        dtype="float64",
+        backend="numpy",
+        init="glorot",
+        seed=seed,
+    )
 
 
 # --- one LM iteration, from the same point each call ----------------------------------
@@ -127,8 +139,9 @@ class TorchLMIteration:
             layers += [linear, torch.nn.Tanh()] if l < net.n_layers else [linear]
         self.model = torch.nn.Sequential(*layers)
         self.mu_t = mu_t
-        self.module = LevenbergMarquardtModule(self.model, damping_strategy=StandardDampingStrategy(mu_t),
-                                               solve_method="cholesky")
+        self.module = LevenbergMarquardtModule(
+            self.model, damping_strategy=StandardDampingStrategy(mu_t), solve_method="cholesky"
+        )
         self.w0 = self.module.flat_params.clone()
         self.X, self.T = torch.from_numpy(problem.X), torch.from_numpy(problem.T)
 
@@ -160,8 +173,9 @@ def bpgpu_run(problem: Problem, optimizer: str, budget: float, **options) -> lis
     The MSE is 2 × the half squared error bp.fit records (no L2 term). No stopping rule
     (tol=None; L-BFGS: gtol = 0, as scikit-learn's tol=0 below)."""
     options = {"tol": 0.0 if optimizer == "lbfgs" else None, **options}
-    bp.fit(bpgpu_net(problem), problem.X, problem.T, optimizer=optimizer, epochs=2, progress=False,
-           **options)  # warm: numba's compiled step, the workspaces
+    bp.fit(
+        bpgpu_net(problem), problem.X, problem.T, optimizer=optimizer, epochs=2, progress=False, **options
+    )  # warm: numba's compiled step, the workspaces
     net = bpgpu_net(problem)
     points = [(0.0, mse(net, problem))]
     start = time.perf_counter()
@@ -171,8 +185,7 @@ def bpgpu_run(problem: Problem, optimizer: str, budget: float, **options) -> lis
         points.append((elapsed, 2.0 * history.loss[-1]))
         return elapsed > budget
 
-    bp.fit(net, problem.X, problem.T, optimizer=optimizer, epochs=10**7, progress=False, callbacks=[record],
-           **options)
+    bp.fit(net, problem.X, problem.T, optimizer=optimizer, epochs=10**7, progress=False, callbacks=[record], **options)
     return points
 
 
@@ -203,8 +216,15 @@ def sklearn_lbfgs_run(problem: Problem, budget: float) -> list[tuple[float, floa
 
     points, max_iter = [], 1
     while True:
-        model = MLPRegressor(hidden_layer_sizes=problem.sizes[1:-1], activation="tanh", solver="lbfgs", alpha=0.0,
-                             max_iter=max_iter, tol=0.0, random_state=0)
+        model = MLPRegressor(
+            hidden_layer_sizes=problem.sizes[1:-1],
+            activation="tanh",
+            solver="lbfgs",
+            alpha=0.0,
+            max_iter=max_iter,
+            tol=0.0,
+            random_state=0,
+        )
         start = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
@@ -267,8 +287,7 @@ def iteration_times(name: str, rounds: int, peers: bool) -> dict:
         cases["torch_lm"] = TorchLMIteration(problem)
     for case in cases.values():
         case()  # warm, and the step compared below
-    row = {"problem": name, "sizes": list(problem.sizes), "m": problem.X.shape[0],
-           "W": cases["bpgpu"].net.n_params}
+    row = {"problem": name, "sizes": list(problem.sizes), "m": problem.X.shape[0], "W": cases["bpgpu"].net.n_params}
     if "torch_lm" in cases:
         ours = np.asarray(cases["bpgpu"].net.params)
         moved = np.abs(ours - cases["bpgpu"].w0).max()

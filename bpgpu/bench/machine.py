@@ -42,8 +42,11 @@ def machine_info(backend: Backend) -> dict:
     try:
         from threadpoolctl import threadpool_info
 
-        info["blas"] = [f"{p.get('internal_api')} {p.get('version')} ({p.get('num_threads')} threads)"
-                        for p in threadpool_info() if p.get("user_api") == "blas"]
+        info["blas"] = [
+            f"{p.get('internal_api')} {p.get('version')} ({p.get('num_threads')} threads)"
+            for p in threadpool_info()
+            if p.get("user_api") == "blas"
+        ]
     except ImportError:
         pass
     for peer in ("torch", "jax", "sklearn", "cupy"):

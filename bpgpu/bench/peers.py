@@ -118,8 +118,15 @@ def sklearn_case(sizes, m: int, dtype: str, lr: float = LEARNING_RATE) -> Case:
     if sizes[-1] == 1:
         T = T.ravel()
     model = MLPRegressor(
-        hidden_layer_sizes=tuple(sizes[1:-1]), activation="relu", solver="sgd", alpha=0.0,
-        batch_size=m, learning_rate_init=lr, momentum=0.0, nesterovs_momentum=False, shuffle=False,
+        hidden_layer_sizes=tuple(sizes[1:-1]),
+        activation="relu",
+        solver="sgd",
+        alpha=0.0,
+        batch_size=m,
+        learning_rate_init=lr,
+        momentum=0.0,
+        nesterovs_momentum=False,
+        shuffle=False,
         random_state=0,
     )
 

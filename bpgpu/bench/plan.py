@@ -73,7 +73,9 @@ class Plan:
 
 # quick: W = 10^1.9 .. 10^2.6 in tenths of a decade (where finite differences are measured),
 # then half decades to 10^4 for backprop alone
-QUICK_GRID = tuple(float(e) for e in np.round(np.concatenate([np.arange(1.9, 2.61, 0.1), np.arange(3.0, 4.01, 0.5)]), 2))
+QUICK_GRID = tuple(
+    float(e) for e in np.round(np.concatenate([np.arange(1.9, 2.61, 0.1), np.arange(3.0, 4.01, 0.5)]), 2)
+)
 QUICK_NETS = NetFamily("hidden", 1, "softplus")
 FULL_NETS = NetFamily("input", 16, "tanh")
 FULL_GRID = tuple(float(e) for e in np.round(np.arange(2.0, 6.01, 0.25), 2))
@@ -88,15 +90,52 @@ def plan_for(mode: str) -> Plan:
     tanh nets up to W = 10⁶, whose passes are proportional to W only above W ≈ 5000.
     """
     if mode == "full":
-        return Plan(tuple(CONFIGS), ("float32", "float64"), 512, FULL_GRID, 120.0, 1.0, True, 10, mode=mode,
-                    lm_iterations=("sinc200", "regression8_2000"), lm_curves=("sinc", "franke", "friedman1"),
-                    lm_budget_s=5.0, derivative_nets=("8-16-1", "32-64-64-4", "64-128-128-10", "784-256-10"))
+        return Plan(
+            tuple(CONFIGS),
+            ("float32", "float64"),
+            512,
+            FULL_GRID,
+            120.0,
+            1.0,
+            True,
+            10,
+            mode=mode,
+            lm_iterations=("sinc200", "regression8_2000"),
+            lm_curves=("sinc", "franke", "friedman1"),
+            lm_budget_s=5.0,
+            derivative_nets=("8-16-1", "32-64-64-4", "64-128-128-10", "784-256-10"),
+        )
     if mode == "quick":
-        return Plan(("tiny", "small", "medium"), ("float32", "float64"), 2048, QUICK_GRID, 80.0, 0.3, True, 7,
-                    mode=mode, gradient_nets=QUICK_NETS, fd_max_log10_W=2.6, fd_rounds=3)
+        return Plan(
+            ("tiny", "small", "medium"),
+            ("float32", "float64"),
+            2048,
+            QUICK_GRID,
+            80.0,
+            0.3,
+            True,
+            7,
+            mode=mode,
+            gradient_nets=QUICK_NETS,
+            fd_max_log10_W=2.6,
+            fd_rounds=3,
+        )
     if mode == "smoke":
         # finite differences at two points only, so the budget (wall seconds) is never what stops them
-        return Plan(("tiny", "small"), ("float32",), 64, (2.0, 2.5, 3.0, 3.5), 5.0, 0.01, False, settle_s=0.0,
-                    mode=mode, gradient_nets=QUICK_NETS, fd_max_log10_W=2.5, fd_rounds=2, lm_rounds=1,
-                    lm_budget_s=0.1)
+        return Plan(
+            ("tiny", "small"),
+            ("float32",),
+            64,
+            (2.0, 2.5, 3.0, 3.5),
+            5.0,
+            0.01,
+            False,
+            settle_s=0.0,
+            mode=mode,
+            gradient_nets=QUICK_NETS,
+            fd_max_log10_W=2.5,
+            fd_rounds=2,
+            lm_rounds=1,
+            lm_budget_s=0.1,
+        )
     raise ValueError(f"mode must be 'full', 'quick' or 'smoke', got {mode!r}")

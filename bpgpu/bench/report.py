@@ -46,8 +46,10 @@ def _sections():
 def text(results: dict) -> str:
     """The text table ``bpgpu bench`` prints."""
     load = results.get("machine", {}).get("load_average")
-    lines = [f"backend {results['backend']} on {results['device']}"
-             + (f" (1-minute load average {load[0]:.1f} on {os.cpu_count()} CPUs at the end)" if load else "")]
+    lines = [
+        f"backend {results['backend']} on {results['device']}"
+        + (f" (1-minute load average {load[0]:.1f} on {os.cpu_count()} CPUs at the end)" if load else "")
+    ]
     for section in _sections():
         if section.key in results:
             lines += [""] + section.text(results[section.key])

@@ -45,15 +45,22 @@ def burst(case: Case, n: int, clock: Callable[[], float] = time.perf_counter) ->
     return (clock() - t0) / n
 
 
-def seconds_per_call(case: Case, min_time: float = 0.2, repeats: int = 5, long_call: float = 1.0,
-                     clock: str = "wall") -> dict:
+def seconds_per_call(
+    case: Case, min_time: float = 0.2, repeats: int = 5, long_call: float = 1.0, clock: str = "wall"
+) -> dict:
     """Time one case: see :func:`interleaved_timings`."""
     return interleaved_timings({"case": case}, min_time, repeats, long_call, clock=clock)["case"]
 
 
-def interleaved_timings(cases: dict[str, Case], min_time: float = 0.2, repeats: int = 5,
-                        long_call: float = 1.0, settle: float = 0.0, seed: int = 0,
-                        clock: str = "wall") -> dict[str, dict]:
+def interleaved_timings(
+    cases: dict[str, Case],
+    min_time: float = 0.2,
+    repeats: int = 5,
+    long_call: float = 1.0,
+    settle: float = 0.0,
+    seed: int = 0,
+    clock: str = "wall",
+) -> dict[str, dict]:
     """Time several cases in interleaved rounds, so they share the machine's state.
 
     Each case gets a warm-up call and a calibration call, then ``repeats`` rounds; in
@@ -88,6 +95,10 @@ def interleaved_timings(cases: dict[str, Case], min_time: float = 0.2, repeats: 
             time.sleep(settle)
             rounds[name].append(burst(cases[name], calls[name], tick))
     for name, times in rounds.items():
-        stats[name] = {"best": min(times), "median": float(np.median(times)), "calls": calls[name] * repeats,
-                       "rounds": times}
+        stats[name] = {
+            "best": min(times),
+            "median": float(np.median(times)),
+            "calls": calls[name] * repeats,
+            "rounds": times,
+        }
     return {name: stats[name] for name in cases}

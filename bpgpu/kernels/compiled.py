@@ -70,10 +70,25 @@ SMALL_GEMM = 512
 # unlike a ctypes pointer to scipy's function. np.dot has no α and β, which the fused
 # updates need. Arguments: kind ('s' or 'd'), transa, transb, m, n, k, &α, A, lda,
 # B, ldb, &β, C, ldc, in BLAS's column-major terms.
-_xxgemm = types.ExternalFunction("numba_xxgemm", types.intc(
-    types.char, types.char, types.char, types.intp, types.intp, types.intp,
-    types.voidptr, types.voidptr, types.intp, types.voidptr, types.intp, types.voidptr, types.voidptr, types.intp,
-))
+_xxgemm = types.ExternalFunction(
+    "numba_xxgemm",
+    types.intc(
+        types.char,
+        types.char,
+        types.char,
+        types.intp,
+        types.intp,
+        types.intp,
+        types.voidptr,
+        types.voidptr,
+        types.intp,
+        types.voidptr,
+        types.intp,
+        types.voidptr,
+        types.voidptr,
+        types.intp,
+    ),
+)
 
 
 # --- the scalar definitions ----------------------------------------------------------
@@ -551,8 +566,22 @@ def _gemm(a, b, out, alpha, beta, slots):
         ta, lda = _operand(a)
         kind = ord("s") if out.itemsize == 4 else ord("d")
         # row-major out = a @ b is column-major outᵀ = bᵀ aᵀ
-        status = _xxgemm(kind, tb, ta, n, m, k, slots[0:].ctypes, b.ctypes, ldb, a.ctypes, lda, slots[1:].ctypes,
-                         out.ctypes, max(out.strides[0] // out.itemsize, n, 1))
+        status = _xxgemm(
+            kind,
+            tb,
+            ta,
+            n,
+            m,
+            k,
+            slots[0:].ctypes,
+            b.ctypes,
+            ldb,
+            a.ctypes,
+            lda,
+            slots[1:].ctypes,
+            out.ctypes,
+            max(out.strides[0] // out.itemsize, n, 1),
+        )
         if status < 0:  # the helper could not load SciPy's BLAS: out was not written
             raise RuntimeError("BLAS ?gemm failed: numba's BLAS helper could not load scipy.linalg.cython_blas")
         return
@@ -710,9 +739,19 @@ def train_step(X, T, w, grad, work, plan, loss, mean, alpha, rule, lr, mu, veloc
         if rule == SGD:
             _sgd_layer(a_in, delta, wt, w[off : off + n_out], work[row_start : row_start + n_out], lr, decay, slots)
         elif rule == MOMENTUM:
-            _momentum_layer(a_in, delta, wt, w[off : off + n_out],
-                            velocity[off + n_out : off + n_out * (n_in + 1)].reshape(n_in, n_out),
-                            velocity[off : off + n_out], work[row_start : row_start + n_out], lr, mu, decay, slots)
+            _momentum_layer(
+                a_in,
+                delta,
+                wt,
+                w[off : off + n_out],
+                velocity[off + n_out : off + n_out * (n_in + 1)].reshape(n_in, n_out),
+                velocity[off : off + n_out],
+                work[row_start : row_start + n_out],
+                lr,
+                mu,
+                decay,
+                slots,
+            )
         else:  # the gradient: ∂J/∂Wᵀ = a_inᵀ δ (+ alpha c Wᵀ), ∂J/∂b = Σ_n δ_n
             gt = grad[off + n_out : off + n_out * (n_in + 1)].reshape(n_in, n_out)
             _gemm(a_in.T, delta, gt, 1.0, 0.0, slots)

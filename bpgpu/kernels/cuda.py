@@ -78,8 +78,12 @@ class Elementwise:
 
     def build(self, cupy: Any, name: str) -> Any:
         return cupy.ElementwiseKernel(
-            self.in_params, self.out_params, self.operation, name,
-            reduce_dims=self.reduce_dims, preamble=PREAMBLE,
+            self.in_params,
+            self.out_params,
+            self.operation,
+            name,
+            reduce_dims=self.reduce_dims,
+            preamble=PREAMBLE,
         )
 
 
@@ -98,8 +102,15 @@ class Reduction:
 
     def build(self, cupy: Any, name: str) -> Any:
         return cupy.ReductionKernel(
-            self.in_params, self.out_params, self.map_expr, self.reduce_expr,
-            self.post_map_expr, self.identity, name, reduce_type=_ACC, preamble=PREAMBLE,
+            self.in_params,
+            self.out_params,
+            self.map_expr,
+            self.reduce_expr,
+            self.post_map_expr,
+            self.identity,
+            name,
+            reduce_type=_ACC,
+            preamble=PREAMBLE,
         )
 
 
@@ -145,7 +156,8 @@ SPECS: dict[str, Elementwise | Reduction] = {
     "softmax_fwd_rowmax": _ROW_MAX,
     "softmax_fwd_rowsum": _ROW_SUM_EXP,
     "softmax_fwd": Elementwise(
-        "T bias, T top, T total_exp", "T z, T act",
+        "T bias, T top, T total_exp",
+        "T z, T act",
         "const T v = T(z + bias); z = v; act = T(exp(v - top) / total_exp);",
     ),
     # activations, backward: δ = s ⊙ g′(a)
@@ -163,13 +175,12 @@ SPECS: dict[str, Elementwise | Reduction] = {
     "squared_error_bwd": Elementwise("T act, T tgt, T c", "T delta", "delta = T((act - tgt) * c);"),
     "binary_cross_entropy_fwd": _sum("T act, T tgt, T lo, T hi", "total", _BCE_TERM),
     "binary_cross_entropy_bwd": Elementwise(
-        "T act, T tgt, T c, T lo, T hi", "T delta",
+        "T act, T tgt, T c, T lo, T hi",
+        "T delta",
         f"const T p = {_CLIPPED}; delta = T((act - tgt) / (p * (T(1) - p)) * c);",
     ),
     "cross_entropy_fwd": _sum("T act, T tgt, T lo, T hi", "total", f"-(tgt * log({_CLIPPED}))"),
-    "cross_entropy_bwd": Elementwise(
-        "T act, T tgt, T c, T lo, T hi", "T delta", f"delta = T(tgt / {_CLIPPED} * -c);"
-    ),
+    "cross_entropy_bwd": Elementwise("T act, T tgt, T c, T lo, T hi", "T delta", f"delta = T(tgt / {_CLIPPED} * -c);"),
     "poisson_fwd": _sum("T act, T tgt, T lo", "total", _POISSON_TERM),
     "poisson_bwd": Elementwise(
         "T act, T tgt, T c, T lo", "T delta", "delta = T((T(1) - tgt / (act < lo ? lo : act)) * c);"
@@ -186,19 +197,24 @@ SPECS: dict[str, Elementwise | Reduction] = {
     # (out size 1 here) CuPy's loop maps a few elements twice, discarding the extra sums: the
     # repeated write of delta stores the same value, so it is harmless.
     "squared_error_value_and_delta": _sum(
-        "T logit, T act, T tgt, T c, _non_const T delta", "total",
-        f"({_DELTA_CANONICAL}, (logit - tgt) * (logit - tgt))", "total = T(a / 2)",
+        "T logit, T act, T tgt, T c, _non_const T delta",
+        "total",
+        f"({_DELTA_CANONICAL}, (logit - tgt) * (logit - tgt))",
+        "total = T(a / 2)",
     ),
     "sigmoid_binary_cross_entropy_value_and_delta": _sum(
-        "T logit, T act, T tgt, T c, _non_const T delta", "total",
+        "T logit, T act, T tgt, T c, _non_const T delta",
+        "total",
         f"({_DELTA_CANONICAL}, bpgpu_softplus(logit) - tgt * logit)",
     ),
     "softmax_cross_entropy_value_and_delta": _sum(
-        "T logit, T act, T tgt, T c, T top, T total_exp, _non_const T delta", "total",
+        "T logit, T act, T tgt, T c, T top, T total_exp, _non_const T delta",
+        "total",
         f"({_DELTA_CANONICAL}, tgt * (log(total_exp) + top - logit))",
     ),
     "exp_poisson_value_and_delta": _sum(
-        "T logit, T act, T tgt, T c, T lo, _non_const T delta", "total",
+        "T logit, T act, T tgt, T c, T lo, _non_const T delta",
+        "total",
         f"({_DELTA_CANONICAL}, {_EXP_POISSON_TERM})",
     ),
     # optimizer updates over the flat vector, in place, state included (scikit-learn's forms)
@@ -208,7 +224,8 @@ SPECS: dict[str, Elementwise | Reduction] = {
         "T g, T lr, T mu", "T w, T v", "v = T(mu * v - lr * g); w = T(w + mu * v - lr * g);"
     ),
     "adam_update": Elementwise(
-        "T g, T lr_t, T beta1, T beta2, T eps", "T w, T m, T v",
+        "T g, T lr_t, T beta1, T beta2, T eps",
+        "T w, T m, T v",
         "m = T(beta1 * m + (T(1) - beta1) * g);"
         " v = T(beta2 * v + (T(1) - beta2) * (g * g));"
         " w = T(w - lr_t * m / (sqrt(v) + eps));",
@@ -217,7 +234,8 @@ SPECS: dict[str, Elementwise | Reduction] = {
     # one sample: Wᵀ ← Wᵀ − lr a ⊗ δ over the (n_in, n_out) grid, and b ← b − lr δ by the
     # threads of row 0 (i < n_out); reduce_dims=False keeps i the C-order index of that grid.
     "outer_sgd_update": Elementwise(
-        "T a_col, T d_row, raw T d_raw, T lr", "T wt, raw T bias",
+        "T a_col, T d_row, raw T d_raw, T lr",
+        "T wt, raw T bias",
         "wt = T(wt - lr * (a_col * d_row)); if (i < bias.size()) bias[i] = T(bias[i] - lr * d_raw[i]);",
         reduce_dims=False,
     ),
@@ -234,12 +252,19 @@ OP_KERNELS: dict[str, tuple[str, ...]] = {
     "canonical_value_and_delta": (
         "squared_error_value_and_delta",
         "sigmoid_binary_cross_entropy_value_and_delta",
-        "softmax_fwd_rowmax", "softmax_fwd_rowsum", "softmax_cross_entropy_value_and_delta",
+        "softmax_fwd_rowmax",
+        "softmax_fwd_rowsum",
+        "softmax_cross_entropy_value_and_delta",
         "exp_poisson_value_and_delta",
     ),
 }
-OP_KERNELS.update({name: (name,) for name in SPECS if name not in OP_KERNELS and not name.endswith(
-    ("_rowmax", "_rowsum", "_rowdot", "_value_and_delta"))})
+OP_KERNELS.update(
+    {
+        name: (name,)
+        for name in SPECS
+        if name not in OP_KERNELS and not name.endswith(("_rowmax", "_rowsum", "_rowdot", "_value_and_delta"))
+    }
+)
 
 KERNELS: dict[str, Any] = {}
 
@@ -259,7 +284,7 @@ def all_kernels() -> dict[str, Any]:
     return {name: kernel(name) for name in SPECS}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _unit_bounds(dtype: Any) -> tuple[float, float]:
     """[tiny, 1⁻] of ``dtype`` as Python floats: the clip range of the other tables."""
     info = np.finfo(dtype)

@@ -132,8 +132,9 @@ class CompiledStep:
             if len(self._work) >= _BUFFERS_KEPT:
                 self._work.pop(next(iter(self._work)))
             sizes = self.net.sizes
-            work = self._work[m] = np.empty(m * (2 * sum(sizes[1:]) + sizes[-1]) + max(sizes[1:]) + 2,
-                                            dtype=self._grad.dtype)
+            work = self._work[m] = np.empty(
+                m * (2 * sum(sizes[1:]) + sizes[-1]) + max(sizes[1:]) + 2, dtype=self._grad.dtype
+            )
         return work
 
     def __reduce__(self):
@@ -172,8 +173,20 @@ class CompiledStep:
         # s=None has its own numba specialization, with no weighting code; c comes from the weights
         s = None if weights is None else np.ascontiguousarray(weights[0][:, 0])
         return self._kernel(
-            X, T, self.net.params, grad, self._buffers(X.shape[0]), self._plan, self._loss, self._mean,
-            self._alpha, self._rule, lr, mu, velocity, s,
+            X,
+            T,
+            self.net.params,
+            grad,
+            self._buffers(X.shape[0]),
+            self._plan,
+            self._loss,
+            self._mean,
+            self._alpha,
+            self._rule,
+            lr,
+            mu,
+            velocity,
+            s,
         )
 
 
@@ -186,8 +199,9 @@ class CompiledGradient:
         self.net = net
         self._step = CompiledStep(net, 0.0, module, gradient_only=True)
 
-    def __call__(self, X: np.ndarray, T: np.ndarray, grad: np.ndarray,
-                 weights: tuple[np.ndarray, float] | None = None) -> float:
+    def __call__(
+        self, X: np.ndarray, T: np.ndarray, grad: np.ndarray, weights: tuple[np.ndarray, float] | None = None
+    ) -> float:
         return self._step.run(X, T, grad, weights)
 
 

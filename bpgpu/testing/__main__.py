@@ -21,7 +21,9 @@ def _versions():
 
     major, minor = nvrtc.getVersion()
     gxx = host.gxx()
-    gxx_version = subprocess.run([gxx, "-dumpfullversion"], capture_output=True, text=True).stdout.strip() if gxx else "missing"
+    gxx_version = (
+        subprocess.run([gxx, "-dumpfullversion"], capture_output=True, text=True).stdout.strip() if gxx else "missing"
+    )
     return f"CuPy {cupy.__version__}, NVRTC {major}.{minor}, g++ {gxx_version}"
 
 
@@ -55,11 +57,20 @@ def _cpu_table(report, dtypes, layouts):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m bpgpu.testing", description=__doc__.splitlines()[0])
-    parser.add_argument("--dtype", action="append", choices=[np.dtype(d).name for d in cases.DTYPES],
-                        help="only this dtype (repeatable; default: all)")
-    parser.add_argument("--arch", action="append", help=f"NVRTC target (repeatable; default: {' '.join(sources.ARCHS)})")
-    parser.add_argument("--all-layouts", action="store_true",
-                        help="NVRTC-compile the sources of every layout, not only the contiguous one")
+    parser.add_argument(
+        "--dtype",
+        action="append",
+        choices=[np.dtype(d).name for d in cases.DTYPES],
+        help="only this dtype (repeatable; default: all)",
+    )
+    parser.add_argument(
+        "--arch", action="append", help=f"NVRTC target (repeatable; default: {' '.join(sources.ARCHS)})"
+    )
+    parser.add_argument(
+        "--all-layouts",
+        action="store_true",
+        help="NVRTC-compile the sources of every layout, not only the contiguous one",
+    )
     args = parser.parse_args(argv)
     dtypes = tuple(np.dtype(d).type for d in args.dtype) if args.dtype else cases.DTYPES
     archs = tuple(args.arch) if args.arch else sources.ARCHS
@@ -71,7 +82,9 @@ def main(argv=None):
     report = checks.check_all(dtypes, cases.LAYOUTS, archs, compile_layouts)
     tol = ", ".join(f"{k.name} {v:g}" for k, v in checks.TOLERANCE.items())
     print(f"bpgpu kernel checks without a GPU: {_versions()}")
-    print(f"\n1. NVRTC compiles of the exact generated source (sources per cell; layouts: {', '.join(compile_layouts)})")
+    print(
+        f"\n1. NVRTC compiles of the exact generated source (sources per cell; layouts: {', '.join(compile_layouts)})"
+    )
     print("\n".join(_compile_table(report, dtypes, archs)))
     print("\n2. CPU run of the generated source vs the array-API reference in float64:")
     print(f"   max |kernel - twin| / max(1, |twin|) per call ('!' = over the tolerance: {tol})")
@@ -80,11 +93,13 @@ def main(argv=None):
         print(f"   {op}: not checked here ({why}); GPU tests only")
     failures = [r for r in report.results if not r.ok]
     compile_failures = {k: [e for e in v if e] for k, v in report.compiled.items() if any(v)}
-    print(f"\n{len(report.results)} CPU runs, {len(failures)} failed; "
-          f"{sum(len(v) for v in report.compiled.values())} NVRTC compiles, "
-          f"{sum(len(v) for v in compile_failures.values())} failed; "
-          f"kernels never run: {report.unexercised or 'none'}; "
-          f"{report.seconds['cpu']:.1f} s CPU runs (g++ included), {report.seconds['nvrtc']:.1f} s NVRTC")
+    print(
+        f"\n{len(report.results)} CPU runs, {len(failures)} failed; "
+        f"{sum(len(v) for v in report.compiled.values())} NVRTC compiles, "
+        f"{sum(len(v) for v in compile_failures.values())} failed; "
+        f"kernels never run: {report.unexercised or 'none'}; "
+        f"{report.seconds['cpu']:.1f} s CPU runs (g++ included), {report.seconds['nvrtc']:.1f} s NVRTC"
+    )
     for r in failures:
         print(f"\nFAIL {r.case.id} (kernels {', '.join(r.kernels) or 'none'}): {r.failure}")
     for (name, dtype, arch), errs in compile_failures.items():

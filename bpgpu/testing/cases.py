@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+
 from bpgpu.kernels import ACTIVATIONS, LOSSES, OPS
 
 M, N, N_IN, P = 13, 7, 5, 97  # odd sizes: no kernel gets a power-of-two shortcut
@@ -100,8 +101,7 @@ def _saturated(rng, shape):
 
 
 # "extreme" layout: the domain each ordinary domain is replaced by
-EXTREME = {logits: lambda rng, shape: 50.0 * rng.standard_normal(shape), unit_open: _saturated,
-           softmax_rows: one_hot}
+EXTREME = {logits: lambda rng, shape: 50.0 * rng.standard_normal(shape), unit_open: _saturated, softmax_rows: one_hot}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,26 +114,55 @@ class Arg:
 
 
 def _act(g):
-    a_dom = {"sigmoid": unit_open, "tanh": tanh_out, "relu": relu_out, "softplus": softplus_out,
-             "softmax": softmax_rows, "exp": exp_out}.get(g, normal)
-    fwd = (Arg("z", (M, N), logits, "io"), Arg("b", (N,)), Arg("out", (M, N), role="out", alias="z"),
-           Arg("scratch", (M, N), role="aux"), Arg("rows", (M, 2), role="aux"))
-    bwd = (Arg("s", (M, N)), Arg("a", (M, N), a_dom), Arg("out", (M, N), role="out", alias="s"),
-           Arg("scratch", (M, N), role="aux"), Arg("rows", (M, 2), role="aux"))
+    a_dom = {
+        "sigmoid": unit_open,
+        "tanh": tanh_out,
+        "relu": relu_out,
+        "softplus": softplus_out,
+        "softmax": softmax_rows,
+        "exp": exp_out,
+    }.get(g, normal)
+    fwd = (
+        Arg("z", (M, N), logits, "io"),
+        Arg("b", (N,)),
+        Arg("out", (M, N), role="out", alias="z"),
+        Arg("scratch", (M, N), role="aux"),
+        Arg("rows", (M, 2), role="aux"),
+    )
+    bwd = (
+        Arg("s", (M, N)),
+        Arg("a", (M, N), a_dom),
+        Arg("out", (M, N), role="out", alias="s"),
+        Arg("scratch", (M, N), role="aux"),
+        Arg("rows", (M, 2), role="aux"),
+    )
     return {f"{g}_fwd": fwd, f"{g}_bwd": bwd}
 
 
 # (output a, target t) domains of each loss: a valid for the loss, t in its range
-_LOSS_DOMAINS = {"squared_error": (normal, normal), "binary_cross_entropy": (unit_open, binary),
-                 "cross_entropy": (softmax_rows, one_hot), "poisson": (exp_out, counts)}
+_LOSS_DOMAINS = {
+    "squared_error": (normal, normal),
+    "binary_cross_entropy": (unit_open, binary),
+    "cross_entropy": (softmax_rows, one_hot),
+    "poisson": (exp_out, counts),
+}
 
 
 def _loss(j):
     a_dom, t_dom = _LOSS_DOMAINS[j]
-    fwd = (Arg("a", (M, N), a_dom), Arg("t", (M, N), t_dom),
-           Arg("scratch", (M, N), role="aux"), Arg("rows", (M, 2), role="aux"))
-    bwd = (Arg("a", (M, N), a_dom), Arg("t", (M, N), t_dom), Arg("c", None, 1.0 / M),
-           Arg("out", (M, N), role="out"), Arg("scratch", (M, N), role="aux"))
+    fwd = (
+        Arg("a", (M, N), a_dom),
+        Arg("t", (M, N), t_dom),
+        Arg("scratch", (M, N), role="aux"),
+        Arg("rows", (M, 2), role="aux"),
+    )
+    bwd = (
+        Arg("a", (M, N), a_dom),
+        Arg("t", (M, N), t_dom),
+        Arg("c", None, 1.0 / M),
+        Arg("out", (M, N), role="out"),
+        Arg("scratch", (M, N), role="aux"),
+    )
     return {f"{j}_fwd": fwd, f"{j}_bwd": bwd}
 
 
@@ -145,32 +174,81 @@ SIGNATURES = {
     "colsum": (Arg("d", (M, N)), Arg("out", (N,), role="out")),
     **{k: v for g in ACTIVATIONS for k, v in _act(g).items()},
     **{k: v for j in LOSSES for k, v in _loss(j).items()},
-    "sigmoid_binary_cross_entropy_fwd": (Arg("z", (M, N), logits), Arg("t", (M, N), binary),
-                                         Arg("scratch", (M, N), role="aux"), Arg("rows", (M, 2), role="aux")),
-    "softmax_cross_entropy_fwd": (Arg("z", (M, N), logits), Arg("t", (M, N), one_hot),
-                                  Arg("scratch", (M, N), role="aux"), Arg("rows", (M, 2), role="aux")),
-    "exp_poisson_fwd": (Arg("z", (M, N), logits), Arg("t", (M, N), counts),
-                        Arg("scratch", (M, N), role="aux"), Arg("rows", (M, 2), role="aux")),
+    "sigmoid_binary_cross_entropy_fwd": (
+        Arg("z", (M, N), logits),
+        Arg("t", (M, N), binary),
+        Arg("scratch", (M, N), role="aux"),
+        Arg("rows", (M, 2), role="aux"),
+    ),
+    "softmax_cross_entropy_fwd": (
+        Arg("z", (M, N), logits),
+        Arg("t", (M, N), one_hot),
+        Arg("scratch", (M, N), role="aux"),
+        Arg("rows", (M, 2), role="aux"),
+    ),
+    "exp_poisson_fwd": (
+        Arg("z", (M, N), logits),
+        Arg("t", (M, N), counts),
+        Arg("scratch", (M, N), role="aux"),
+        Arg("rows", (M, 2), role="aux"),
+    ),
     "sgd_update": (_vec("w", role="io"), _vec("g"), Arg("lr", None, 0.1), _vec("scratch", role="aux")),
-    "momentum_update": (_vec("w", role="io"), _vec("g"), _vec("v", role="io"), Arg("lr", None, 0.1),
-                        Arg("mu", None, 0.9), _vec("scratch", role="aux")),
-    "nesterov_update": (_vec("w", role="io"), _vec("g"), _vec("v", role="io"), Arg("lr", None, 0.1),
-                        Arg("mu", None, 0.9), _vec("scratch", role="aux")),
-    "adam_update": (_vec("w", role="io"), _vec("g"), _vec("m", role="io"), _vec("v", positive, "io"),
-                    Arg("lr_t", None, 0.01), Arg("beta1", None, 0.9), Arg("beta2", None, 0.999),
-                    Arg("eps", None, 1e-8), _vec("scratch", role="aux")),
-    "l2_grad": (_vec("g", role="io"), _vec("w"), _vec("mask", binary), Arg("alpha", None, 1e-2),
-                _vec("scratch", role="aux")),
-    "outer_sgd_update": (Arg("wt", (N_IN, N), role="io"), Arg("b", (N,), role="io"), Arg("a", (N_IN,)),
-                         Arg("delta", (N,)), Arg("lr", None, 0.1), Arg("scratch", (N_IN, N), role="aux")),
+    "momentum_update": (
+        _vec("w", role="io"),
+        _vec("g"),
+        _vec("v", role="io"),
+        Arg("lr", None, 0.1),
+        Arg("mu", None, 0.9),
+        _vec("scratch", role="aux"),
+    ),
+    "nesterov_update": (
+        _vec("w", role="io"),
+        _vec("g"),
+        _vec("v", role="io"),
+        Arg("lr", None, 0.1),
+        Arg("mu", None, 0.9),
+        _vec("scratch", role="aux"),
+    ),
+    "adam_update": (
+        _vec("w", role="io"),
+        _vec("g"),
+        _vec("m", role="io"),
+        _vec("v", positive, "io"),
+        Arg("lr_t", None, 0.01),
+        Arg("beta1", None, 0.9),
+        Arg("beta2", None, 0.999),
+        Arg("eps", None, 1e-8),
+        _vec("scratch", role="aux"),
+    ),
+    "l2_grad": (
+        _vec("g", role="io"),
+        _vec("w"),
+        _vec("mask", binary),
+        Arg("alpha", None, 1e-2),
+        _vec("scratch", role="aux"),
+    ),
+    "outer_sgd_update": (
+        Arg("wt", (N_IN, N), role="io"),
+        Arg("b", (N,), role="io"),
+        Arg("a", (N_IN,)),
+        Arg("delta", (N,)),
+        Arg("lr", None, 0.1),
+        Arg("scratch", (N_IN, N), role="aux"),
+    ),
 }
 
 
 def _canonical(loss):
     a_dom, t_dom = _LOSS_DOMAINS[loss]
-    return (Arg("z", (M, N), logits), Arg("a", (M, N), a_dom), Arg("t", (M, N), t_dom),
-            Arg("c", None, 1.0 / M), Arg("delta", (M, N), role="out"),
-            Arg("scratch", (M, N), role="aux"), Arg("rows", (M, 2), role="aux"))
+    return (
+        Arg("z", (M, N), logits),
+        Arg("a", (M, N), a_dom),
+        Arg("t", (M, N), t_dom),
+        Arg("c", None, 1.0 / M),
+        Arg("delta", (M, N), role="out"),
+        Arg("scratch", (M, N), role="aux"),
+        Arg("rows", (M, 2), role="aux"),
+    )
 
 
 # canonical_value_and_delta takes the loss name first: one case family per loss.
@@ -269,5 +347,4 @@ def _applies(op, dtype, layout):
 
 
 def all_cases(dtypes=DTYPES, layouts=LAYOUTS):
-    return [Case(op, dt, lay) for op in checked_ops() for dt in dtypes for lay in layouts
-            if _applies(op, dt, lay)]
+    return [Case(op, dt, lay) for op in checked_ops() for dt in dtypes for lay in layouts if _applies(op, dt, lay)]

@@ -86,11 +86,21 @@ def _compare(case, got_args, got_ret, ref_args, ref_ret):
         if got.shape != ref.shape:
             return worst, name, f"{name}: shape {got.shape}, reference {ref.shape}"
         finite = np.isfinite(ref)
-        if not np.array_equal(np.isfinite(got), finite) or not np.array_equal(got[~finite], ref[~finite], equal_nan=True):
-            bad = np.flatnonzero((np.isfinite(got) != finite).ravel() | (~finite.ravel() & (got.ravel() != ref.ravel())))
+        if not np.array_equal(np.isfinite(got), finite) or not np.array_equal(
+            got[~finite], ref[~finite], equal_nan=True
+        ):
+            bad = np.flatnonzero(
+                (np.isfinite(got) != finite).ravel() | (~finite.ravel() & (got.ravel() != ref.ravel()))
+            )
             i = bad[0]
-            return float("inf"), name, (f"{name}: kernel {got.ravel()[i]} where the reference has {ref.ravel()[i]} "
-                                        f"(flat index {i}, {bad.size} such)")
+            return (
+                float("inf"),
+                name,
+                (
+                    f"{name}: kernel {got.ravel()[i]} where the reference has {ref.ravel()[i]} "
+                    f"(flat index {i}, {bad.size} such)"
+                ),
+            )
         scale = max(1.0, float(np.max(np.abs(ref[finite]), initial=0.0)))
         err = float(np.max(np.abs(got[finite] - ref[finite]), initial=0.0)) / scale
         if err >= worst:
@@ -166,12 +176,12 @@ class Report:
 
     @property
     def ok(self):
-        return (all(r.ok for r in self.results) and not self.unexercised
-                and all(not any(v) for v in self.compiled.values()))
+        return (
+            all(r.ok for r in self.results) and not self.unexercised and all(not any(v) for v in self.compiled.values())
+        )
 
 
-def check_all(dtypes=cases_mod.DTYPES, layouts=cases_mod.LAYOUTS, archs=sources.ARCHS,
-              compile_layouts=("random",)):
+def check_all(dtypes=cases_mod.DTYPES, layouts=cases_mod.LAYOUTS, archs=sources.ARCHS, compile_layouts=("random",)):
     """Every op × dtype × layout on the CPU; NVRTC for every arch on the sources of the
     ``compile_layouts`` (all layouts: every distinct source)."""
     t0 = time.perf_counter()

@@ -98,7 +98,7 @@ def _launcher(k, launch):
         ctype = param.rsplit(None, 1)[0].removeprefix("const ").strip()
         fields.append(f"{ctype} a{i};")
         if ctype.startswith("CArray<"):
-            elem = _split_params(ctype[len("CArray<"):-1])[0]
+            elem = _split_params(ctype[len("CArray<") : -1])[0]
             nd = arg.ndim
             decls.append(f"{ctype}(reinterpret_cast<{elem}*>(p[{i}]), meta + {off}, meta + {off + nd})")
             off += 2 * nd
@@ -129,10 +129,7 @@ def _translation_unit(launches):
         units.append(unit)
     # CuPy's header list minus complex.cuh (it needs thrust; no bpgpu kernel is complex).
     headers = [h for h in launches[0].headers() if "complex" not in h] if launches else []
-    return "\n".join(
-        ['#include "cuda_host.h"', "#define __CUDACC_VER_MAJOR__ 12"]
-        + headers + sorted(includes) + units
-    )
+    return "\n".join(['#include "cuda_host.h"', "#define __CUDACC_VER_MAJOR__ 12"] + headers + sorted(includes) + units)
 
 
 def build(launches):

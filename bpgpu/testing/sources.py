@@ -115,8 +115,8 @@ def reduced_view(a):
 
 
 def ndarray_info(a):
-    from cupy._core import _kernel
     import cupy
+    from cupy._core import _kernel
 
     return _kernel._ArgInfo(ARG_NDARRAY, cupy.ndarray, a.dtype, a.ndim, _c_contiguous(a), index_32_bits(a))  # noqa: SLF001
 
@@ -128,7 +128,7 @@ def scalar_info(dtype):
 
 
 def indexer_info(shape):
-    from cupy._core import _kernel, _carray
+    from cupy._core import _carray, _kernel
 
     size = int(np.prod(shape, dtype=np.int64))
     return _kernel._ArgInfo(ARG_INDEXER, _carray.Indexer, None, len(shape), True, size <= INT32_MAX)  # noqa: SLF001
@@ -261,9 +261,9 @@ def plan_elementwise(kernel, *args):
             allargs[i] = np.broadcast_to(a, shape)
     if kernel.reduce_dims:
         shape = _reduce_dims(allargs, params, shape)
-    infos = tuple(
-        ndarray_info(a) if isinstance(a, np.ndarray) else scalar_info(a.dtype) for a in allargs
-    ) + (indexer_info(shape),)
+    infos = tuple(ndarray_info(a) if isinstance(a, np.ndarray) else scalar_info(a.dtype) for a in allargs) + (
+        indexer_info(shape),
+    )
     code = _kernel._get_elementwise_kernel_code(  # noqa: SLF001
         infos, type_map, params, kernel.operation, kernel.name, kernel.preamble, **kernel.kwargs
     )
@@ -324,13 +324,23 @@ def plan_reduction(kernel, *args, axis=None, keepdims=False):
     )
     allargs = in_args + kernel_out + [tuple(in_shape), tuple(out_shape_k), np.int32(block_stride)]
     infos = tuple(
-        ndarray_info(a) if isinstance(a, np.ndarray) else scalar_info(a.dtype)
-        for a in in_args + kernel_out
+        ndarray_info(a) if isinstance(a, np.ndarray) else scalar_info(a.dtype) for a in in_args + kernel_out
     ) + (indexer_info(in_shape), indexer_info(out_shape_k), scalar_info(np.int32))
     code = _reduction._ReductionKernel_get_cached_function_code(  # noqa: SLF001
-        kernel.nin, kernel.nout, kernel._params, infos, type_map, kernel.name, block_size,  # noqa: SLF001
-        kernel.reduce_type, kernel.identity, kernel.map_expr, kernel.reduce_expr, kernel.post_map_expr,
-        kernel.preamble, tuple(kernel.options),
+        kernel.nin,
+        kernel.nout,
+        kernel._params,  # noqa: SLF001 - CuPy's kernel parameters, as CuPy itself passes them
+        infos,
+        type_map,
+        kernel.name,
+        block_size,  # noqa: SLF001
+        kernel.reduce_type,
+        kernel.identity,
+        kernel.map_expr,
+        kernel.reduce_expr,
+        kernel.post_map_expr,
+        kernel.preamble,
+        tuple(kernel.options),
     )
     return Launch(kernel.name, code, tuple(kernel.options), allargs, block_size, n_blocks), out_args
 
@@ -389,7 +399,9 @@ def _compile_cached(source, options, arch):
     if os.path.exists(marker):
         return True
     opts = core.assemble_cupy_compiler_options(options) + (
-        "-ftz=true", f"-arch={arch}", "--device-as-default-execution-space",
+        "-ftz=true",
+        f"-arch={arch}",
+        "--device-as-default-execution-space",
     )
     method = "ptx" if arch.startswith("compute_") else "cubin"
     prog = compiler._NVRTCProgram(source, "kern.cu", method=method)  # noqa: SLF001

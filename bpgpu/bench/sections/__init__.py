@@ -9,5 +9,6 @@ from __future__ import annotations
 from ..section import Section
 from . import derivatives, gradient_cost, levenberg_marquardt, train_step
 
-SECTIONS: dict[str, Section] = {s.key: s for s in (gradient_cost.SECTION, train_step.SECTION,
-                                                  levenberg_marquardt.SECTION, derivatives.SECTION)}
+SECTIONS: dict[str, Section] = {
+    s.key: s for s in (gradient_cost.SECTION, train_step.SECTION, levenberg_marquardt.SECTION, derivatives.SECTION)
+}

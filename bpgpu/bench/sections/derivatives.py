@@ -1,5 +1,5 @@
 """Section ``derivatives``: bpgpu's gradient, input Jacobian, HVP and exact Hessian against JAX jit
-and torch.func (issue 12), float64 and float32, each row timed interleaved after the three were
+and torch.func, float64 and float32, each row timed interleaved after the three were
 checked to agree (:mod:`bpgpu.bench.derivatives`). Without peers (``--no-peers``) bpgpu alone.
 """
 
@@ -17,8 +17,13 @@ def _peers(ctx: Context) -> tuple[str, ...]:
 
 
 def _rows(ctx: Context):
-    return [(name, dtype, q) for name in ctx.plan.derivative_nets for dtype in ctx.plan.dtypes
-            for q in dc.QUANTITIES if dc.applies(name, q)]
+    return [
+        (name, dtype, q)
+        for name in ctx.plan.derivative_nets
+        for dtype in ctx.plan.dtypes
+        for q in dc.QUANTITIES
+        if dc.applies(name, q)
+    ]
 
 
 def _run(ctx: Context) -> dict:
@@ -31,20 +36,32 @@ def _run(ctx: Context) -> dict:
 
 def _cells(r: dict) -> list[str]:
     peer = r["over_bpgpu"]
-    return [r["net"], r["dtype"], r["quantity"], duration(r["seconds"]["bpgpu"]),
-            f"{peer['jax']:.2f}" if "jax" in peer else "-", f"{peer['torch']:.2f}" if "torch" in peer else "-"]
+    return [
+        r["net"],
+        r["dtype"],
+        r["quantity"],
+        duration(r["seconds"]["bpgpu"]),
+        f"{peer['jax']:.2f}" if "jax" in peer else "-",
+        f"{peer['torch']:.2f}" if "torch" in peer else "-",
+    ]
 
 
 HEADER = ["net", "dtype", "quantity", "bpgpu", "JAX jit / bpgpu", "torch.func / bpgpu"]
 
 
 def text(s: dict) -> list[str]:
-    return ["Derivatives (peer time / bpgpu time; > 1: bpgpu faster)"] + ["  " + "  ".join(_cells(r)) for r in s["rows"]]
+    return ["Derivatives (peer time / bpgpu time; > 1: bpgpu faster)"] + [
+        "  " + "  ".join(_cells(r)) for r in s["rows"]
+    ]
 
 
 def markdown(s: dict) -> list[str]:
-    return ["## Derivatives", "", "Peer time over bpgpu's (> 1: bpgpu faster), interleaved, agreement checked:", ""] + \
-        md_table(HEADER, [_cells(r) for r in s["rows"]])
+    return [
+        "## Derivatives",
+        "",
+        "Peer time over bpgpu's (> 1: bpgpu faster), interleaved, agreement checked:",
+        "",
+    ] + md_table(HEADER, [_cells(r) for r in s["rows"]])
 
 
 SECTION = Section("derivatives", tasks=lambda ctx: len(_rows(ctx)), run=_run, text=text, markdown=markdown)

@@ -68,15 +68,19 @@ def describe_nets(plan: Plan) -> tuple[str, str]:
     what = f"{nets.describe()}, identity output, squared error; batch {plan.gradient_batch}"
     if nets.grow == "hidden":
         inputs = "one input" if nets.fixed == 1 else f"{nets.fixed} inputs"
-        why = (f"with {inputs} every part of a pass (both products, the bias and {nets.activation}, "
-               f"the deltas) costs ∝ m·h ∝ W; {nets.activation}'s cost per element and the batch of "
-               f"{plan.gradient_batch} make a pass many times its fixed per-call cost from small W on, with "
-               "arrays small enough to stay in cache, so finite differences (W or 2W passes) are measured "
-               "over the same W range as backprop within the run")
+        why = (
+            f"with {inputs} every part of a pass (both products, the bias and {nets.activation}, "
+            f"the deltas) costs ∝ m·h ∝ W; {nets.activation}'s cost per element and the batch of "
+            f"{plan.gradient_batch} make a pass many times its fixed per-call cost from small W on, with "
+            "arrays small enough to stay in cache, so finite differences (W or 2W passes) are measured "
+            "over the same W range as backprop within the run"
+        )
     else:
-        why = (f"W grows through the input width: both products and the reads of X grow like W; the "
-               f"{nets.fixed}-unit layer's elementwise work and the per-call cost do not, so a pass is "
-               "proportional to W only at larger W (from about 5000)")
+        why = (
+            f"W grows through the input width: both products and the reads of X grow like W; the "
+            f"{nets.fixed}-unit layer's elementwise work and the per-call cost do not, so a pass is "
+            "proportional to W only at larger W (from about 5000)"
+        )
     return what, why
 
 
@@ -106,8 +110,7 @@ def finite_difference_case(net: MLP, X, T, method: str) -> Case:
 
 
 def method_cases(net: MLP, X, T) -> dict[str, Case]:
-    return {"backprop": backprop_case(net, X, T),
-            **{m: finite_difference_case(net, X, T, m) for m in DIFFERENCES}}
+    return {"backprop": backprop_case(net, X, T), **{m: finite_difference_case(net, X, T, m) for m in DIFFERENCES}}
 
 
 def gradient_cost(backend: Backend, plan: Plan, dtype: str = "float64", tick: Callable[[str], None] = print) -> dict:
@@ -130,8 +133,10 @@ def _floors(plan: Plan, backend: Backend, dtype: str, clock: str) -> dict[str, f
     """Each method's fixed cost per pass: timed on the grid's smallest net with a batch of one."""
     net, X, T = plan_net(plan, 10 ** plan.gradient_log10_W[0], backend, dtype, m=1)
     W = net.n_params
-    return {m: seconds_per_call(case, max(plan.min_time_s, 0.02), clock=clock)["best"] / PASSES[m](W)
-            for m, case in method_cases(net, X, T).items()}
+    return {
+        m: seconds_per_call(case, max(plan.min_time_s, 0.02), clock=clock)["best"] / PASSES[m](W)
+        for m, case in method_cases(net, X, T).items()
+    }
 
 
 def _gradient_cost(backend: Backend, plan: Plan, dtype: str, tick: Callable[[str], None]) -> dict:
@@ -161,8 +166,9 @@ def _gradient_cost(backend: Backend, plan: Plan, dtype: str, tick: Callable[[str
         # calls (bursts of the short calls would give small W more chances at a quiet moment);
         # in one round a call of 0.1 s or more is timed once, so the time spent stays the budget's
         long_call = 0.0 if plan.fd_rounds > 1 else 0.1
-        best = seconds_per_call(finite_difference_case(net, X, T, method), plan.min_time_s, long_call=long_call,
-                                clock=clock)["best"]
+        best = seconds_per_call(
+            finite_difference_case(net, X, T, method), plan.min_time_s, long_call=long_call, clock=clock
+        )["best"]
         cost[W, method] = read_clock() - t0
         spent[method] += cost[W, method]
         return best
@@ -206,8 +212,10 @@ def _gradient_cost(backend: Backend, plan: Plan, dtype: str, tick: Callable[[str
         "batch": plan.gradient_batch,
         "net": what,
         "net_reason": why,
-        "clock": {"process_cpu": "CPU seconds of this process (time.process_time)",
-                  "wall": "wall-clock seconds (time.perf_counter)"}[clock],
+        "clock": {
+            "process_cpu": "CPU seconds of this process (time.process_time)",
+            "wall": "wall-clock seconds (time.perf_counter)",
+        }[clock],
         "finite_differences": "bpgpu.numerical_gradient(net, X, T, method='central'|'forward')",
         "rounds": f"finite differences, and backprop and the loss pass over their W range: best of "
         f"{plan.fd_rounds} rounds, rounds after the first in shuffled order",
@@ -229,8 +237,11 @@ def _gradient_cost(backend: Backend, plan: Plan, dtype: str, tick: Callable[[str
 
 
 def _range_kind(g: dict) -> str:
-    return f", measured for all three methods ({g['common_fit_points']} points)" if g["fit_range_is_common"] else \
-        " (no range where all three were measured: each method over its own)"
+    return (
+        f", measured for all three methods ({g['common_fit_points']} points)"
+        if g["fit_range_is_common"]
+        else " (no range where all three were measured: each method over its own)"
+    )
 
 
 def _cells(g: dict, p: dict, marker: Callable[[str], str]) -> list[str]:
@@ -251,18 +262,26 @@ def _took(g: dict) -> list[str]:
 
 def text(g: dict) -> list[str]:
     r2 = g.get("r2") or {}
-    lines = [(f"gradient cost vs W ({g['backend']}, {g['dtype']}, {g.get('clock', 'seconds')}, "
-              f"BLAS threads: {g['blas_threads']}; {load_text(g.get('load_average'))})"),
-             f"  nets {g['net']}", f"  why: {g.get('net_reason', '')}", *_took(g),
-             f"fitted exponents k of t ~ W^k over W in [{g['fit_range'][0]}, {g['fit_range'][1]}]{_range_kind(g)}:"]
+    lines = [
+        (
+            f"gradient cost vs W ({g['backend']}, {g['dtype']}, {g.get('clock', 'seconds')}, "
+            f"BLAS threads: {g['blas_threads']}; {load_text(g.get('load_average'))})"
+        ),
+        f"  nets {g['net']}",
+        f"  why: {g.get('net_reason', '')}",
+        *_took(g),
+        f"fitted exponents k of t ~ W^k over W in [{g['fit_range'][0]}, {g['fit_range'][1]}]{_range_kind(g)}:",
+    ]
     for method in METHODS:
         k, own = g["exponents"][method], g["fits"][method]
         line = f"  {method:20s} " + (f"W^{k:.2f}" if k is not None else "(not measured)")
         if method in r2:
             line += f" (R² {r2[method]:.3f})"
         if own:
-            line += (f"   own range {own['fit_range'][0]}-{own['fit_range'][1]}: W^{own['exponent']:.2f}"
-                     f" (R² {own.get('r2', float('nan')):.3f})")
+            line += (
+                f"   own range {own['fit_range'][0]}-{own['fit_range'][1]}: W^{own['exponent']:.2f}"
+                f" (R² {own.get('r2', float('nan')):.3f})"
+            )
         lines.append(line)
     lines += ["", f"  {'W':>8s} {'backprop':>10s} {'central':>10s} {'forward':>10s}   (~: extrapolated, not measured)"]
     for p in g["points"]:
@@ -272,18 +291,27 @@ def text(g: dict) -> list[str]:
 
 def markdown(g: dict) -> list[str]:
     r2 = g.get("r2") or {}
-    lines = [(f"Gradient cost vs W ({g['backend']}, {g['dtype']}, {g.get('clock', 'seconds')}, BLAS threads: "
-              f"{g['blas_threads']}; {load_text(g.get('load_average'))}). Nets {g['net']}: "
-              f"{g.get('net_reason', '')}. Fitted exponent k of t ∝ W^k over W ∈ "
-              f"[{g['fit_range'][0]}, {g['fit_range'][1]}]{_range_kind(g)}:"), ""]
+    lines = [
+        (
+            f"Gradient cost vs W ({g['backend']}, {g['dtype']}, {g.get('clock', 'seconds')}, BLAS threads: "
+            f"{g['blas_threads']}; {load_text(g.get('load_average'))}). Nets {g['net']}: "
+            f"{g.get('net_reason', '')}. Fitted exponent k of t ∝ W^k over W ∈ "
+            f"[{g['fit_range'][0]}, {g['fit_range'][1]}]{_range_kind(g)}:"
+        ),
+        "",
+    ]
     rows = []
     for method in METHODS:
         k, own = g["exponents"][method], g["fits"][method]
-        rows.append([method.replace("_", " "), optional(k), optional(r2.get(method), ".3f")]
-                    + ([f"{own['fit_range'][0]}–{own['fit_range'][1]}", f"{own['exponent']:.2f}"] if own else ["-", "-"]))
+        rows.append(
+            [method.replace("_", " "), optional(k), optional(r2.get(method), ".3f")]
+            + ([f"{own['fit_range'][0]}–{own['fit_range'][1]}", f"{own['exponent']:.2f}"] if own else ["-", "-"])
+        )
     lines += md_table(["method", "exponent (common range)", "R²", "own fit range", "exponent (own range)"], rows)
-    lines += [""] + md_table(["W", "backprop", "central difference", "forward difference"],
-                             [[str(p["W"])] + _cells(g, p, lambda s: f"~{s} (extrapolated)") for p in g["points"]])
+    lines += [""] + md_table(
+        ["W", "backprop", "central difference", "forward difference"],
+        [[str(p["W"])] + _cells(g, p, lambda s: f"~{s} (extrapolated)") for p in g["points"]],
+    )
     return lines
 
 
@@ -309,8 +337,13 @@ def plot(g: dict, out: Path) -> list[str]:
             ax.loglog(Ws, fit["prefactor"] * Ws ** fit["exponent"], color=color, lw=6, alpha=0.25)
         ext = [(p["W"], p[method]) for p in g["extrapolated"] if method in p]
         if ext:
-            ax.loglog([pts[-1][0]] + [w for w, _ in ext], [pts[-1][1]] + [t for _, t in ext], ls="--", color=color,
-                      label=f"{method.replace('_', ' ')} (extrapolated)")
+            ax.loglog(
+                [pts[-1][0]] + [w for w, _ in ext],
+                [pts[-1][1]] + [t for _, t in ext],
+                ls="--",
+                color=color,
+                label=f"{method.replace('_', ' ')} (extrapolated)",
+            )
     ax.set_xlabel("W (number of parameters)")
     ax.set_ylabel("seconds per gradient")
     ax.set_title(f"Gradient cost, {g['backend']} {g['dtype']}, batch {g['batch']} (shaded: fit ranges)")
@@ -326,5 +359,6 @@ def _run(ctx: Context) -> dict:
     return gradient_cost(ctx.backend, ctx.plan, tick=ctx.tick)
 
 
-SECTION = Section("gradient_cost", tasks=lambda ctx: len(ctx.plan.gradient_log10_W), run=_run, text=text,
-                  markdown=markdown, plot=plot)
+SECTION = Section(
+    "gradient_cost", tasks=lambda ctx: len(ctx.plan.gradient_log10_W), run=_run, text=text, markdown=markdown, plot=plot
+)

@@ -23,22 +23,33 @@ def _run(ctx: Context) -> dict:
         for name in plan.lm_curves:
             problem = lm.CURVE_PROBLEMS[name]()
             runs = lm.curves(problem, plan.lm_budget_s, peers)
-            curves[name] = {"problem": problem.name, "sizes": list(problem.sizes), "m": problem.X.shape[0],
-                            "budget_s": plan.lm_budget_s,
-                            "final_mse": {label: lm.at_time(points, plan.lm_budget_s) for label, points in runs.items()},
-                            "curves": {label: lm.thinned(points) for label, points in runs.items()}}
+            curves[name] = {
+                "problem": problem.name,
+                "sizes": list(problem.sizes),
+                "m": problem.X.shape[0],
+                "budget_s": plan.lm_budget_s,
+                "final_mse": {label: lm.at_time(points, plan.lm_budget_s) for label, points in runs.items()},
+                "curves": {label: lm.thinned(points) for label, points in runs.items()},
+            }
             ctx.tick(f"LM curves {name}")
     return {"iterations": rows, "curves": curves}
 
 
 def _iteration_cells(r: dict) -> list[str]:
-    return [f"{r['problem']} {r['sizes']} m={r['m']} W={r['W']}", duration(r["bpgpu_s"]),
-            duration(r["torch_lm_s"]) if "torch_lm_s" in r else "-", optional(r["torch_lm_over_bpgpu"])]
+    return [
+        f"{r['problem']} {r['sizes']} m={r['m']} W={r['W']}",
+        duration(r["bpgpu_s"]),
+        duration(r["torch_lm_s"]) if "torch_lm_s" in r else "-",
+        optional(r["torch_lm_over_bpgpu"]),
+    ]
 
 
 def _curve_rows(s: dict) -> list[list[str]]:
-    return [[c["problem"], label, f"{mse:.3g}", f"{mse / c['final_mse']['bpgpu LM']:.3g}"]
-            for c in s["curves"].values() for label, mse in c["final_mse"].items()]
+    return [
+        [c["problem"], label, f"{mse:.3g}", f"{mse / c['final_mse']['bpgpu LM']:.3g}"]
+        for c in s["curves"].values()
+        for label, mse in c["final_mse"].items()
+    ]
 
 
 def text(s: dict) -> list[str]:
@@ -51,8 +62,15 @@ def text(s: dict) -> list[str]:
 
 
 def markdown(s: dict) -> list[str]:
-    lines = ["## Levenberg–Marquardt", "", "One iteration from the same parameters and μ (CPU float64, one thread):", ""]
-    lines += md_table(["problem", "bpgpu", "torch-LM", "torch-LM / bpgpu"], [_iteration_cells(r) for r in s["iterations"]])
+    lines = [
+        "## Levenberg–Marquardt",
+        "",
+        "One iteration from the same parameters and μ (CPU float64, one thread):",
+        "",
+    ]
+    lines += md_table(
+        ["problem", "bpgpu", "torch-LM", "torch-LM / bpgpu"], [_iteration_cells(r) for r in s["iterations"]]
+    )
     lines += ["", "Training MSE at the end of each run's time budget:", ""]
     lines += md_table(["problem", "optimizer", "MSE", "/ bpgpu LM's"], _curve_rows(s))
     return lines
@@ -68,5 +86,11 @@ def plot(s: dict, out: Path) -> list[str]:
     return names
 
 
-SECTION = Section("levenberg_marquardt", tasks=lambda ctx: len(ctx.plan.lm_iterations) + len(ctx.plan.lm_curves),
-                  run=_run, text=text, markdown=markdown, plot=plot)
+SECTION = Section(
+    "levenberg_marquardt",
+    tasks=lambda ctx: len(ctx.plan.lm_iterations) + len(ctx.plan.lm_curves),
+    run=_run,
+    text=text,
+    markdown=markdown,
+    plot=plot,
+)

@@ -25,16 +25,29 @@ from ..section import Context, Section
 from ..timing import interleaved_timings
 
 
-def step_row(config: str, dtype: str, backend: str, impl: str, device: str, seconds: float,
-             gemm_gflops: float | None, **extra) -> dict:
+def step_row(
+    config: str, dtype: str, backend: str, impl: str, device: str, seconds: float, gemm_gflops: float | None, **extra
+) -> dict:
     """One row of results.json's ``train_step.rows``: time, GFLOP/s (GEMM flops) and the
     ratio to the same run's GEMM rate; :func:`add_ratios` adds the ratios to bpgpu."""
     sizes, m = CONFIGS[config]
     k, n = largest_layer(sizes)
     gflops = step_flops(sizes, m) / seconds / 1e9
-    return {"config": config, "layer_sizes": sizes, "batch": m, "dtype": dtype, "backend": backend, "impl": impl,
-            "device": device, "seconds": seconds, **extra, "gflops": gflops, "gemm_shape": [m, k, n],
-            "gemm_gflops": gemm_gflops, "ratio_to_gemm": gflops / gemm_gflops if gemm_gflops else None}
+    return {
+        "config": config,
+        "layer_sizes": sizes,
+        "batch": m,
+        "dtype": dtype,
+        "backend": backend,
+        "impl": impl,
+        "device": device,
+        "seconds": seconds,
+        **extra,
+        "gflops": gflops,
+        "gemm_shape": [m, k, n],
+        "gemm_gflops": gemm_gflops,
+        "ratio_to_gemm": gflops / gemm_gflops if gemm_gflops else None,
+    }
 
 
 def add_ratios(group: list[dict], reference: float | None = None) -> list[dict]:
@@ -66,12 +79,28 @@ def train_step_rows(backends: list[Backend], plan: Plan, tick: Callable[[str], N
                 tick(f"{name} {dtype} {backend.name} timing")
                 timings = interleaved_timings(cases, plan.min_time_s, repeats=plan.repeats, settle=plan.settle_s)
                 gemm_gflops = 2 * m * k * n / timings.pop("gemm")["best"] / 1e9
-                group = [step_row(name, dtype, backend.name, impl,
-                                  backend.device if impl == "bpgpu" else peer_device(backend, impl), t["best"],
-                                  gemm_gflops, seconds_median=t["median"], calls=t["calls"])
-                         for impl, t in timings.items()]
-                memory.append({"config": name, "dtype": dtype, "backend": backend.name,
-                               **bytes_allocated_per_step(cases["bpgpu"], backend)})
+                group = [
+                    step_row(
+                        name,
+                        dtype,
+                        backend.name,
+                        impl,
+                        backend.device if impl == "bpgpu" else peer_device(backend, impl),
+                        t["best"],
+                        gemm_gflops,
+                        seconds_median=t["median"],
+                        calls=t["calls"],
+                    )
+                    for impl, t in timings.items()
+                ]
+                memory.append(
+                    {
+                        "config": name,
+                        "dtype": dtype,
+                        "backend": backend.name,
+                        **bytes_allocated_per_step(cases["bpgpu"], backend),
+                    }
+                )
                 rows.extend(add_ratios(group))
     return {
         "net": "relu hidden, identity output, squared error (mean over the batch), SGD lr=0.01",
@@ -96,9 +125,13 @@ def _memory_text(r: dict) -> str:
 
 
 def text(s: dict) -> list[str]:
-    lines = ["training step (seconds per step; ratio: time / bpgpu's time, and / plain numpy step's):",
-             (f"  {'config':7s} {'dtype':8s} {'backend':7s} {'impl':16s} {'time':>10s} {'GFLOP/s':>8s} "
-              f"{'/GEMM':>6s} {'/bpgpu':>7s} {'/numpy':>7s}")]
+    lines = [
+        "training step (seconds per step; ratio: time / bpgpu's time, and / plain numpy step's):",
+        (
+            f"  {'config':7s} {'dtype':8s} {'backend':7s} {'impl':16s} {'time':>10s} {'GFLOP/s':>8s} "
+            f"{'/GEMM':>6s} {'/bpgpu':>7s} {'/numpy':>7s}"
+        ),
+    ]
     for r in s["rows"]:
         lines.append(
             f"  {r['config']:7s} {r['dtype']:8s} {r['backend']:7s} {r['impl']:16s} {duration(r['seconds']):>10s} "
@@ -107,26 +140,48 @@ def text(s: dict) -> list[str]:
         )
     if s["memory"]:
         lines += ["", "bytes allocated per bpgpu step after warm-up:"]
-        lines += [f"  {r['config']:7s} {r['dtype']:8s} {r['backend']:7s} {_memory_text(r)} ({r['method']})"
-                  for r in s["memory"]]
+        lines += [
+            f"  {r['config']:7s} {r['dtype']:8s} {r['backend']:7s} {_memory_text(r)} ({r['method']})"
+            for r in s["memory"]
+        ]
     return lines
 
 
 def markdown(s: dict) -> list[str]:
-    lines = [("One training step (forward + backward + SGD update; relu, identity output, squared error). "
-              "Time is the best interleaved round; ×bpgpu = time / bpgpu's time; ×numpy = time / the plain "
-              "preallocated numpy step's; GEMM = step GFLOP/s / GFLOP/s of the config's largest layer GEMM, same run."),
-             ""]
-    lines += md_table(["config", "dtype", "backend", "implementation", "time", "GFLOP/s", "of GEMM", "×bpgpu", "×numpy"],
-                      [[f"{r['config']} {r['layer_sizes']} b{r['batch']}", r["dtype"], r["backend"], r["impl"],
-                        duration(r["seconds"]), f"{r['gflops']:.2f}", optional(r["ratio_to_gemm"]),
-                        optional(r["ratio_to_bpgpu"]), optional(r["ratio_to_numpy_reference"])] for r in s["rows"]])
+    lines = [
+        (
+            "One training step (forward + backward + SGD update; relu, identity output, squared error). "
+            "Time is the best interleaved round; ×bpgpu = time / bpgpu's time; ×numpy = time / the plain "
+            "preallocated numpy step's; GEMM = step GFLOP/s / GFLOP/s of the config's largest layer GEMM, same run."
+        ),
+        "",
+    ]
+    lines += md_table(
+        ["config", "dtype", "backend", "implementation", "time", "GFLOP/s", "of GEMM", "×bpgpu", "×numpy"],
+        [
+            [
+                f"{r['config']} {r['layer_sizes']} b{r['batch']}",
+                r["dtype"],
+                r["backend"],
+                r["impl"],
+                duration(r["seconds"]),
+                f"{r['gflops']:.2f}",
+                optional(r["ratio_to_gemm"]),
+                optional(r["ratio_to_bpgpu"]),
+                optional(r["ratio_to_numpy_reference"]),
+            ]
+            for r in s["rows"]
+        ],
+    )
     lines += ["", "Bytes allocated per bpgpu step after warm-up:", ""]
-    lines += md_table(["config", "dtype", "backend", "method", "peak above start", "retained per step",
-                       "pool growth per step"],
-                      [[r["config"], r["dtype"], r["backend"], r["method"]]
-                       + [optional(r[k], ".0f") + ("" if r[k] is None else " B") for k in ("peak", "retained", "pool_growth")]
-                       for r in s["memory"]])
+    lines += md_table(
+        ["config", "dtype", "backend", "method", "peak above start", "retained per step", "pool growth per step"],
+        [
+            [r["config"], r["dtype"], r["backend"], r["method"]]
+            + [optional(r[k], ".0f") + ("" if r[k] is None else " B") for k in ("peak", "retained", "pool_growth")]
+            for r in s["memory"]
+        ],
+    )
     return lines
 
 
@@ -152,8 +207,16 @@ def plot(s: dict, out: Path) -> list[str]:
                 xs.append(j + (i - (len(series) - 1) / 2) * width)
                 ys.append(match[0]["seconds"])
         # one colour per implementation, float64 hatched
-        ax.bar(xs, ys, width=width, color=f"C{impls.index((impl, backend)) % 10}", edgecolor="black", linewidth=0.3,
-               hatch="//" if dtype != dtypes[0] else None, label=f"{impl} ({backend}, {dtype})")
+        ax.bar(
+            xs,
+            ys,
+            width=width,
+            color=f"C{impls.index((impl, backend)) % 10}",
+            edgecolor="black",
+            linewidth=0.3,
+            hatch="//" if dtype != dtypes[0] else None,
+            label=f"{impl} ({backend}, {dtype})",
+        )
     ax.set_yscale("log")
     ax.set_xticks(range(len(configs)))
     ax.set_xticklabels([f"{c}\n{CONFIGS[c][0]} b{CONFIGS[c][1]}" for c in configs], fontsize=8)
@@ -168,8 +231,9 @@ def plot(s: dict, out: Path) -> list[str]:
 
 
 def _tasks(ctx: Context) -> int:
-    return len(ctx.plan.configs) * len(ctx.plan.dtypes) * sum(
-        1 + len(implementations(b, ctx.peers)) for b in ctx.backends)
+    return (
+        len(ctx.plan.configs) * len(ctx.plan.dtypes) * sum(1 + len(implementations(b, ctx.peers)) for b in ctx.backends)
+    )
 
 
 def _run(ctx: Context) -> dict:
