@@ -2,6 +2,7 @@
 
 import numpy as np
 
+import bpgpu as bp
 from bpgpu.activations import HIDDEN, OUTPUT
 
 # Every (output activation, loss) pair the library accepts: squared error with
@@ -49,4 +50,27 @@ def targets_for(loss, output, m, n, rng):
     return rng.uniform(0.05, 0.95, size=(m, n))
 
 
-__all__ = ["HIDDEN", "OUTPUT_LOSS_PAIRS", "central_difference_gradient", "targets_for"]
+def random_problem(sizes, hidden="tanh", output="identity", loss="squared_error", reduction="mean", seed=0, m=8):
+    """(net, X, T, rng): a float64 numpy net with parameters in U[−1, 1] (large enough that every
+    activation's curvature shows), m random inputs and targets in the loss's domain; a softmax
+    output gets at least 2 units (it is constant on one)."""
+    if output == "softmax" and sizes[-1] == 1:
+        sizes = list(sizes[:-1]) + [2]
+    net = bp.MLP(
+        sizes,
+        hidden=hidden,
+        output=output,
+        loss=loss,
+        reduction=reduction,
+        dtype="float64",
+        backend="numpy",
+        init="uniform",
+        epsilon=1.0,
+        seed=seed,
+    )
+    rng = np.random.default_rng(seed + 1)
+    X = rng.normal(size=(m, sizes[0]))
+    return net, X, targets_for(loss, output, m, net.sizes[-1], rng), rng
+
+
+__all__ = ["HIDDEN", "OUTPUT_LOSS_PAIRS", "central_difference_gradient", "random_problem", "targets_for"]

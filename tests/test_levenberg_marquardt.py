@@ -3,7 +3,7 @@ convergence on a linear least-squares problem, bp.fit(optimizer="lm") and bad in
 
 import numpy as np
 import pytest
-from helpers import targets_for
+from helpers import random_problem
 from torch_oracle import TorchMLP
 
 import bpgpu as bp
@@ -19,20 +19,7 @@ PAIRS = [
 
 
 def make(sizes, output="identity", loss="squared_error", reduction="mean", seed=0, m=8, hidden="tanh"):
-    net = bp.MLP(
-        sizes,
-        hidden=hidden,
-        output=output,
-        loss=loss,
-        reduction=reduction,
-        dtype="float64",
-        backend="numpy",
-        init="uniform",
-        epsilon=1.0,
-        seed=seed,
-    )
-    rng = np.random.default_rng(seed + 1)
-    return net, rng.normal(size=(m, sizes[0])), targets_for(loss, output, m, sizes[-1], rng), rng
+    return random_problem(sizes, hidden, output, loss, reduction, seed, m)
 
 
 def weight_mask(net):

@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from helpers import OUTPUT_LOSS_PAIRS, targets_for
+from helpers import OUTPUT_LOSS_PAIRS, random_problem
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch_oracle import TorchMLP
@@ -21,23 +21,7 @@ architectures = st.tuples(
 
 
 def make(sizes, hidden, output, loss, reduction, seed, m):
-    if output == "softmax" and sizes[-1] == 1:
-        sizes = list(sizes[:-1]) + [2]
-    net = bp.MLP(
-        sizes,
-        hidden=hidden,
-        output=output,
-        loss=loss,
-        reduction=reduction,
-        dtype="float64",
-        backend="numpy",
-        init="uniform",
-        epsilon=1.0,
-        seed=seed,
-    )
-    rng = np.random.default_rng(seed + 1)
-    X = rng.normal(size=(m, sizes[0]))
-    return net, X, targets_for(loss, output, m, net.sizes[-1], rng), rng
+    return random_problem(sizes, hidden, output, loss, reduction, seed, m)
 
 
 def assert_close(actual, expected, rel=1e-9):
