@@ -14,6 +14,8 @@ initial parameters from one seed shared by every optimizer of a problem.
 from __future__ import annotations
 
 import contextlib
+import importlib
+import importlib.util
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,19 +28,27 @@ from bpgpu.levenberg_marquardt import LevenbergMarquardt
 
 @contextlib.contextmanager
 def one_thread():
-    """One BLAS thread (numpy's and scipy's) and one torch intra-op thread, so that every library
-    shares a loaded machine alike; restored afterwards."""
+    """One BLAS thread (numpy's and scipy's) and, where torch is installed (the peers are
+    optional: ``pip install -e ".[bench]"`` has none), one torch intra-op thread, so that every
+    library shares a loaded machine alike; restored afterwards."""
     import scipy.linalg  # noqa: F401  loaded first, so that the BLAS limit covers scipy's own BLAS too
-    import torch
     from threadpoolctl import threadpool_limits
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch = importlib.import_module("torch") if installed("torch") else None
+    threads = torch.get_num_threads() if torch is not None else None
+    if torch is not None:
+        torch.set_num_threads(1)
     try:
         with threadpool_limits(1, user_api="blas"):
             yield
     finally:
-        torch.set_num_threads(threads)
+        if torch is not None:
+            torch.set_num_threads(threads)
+
+
+def installed(module: str) -> bool:
+    """Whether ``module`` can be imported (without importing it)."""
+    return importlib.util.find_spec(module) is not None
 
 
 @dataclass(frozen=True)
@@ -255,9 +265,7 @@ CURVE_PROBLEMS = {"sinc": sinc, "franke": franke, "friedman1": friedman1}
 
 
 def torch_lm_available() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("torch_levenberg_marquardt") is not None
+    return installed("torch") and installed("torch_levenberg_marquardt")
 
 
 def curves(problem: Problem, budget: float, peers: bool = True) -> dict[str, list[tuple[float, float]]]:
@@ -268,10 +276,10 @@ def curves(problem: Problem, budget: float, peers: bool = True) -> dict[str, lis
         "bpgpu Adam (full batch, lr 0.01)": bpgpu_run(problem, "adam", budget, learning_rate=0.01),
         "bpgpu L-BFGS": bpgpu_run(problem, "lbfgs", budget, max_fun=10**7),
     }
-    if peers:
+    if peers and installed("sklearn"):
         runs["scikit-learn L-BFGS"] = sklearn_lbfgs_run(problem, budget)
-        if torch_lm_available():
-            runs["torch-LM (Cholesky)"] = torch_lm_run(problem, budget)
+    if peers and torch_lm_available():
+        runs["torch-LM (Cholesky)"] = torch_lm_run(problem, budget)
     return runs
 
 
