@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from helpers import targets_for
+from helpers import random_problem
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -10,19 +10,7 @@ import bpgpu as bp
 
 
 def make(sizes, output="identity", loss="squared_error", seed=0, m=6, hidden="tanh"):
-    net = bp.MLP(
-        sizes,
-        hidden=hidden,
-        output=output,
-        loss=loss,
-        dtype="float64",
-        backend="numpy",
-        init="uniform",
-        epsilon=1.0,
-        seed=seed,
-    )
-    rng = np.random.default_rng(seed + 1)
-    return net, rng.normal(size=(m, sizes[0])), targets_for(loss, output, m, sizes[-1], rng)
+    return random_problem(sizes, hidden, output, loss, "mean", seed, m)[:3]
 
 
 def dense_spectrum(net, X, T):
