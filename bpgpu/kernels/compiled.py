@@ -400,7 +400,17 @@ def _bwd(code: int, name: str):
 
 identity_fwd, identity_bwd = _fwd(IDENTITY, "identity"), _bwd(IDENTITY, "identity")
 sigmoid_fwd, sigmoid_bwd = _fwd(SIGMOID, "sigmoid"), _bwd(SIGMOID, "sigmoid")
-tanh_fwd, tanh_bwd = _fwd(TANH, "tanh"), _bwd(TANH, "tanh")
+tanh_bwd = _bwd(TANH, "tanh")
+
+
+def tanh_fwd(z, b, out, scratch, rows):
+    """z ← z + b in place; out = tanh(z + b) (out may be z), by numpy's tanh: numpy's is vectorised,
+    numba's calls the C library's scalar tanh, 7× slower on a (200, 20) block here
+    (benchmarks/NOTES.md, "LM1"). The compiled training step keeps the scalar g."""
+    np.add(z, b, out=z)
+    return np.tanh(z, out=out)
+
+
 relu_fwd, relu_bwd = _fwd(RELU, "relu"), _bwd(RELU, "relu")
 leaky_relu_fwd, leaky_relu_bwd = _fwd(LEAKY_RELU, "leaky_relu"), _bwd(LEAKY_RELU, "leaky_relu")
 softplus_fwd, softplus_bwd = _fwd(SOFTPLUS, "softplus"), _bwd(SOFTPLUS, "softplus")
