@@ -210,15 +210,26 @@ class Backend:
                     return None
                 X = np.linalg.solve(L.T, np.linalg.solve(L, B))
                 return X if np.all(np.isfinite(X)) else None
-            try:
-                # A is symmetric, so its transpose is A too: LAPACK (column-major) then factors
-                # a C-contiguous A in place instead of in a copy
-                factor = cho_factor(
-                    A.T if A.flags.c_contiguous else A, lower=True, overwrite_a=True, check_finite=False
-                )
-            except LinAlgError:
-                return None
-            X = cho_solve(factor, B, check_finite=False)
+            potrf, potrs = _lapack_cholesky(A.dtype.char)
+            if potrf is None:
+                try:
+                    # A is symmetric, so its transpose is A too: LAPACK (column-major) then factors
+                    # a C-contiguous A in place instead of in a copy
+                    factor = cho_factor(
+                        A.T if A.flags.c_contiguous else A, lower=True, overwrite_a=True, check_finite=False
+                    )
+                except LinAlgError:
+                    return None
+                X = cho_solve(factor, B, check_finite=False)
+            else:
+                # LAPACK's potrf/potrs straight (what cho_factor/cho_solve call, without their
+                # checks and wrappers: about 0.1 ms of a 0.25 ms solve at k = 200, benchmarks/NOTES.md LM1)
+                L, info = potrf(A.T if A.flags.c_contiguous else A, lower=1, clean=0, overwrite_a=1)
+                if info != 0:
+                    return None
+                X, info = potrs(L, B, lower=1)
+                if info != 0:
+                    return None
             return X if np.all(np.isfinite(X)) else None
         if self.name == "cupy":
             import cupy
@@ -262,6 +273,18 @@ class Backend:
             return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
         except (ValueError, OSError, AttributeError):  # not a POSIX system that reports it
             return 1 << 34
+
+
+@functools.cache
+def _lapack_cholesky(char: str) -> tuple[Any, Any]:
+    """scipy's LAPACK potrf and potrs for a numpy dtype character ('f', 'd', 'F', 'D'), or (None, None)."""
+    try:
+        from scipy.linalg import get_lapack_funcs
+    except ImportError:
+        return None, None
+    if char not in "fdFD":
+        return None, None
+    return tuple(get_lapack_funcs(("potrf", "potrs"), dtype=np.dtype(char)))
 
 
 def is_sparse(x: Any) -> bool:

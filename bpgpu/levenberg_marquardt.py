@@ -165,6 +165,10 @@ class LevenbergMarquardt:
                 f"('lbfgs' or 'adam'), a smaller net, or fewer samples (with N = m·n_L < W the N × N form is used)"
             )
         self.mask = None if self.alpha == 0.0 else net.backend.asarray(net.layout.weight_mask(), net.xp_dtype)
+        # the solver's own buffers: the last objective()'s forward pass and the parameters it was at, so that
+        # an iteration after an accepted trial starts its backprop from that pass instead of repeating it
+        self._ws = engine.Workspace(net, m)
+        self._at = net.backend.xp.asarray(net.params, copy=True)
         self.E = self.objective()
         if not np.isfinite(self.E):
             raise FloatingPointError(f"the loss at the starting parameters is {self.E} (not finite)")
@@ -174,8 +178,8 @@ class LevenbergMarquardt:
     def objective(self) -> float:
         """E = J / c at the net's parameters (L2 term included)."""
         net = self.net
-        ws = net.workspace(self.X.shape[0])
-        E = float(engine.loss(net, self.X, self.T, ws, net.params, self.weights)) / self.c
+        self._at[...] = net.params
+        E = float(engine.loss(net, self.X, self.T, self._ws, net.params, self.weights)) / self.c
         if self.mask is not None:
             weights = self.mask * net.params
             E += 0.5 * self.alpha * float(net.backend.xp.vecdot(weights, weights))
@@ -188,11 +192,17 @@ class LevenbergMarquardt:
             self.mu = _positive(mu, "mu")
         self.E = self.objective()
 
+    def _current_pass(self) -> engine.Workspace:
+        """The solver's workspace holding the forward pass at the net's parameters: the last
+        objective()'s when it was at them (after an accepted trial), else a new one (E updated)."""
+        if not bool(self.net.backend.xp.all(self._at == self.net.params)):
+            self.E = self.objective()
+        return self._ws
+
     def _gradient(self) -> Any:
-        """∇E = ∇J / c + α P w."""
+        """∇E = ∇J / c + α P w, by backprop from the current forward pass."""
         net = self.net
-        ws = net.workspace(self.X.shape[0])
-        engine.forward(net, self.X, ws, net.params)
+        ws = self._current_pass()
         engine.backward(net, self.X, self.T, ws, net.params, ws.grad, self.weights)
         g = ws.grad / self.c
         return g if self.mask is None else g + self.alpha * (self.mask * net.params)
@@ -301,44 +311,56 @@ class LevenbergMarquardt:
         matrix instead of N² W, and no N × W array.
         """
         net, backend, xp, layout = self.net, self.net.backend, self.net.backend.xp, self.net.layout
-        A, seeds = gauss_newton_seeds(net, self.X, self.T, self.s_col)
+        ws = self._current_pass()
+        A, seeds = gauss_newton_seeds(net, self.X, self.T, self.s_col, engine.layer_outputs(self.X, ws))
         K, m = seeds.shape[0], seeds.shape[1]
         N = K * m
         deltas = {l: xp.reshape(D, (N, net.sizes[l])) for l, D in engine.seeded_deltas(net, A, seeds)}
-        # α = 0: Q = Σ_l δδᵀ ⊙ (1 + aaᵀ); α > 0: S_b = Σ_l δδᵀ and S_w = Σ_l δδᵀ ⊙ aaᵀ, Q = S_b/λ_b + S_w/λ_w.
-        # (N, N) each, the same for every μ; accumulated in place (one N × N temporary per layer).
-        if self.mask is None:
-            Q = xp.zeros((N, N), dtype=net.xp_dtype)
-        else:
-            S_b, S_w = xp.zeros((N, N), dtype=net.xp_dtype), xp.zeros((N, N), dtype=net.xp_dtype)
+        # [1, a_n(l−1)] per layer, (m, n_{l−1} + 1): a copy, as the trials' forward passes reuse the workspace
+        ones = xp.ones((m, 1), dtype=net.xp_dtype)
+        A1 = {l: xp.concat([ones, A[l - 1]], axis=1) for l in deltas}
+
+        def accumulate(total: Any, term: Any) -> Any:
+            if total is None:
+                return term
+            total += term
+            return total
+
+        # α = 0: Q = Σ_l δδᵀ ⊙ [1, a][1, a]ᵀ (= δδᵀ ⊙ (1 + aaᵀ)); α > 0: S_b = Σ_l δδᵀ and
+        # S_w = Σ_l δδᵀ ⊙ aaᵀ, Q = S_b/λ_b + S_w/λ_w. (N, N) each, the same for every μ; at most two
+        # N × N passes per layer besides the products (numpy's A Aᵀ is one SYRK).
+        Q = S_b = S_w = None
         for l, D in deltas.items():
             DD = D @ D.T
-            AA = A[l - 1] @ A[l - 1].T
+            AA = A1[l] @ A1[l].T if self.mask is None else A[l - 1] @ A[l - 1].T
             if K > 1:
                 AA = xp.tile(AA, (K, K))
             if self.mask is None:
-                AA += 1.0
-                AA *= DD
-                Q += AA
+                DD *= AA
+                Q = accumulate(Q, DD)
             else:
-                S_b += DD
+                S_b = accumulate(S_b, DD)
                 AA *= DD
-                S_w += AA
+                S_w = accumulate(S_w, AA)
 
         def R_times(h: Any) -> Any:
+            """R h: row (k, n) is Σ_l δ_kn(l) · ([1, a_n(l−1)] [h_b(l); H(l)])."""
             rows = 0.0
             for l, D in deltas.items():
-                hb, hwt = layout.split(xp.reshape(h, (1, -1)), l, xp)
-                P = A[l - 1] @ hwt[0, ...] + hb  # (m, n_l)
+                P = A1[l] @ layout.theta(h, l).T  # (m, n_l): [1, a] [b; Wᵀ] of h's block
                 rows = rows + xp.sum(xp.reshape(D, (K, m, -1)) * P[None, :, :], axis=-1)
             return xp.reshape(rows, (N,))
 
         def R_transpose_times(z: Any) -> Any:
+            """Rᵀ z: layer l's block [b; Wᵀ] is [1, A(l−1)]ᵀ E(l), E_n(l) = Σ_k z_kn δ_kn(l)."""
             blocks = []
             for l in range(1, net.n_layers + 1):
-                E = xp.sum(xp.reshape(z, (K, m, 1)) * xp.reshape(deltas[l], (K, m, -1)), axis=0)  # (m, n_l)
-                blocks.append((xp.sum(E, axis=0)[None, :], (A[l - 1].T @ E)[None, :, :]))
-            return layout.join(blocks, xp)[0, :]
+                if K == 1:
+                    E = z[:, None] * deltas[l]
+                else:
+                    E = xp.sum(xp.reshape(z, (K, m, 1)) * xp.reshape(deltas[l], (K, m, -1)), axis=0)  # (m, n_l)
+                blocks.append(xp.reshape(A1[l].T @ E, (-1,)))
+            return xp.concat(blocks)
 
         def solve() -> Any:
             if self.mask is None:  # Λ̃ = I, σ = μ

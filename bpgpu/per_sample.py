@@ -107,12 +107,15 @@ def gauss_newton_rows(net: MLP, X: Any, T: Any, s_col: Any = None) -> Any:
     return engine.seeded_gradients(net, *gauss_newton_seeds(net, X, T, s_col))
 
 
-def gauss_newton_seeds(net: MLP, X: Any, T: Any, s_col: Any = None) -> tuple[list[Any], Any]:
+def gauss_newton_seeds(net: MLP, X: Any, T: Any, s_col: Any = None, A: Any = None) -> tuple[list[Any], Any]:
     """(A, seeds): the layer outputs [A(0) = X, ..., A(L)] and the δ(L) seeds (n_L, m, n_L)
     √s_n Fᵀ_n ∂u/∂z(L) whose backprop (``engine.seeded_deltas``) gives the Gauss–Newton
-    factor's rows [1, a_n(l−1)] ⊗ δ_kn(l), for callers that use the δ(l) without forming R."""
+    factor's rows [1, a_n(l−1)] ⊗ δ_kn(l), for callers that use the δ(l) without forming R.
+    ``A``: the layer outputs of a forward pass already made on X at ``net.params``
+    (``engine.layer_outputs``), which is then not repeated; None: one is made."""
     xp, L = net.backend.xp, net.n_layers
-    _, A = _forward(net, X)
+    if A is None:
+        _, A = _forward(net, X)
     a, output, loss = A[-1], net.activations[-1], net.loss_function
     if loss.is_canonical(output):
         if output.name == "identity":
