@@ -4,7 +4,10 @@ One of the three kernel tables (compiled CPU here, CUDA C in :mod:`bpgpu.kernels
 the array-API reference in :mod:`bpgpu.kernels.generic`). It exports every name of
 :data:`bpgpu.kernels.OPS` with the reference's signature, so the numpy backend calls it
 as it would any other table, plus :func:`train_step`, the whole training step in one
-call (:mod:`bpgpu.kernels.jit` drives it).
+call (:mod:`bpgpu.kernels.jit` drives it), and the passes it is built from, for the
+derivative tools: :func:`forward_pass` (a(l) for every layer and z(L)) and
+:func:`seeded_backprop` (a stack of K seeds δ(L) → δ(l) for every layer, one GEMM of K·m
+rows per layer).
 
 Each equation is written once, as a scalar function that every loop here calls:
 
@@ -550,6 +553,102 @@ def outer_sgd_update(wt, b, a, delta, lr, scratch):
     return b
 
 
+# --- compiled passes: the forward pass and seeded backprop (building blocks) -----------------
+# Defined before the training step, which calls forward_pass; they take the step's plan
+# (3, L + 1) and the helpers _gemm and _view below it (numba resolves globals at compile time).
+# A stack of K seeds is K·m rows in one of two orders: seed-major (row k m + n, a (K, m, n_l)
+# array) or sample-major (row n K + k, a (m, K, n_l) array); every backprop product is then
+# one GEMM of K·m rows.
+
+
+@njit(cache=True, error_model="numpy")
+def activations_size(plan, m):
+    """Length of the forward work vector: m Σ_l n_l for a(1)..a(L), then m n_L for z(L)."""
+    sizes = plan[SIZE]
+    total = 0
+    for l in range(1, sizes.shape[0]):
+        total += sizes[l]
+    return m * (total + sizes[sizes.shape[0] - 1])
+
+
+@njit(cache=True, error_model="numpy")
+def layer_start(plan, l, rows):
+    """Where layer l's (rows, n_l) block starts in a work vector that stores l = 1..L in turn."""
+    sizes = plan[SIZE]
+    start = 0
+    for j in range(1, l):
+        start += sizes[j]
+    return rows * start
+
+
+@njit(cache=True, error_model="numpy")
+def forward_pass(X, w, plan, work, z_out, slots):
+    """The forward pass a(l) = g_l(a(l−1) Wᵀ(l) + b(l)) at parameters w; returns a(L) (a view of work).
+
+    work: a(1), ..., a(L) in turn, each (m, n_l) row-major (hidden layers activate in place,
+    :func:`layer_start` with rows = m); z_out: (m, n_L), receives z(L); slots: BLAS's α, β.
+    """
+    sizes, offsets, codes = plan[SIZE], plan[OFFSET], plan[CODE]
+    m, L = X.shape[0], sizes.shape[0] - 1
+    a_prev = X
+    start = 0
+    for l in range(1, L + 1):
+        n_in, n_out, off = sizes[l - 1], sizes[l], offsets[l - 1]
+        a = _view(work, start, m, n_out)
+        z = z_out if l == L else a
+        _gemm(a_prev, w[off + n_out : off + n_out * (n_in + 1)].reshape(n_in, n_out), z, 1.0, 0.0, slots)
+        _activate(codes[l], z, w[off : off + n_out], a)
+        a_prev = a
+        start += m * n_out
+    return a_prev
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _sample_of(r, m, K, sample_major):
+    """The sample n of row r of a seed stack (row k m + n seed-major, n K + k sample-major)."""
+    return r // K if sample_major else r % m
+
+
+@njit(cache=True, error_model="numpy")
+def times_g1_rows(code, s, a, K, sample_major):
+    """s ← s ⊙ g′(z) for a stack of K·m rows s (K·m, n), g′ through a = g(z) (m, n), the row's
+    sample given by the stack's order; softmax: s_r ← a_n ⊙ (s_r − Σ_j s_rj a_nj)."""
+    rows, n = s.shape
+    m = a.shape[0]
+    one, slope, _, _ = _constants(s)
+    for r in range(rows):
+        i = _sample_of(r, m, K, sample_major)
+        if code == SOFTMAX:
+            dot = s.dtype.type(0)
+            for j in range(n):
+                dot += s[r, j] * a[i, j]
+            for j in range(n):
+                s[r, j] = (s[r, j] - dot) * a[i, j]
+        else:
+            for j in range(n):
+                s[r, j] = s[r, j] * g1(code, a[i, j], one, slope)
+
+
+@njit(cache=True, error_model="numpy")
+def seeded_backprop(w, plan, acts, deltas, m, K, sample_major, slots, lowest=1):
+    """Backprop of a stack of K seeds: δ(l−1) = (δ(l) W(l)) ⊙ g′_{l−1}, l = L..lowest + 1.
+
+    acts: the forward work vector of :func:`forward_pass` (a(l), m rows each); deltas: δ(1)..δ(L),
+    each K·m rows (:func:`layer_start` with rows = K m), δ(L) written by the caller (the seeds);
+    each product is one GEMM of K·m rows (:func:`_gemm`, BLAS with α = 1, β = 0).
+    """
+    sizes, offsets, codes = plan[SIZE], plan[OFFSET], plan[CODE]
+    L = sizes.shape[0] - 1
+    rows = K * m
+    for l in range(L, lowest, -1):
+        n_in, n_out, off = sizes[l - 1], sizes[l], offsets[l - 1]
+        wt = w[off + n_out : off + n_out * (n_in + 1)].reshape(n_in, n_out)
+        delta = _view(deltas, layer_start(plan, l, rows), rows, n_out)
+        below = _view(deltas, layer_start(plan, l - 1, rows), rows, n_in)
+        _gemm(delta, wt.T, below, 1.0, 0.0, slots)
+        times_g1_rows(codes[l - 1], below, _view(acts, layer_start(plan, l - 1, m), m, n_in), K, sample_major)
+
+
 # --- the compiled training step ---------------------------------------------------------------
 
 
@@ -720,18 +819,8 @@ def train_step(X, T, w, grad, work, plan, loss, mean, alpha, rule, lr, mu, veloc
     row_start = 2 * d_start + m * sizes[L]
     slots = work[row_start + widest : row_start + widest + 2]
 
-    a_prev = X
-    start = 0
-    for l in range(1, L + 1):
-        n_in, n_out, off = sizes[l - 1], sizes[l], offsets[l - 1]
-        a = _view(work, start, m, n_out)
-        z = z_out if l == L else a  # hidden layers activate in place
-        _gemm(a_prev, w[off + n_out : off + n_out * (n_in + 1)].reshape(n_in, n_out), z, 1.0, 0.0, slots)
-        _activate(codes[l], z, w[off : off + n_out], a)
-        a_prev = a
-        start += m * n_out
-
-    start -= m * sizes[L]  # a(L)
+    a_prev = forward_pass(X, w, plan, work, z_out, slots)
+    start = d_start - m * sizes[L]  # a(L)
     total = _loss_and_delta(loss, codes[L], z_out, a_prev, T, c, _view(work, d_start + start, m, sizes[L]), weights)
     squares = 0.0
     for l in range(L, 0, -1):

@@ -115,10 +115,7 @@ class CompiledStep:
         self._has_velocity = hasattr(self.optimizer, "velocity")
         self._fused = name in _FUSED and not gradient_only
         self._kernel = module.train_step
-        self._plan = np.empty((3, net.n_layers + 1), dtype=np.int64)
-        self._plan[module.SIZE] = net.sizes
-        self._plan[module.OFFSET] = net.layout.offsets
-        self._plan[module.CODE] = [-1] + [ACTIVATIONS.index(g.name) for g in net.activations]
+        self._plan = plan(net, module)
         self._loss = LOSSES.index(net.loss_function.name)
         self._mean = net.reduction == "mean"
         self._alpha = 0.0 if self.optimizer is None else float(self.optimizer.alpha)
@@ -203,6 +200,17 @@ class CompiledGradient:
         self, X: np.ndarray, T: np.ndarray, grad: np.ndarray, weights: tuple[np.ndarray, float] | None = None
     ) -> float:
         return self._step.run(X, T, grad, weights)
+
+
+def plan(net: Any, module: ModuleType) -> np.ndarray:
+    """The compiled kernels' description of ``net``: (3, L + 1) int64, one column per layer
+    l = 0..L, rows ``module.SIZE`` n_l, ``module.OFFSET`` where Θ(l + 1) starts in w, ``module.CODE``
+    the activation of layer l (column 0 unused)."""
+    out = np.empty((3, net.n_layers + 1), dtype=np.int64)
+    out[module.SIZE] = net.sizes
+    out[module.OFFSET] = net.layout.offsets
+    out[module.CODE] = [-1] + [ACTIVATIONS.index(g.name) for g in net.activations]
+    return out
 
 
 _GRADIENTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
