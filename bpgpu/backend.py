@@ -189,48 +189,43 @@ class Backend:
 
     # --- dense linear algebra and memory, for the second-order methods ------------
 
-    def cholesky_solve(self, A: Any, B: Any) -> Any | None:
+    def cholesky_solve(self, A: Any, B: Any, *, upper_only: bool = False) -> Any | None:
         """X with A X = B for a symmetric positive definite A (k, k), B (k,) or (k, r), by Cholesky:
         LAPACK potrf/potrs through scipy on the CPU (numpy's cholesky when scipy is absent),
         cuSOLVER through CuPy on the GPU, the namespace's ``linalg`` otherwise.
 
-        A must be symmetric with both triangles filled; it is overwritten (it holds the factor
-        afterwards), so pass a copy to keep it.
+        A must be symmetric with both triangles filled, or, with ``upper_only``, its upper
+        triangle A[i, j], j ≥ i (the lower one is then never read); it is overwritten (it holds
+        the factor afterwards), so pass a copy to keep it.
         Returns None when A is not numerically positive definite (the factorisation breaks down
         or yields non-finite numbers), so that a caller can damp more and try again.
         """
         xp = self.xp
         if self.name == "numpy":
-            try:
-                from scipy.linalg import LinAlgError, cho_factor, cho_solve
-            except ImportError:  # the core install has numpy only
-                try:
-                    L = np.linalg.cholesky(np.tril(A))
-                except np.linalg.LinAlgError:
-                    return None
-                X = np.linalg.solve(L.T, np.linalg.solve(L, B))
-                return X if np.all(np.isfinite(X)) else None
             potrf, potrs = _lapack_cholesky(A.dtype.char)
-            if potrf is None:
-                try:
-                    # A is symmetric, so its transpose is A too: LAPACK (column-major) then factors
-                    # a C-contiguous A in place instead of in a copy
-                    factor = cho_factor(
-                        A.T if A.flags.c_contiguous else A, lower=True, overwrite_a=True, check_finite=False
-                    )
-                except LinAlgError:
-                    return None
-                X = cho_solve(factor, B, check_finite=False)
-            else:
-                # LAPACK's potrf/potrs straight (what cho_factor/cho_solve call, without their
-                # checks and wrappers: about 0.1 ms of a 0.25 ms solve at k = 200, benchmarks/NOTES.md LM1)
-                L, info = potrf(A.T if A.flags.c_contiguous else A, lower=1, clean=0, overwrite_a=1)
+            if potrf is not None:
+                # LAPACK's potrf/potrs straight, in place (what cho_factor/cho_solve call, without their
+                # checks and wrappers: about 0.1 ms of a 0.25 ms solve at k = 200, benchmarks/NOTES.md LM1).
+                # LAPACK is column-major: a C-contiguous A is passed as Aᵀ, whose lower triangle is A's upper.
+                if A.flags.c_contiguous:
+                    F, lower = A.T, 1
+                else:
+                    F, lower = np.asfortranarray(A), 0 if upper_only else 1
+                L, info = potrf(F, lower=lower, clean=0, overwrite_a=1)
                 if info != 0:
                     return None
-                X, info = potrs(L, B, lower=1)
-                if info != 0:
-                    return None
+                X, info = potrs(L, B, lower=lower)
+                return X if info == 0 and np.all(np.isfinite(X)) else None
+            if upper_only:
+                A = np.triu(A) + np.triu(A, 1).T
+            try:  # the core install has numpy only
+                L = np.linalg.cholesky(np.tril(A))
+            except np.linalg.LinAlgError:
+                return None
+            X = np.linalg.solve(L.T, np.linalg.solve(L, B))
             return X if np.all(np.isfinite(X)) else None
+        if upper_only:
+            A = xp.triu(A) + xp.matrix_transpose(xp.triu(A, k=1))
         if self.name == "cupy":
             import cupy
             from cupyx.scipy.linalg import solve_triangular
@@ -277,12 +272,13 @@ class Backend:
 
 @functools.cache
 def _lapack_cholesky(char: str) -> tuple[Any, Any]:
-    """scipy's LAPACK potrf and potrs for a numpy dtype character ('f', 'd', 'F', 'D'), or (None, None)."""
+    """scipy's LAPACK potrf and potrs for a real numpy dtype character ('f', 'd'), or (None, None)
+    (no scipy: the core install has numpy only; another dtype: a complex A's transpose is not A)."""
     try:
         from scipy.linalg import get_lapack_funcs
     except ImportError:
         return None, None
-    if char not in "fdFD":
+    if char not in "fd":
         return None, None
     return tuple(get_lapack_funcs(("potrf", "potrs"), dtype=np.dtype(char)))
 

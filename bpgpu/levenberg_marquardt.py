@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from bpgpu import engine, validation
+from bpgpu.kernels import jit
 from bpgpu.network import MLP
 from bpgpu.per_sample import gauss_newton_rows, gauss_newton_seeds
 
@@ -71,6 +72,14 @@ def _positive(value: Any, name: str) -> float:
 
 def _gib(n: float) -> str:
     return f"{n / 2**30:.3g} GiB"
+
+
+def _accumulate(total: Any, term: Any) -> Any:
+    """total + term, in place once there is a total (None: term itself)."""
+    if total is None:
+        return term
+    total += term
+    return total
 
 
 class LevenbergMarquardt:
@@ -299,6 +308,36 @@ class LevenbergMarquardt:
 
         return solve
 
+    def _kronecker_gram(self, deltas: dict, A: list[Any], A1: dict, K: int) -> tuple[Any, Any, bool]:
+        """(Q, S, upper_only), the N × N matrices of the residuals form with D = I (the same for every μ):
+        α = 0: Q = Σ_l δδᵀ ⊙ [1, a][1, a]ᵀ (= δδᵀ ⊙ (1 + aaᵀ) = R Rᵀ), S None; α > 0: Q = Σ_l δδᵀ ⊙ aaᵀ
+        (the weights' part) and S = Σ_l δδᵀ (the biases'). On the numpy backend one compiled call
+        writes their upper triangles only (upper_only True; bpgpu.kernels.jit.kronecker_gram);
+        elsewhere at most two N × N passes per layer besides the products.
+
+        deltas: δ(l) (N, n_l); A: the layer outputs; A1: [1, a(l−1)] (m, n_{l−1} + 1) per layer.
+        """
+        net, xp = self.net, self.net.backend.xp
+        layers = range(1, net.n_layers + 1)
+        split = self.mask is not None
+        compiled = jit.kronecker_gram(net, [deltas[l] for l in layers], [A[l - 1] for l in layers], K, split)
+        if compiled is not None:
+            return compiled[0], compiled[1], True
+        Q = S = None
+        for l in layers:
+            DD = deltas[l] @ deltas[l].T
+            AA = A[l - 1] @ A[l - 1].T if split else A1[l] @ A1[l].T
+            if K > 1:
+                AA = xp.tile(AA, (K, K))
+            if split:
+                S = _accumulate(S, DD)
+                AA *= DD
+                Q = _accumulate(Q, AA)
+            else:
+                DD *= AA
+                Q = _accumulate(Q, DD)
+        return Q, S, False
+
     def _kronecker_solver(self, g: Any):
         """The residuals form with D = I, without forming R. Row (k, n) of R's layer-l block is
         [1, a_n(l−1)] ⊗ δ_kn(l), and Λ̃ is λ_b on every bias and λ_w on every weight, so
@@ -319,29 +358,7 @@ class LevenbergMarquardt:
         # [1, a_n(l−1)] per layer, (m, n_{l−1} + 1): a copy, as the trials' forward passes reuse the workspace
         ones = xp.ones((m, 1), dtype=net.xp_dtype)
         A1 = {l: xp.concat([ones, A[l - 1]], axis=1) for l in deltas}
-
-        def accumulate(total: Any, term: Any) -> Any:
-            if total is None:
-                return term
-            total += term
-            return total
-
-        # α = 0: Q = Σ_l δδᵀ ⊙ [1, a][1, a]ᵀ (= δδᵀ ⊙ (1 + aaᵀ)); α > 0: S_b = Σ_l δδᵀ and
-        # S_w = Σ_l δδᵀ ⊙ aaᵀ, Q = S_b/λ_b + S_w/λ_w. (N, N) each, the same for every μ; at most two
-        # N × N passes per layer besides the products (numpy's A Aᵀ is one SYRK).
-        Q = S_b = S_w = None
-        for l, D in deltas.items():
-            DD = D @ D.T
-            AA = A1[l] @ A1[l].T if self.mask is None else A[l - 1] @ A[l - 1].T
-            if K > 1:
-                AA = xp.tile(AA, (K, K))
-            if self.mask is None:
-                DD *= AA
-                Q = accumulate(Q, DD)
-            else:
-                S_b = accumulate(S_b, DD)
-                AA *= DD
-                S_w = accumulate(S_w, AA)
+        Q, S, upper_only = self._kronecker_gram(deltas, A, A1, K)
 
         def R_times(h: Any) -> Any:
             """R h: row (k, n) is Σ_l δ_kn(l) · ([1, a_n(l−1)] [h_b(l); H(l)])."""
@@ -367,9 +384,10 @@ class LevenbergMarquardt:
                 sigma, lam, C = self.mu, 1.0, Q
             else:  # Λ̃ = μ on biases, μ + α on weights, σ = 1
                 sigma, lam = 1.0, self.mu + self.alpha * self.mask
-                C = S_b / self.mu + S_w / (self.mu + self.alpha)
+                C = S / self.mu + Q / (self.mu + self.alpha)
             h = g / lam
-            z = backend.cholesky_solve(self._add_diagonal(C, xp.full((N,), sigma, dtype=C.dtype)), R_times(h))
+            C = self._add_diagonal(C, xp.full((N,), sigma, dtype=C.dtype))
+            z = backend.cholesky_solve(C, R_times(h), upper_only=upper_only)
             return None if z is None else -(h - R_transpose_times(z) / lam) / sigma
 
         return solve

@@ -70,3 +70,23 @@ def test_unknown_command_is_a_usage_error(capsys):
         cli.main(["frobnicate"])
     assert exit_info.value.code == 2
     assert "invalid choice: 'frobnicate'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("order", ["C", "F"])
+@pytest.mark.parametrize("upper_only", [False, True])
+def test_cholesky_solve_reads_the_triangle_it_is_told_and_refuses_an_indefinite_matrix(dtype, order, upper_only):
+    rng = np.random.default_rng(0)
+    M = rng.standard_normal((40, 40))
+    A = M @ M.T + 40 * np.eye(40)
+    B = rng.standard_normal((40, 2))
+    want = np.linalg.solve(A, B)
+    given = np.array(A, dtype=dtype, order=order)
+    if upper_only:
+        given[np.tril_indices(40, -1)] = np.nan  # never read
+    got = backend.resolve("numpy").cholesky_solve(given, B.astype(dtype), upper_only=upper_only)
+    np.testing.assert_allclose(got, want, rtol=1e-4 if dtype == np.float32 else 1e-12, atol=0)
+    assert got.dtype == dtype
+    indefinite = np.array(A, order=order)
+    indefinite[3, 3] = -1.0
+    assert backend.resolve("numpy").cholesky_solve(indefinite, B[:, 0], upper_only=upper_only) is None

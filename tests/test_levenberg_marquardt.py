@@ -7,6 +7,8 @@ from helpers import random_problem
 from torch_oracle import TorchMLP
 
 import bpgpu as bp
+from bpgpu import engine, per_sample
+from bpgpu.kernels import jit
 from bpgpu.levenberg_marquardt import LevenbergMarquardt
 
 PAIRS = [
@@ -147,6 +149,45 @@ def test_chunks_do_not_change_the_step():
             results.append(bp.to_numpy(net.params))
     for r in results[1:]:
         np.testing.assert_allclose(r, results[0], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("output,loss", [("identity", "squared_error"), ("softmax", "cross_entropy")])  # K = 1, 3
+@pytest.mark.parametrize("split", [False, True])
+def test_compiled_residual_matrices_match_the_dense_factor(output, loss, split):
+    """The compiled N × N matrices of the residuals form (bpgpu.kernels.jit.kronecker_gram) against
+    R Rᵀ of the dense Gauss–Newton factor (its weight and bias columns apart with ``split``), float64."""
+    # m = 70: three blocks of the kernel's 32 rows, the last one partial
+    net, X, T, _ = make([3, 5, 4, 1 if output == "identity" else 3], output, loss, m=70)
+    A, seeds = per_sample.gauss_newton_seeds(net, X, T)
+    K, N = seeds.shape[0], seeds.shape[0] * seeds.shape[1]
+    deltas = {l: np.reshape(D, (N, net.sizes[l])) for l, D in engine.seeded_deltas(net, A, seeds)}
+    layers = range(1, net.n_layers + 1)
+    Q, S = jit.kronecker_gram(net, [deltas[l] for l in layers], [A[l - 1] for l in layers], K, split)
+    R = per_sample.gauss_newton_factor(net, X, T)
+    weight = weight_mask(net) == 1.0
+    wants = [(Q, R[:, weight] @ R[:, weight].T), (S, R[:, ~weight] @ R[:, ~weight].T)] if split else [(Q, R @ R.T)]
+    assert split or S is None
+    for got, want in wants:
+        np.testing.assert_allclose(np.triu(got), np.triu(want), rtol=0, atol=1e-12 * np.abs(want).max())
+        assert not np.any(np.tril(got, -1))  # the lower triangle is left alone
+
+
+@pytest.mark.parametrize("output,loss", [("identity", "squared_error"), ("softmax", "cross_entropy")])
+@pytest.mark.parametrize("alpha", [0.0, 0.3])
+def test_compiled_and_array_residual_forms_take_the_same_steps(monkeypatch, output, loss, alpha):
+    runs = []
+    for compiled in (True, False):
+        if not compiled:  # the array path: what every backend but numpy runs
+            monkeypatch.setattr(jit, "kronecker_gram", lambda *args: None)
+        net, X, T, _ = make([3, 6, 1 if output == "identity" else 3], output, loss, m=40)
+        w0 = bp.to_numpy(net.params).copy()
+        step = LevenbergMarquardt(net, X, T, alpha=alpha, mu=0.1, form="residuals").step()
+        runs.append((bp.to_numpy(net.params) - w0, step))
+    (ours, ours_step), (theirs, theirs_step) = runs
+    assert ours_step.accepted and ours_step.trials == theirs_step.trials
+    # the step, from matrices equal to rounding (previous test), at a μ where the solve is well conditioned
+    np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-12 * np.abs(theirs).max())
+    assert ours_step.loss == pytest.approx(theirs_step.loss, rel=1e-12)
 
 
 def test_bad_input():

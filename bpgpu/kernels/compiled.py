@@ -649,6 +649,67 @@ def seeded_backprop(w, plan, acts, deltas, m, K, sample_major, slots, lowest=1):
         times_g1_rows(codes[l - 1], below, _view(acts, layer_start(plan, l - 1, m), m, n_in), K, sample_major)
 
 
+# --- Levenberg–Marquardt: the residuals form's N × N matrix ----------------------------------
+
+# rows of the N × N matrix per block: the block's two products (rows × N) stay in the L1/L2 cache
+GRAM_BLOCK = 32
+
+
+@njit(cache=True, error_model="numpy")
+def kronecker_gram(D, A, sizes, K, Q, S, split, scratch, slots):
+    """The upper triangle (c ≥ r, row-major) of the residuals form's N × N matrices, N = K m,
+    row r = k m + n (seed k, sample n), from R's Kronecker rows [1, a_n(l−1)] ⊗ δ_kn(l):
+
+        split False:  Q = Σ_l (δ(l) δ(l)ᵀ) ⊙ (1 + a(l−1) a(l−1)ᵀ)      (= R Rᵀ; S not touched)
+        split True:   S = Σ_l δ(l) δ(l)ᵀ,  Q = Σ_l (δ(l) δ(l)ᵀ) ⊙ (a(l−1) a(l−1)ᵀ)   (bias and weight parts)
+
+    D (N, Σ_l n_l): δ(1)..δ(L) side by side; A (m, Σ_l n_{l−1}): a(0)..a(L−1) side by side; sizes:
+    [n_0, ..., n_L]. The lower triangles are not written. Per block of GRAM_BLOCK rows and per
+    layer, two BLAS products into ``scratch`` (2 GRAM_BLOCK N) and one pass over the block, so
+    that Q and S are each written once instead of through N × N temporaries.
+    """
+    N, m = D.shape[0], A.shape[0]
+    L = sizes.shape[0] - 1
+    one = Q.dtype.type(1)
+    dd = scratch[: GRAM_BLOCK * N].reshape(GRAM_BLOCK, N)
+    aa = scratch[GRAM_BLOCK * N : 2 * GRAM_BLOCK * N].reshape(GRAM_BLOCK, N)
+    for k in range(K):
+        for n0 in range(0, m, GRAM_BLOCK):
+            n1 = min(n0 + GRAM_BLOCK, m)
+            b, r0 = n1 - n0, k * m + n0
+            a0 = n0 if K == 1 else 0  # the samples of the columns c ≥ r0 (all of them when K > 1)
+            d_col, a_col = 0, 0
+            for l in range(1, L + 1):
+                n_in, n_out = sizes[l - 1], sizes[l]
+                Dl, Al = D[:, d_col : d_col + n_out], A[:, a_col : a_col + n_in]
+                _gemm(Dl[r0 : r0 + b], Dl[r0:N].T, dd[:b, : N - r0], 1.0, 0.0, slots)
+                _gemm(Al[n0:n1], Al[a0:m].T, aa[:b, : m - a0], 1.0, 0.0, slots)
+                for i in range(b):
+                    r = r0 + i
+                    for k2 in range(k, K):
+                        lo, c0 = (n0 + i if k2 == k else 0), k2 * m - r0  # columns c = k2 m + n, n ≥ lo
+                        q, x, y = Q[r, k2 * m : (k2 + 1) * m], dd[i], aa[i]
+                        # the branches outside the loops over n, so that those vectorise
+                        if split:
+                            t = S[r, k2 * m : (k2 + 1) * m]
+                            if l == 1:
+                                for n in range(lo, m):
+                                    t[n] = x[c0 + n]
+                                    q[n] = x[c0 + n] * y[n - a0]
+                            else:
+                                for n in range(lo, m):
+                                    t[n] += x[c0 + n]
+                                    q[n] += x[c0 + n] * y[n - a0]
+                        elif l == 1:
+                            for n in range(lo, m):
+                                q[n] = x[c0 + n] * (one + y[n - a0])
+                        else:
+                            for n in range(lo, m):
+                                q[n] += x[c0 + n] * (one + y[n - a0])
+                d_col += n_out
+                a_col += n_in
+
+
 # --- the compiled training step ---------------------------------------------------------------
 
 

@@ -228,6 +228,31 @@ def gradient_for(net: Any) -> CompiledGradient | None:
     return cached
 
 
+def kronecker_gram(
+    net: Any, deltas: list[np.ndarray], A: list[np.ndarray], K: int, split: bool
+) -> tuple[np.ndarray, np.ndarray | None] | None:
+    """The residuals form's N × N matrices of Levenberg–Marquardt by one compiled call
+    (:func:`bpgpu.kernels.compiled.kronecker_gram`), or None without the compiled table or off numpy.
+
+    deltas: δ(l) for l = 1..L, (N, n_l) each, rows (k, n) (N = K m); A: a(l−1) for l = 1..L,
+    (m, n_{l−1}) each. Returns (Q, None) with Q = Σ_l δδᵀ ⊙ (1 + aaᵀ), or with ``split``
+    (Q, S): Q = Σ_l δδᵀ ⊙ aaᵀ and S = Σ_l δδᵀ; only their upper triangles (c ≥ r) are
+    filled, the lower ones are 0.
+    """
+    module = kernels()
+    if module is None or net.backend.name != "numpy":
+        return None
+    D = np.concatenate(deltas, axis=1)
+    Acat = np.concatenate(A, axis=1)
+    N = D.shape[0]
+    Q = np.zeros((N, N), dtype=D.dtype)
+    S = np.zeros((N, N), dtype=D.dtype) if split else Q  # Q: a placeholder numba reads as the same type
+    scratch = np.empty(2 * module.GRAM_BLOCK * N, dtype=D.dtype)
+    slots = np.empty(2, dtype=D.dtype)
+    module.kronecker_gram(D, Acat, np.asarray(net.sizes, dtype=np.int64), K, Q, S, split, scratch, slots)
+    return Q, (S if split else None)
+
+
 def compiled_train_step(net: Any, optimizer_or_lr: Any) -> CompiledStep | None:
     """A compiled ``step(X, T) -> loss`` (forward, backprop, L2 term, update), or None.
 
