@@ -379,15 +379,18 @@ class LevenbergMarquardt:
                 blocks.append(xp.reshape(A1[l].T @ E, (-1,)))
             return xp.concat(blocks)
 
+        Rg = R_times(g) if self.mask is None else None  # h = g for every μ when α = 0
+
         def solve() -> Any:
             if self.mask is None:  # Λ̃ = I, σ = μ
-                sigma, lam, C = self.mu, 1.0, Q
+                sigma, lam, C, h, Rh = self.mu, 1.0, Q, g, Rg
             else:  # Λ̃ = μ on biases, μ + α on weights, σ = 1
                 sigma, lam = 1.0, self.mu + self.alpha * self.mask
                 C = S / self.mu + Q / (self.mu + self.alpha)
-            h = g / lam
+                h = g / lam
+                Rh = R_times(h)
             C = self._add_diagonal(C, xp.full((N,), sigma, dtype=C.dtype))
-            z = backend.cholesky_solve(C, R_times(h), upper_only=upper_only)
+            z = backend.cholesky_solve(C, Rh, upper_only=upper_only)
             return None if z is None else -(h - R_transpose_times(z) / lam) / sigma
 
         return solve
