@@ -58,6 +58,27 @@ def test_one_step_solves_the_damped_gauss_newton_equations(output, loss, m, damp
     assert E1 < E0 and step.loss == pytest.approx(c * E1, rel=1e-12)
 
 
+@pytest.mark.parametrize("damping", ["identity", "diagonal"])
+@pytest.mark.parametrize("form", ["parameters", "residuals"])
+@pytest.mark.parametrize("alpha", [0.0, 0.1])
+def test_a_step_after_rejected_trials_solves_the_equations_at_the_accepted_mu(damping, form, alpha):
+    # every trial must start from the iteration's own passes: the trials' forward passes in between
+    # once overwrote the residuals form's a(l) (its later trials then solved with another point's R)
+    x = np.linspace(-1, 1, 30)[:, None]
+    y = np.sinc(5 * x)
+    net = bp.MLP([1, 8, 8, 1], hidden="tanh", output="identity", dtype="float64", backend="numpy", init="glorot", seed=0)
+    w0 = bp.to_numpy(net.params).copy()
+    G = TorchMLP(net).gauss_newton(x, y, np.ones(30), True)  # Σ_n J_nᵀ J_n, the residuals' Jacobian
+    P = weight_mask(net)
+    D = np.ones(net.n_params) if damping == "identity" else np.maximum(np.diag(G), 1e-12 * np.diag(G).max())
+    gE = bp.to_numpy(net.gradient(x, y)) * 30 + alpha * P * w0
+    step = LevenbergMarquardt(net, x, y, mu=1e-6, alpha=alpha, damping=damping, form=form).step()
+    assert step.accepted and step.trials >= 2  # μ = 1e-6 rejected at least
+    mu = step.mu / 0.1  # the accepted μ
+    delta = -np.linalg.solve(G + np.diag(alpha * P + mu * D), gE)
+    np.testing.assert_allclose(bp.to_numpy(net.params) - w0, delta, rtol=0, atol=1e-9 * np.abs(delta).max())
+
+
 def test_matlab_schedule_at_a_minimum_every_mu_fails_and_training_stops_at_mu_max():
     # targets the net fits exactly: E = 0, ∇E = 0, so no step can lower the loss
     net, X, _, _ = make([3, 4, 2], m=10)
