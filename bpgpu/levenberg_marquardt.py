@@ -365,7 +365,7 @@ class LevenbergMarquardt:
             rows = 0.0
             for l, D in deltas.items():
                 P = A1[l] @ layout.theta(h, l).T  # (m, n_l): [1, a] [b; Wᵀ] of h's block
-                rows = rows + xp.sum(xp.reshape(D, (K, m, -1)) * P[None, :, :], axis=-1)
+                rows = rows + xp.vecdot(xp.reshape(D, (K, m, -1)), P[None, :, :])  # row by row, no temporary
             return xp.reshape(rows, (N,))
 
         def R_transpose_times(z: Any) -> Any:
