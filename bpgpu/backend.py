@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -189,6 +190,31 @@ class Backend:
 
     # --- dense linear algebra and memory, for the second-order methods ------------
 
+    def gram(self, chunks: Iterable[Any], n: int, dtype: Any) -> Any:
+        """A = Σ_c R_cᵀ R_c (n, n), both triangles filled, over the chunks R_c (k_c, n) of a tall
+        matrix, so that only one chunk need exist at a time.
+
+        On the CPU each chunk is one BLAS SYRK into A's lower triangle, in place (β = 1: no
+        n × n temporary per chunk and half a GEMM's flops), and the triangle is mirrored once
+        at the end; elsewhere A += R_cᵀ R_c. dtype: the backend's dtype of A.
+        """
+        xp = self.xp
+        if self.name == "numpy":
+            syrk = _blas_syrk(np.dtype(dtype).char)
+            if syrk is not None:
+                A = np.zeros((n, n), dtype=dtype)
+                for R in chunks:
+                    # column-major BLAS sees the C-ordered A as Aᵀ and a C-ordered R as Rᵀ (n, k):
+                    # C ← Rᵀ R + C into Aᵀ's upper triangle, which is A's lower one
+                    R = np.ascontiguousarray(R, dtype=dtype)
+                    syrk(1.0, R.T, beta=1.0, c=A.T, trans=0, lower=0, overwrite_c=1)
+                _mirror_lower(A)
+                return A
+        A = xp.zeros((n, n), dtype=dtype)
+        for R in chunks:
+            A += R.T @ R
+        return A
+
     def cholesky_solve(self, A: Any, B: Any, *, upper_only: bool = False) -> Any | None:
         """X with A X = B for a symmetric positive definite A (k, k), B (k,) or (k, r), by Cholesky:
         LAPACK potrf/potrs through scipy on the CPU (numpy's cholesky when scipy is absent),
@@ -281,6 +307,28 @@ def _lapack_cholesky(char: str) -> tuple[Any, Any]:
     if char not in "fd":
         return None, None
     return tuple(get_lapack_funcs(("potrf", "potrs"), dtype=np.dtype(char)))
+
+
+@functools.cache
+def _blas_syrk(char: str) -> Any:
+    """scipy's BLAS ?syrk for a real numpy dtype character ('f', 'd'), or None (no scipy; another dtype)."""
+    try:
+        from scipy.linalg import get_blas_funcs
+    except ImportError:
+        return None
+    return get_blas_funcs("syrk", dtype=np.dtype(char)) if char in "fd" else None
+
+
+def _mirror_lower(A: np.ndarray, block: int = 512) -> None:
+    """A[i, j] ← A[j, i] for j > i (the lower triangle copied onto the upper), in place, by
+    blocks of rows (no n × n index arrays or temporaries)."""
+    n = A.shape[0]
+    for i0 in range(0, n, block):
+        i1 = min(i0 + block, n)
+        A[i0:i1, i1:] = A[i1:, i0:i1].T
+        diagonal = A[i0:i1, i0:i1]
+        upper = np.triu_indices(i1 - i0, 1)
+        diagonal[upper] = diagonal.T[upper]
 
 
 def is_sparse(x: Any) -> bool:

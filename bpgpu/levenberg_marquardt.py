@@ -232,12 +232,8 @@ class LevenbergMarquardt:
             )
 
     def gram(self) -> Any:
-        """A = RᵀR (W × W), summed over chunks of samples."""
-        xp, W = self.net.backend.xp, self.net.n_params
-        A = xp.zeros((W, W), dtype=self.net.xp_dtype)
-        for _, _, R in self.chunks():
-            A += R.T @ R
-        return A
+        """A = RᵀR (W × W), summed over chunks of samples (``Backend.gram``: in place by SYRK on the CPU)."""
+        return self.net.backend.gram((R for _, _, R in self.chunks()), self.net.n_params, self.net.xp_dtype)
 
     def residual_factor(self) -> Any:
         """R (N × W), built chunk by chunk."""

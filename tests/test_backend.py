@@ -90,3 +90,15 @@ def test_cholesky_solve_reads_the_triangle_it_is_told_and_refuses_an_indefinite_
     indefinite = np.array(A, order=order)
     indefinite[3, 3] = -1.0
     assert backend.resolve("numpy").cholesky_solve(indefinite, B[:, 0], upper_only=upper_only) is None
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("n", [7, 1100])  # 1100: more than one block of the mirror
+def test_gram_sums_the_chunks_products_with_both_triangles(dtype, n):
+    rng = np.random.default_rng(1)
+    chunks = [rng.standard_normal((k, n)).astype(dtype) for k in (5, 1, 30)]
+    want = sum(R.astype(np.float64).T @ R.astype(np.float64) for R in chunks)
+    got = backend.resolve("numpy").gram(iter(chunks), n, dtype)
+    assert got.dtype == dtype and got.shape == (n, n)
+    np.testing.assert_allclose(got, want, rtol=0, atol=(1e-4 if dtype == np.float32 else 1e-12) * np.abs(want).max())
+    np.testing.assert_array_equal(got, got.T)  # the mirror is exact

@@ -66,7 +66,9 @@ def test_a_step_after_rejected_trials_solves_the_equations_at_the_accepted_mu(da
     # once overwrote the residuals form's a(l) (its later trials then solved with another point's R)
     x = np.linspace(-1, 1, 30)[:, None]
     y = np.sinc(5 * x)
-    net = bp.MLP([1, 8, 8, 1], hidden="tanh", output="identity", dtype="float64", backend="numpy", init="glorot", seed=0)
+    net = bp.MLP(
+        [1, 8, 8, 1], hidden="tanh", output="identity", dtype="float64", backend="numpy", init="glorot", seed=0
+    )
     w0 = bp.to_numpy(net.params).copy()
     G = TorchMLP(net).gauss_newton(x, y, np.ones(30), True)  # Σ_n J_nᵀ J_n, the residuals' Jacobian
     P = weight_mask(net)
