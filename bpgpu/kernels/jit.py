@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from bpgpu.gcpause import paused
 from bpgpu.kernels import ACTIVATIONS, LOSSES
 
 log = logging.getLogger("bpgpu")
@@ -61,7 +62,8 @@ def kernels() -> ModuleType | None:
     to the module, so later processes load it in milliseconds.
     """
     global reason
-    module, reason = _load()
+    with paused():  # numba's import and first dispatch: ~10^5 long-lived objects, no full collections for them
+        module, reason = _load()
     if module is None and reason != _OFF:
         log.warning("bpgpu: numba kernels not used (%s); numpy runs the array-API reference kernels", reason)
     return module
