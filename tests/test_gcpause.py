@@ -46,3 +46,18 @@ def test_loading_the_compiled_table_and_the_estimators_leaves_the_collector_on()
     pytest.importorskip("sklearn")
     assert bpgpu.MLPClassifier is not None
     assert gc.isenabled()
+
+
+def test_collect_frees_the_cycles_made_in_the_block():
+    import weakref
+
+    class Node:
+        pass
+
+    with paused(collect=True):
+        node = Node()
+        node.self = node  # a reference cycle: only the cyclic collector frees it
+        alive = weakref.ref(node)
+        del node
+        assert alive() is not None  # no automatic collection inside the block
+    assert alive() is None

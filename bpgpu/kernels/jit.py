@@ -62,7 +62,7 @@ def kernels() -> ModuleType | None:
     to the module, so later processes load it in milliseconds.
     """
     global reason
-    with paused():  # numba's import and first dispatch: ~10^5 long-lived objects, no full collections for them
+    with paused(collect=True):  # numba's import and first dispatch make ~80,000 lasting objects: one collection
         module, reason = _load()
     if module is None and reason != _OFF:
         log.warning("bpgpu: numba kernels not used (%s); numpy runs the array-API reference kernels", reason)
