@@ -15,12 +15,17 @@ the CPU time (``time.process_time``, which load on a shared machine inflates far
 
 then the median and range over the runs. Loading digits happens before the timed calls.
 
-    python benchmarks/cold_start.py [--runs 5] [--blas-threads 1] [--cold-cache]
+    python benchmarks/cold_start.py [--runs 5] [--blas-threads 1] [--cold-cache] [--against DIR] [--numba-floor]
 
 ``--blas-threads N`` sets OPENBLAS_NUM_THREADS, OMP_NUM_THREADS and MKL_NUM_THREADS in the
 child (on a shared 2-core machine under load, two BLAS threads per process make the fits
 themselves several times slower and noisier). ``--cold-cache`` gives each child an empty
 NUMBA_CACHE_DIR, so its first fit compiles every kernel it needs: a user's first-ever process.
+``--against DIR`` runs the same processes in DIR too (another checkout, its numba cache warm),
+alternately with this one, and prints its table first: a before/after in one run.
+``--numba-floor`` also times, in fresh processes with SciPy and scikit-learn loaded, numba's
+own share: ``import numba`` and the first call of a one-line ``@njit(cache=True)`` function
+whose cache is warm (what any numba-compiled first call pays, whatever it computes).
 """
 
 from __future__ import annotations
@@ -71,6 +76,21 @@ out["gc"] = (gc_log["n"], gc_log["s"])
 print(json.dumps(out))
 """
 
+FLOOR = r"""
+import json, sys, time
+import scipy.linalg, sklearn.datasets
+C = time.process_time
+c = C()
+import numba
+imported = C() - c
+sys.path.insert(0, sys.argv[1])
+import bpgpu_floor
+c = C()
+bpgpu_floor.f(1.0)
+print(json.dumps({"import_numba": imported, "first_call": C() - c}))
+"""
+FLOOR_MODULE = "from numba import njit\n\n\n@njit(cache=True)\ndef f(x):\n    return x + 1.0\n"
+
 FIRST_CALL = ("estimators", "gpu_probe", "numpy_backend", "first_fit")
 COLUMNS = ("import_bpgpu", *FIRST_CALL, "warm_fit", "first_minus_warm")
 
@@ -85,12 +105,13 @@ def _child_env(blas_threads: int | None, cache_dir: str | None) -> dict[str, str
     return env
 
 
-def run_once(blas_threads: int | None = None, cold_cache: bool = False) -> dict:
-    """One fresh process: {phase: (wall s, cpu s)}, first_minus_warm included, and gc: ([n0, n1, n2], cpu s)."""
+def run_once(blas_threads: int | None = None, cold_cache: bool = False, tree: str | None = None) -> dict:
+    """One fresh process in ``tree`` (default: the current directory): {phase: (wall s, cpu s)},
+    first_minus_warm included, and gc: ([n0, n1, n2], cpu s)."""
     with tempfile.TemporaryDirectory(prefix="bpgpu-numba-cache-") as cache_dir:
         env = _child_env(blas_threads, cache_dir if cold_cache else None)
         done = subprocess.run(
-            [sys.executable, "-c", CHILD], capture_output=True, text=True, check=True, env=env, cwd=os.getcwd()
+            [sys.executable, "-c", CHILD], capture_output=True, text=True, check=True, env=env, cwd=tree or os.getcwd()
         )
     row = json.loads(done.stdout.strip().splitlines()[-1])
     row["first_minus_warm"] = tuple(sum(row[k][i] for k in FIRST_CALL) - row["warm_fit"][i] for i in (0, 1))
@@ -104,30 +125,61 @@ def _load() -> str:
         return "n/a"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--blas-threads", type=int, default=None, help="BLAS threads in the child (default: as set)")
-    parser.add_argument("--cold-cache", action="store_true", help="an empty numba cache per run (first fit compiles)")
-    args = parser.parse_args(argv)
-    print(f"load average before: {_load()}")
-    rows = [run_once(args.blas_threads, args.cold_cache) for _ in range(args.runs)]
-    print(f"load average after: {_load()}")
-    print("wall s / cpu s per phase; the first call is estimators + GPU probe + numpy backend + first fit")
+def numba_floor(runs: int) -> list[dict]:
+    """``import numba`` and a warm-cache first call of a one-line njit function, CPU s, per fresh process."""
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bpgpu-floor-") as where:
+        with open(os.path.join(where, "bpgpu_floor.py"), "w") as module:
+            module.write(FLOOR_MODULE)
+        for _ in range(runs + 1):  # the first process compiles the function into its cache
+            done = subprocess.run(
+                [sys.executable, "-c", FLOOR, where], capture_output=True, text=True, check=True, cwd=where
+            )
+            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    return rows[1:]
+
+
+def _median_range(values: list[float]) -> str:
+    return f"{statistics.median(values):.3f} ({min(values):.3f}–{max(values):.3f})"
+
+
+def print_table(rows: list[dict]) -> None:
     print("| run | " + " | ".join(COLUMNS) + " | gc in first call: collections gen 0/1/2, cpu s |")
     print("|---" * (len(COLUMNS) + 2) + "|")
     for i, r in enumerate(rows, 1):
         cells = " | ".join(f"{r[k][0]:.3f} / {r[k][1]:.3f}" for k in COLUMNS)
         (n0, n1, n2), gc_s = r["gc"]
         print(f"| {i} | {cells} | {n0}/{n1}/{n2}, {gc_s:.3f} |")
-    summary = []
-    for k in COLUMNS:
-        wall, cpu = ([r[k][i] for r in rows] for i in (0, 1))
-        summary.append(
-            f"{statistics.median(wall):.3f} ({min(wall):.3f}–{max(wall):.3f}) / "
-            f"{statistics.median(cpu):.3f} ({min(cpu):.3f}–{max(cpu):.3f})"
-        )
-    print("| median (range) | " + " | ".join(summary) + " | |")
+    summary = [" / ".join(_median_range([r[k][i] for r in rows]) for i in (0, 1)) for k in COLUMNS]
+    gc_summary = _median_range([r["gc"][1] for r in rows])
+    print("| median (range) | " + " | ".join(summary) + f" | {gc_summary} |")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--blas-threads", type=int, default=None, help="BLAS threads in the child (default: as set)")
+    parser.add_argument("--cold-cache", action="store_true", help="an empty numba cache per run (first fit compiles)")
+    parser.add_argument("--against", metavar="DIR", help="another checkout, run alternately with this one")
+    parser.add_argument("--numba-floor", action="store_true", help="also time numba's own import and first call")
+    args = parser.parse_args(argv)
+    trees = ([args.against] if args.against else []) + [os.getcwd()]
+    print(f"load average before: {_load()}")
+    rows: dict[str, list[dict]] = {tree: [] for tree in trees}
+    for _ in range(args.runs):
+        for tree in trees:
+            rows[tree].append(run_once(args.blas_threads, args.cold_cache, tree))
+    floor = numba_floor(args.runs) if args.numba_floor else []
+    print(f"load average after: {_load()}")
+    print("wall s / cpu s per phase; the first call is estimators + GPU probe + numpy backend + first fit")
+    for tree in trees:
+        print(f"\n{tree}:")
+        print_table(rows[tree])
+    if floor:
+        print("\nnumba's floor, cpu s, median (range): import numba "
+              f"{_median_range([r['import_numba'] for r in floor])}, first call of a cached one-line function "
+              f"{_median_range([r['first_call'] for r in floor])}, together "
+              f"{_median_range([r['import_numba'] + r['first_call'] for r in floor])}")
     return 0
 
 
