@@ -50,9 +50,5 @@ def __getattr__(name: str):
     if name in _LAZY:
         import importlib
 
-        from bpgpu.gcpause import paused
-
-        with paused():  # scikit-learn's and SciPy's modules: no full collections while they load
-            module = importlib.import_module(_LAZY[name])
-        return getattr(module, name)
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'bpgpu' has no attribute {name!r}")

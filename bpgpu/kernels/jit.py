@@ -35,7 +35,6 @@ from typing import Any
 
 import numpy as np
 
-from bpgpu.gcpause import paused
 from bpgpu.kernels import ACTIVATIONS, LOSSES
 
 log = logging.getLogger("bpgpu")
@@ -62,8 +61,7 @@ def kernels() -> ModuleType | None:
     to the module, so later processes load it in milliseconds.
     """
     global reason
-    with paused(collect=True):  # numba's import and first dispatch make ~80,000 lasting objects: one collection
-        module, reason = _load()
+    module, reason = _load()
     if module is None and reason != _OFF:
         log.warning("bpgpu: numba kernels not used (%s); numpy runs the array-API reference kernels", reason)
     return module
