@@ -25,6 +25,11 @@ in whichever form is smaller (N = m n_L residual rows, W parameters):
 a step that lowers E, ×10 (``mu_inc``) after one that does not (and after a μ at which
 the matrix is not numerically positive definite); the iteration ends when a step is
 accepted, and training stops once μ > μ_max = 1e10, with the last accepted parameters.
+
+The part of an iteration that does not touch the data (μ and its schedule, D, the L2
+term, the parameters-form Cholesky, the μ trials) is :class:`LMDamping`;
+:class:`LevenbergMarquardt` adds the data in memory, and ``bpgpu.dask.fit(optimizer="lm")``
+sums :func:`gram` and ∇E over the chunks of a cluster and drives the same LMDamping.
 """
 
 from __future__ import annotations
@@ -74,8 +79,21 @@ def _gib(n: float) -> str:
 
 
 def default_chunk_size(net: MLP, dtype: str | None = None) -> int:
-    """Samples per chunk of the Gauss–Newton factor R: about 64 MiB of its rows (and the
-    two arrays of the same size its backprop holds) in ``dtype`` (default: the net's), at least 1."""
+    """Samples per chunk of the Gauss–Newton factor R: about 64 MiB of its rows and of the two
+    arrays of the same size its backprop holds.
+
+    Parameters
+    ----------
+    net : MLP
+        The net (its W = ``n_params`` and n_L outputs set the bytes per sample).
+    dtype : str or None
+        The numbers' type; None: the net's.
+
+    Returns
+    -------
+    int
+        The number of samples, at least 1.
+    """
     itemsize = np.dtype(net.dtype if dtype is None else dtype).itemsize
     return max(1, _CHUNK_BYTES // (3 * net.sizes[-1] * net.n_params * itemsize))
 
@@ -90,10 +108,37 @@ def check_memory(
     dtype: str | None = None,
     advice: str | None = None,
 ) -> int:
-    """The bytes an LM iteration on m samples in ``form`` ("parameters" or "residuals") needs:
-    raises ValueError naming W (or N), the bytes and ``advice`` (what to use instead) when
-    that is more than ``max_memory`` (None: half the backend's free memory). Called before
-    anything is allocated. ``dtype``: the numbers' type (default: the net's)."""
+    """Refuse, before anything is allocated, an LM iteration that needs more memory than allowed.
+
+    Parameters
+    ----------
+    net : MLP
+        The net, W = ``net.n_params`` parameters and n_L outputs.
+    m : int
+        Samples of one solve (N = m n_L residual rows).
+    form : str
+        "parameters" (W × W RᵀR) or "residuals" (N × N R Rᵀ).
+    damping : str
+        "identity" or "diagonal" (the residuals form then holds R itself).
+    chunk_size : int
+        Samples per chunk of R.
+    max_memory : int or None
+        Bytes allowed; None: half the backend's free memory.
+    dtype : str or None
+        The numbers' type; None: the net's.
+    advice : str or None
+        What to use instead, ending the error; None: the in-process choices.
+
+    Returns
+    -------
+    int
+        The bytes needed.
+
+    Raises
+    ------
+    ValueError
+        Naming W (or N, m and n_L), the MLP's sizes, the bytes needed and allowed, and ``advice``.
+    """
     dtype = net.dtype if dtype is None else dtype
     itemsize = np.dtype(dtype).itemsize
     W, n_out = net.n_params, net.sizes[-1]
@@ -126,9 +171,26 @@ def check_memory(
 
 
 def row_chunks(net: MLP, X: Any, T: Any, s_col: Any, chunk_size: int):
-    """(lo, hi, R_chunk) for consecutive chunks of ``chunk_size`` samples of (X, T) on the net's
-    backend (s_col an (m, 1) column of weights or None), R_chunk the Gauss–Newton factor's rows
-    of samples lo..hi−1 ((hi − lo) n_L × W)."""
+    """The Gauss–Newton factor R of (X, T), chunk by chunk.
+
+    Parameters
+    ----------
+    net : MLP
+        The net, at its current parameters.
+    X, T : arrays (m, n_0), (m, n_L)
+        The samples, on the net's backend (as ``net.check_inputs`` returns them).
+    s_col : array (m, 1) or None
+        Sample weights s_n.
+    chunk_size : int
+        Samples per chunk.
+
+    Yields
+    ------
+    lo, hi : int
+        The chunk's first and one-past-last sample.
+    R_chunk : array ((hi − lo) n_L, W)
+        R's rows of samples lo..hi−1, ordered (k, n) (per_sample.gauss_newton_rows).
+    """
     m = X.shape[0]
     for lo in range(0, m, chunk_size):
         hi = min(lo + chunk_size, m)
@@ -137,8 +199,18 @@ def row_chunks(net: MLP, X: Any, T: Any, s_col: Any, chunk_size: int):
 
 
 def gram(net: MLP, X: Any, T: Any, s_col: Any, chunk_size: int) -> Any:
-    """A = RᵀR = Σ_n s_n J_nᵀ M_n J_n (W × W) of the samples (X, T), summed over chunks of
-    ``chunk_size`` samples (:func:`row_chunks`), so that only one chunk of R is held."""
+    """A = RᵀR = Σ_n s_n J_nᵀ M_n J_n, the Gauss–Newton matrix without its factor c.
+
+    Parameters
+    ----------
+    net, X, T, s_col, chunk_size
+        As :func:`row_chunks`, whose chunks are summed so that only one chunk of R is held.
+
+    Returns
+    -------
+    array (W, W)
+        A on the net's backend, in its dtype.
+    """
     xp, W = net.backend.xp, net.n_params
     A = xp.zeros((W, W), dtype=net.xp_dtype)
     for _, _, R in row_chunks(net, X, T, s_col, chunk_size):
@@ -199,7 +271,7 @@ class LMDamping:
         self.mask = None if self.alpha == 0.0 else net.backend.asarray(net.layout.weight_mask(), net.xp_dtype)
 
     def penalty(self, w: Any) -> float:
-        """(α/2) ‖P w‖², the L2 term of E at parameters w (W,)."""
+        """(α/2) ‖P w‖², the L2 term of E at parameters ``w`` (W,), as a float."""
         if self.mask is None:
             return 0.0
         weights = self.mask * w
@@ -234,8 +306,21 @@ class LMDamping:
         return self.mu * d if self.mask is None else self.mu * d + self.alpha * self.mask
 
     def parameter_solver(self, A: Any, g: Any):
-        """``solve()`` → δ = −(A + Λ)⁻¹ ∇E at the current μ by Cholesky, or None when A + Λ is not
-        numerically positive definite; A = RᵀR (W × W) and g = ∇E (W,) on the net's backend."""
+        """The parameters-form solve of one iteration.
+
+        Parameters
+        ----------
+        A : array (W, W)
+            RᵀR, on the net's backend (kept: each solve factors a copy).
+        g : array (W,)
+            ∇E.
+
+        Returns
+        -------
+        callable
+            ``solve()`` → δ (W,) = −(A + Λ)⁻¹ ∇E at the current μ, by Cholesky
+            (``backend.cholesky_solve``), or None when A + Λ is not numerically positive definite.
+        """
         backend = self.net.backend
         d = self.damping_diagonal(lambda: backend.xp.linalg.diagonal(A))
 
@@ -249,13 +334,29 @@ class LMDamping:
         """The μ trials of one iteration, MATLAB's schedule: μ, μ·mu_inc, μ·mu_inc², ... up to
         mu_max until a step lowers E.
 
-        ``solve()`` gives δ at the current μ (None: not positive definite, a rejected trial);
-        ``losses(deltas)`` gives E(w + δ) for a list of δ, one call per round of trials. Rounds
-        hold 1, growth, growth², ... μ (1 each with growth=1): a caller whose evaluation costs a
-        round trip (Dask) asks for several at once and pays at most growth× the solves and
-        losses it needed. Returns (δ, E(w + δ), trials) for the first μ of the sequence whose
-        step lowers E, μ then ×mu_dec (floored at 1e-20); or (None, E, trials) with μ past
-        mu_max when none does.
+        Parameters
+        ----------
+        E : float
+            E(w) at the iteration's parameters w.
+        solve : callable
+            ``solve()`` → δ at the current μ, or None (not positive definite: a rejected trial).
+        losses : callable
+            ``losses(deltas)`` → [E(w + δ) for δ in deltas], one call per round of trials.
+        growth : int
+            Rounds hold 1, growth, growth², ... μ (1 each with growth=1). A caller whose
+            evaluation costs a round trip (Dask) asks for several at once: r rejected μ then
+            cost about log_growth(r) calls, and at most growth× the solves and losses needed.
+
+        Returns
+        -------
+        delta : array (W,) or None
+            The step of the first μ of the sequence whose E(w + δ) < E (μ then ×mu_dec, floored
+            at 1e-20), or None when none up to mu_max does (μ then past mu_max).
+        E : float
+            E(w + δ), or the E given.
+        trials : int
+            How many μ the sequence went through (the candidates of a round after the accepted
+            one are not counted).
         """
         trials, size = 0, 1
         while self.mu <= self.mu_max:
