@@ -272,7 +272,9 @@ def test_lbfgs_equals_scipy_on_one_process():
     assert relative(net.params, result.x) <= 1e-8  # 15 iterations amplify 1e-16 differences a little
 
 
-def test_lbfgs_stopped_by_a_failed_evaluation_keeps_its_last_completed_iteration(monkeypatch):
+@pytest.mark.parametrize("optimizer", ["lbfgs", "lm"])
+def test_a_fit_stopped_by_a_failed_evaluation_keeps_its_last_complete_update(monkeypatch, optimizer):
+    """L-BFGS keeps its last completed iteration, Levenberg–Marquardt its last accepted step."""
     net, X, T = make(output="softmax", loss="cross_entropy")
     Xd, Td = chunked(X, T)
     computed, calls = bd._computed, []
@@ -288,17 +290,17 @@ def test_lbfgs_stopped_by_a_failed_evaluation_keeps_its_last_completed_iteration
         dask.config.set(scheduler="sync"),
         pytest.raises(
             bd.EvaluationError,
-            match=r"timeout: bpgpu.dask.fit\(optimizer='lbfgs'\) stopped: .*the result of the "
+            match=rf"timeout: bpgpu.dask.fit\(optimizer='{optimizer}'\) stopped: .*the result of the "
             r"(\d+) complete update\(s\) before it \(timeout: injected\)",
         ) as failure,
     ):
-        bd.fit(net, Xd, Td, "lbfgs", max_iter=50, timeout=9.0)
+        bd.fit(net, Xd, Td, optimizer, max_iter=50, timeout=9.0)
     assert failure.value.reason == "timeout" and set(calls) == {9.0}
     done = int(re.search(r"the result of the (\d+) complete", str(failure.value)).group(1))
     assert 1 <= done < 8
     reference = make(output="softmax", loss="cross_entropy")[0]
     with dask.config.set(scheduler="sync"):
-        bd.fit(reference, Xd, Td, "lbfgs", max_iter=done)  # stops at the same iterate
+        bd.fit(reference, Xd, Td, optimizer, max_iter=done)  # stops at the same iterate
     assert relative(net.params, reference.params) <= 1e-12
 
 
@@ -363,35 +365,6 @@ def test_lm_at_a_minimum_tries_every_mu_in_four_round_trips_and_stops_at_mu_max(
     assert history.stop_reason == "mu_max" and history.epochs == 1
     assert history.mu == [pytest.approx(1e11)]
     np.testing.assert_array_equal(net.params, before)
-
-
-def test_lm_stopped_by_a_failed_evaluation_keeps_its_last_accepted_step(monkeypatch):
-    net, X, T = make(output="softmax", loss="cross_entropy")
-    Xd, Td = chunked(X, T)
-    computed, calls = bd._computed, []
-
-    def fails_on_the_ninth(summed, timeout):
-        calls.append(timeout)
-        if len(calls) == 9:
-            raise bd.EvaluationError("retries exhausted", "injected")
-        return computed(summed, timeout)
-
-    monkeypatch.setattr(bd, "_computed", fails_on_the_ninth)
-    with (
-        dask.config.set(scheduler="sync"),
-        pytest.raises(
-            bd.EvaluationError,
-            match=r"retries exhausted: bpgpu.dask.fit\(optimizer='lm'\) stopped: .*the result of the "
-            r"(\d+) complete update\(s\) before it \(retries exhausted: injected\)",
-        ) as failure,
-    ):
-        bd.fit(net, Xd, Td, "lm", max_iter=50, timeout=7.0)
-    assert failure.value.reason == "retries exhausted" and set(calls) == {7.0}
-    done = int(re.search(r"the result of the (\d+) complete", str(failure.value)).group(1))
-    assert 1 <= done < 8
-    reference = make(output="softmax", loss="cross_entropy")[0]
-    one_process_lm(reference, X, T, done)
-    assert relative(net.params, reference.params) <= 1e-12
 
 
 def test_lm_bad_input_names_the_argument_and_the_sizes():
