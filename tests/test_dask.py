@@ -389,6 +389,8 @@ def test_lm_bad_input_names_the_argument_and_the_sizes():
         r"more than the .* allowed \(max_memory\). Use bpgpu.dask.fit with optimizer 'lbfgs', 'gd' or 'sgd'",
     ):
         bd.fit(net, Xd, Td, "lm", max_memory=51 * 51 * 8)  # one W × W copy fits, the factorisation's does not
+    with dask.config.set(scheduler="sync"), pytest.raises(FloatingPointError, match="starting parameters is inf"):
+        bd.fit(net, Xd, chunked(T * 1e200)[0], "lm")  # (a − t)² overflows
     net.loss_function = replace(net.loss_function, name="absolute_error")
     with pytest.raises(ValueError, match="cannot serve loss='absolute_error'.*serves squared_error"):
         bd.fit(net, Xd, Td, "lm")
