@@ -408,7 +408,6 @@ class LevenbergMarquardt(LMDamping):
         **options: Any,
     ):
         super().__init__(net, **options)  # alpha, mu, mu_dec, mu_inc, mu_max, damping: their defaults live there
-        damping = self.damping
         if form not in FORMS:
             raise ValueError(f"form must be one of {', '.join(map(repr, FORMS))}, got {form!r}")
         self.X, self.T = net.check_inputs(X, T)
@@ -424,7 +423,7 @@ class LevenbergMarquardt(LMDamping):
             raise ValueError(f"chunk_size must be an int >= 1 or None, got {chunk_size!r}")
         self.chunk_size = min(int(chunk_size), m)
         self.form = ("residuals" if N < W else "parameters") if form == "auto" else form
-        check_memory(net, m, self.form, damping, self.chunk_size, max_memory)
+        check_memory(net, m, self.form, self.damping, self.chunk_size, max_memory)
         self.E = self.objective()
         if not np.isfinite(self.E):
             raise FloatingPointError(f"the loss at the starting parameters is {self.E} (not finite)")
