@@ -332,6 +332,34 @@ def test_lm_equals_bp_fit_lm_in_one_process(problem, rows, options):
     assert relative(net.params, reference.params) <= 1e-12
 
 
+def test_lm_on_a_float32_net_stays_float32_near_one_process():
+    net, X, T = make(dtype="float32")
+    X, T = X.astype(np.float32), T.astype(np.float32)
+    reference = net.copy()
+    expected = one_process_lm(reference, X, T, 4)
+    Xd, Td = chunked(X, T)
+    with dask.config.set(scheduler="sync"):
+        history = bd.fit(net, Xd, Td, "lm", max_iter=4, tol=1e-6)
+    assert net.params.dtype == np.float32 and history.mu == expected.mu
+    np.testing.assert_allclose(history.loss, expected.loss, rtol=1e-5)
+    assert relative(net.params, reference.params) <= 1e-4
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not bp.gpu_status().usable, reason=bp.gpu_status().reason)
+def test_lm_on_cupy_chunks_equals_one_process():
+    import cupy
+
+    net, X, T = make()
+    reference = net.copy()
+    expected = one_process_lm(reference, X, T, 4)
+    Xd, Td = (a.map_blocks(cupy.asarray) for a in chunked(X, T))
+    with dask.config.set(scheduler="threads"):
+        history = bd.fit(net, Xd, Td, "lm", max_iter=4, tol=1e-6)
+    np.testing.assert_allclose(history.loss, expected.loss, rtol=1e-10)
+    assert relative(net.params, reference.params) <= 1e-10
+
+
 def test_lm_on_a_sum_net_with_threads_and_its_tol_rule_equal_one_process():
     net, X, T = make(reduction="sum")
     reference = net.copy()
