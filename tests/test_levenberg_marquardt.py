@@ -195,6 +195,21 @@ def test_compiled_residual_matrices_match_the_dense_factor(output, loss, split):
         assert not np.any(np.tril(got, -1))  # the lower triangle is left alone
 
 
+def test_compiled_residual_matrix_in_float32_matches_float64():
+    net, X, T, _ = make([3, 5, 4, 2], m=40)
+    net32 = bp.MLP(net.sizes, hidden="tanh", output="identity", dtype="float32", backend="numpy")
+    net32.set_params(bp.to_numpy(net.params).astype(np.float32))
+    got = []
+    for n, x, t in ((net, X, T), (net32, X.astype(np.float32), T.astype(np.float32))):
+        A, seeds = per_sample.gauss_newton_seeds(n, x, t)
+        N = seeds.shape[0] * seeds.shape[1]
+        deltas = {l: np.reshape(D, (N, n.sizes[l])) for l, D in engine.seeded_deltas(n, A, seeds)}
+        layers = range(1, n.n_layers + 1)
+        got.append(jit.kronecker_gram(n, [deltas[l] for l in layers], [A[l - 1] for l in layers], 2, False)[0])
+    assert got[1].dtype == np.float32
+    np.testing.assert_allclose(got[1], got[0], rtol=0, atol=1e-5 * np.abs(got[0]).max())
+
+
 @pytest.mark.parametrize("output,loss", [("identity", "squared_error"), ("softmax", "cross_entropy")])
 @pytest.mark.parametrize("alpha", [0.0, 0.3])
 def test_compiled_and_array_residual_forms_take_the_same_steps(monkeypatch, output, loss, alpha):
