@@ -259,6 +259,16 @@ def _activate(code, z, b, out):
     return out
 
 
+@njit(cache=True, error_model="numpy", inline="always")
+def _softmax_times(s, a, out):
+    """out = J_gᵀ s = a ⊙ (s − Σ_k s_k a_k) for one row of softmax outputs a (out may be s)."""
+    dot = s.dtype.type(0)
+    for j in range(s.shape[0]):
+        dot += s[j] * a[j]
+    for j in range(s.shape[0]):
+        out[j] = (s[j] - dot) * a[j]
+
+
 @njit(cache=True, error_model="numpy")
 def _derive(code, s, a, out):
     """out = s ⊙ g′(z), g′ through a = g(z) (out may be s; returns out); softmax: a ⊙ (s − Σ_k s_k a_k) per row."""
@@ -266,11 +276,7 @@ def _derive(code, s, a, out):
     one, slope, _, _ = _constants(s)
     if code == SOFTMAX:
         for i in range(m):
-            dot = s.dtype.type(0)
-            for j in range(n):
-                dot += s[i, j] * a[i, j]
-            for j in range(n):
-                out[i, j] = (s[i, j] - dot) * a[i, j]
+            _softmax_times(s[i], a[i], out[i])
         return out
     for i in range(m):
         for j in range(n):
@@ -646,6 +652,17 @@ def _weigh_rows(delta, weights):
             delta[i, j] *= s
 
 
+@njit(cache=True, error_model="numpy", inline="always")
+def _canonical(loss, output):
+    """Whether (output, loss) is a canonical pair, whose link cancels in δ(L) = c (a − t)."""
+    return (
+        (loss == SQUARED_ERROR and output == IDENTITY)
+        or (loss == BINARY_CROSS_ENTROPY and output == SIGMOID)
+        or (loss == CROSS_ENTROPY and output == SOFTMAX)
+        or (loss == POISSON and output == EXP)
+    )
+
+
 @njit(cache=True, error_model="numpy")
 def _loss_and_delta(loss, output, z, a, t, c, delta, weights):
     """Σ_n J_n (float64) and δ(L) into delta: the compiled twin of losses.Loss.value_and_delta.
@@ -654,13 +671,7 @@ def _loss_and_delta(loss, output, z, a, t, c, delta, weights):
     bpgpu.engine.output_delta weighs them). None is pruned at compile time: the unweighted
     step has no extra work.
     """
-    canonical = (
-        (loss == SQUARED_ERROR and output == IDENTITY)
-        or (loss == BINARY_CROSS_ENTROPY and output == SIGMOID)
-        or (loss == CROSS_ENTROPY and output == SOFTMAX)
-        or (loss == POISSON and output == EXP)
-    )
-    if canonical:  # the loss from the logits; the link cancels: δ = c (a − t)
+    if _canonical(loss, output):  # the loss from the logits; the link cancels: δ = c (a − t)
         total = _loss_sum(loss, z, t, True, weights)
         _residual(a, t, c, delta)
     else:  # δ = c ∂J/∂a ⊙ g′
@@ -767,3 +778,345 @@ def train_step(X, T, w, grad, work, plan, loss, mean, alpha, rule, lr, mu, veloc
     if rule == NESTEROV:
         _momentum(w, grad, velocity, lr, mu, True)  # one pass after backprop: the new w needs lr g and the new v
     return total * scale + 0.5 * alpha * scale * squares
+
+
+# --- the R-operator: Hessian-vector products and the exact Hessian ----------------------------
+# Pearlmutter's R{f} = d/dr f(w + r v) at r = 0 on every line of the passes (bpgpu.engine.r_pass is
+# the array-API twin), for a stack of K directions at once:
+#
+#   R{z(l)} = R{A(l−1)} Wᵀ(l) + A(l−1) Vᵀ_W(l) + v_b(l),  R{A(l)} = g′ ⊙ R{z(l)}      (R{A(0)} = 0)
+#   R{δ(L)} = coef ⊙ R{z(L)} for an elementwise output: coef = c g′ (canonical pair),
+#             c ℓ″ g′² + r g″ otherwise (r = c ∂ℓ/∂a); softmax: c R{a} (cross-entropy) or
+#             J_gᵀ(c ℓ″ ⊙ R{a}) + R{a} ⊙ (r − aᵀr) − a (R{a}ᵀ r)
+#   R{δ(l)} = R{s(l)} ⊙ g′ + (s(l) ⊙ g″) ⊙ R{z(l)},  R{s(l)} = R{δ(l+1)} W(l+1) + δ(l+1) V_W(l+1)
+#   rows of H v:  R{∂J/∂Wᵀ(l)} = A(l−1)ᵀ R{δ(l)} + R{A(l−1)}ᵀ δ(l),  R{∂J/∂b(l)} = Σ_n R{δ_n(l)}
+#
+# Stacks are (m, K, n_l): row n holds sample n of every direction, so A(l−1)ᵀ R{δ(l)} is one
+# GEMM (n_{l−1} × m) (m × K n_l), R{A(l−1)}ᵀ δ(l) one GEMM (K n_{l−1} × m) (m × n_l), and the
+# products with W(l) one GEMM over all m K rows.
+#
+# The exact Hessian takes its directions in blocks of unit vectors e_r of one layer l′ (r in
+# Θ(l′)'s block), which makes most of the R-pass vanish or cheapen:
+#   * R{z(l)} = 0 for l < l′, so the forward R-pass starts at l′ and R{A(l′−1)} = 0;
+#   * R{z(l′)} = A(l′−1) e_rᵀ is a column placement: column j of R{z(l′)} is A(l′−1)[:, i]
+#     (θ_j,i+1) or 1 (bias j), every other column 0; so is R{A(l′)} (a hidden layer is elementwise);
+#   * so R{z(l′+1)} = R{A(l′)} Wᵀ(l′+1) is rank 1 per direction (column j times row j of
+#     Wᵀ), and so is R{A(l′)}ᵀ δ(l′+1) (only row j is non-zero): O(m K n) instead of GEMMs;
+#   * H is symmetric: only the rows of layers ≥ l′ are formed for l′'s directions (the backward
+#     R-pass stops at l′, and its δ(l) V_W(l) term never appears); the rest is mirrored.
+#
+# Work vector (one per batch size m and block size K): the primal pass A(l), δ(l), s(l) ⊙ g″ (or
+# the output's coef), z(L), c ℓ″ (softmax output) for l = 1..L; then R{z(l)} (R{δ(l)} in place),
+# R{A(l)} (R{s(l)} in place) as (m, K, n_l) stacks; the two gradient products
+# (K, n_{l−1}, n_l) and (n_{l−1}, K, n_l); and BLAS's α, β.
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _units(sizes, below):
+    """Σ_{k=1}^{below−1} n_k: where layer ``below``'s stacks start, in units of m (or m K)."""
+    total = 0
+    for k in range(1, below):
+        total += sizes[k]
+    return total
+
+
+@njit(cache=True, error_model="numpy")
+def curvature_work_length(plan, m, K):
+    """Length of the work vector of :func:`hessian_vector_products` (K directions) and
+    :func:`exact_hessian` (blocks of K) for batch size m."""
+    sizes = plan[SIZE]
+    L = sizes.shape[0] - 1
+    widest = 0
+    for l in range(1, L + 1):
+        widest = max(widest, sizes[l - 1] * sizes[l])
+    return m * (3 * _units(sizes, L + 1) + 2 * sizes[L]) + 2 * m * K * _units(sizes, L + 1) + 2 * K * widest + 2
+
+
+@njit(cache=True, error_model="numpy")
+def _stack(work, start, m, K, n):
+    return work[start : start + m * K * n].reshape(m, K, n)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _wt(w, plan, l):
+    """Wᵀ(l), (n_{l−1}, n_l), a view of the flat vector (any vector in the params layout)."""
+    n_in, n_out, off = plan[SIZE, l - 1], plan[SIZE, l], plan[OFFSET, l - 1]
+    return w[off + n_out : off + n_out * (n_in + 1)].reshape(n_in, n_out)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _unit_position(p, n_out):
+    """Position p in Θ(l)'s block → (i, j): θ_j,i+1 (Wᵀ[i, j]), or i = −1 for the bias b_j."""
+    if p < n_out:
+        return -1, p
+    return (p - n_out) // n_out, (p - n_out) % n_out
+
+
+@njit(cache=True, error_model="numpy")
+def _output_coefficients(loss, output, a, t, c, coef, curv):
+    """What R{δ(L)} needs from the primal pass: coef (m, n_L) with R{δ(L)} = coef ⊙ R{z(L)} for an
+    elementwise output; softmax: coef = r = c ∂ℓ/∂a and curv = c ℓ″ (both unused for cross-entropy)."""
+    one, slope, tiny, below_one = _constants(a)
+    c_ = a.dtype.type(c)
+    canonical = _canonical(loss, output)
+    if output == SOFTMAX:
+        if not canonical:
+            _loss_grad(loss, a, t, c, coef)
+            for i in range(a.shape[0]):
+                for j in range(a.shape[1]):
+                    curv[i, j] = loss_curvature(loss, a[i, j], t[i, j], one, tiny, below_one) * c_
+        return
+    for i in range(a.shape[0]):
+        for j in range(a.shape[1]):
+            d = g1(output, a[i, j], one, slope)
+            if canonical:  # δ(L) = c (a − t): R{δ(L)} = c R{a}
+                coef[i, j] = c_ * d
+            else:  # δ(L) = g′ ⊙ r: R{δ(L)} = g′ ⊙ (c ℓ″ ⊙ R{a}) + r ⊙ g″ ⊙ R{z}
+                r = loss_grad(loss, a[i, j], t[i, j], one, tiny, below_one) * c_
+                curv_ = loss_curvature(loss, a[i, j], t[i, j], one, tiny, below_one) * c_
+                coef[i, j] = d * curv_ * d + r * g2(output, a[i, j], one)
+
+
+@njit(cache=True, error_model="numpy")
+def _primal(X, T, w, work, plan, loss, c):
+    """Forward pass and backprop at w for the R-passes: A(l), δ(l), s(l) ⊙ g″_l (hidden l) and the
+    output's coefficients into the work vector (no gradient products)."""
+    sizes, codes = plan[SIZE], plan[CODE]
+    m, L = X.shape[0], sizes.shape[0] - 1
+    units = _units(sizes, L + 1)
+    slots = work[work.shape[0] - 2 :]
+    z_out = _view(work, 3 * m * units, m, sizes[L])
+    a_prev = X
+    for l in range(1, L + 1):
+        a = _view(work, m * _units(sizes, l), m, sizes[l])
+        z = z_out if l == L else a  # hidden layers activate in place
+        _gemm(a_prev, _wt(w, plan, l), z, 1.0, 0.0, slots)
+        off = plan[OFFSET, l - 1]
+        _activate(codes[l], z, w[off : off + sizes[l]], a)
+        a_prev = a
+    at = m * _units(sizes, L)
+    _loss_and_delta(loss, codes[L], z_out, a_prev, T, c, _view(work, m * units + at, m, sizes[L]), None)
+    _output_coefficients(
+        loss,
+        codes[L],
+        a_prev,
+        T,
+        c,
+        _view(work, 2 * m * units + at, m, sizes[L]),
+        _view(work, 3 * m * units + m * sizes[L], m, sizes[L]),
+    )
+    for l in range(L, 1, -1):
+        at = m * _units(sizes, l - 1)
+        a = _view(work, at, m, sizes[l - 1])
+        s = _view(work, 2 * m * units + at, m, sizes[l - 1])
+        _gemm(_view(work, m * units + m * _units(sizes, l), m, sizes[l]), _wt(w, plan, l).T, s, 1.0, 0.0, slots)
+        _derive(codes[l - 1], s, a, _view(work, m * units + at, m, sizes[l - 1]))
+        one = a.dtype.type(1)
+        for i in range(m):
+            for j in range(sizes[l - 1]):
+                s[i, j] = s[i, j] * g2(codes[l - 1], a[i, j], one)
+
+
+@njit(cache=True, error_model="numpy")
+def _r_activate(code, rz, a, ra):
+    """R{A} = g′ ⊙ R{z} for a stack (m, K, n) (softmax: J_g R{z} per row)."""
+    one, slope, _, _ = _constants(a)
+    for n in range(rz.shape[0]):
+        for k in range(rz.shape[1]):
+            if code == SOFTMAX:
+                _softmax_times(rz[n, k], a[n], ra[n, k])
+            else:
+                for j in range(rz.shape[2]):
+                    ra[n, k, j] = rz[n, k, j] * g1(code, a[n, j], one, slope)
+
+
+@njit(cache=True, error_model="numpy")
+def _r_output_delta(loss, output, rz, ra, a, coef, curv, c):
+    """R{δ(L)} into rz (it held R{z(L)}); ra: R{a(L)} (softmax only)."""
+    K = rz.shape[1]
+    if output != SOFTMAX:
+        for n in range(rz.shape[0]):
+            for k in range(K):
+                for j in range(rz.shape[2]):
+                    rz[n, k, j] = coef[n, j] * rz[n, k, j]
+        return
+    c_ = a.dtype.type(c)
+    canonical = _canonical(loss, output)
+    for n in range(rz.shape[0]):
+        if canonical:  # δ(L) = c (a − t)
+            for k in range(K):
+                for j in range(rz.shape[2]):
+                    rz[n, k, j] = ra[n, k, j] * c_
+            continue
+        ar = a.dtype.type(0)
+        for j in range(rz.shape[2]):
+            ar += a[n, j] * coef[n, j]
+        for k in range(K):
+            rar = a.dtype.type(0)
+            for j in range(rz.shape[2]):
+                rz[n, k, j] = curv[n, j] * ra[n, k, j]
+                rar += ra[n, k, j] * coef[n, j]
+            _softmax_times(rz[n, k], a[n], rz[n, k])
+            for j in range(rz.shape[2]):
+                rz[n, k, j] += ra[n, k, j] * (coef[n, j] - ar) - a[n, j] * rar
+
+
+@njit(cache=True, error_model="numpy")
+def _r_block(X, w, V, out, work, plan, loss, c, first, r0, K):
+    """H v for K directions into the rows of ``out`` (K, W): the rows of V (first = 1), or with
+    V None the unit vectors e_r0 .. e_r0+K−1 of layer ``first``'s block, whose rows are written in
+    the columns of layers ≥ first only. After :func:`_primal` on the same work vector."""
+    sizes, offsets, codes = plan[SIZE], plan[OFFSET], plan[CODE]
+    m, L = X.shape[0], sizes.shape[0] - 1
+    units = _units(sizes, L + 1)
+    slots = work[work.shape[0] - 2 :]
+    base = m * (3 * units + 2 * sizes[L])
+    widest = 0
+    for l in range(1, L + 1):
+        widest = max(widest, sizes[l - 1] * sizes[l])
+    t1 = work[base + 2 * m * K * units : base + 2 * m * K * units + K * widest]
+    t2 = work[base + 2 * m * K * units + K * widest : base + 2 * m * K * units + 2 * K * widest]
+    unit = V is None
+    n_first, p0 = sizes[first], r0 - offsets[first - 1]
+    one = w.dtype.type(1)
+    zero = one - one
+
+    # the forward R-pass, l = first..L
+    ra_prev = _stack(work, base, m, K, 1)  # R{A(first − 1)} = 0: not read
+    for l in range(first, L + 1):
+        n_in, n_out, off = sizes[l - 1], sizes[l], offsets[l - 1]
+        a_prev = X if l == 1 else _view(work, m * _units(sizes, l - 1), m, n_in)
+        rz = _stack(work, base + m * K * _units(sizes, l), m, K, n_out)
+        ra = _stack(work, base + m * K * (units + _units(sizes, l)), m, K, n_out)
+        wt = _wt(w, plan, l)
+        if unit and l == first:  # column placement: R{z}[:, k, j] = A(l−1)[:, i] (1 for the bias)
+            rz[:] = zero
+            for k in range(K):
+                i, j = _unit_position(p0 + k, n_out)
+                for n in range(m):
+                    rz[n, k, j] = one if i < 0 else a_prev[n, i]
+        elif unit and l == first + 1:  # rank 1: R{z}[n, k, :] = R{A}[n, k, j] Wᵀ[j, :]
+            for k in range(K):
+                _, j = _unit_position(p0 + k, n_first)
+                for n in range(m):
+                    x = ra_prev[n, k, j]
+                    for q in range(n_out):
+                        rz[n, k, q] = x * wt[j, q]
+        else:
+            if l > first:
+                _gemm(ra_prev.reshape(m * K, n_in), wt, rz.reshape(m * K, n_out), 1.0, 0.0, slots)
+            if not unit:
+                for k in range(K):
+                    _gemm(a_prev, _wt(V[k], plan, l), rz[:, k, :], 1.0, 1.0 if l > first else 0.0, slots)
+                    for n in range(m):
+                        for q in range(n_out):
+                            rz[n, k, q] += V[k, off + q]
+        if l < L or codes[L] == SOFTMAX:
+            _r_activate(codes[l], rz, _view(work, m * _units(sizes, l), m, n_out), ra)
+        ra_prev = ra
+
+    # the backward R-pass, l = L..first
+    at = m * _units(sizes, L)
+    _r_output_delta(
+        loss,
+        codes[L],
+        _stack(work, base + m * K * _units(sizes, L), m, K, sizes[L]),
+        _stack(work, base + m * K * (units + _units(sizes, L)), m, K, sizes[L]),
+        _view(work, at, m, sizes[L]),
+        _view(work, 2 * m * units + at, m, sizes[L]),
+        _view(work, 3 * m * units + m * sizes[L], m, sizes[L]),
+        c,
+    )
+    for l in range(L, first - 1, -1):
+        n_in, n_out, off = sizes[l - 1], sizes[l], offsets[l - 1]
+        a_prev = X if l == 1 else _view(work, m * _units(sizes, l - 1), m, n_in)
+        delta = _view(work, m * units + m * _units(sizes, l), m, n_out)
+        rd = _stack(work, base + m * K * _units(sizes, l), m, K, n_out)  # R{δ(l)}
+        ra_prev = _stack(work, base + m * K * (units + _units(sizes, l - 1)), m, K, n_in if l > first else 1)
+        _gemm(a_prev.T, rd.reshape(m, K * n_out), t2[: n_in * K * n_out].reshape(n_in, K * n_out), 1.0, 0.0, slots)
+        sparse = unit and l == first + 1
+        if sparse:  # R{A(first)}ᵀ δ(l) has one non-zero row per direction: row j
+            for k in range(K):
+                _, j = _unit_position(p0 + k, n_first)
+                for q in range(n_out):
+                    t1[k * n_out + q] = zero
+                for n in range(m):
+                    x = ra_prev[n, k, j]
+                    for q in range(n_out):
+                        t1[k * n_out + q] += x * delta[n, q]
+        elif l > first:
+            t1_ = t1[: K * n_in * n_out].reshape(K * n_in, n_out)
+            _gemm(ra_prev.reshape(m, K * n_in).T, delta, t1_, 1.0, 0.0, slots)
+        for k in range(K):
+            row = out[k]
+            for q in range(n_out):
+                total = zero
+                for n in range(m):
+                    total += rd[n, k, q]
+                row[off + q] = total
+            j = _unit_position(p0 + k, n_first)[1] if sparse else -1
+            for i in range(n_in):
+                at = off + n_out + i * n_out
+                for q in range(n_out):
+                    x = t2[(i * K + k) * n_out + q]
+                    if sparse:
+                        x += t1[k * n_out + q] if i == j else zero
+                    elif l > first:
+                        x += t1[(k * n_in + i) * n_out + q]
+                    row[at + q] = x
+        if l > first:  # R{δ(l−1)} = R{s} ⊙ g′ + (s ⊙ g″) ⊙ R{z(l−1)}, R{s} into R{A(l−1)}'s place
+            rs = ra_prev
+            _gemm(rd.reshape(m * K, n_out), _wt(w, plan, l).T, rs.reshape(m * K, n_in), 1.0, 0.0, slots)
+            if not unit:
+                for k in range(K):
+                    _gemm(delta, _wt(V[k], plan, l).T, rs[:, k, :], 1.0, 1.0, slots)
+            at = m * _units(sizes, l - 1)
+            a = _view(work, at, m, n_in)
+            s2 = _view(work, 2 * m * units + at, m, n_in)
+            rz = _stack(work, base + m * K * _units(sizes, l - 1), m, K, n_in)
+            one_, slope, _, _ = _constants(a)
+            for n in range(m):
+                for k in range(K):
+                    for i in range(n_in):
+                        rz[n, k, i] = rs[n, k, i] * g1(codes[l - 1], a[n, i], one_, slope) + s2[n, i] * rz[n, k, i]
+
+
+@njit(cache=True, error_model="numpy")
+def _scale(mean, m):
+    return 1.0 / m if mean else 1.0
+
+
+@njit(cache=True, error_model="numpy")
+def hessian_vector_products(X, T, w, V, out, work, plan, loss, mean):
+    """out (K, W) ← H vᵣ for every row vᵣ of V (K, W): one forward pass, backprop and the R-pass
+    of all K directions. work: :func:`curvature_work_length` (plan, m, K) elements; plan as for
+    :func:`train_step`; J = c Σ_n J_n, c = 1/m (mean) or 1."""
+    c = _scale(mean, X.shape[0])
+    _primal(X, T, w, work, plan, loss, c)
+    _r_block(X, w, V, out, work, plan, loss, c, 1, 0, V.shape[0])
+
+
+@njit(cache=True, error_model="numpy")
+def _mirror(H):
+    """H[j, i] ← H[i, j] for every i < j, tile by tile (so the strided writes stay in cache)."""
+    W = H.shape[0]
+    tile = 64
+    for i0 in range(0, W, tile):
+        for j0 in range(i0, W, tile):
+            for i in range(i0, min(i0 + tile, W)):
+                for j in range(max(j0, i + 1), min(j0 + tile, W)):
+                    H[j, i] = H[i, j]
+
+
+@njit(cache=True, error_model="numpy")
+def exact_hessian(X, T, w, H, work, plan, loss, mean, block):
+    """H (W, W) ← ∂²J/∂w∂w, exactly symmetric: the R-passes of every unit vector, ``block`` of
+    one layer's at a time (work: :func:`curvature_work_length` (plan, m, block) elements)."""
+    c = _scale(mean, X.shape[0])
+    _primal(X, T, w, work, plan, loss, c)
+    offsets = plan[OFFSET]
+    for first in range(1, offsets.shape[0]):
+        for r0 in range(offsets[first - 1], offsets[first], block):
+            K = min(block, offsets[first] - r0)
+            _r_block(X, w, None, H[r0 : r0 + K], work, plan, loss, c, first, r0, K)
+    _mirror(H)

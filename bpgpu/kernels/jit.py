@@ -97,6 +97,27 @@ def available() -> bool:
     return kernels() is not None
 
 
+def plan(net: Any, module: ModuleType) -> np.ndarray:
+    """The compiled kernels' description of ``net``: (3, L + 1) int64, one column per layer l = 0..L,
+    rows SIZE (n_l), OFFSET (where Θ(l + 1) starts in w; the last column W) and CODE (the
+    activation of layer l, column 0 unused)."""
+    rows = np.empty((3, net.n_layers + 1), dtype=np.int64)
+    rows[module.SIZE] = net.sizes
+    rows[module.OFFSET] = net.layout.offsets
+    rows[module.CODE] = [-1] + [ACTIVATIONS.index(g.name) for g in net.activations]
+    return rows
+
+
+def kept(buffers: dict, key: Any, make: Any) -> np.ndarray:
+    """``buffers[key]``, made by ``make()`` on first use; the oldest of more than _BUFFERS_KEPT is dropped."""
+    buffer = buffers.get(key)
+    if buffer is None:
+        if len(buffers) >= _BUFFERS_KEPT:
+            buffers.pop(next(iter(buffers)))
+        buffer = buffers[key] = make()
+    return buffer
+
+
 class CompiledStep:
     """``step(X, T) -> loss``: one compiled training step of ``net`` on validated numpy arrays.
 
@@ -115,10 +136,7 @@ class CompiledStep:
         self._has_velocity = hasattr(self.optimizer, "velocity")
         self._fused = name in _FUSED and not gradient_only
         self._kernel = module.train_step
-        self._plan = np.empty((3, net.n_layers + 1), dtype=np.int64)
-        self._plan[module.SIZE] = net.sizes
-        self._plan[module.OFFSET] = net.layout.offsets
-        self._plan[module.CODE] = [-1] + [ACTIVATIONS.index(g.name) for g in net.activations]
+        self._plan = plan(net, module)
         self._loss = LOSSES.index(net.loss_function.name)
         self._mean = net.reduction == "mean"
         self._alpha = 0.0 if self.optimizer is None else float(self.optimizer.alpha)
@@ -127,15 +145,9 @@ class CompiledStep:
 
     def _buffers(self, m: int) -> np.ndarray:
         """a(l), δ(l) for l = 1..L, z(L), a row of the widest layer and BLAS's α, β, in one flat vector."""
-        work = self._work.get(m)
-        if work is None:
-            if len(self._work) >= _BUFFERS_KEPT:
-                self._work.pop(next(iter(self._work)))
-            sizes = self.net.sizes
-            work = self._work[m] = np.empty(
-                m * (2 * sum(sizes[1:]) + sizes[-1]) + max(sizes[1:]) + 2, dtype=self._grad.dtype
-            )
-        return work
+        sizes = self.net.sizes
+        length = m * (2 * sum(sizes[1:]) + sizes[-1]) + max(sizes[1:]) + 2
+        return kept(self._work, m, lambda: np.empty(length, dtype=self._grad.dtype))
 
     def __reduce__(self):
         # Not serialized: pickles (and deep-copies) as False, which train_step_for
@@ -208,16 +220,22 @@ class CompiledGradient:
 _GRADIENTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def gradient_for(net: Any) -> CompiledGradient | None:
-    """The compiled loss-and-gradient of ``net`` (built once per net), or None when there is
-    none: numba unavailable, or a backend other than numpy."""
-    cached = _GRADIENTS.get(net)
+def _per_net(cache: weakref.WeakKeyDictionary, net: Any, kind: type) -> Any:
+    """``kind(net, module)``, built once per net and kept in ``cache``, or None when numba is
+    unavailable or the backend is not numpy."""
+    cached = cache.get(net)
     if cached is None:
         module = kernels()
         if module is None or net.backend.name != "numpy":
             return None
-        cached = _GRADIENTS[net] = CompiledGradient(net, module)
+        cached = cache[net] = kind(net, module)
     return cached
+
+
+def gradient_for(net: Any) -> CompiledGradient | None:
+    """The compiled loss-and-gradient of ``net`` (built once per net), or None when there is
+    none: numba unavailable, or a backend other than numpy."""
+    return _per_net(_GRADIENTS, net, CompiledGradient)
 
 
 def compiled_train_step(net: Any, optimizer_or_lr: Any) -> CompiledStep | None:
@@ -246,3 +264,60 @@ def train_step_for(net: Any, optimizer: Any) -> CompiledStep | None:
     if cached is False or (cached is not None and cached.net is not net):
         cached = optimizer.compiled_step = compiled_train_step(net, optimizer)
     return cached
+
+
+# --- Hessian-vector products and the exact Hessian -------------------------------------------
+
+# Directions per R-pass block of the exact Hessian: the block's stacks (m, K, n_l) stay near the
+# caches (benchmarks/NOTES.md, "R1": 16, 64 and 256 measured on [32,64,64,4], m = 128).
+HESSIAN_BLOCK = 64
+
+
+class CompiledCurvature:
+    """H V and H of ``net`` at ``net.params``, each in one compiled call
+    (:func:`bpgpu.kernels.compiled.hessian_vector_products`, :func:`~bpgpu.kernels.compiled.exact_hessian`):
+    forward pass, backprop and the R-passes, with work buffers made once per batch size and
+    reused. X (m, n_0), T (m, n_L): validated numpy arrays in the net's dtype."""
+
+    def __init__(self, net: Any, module: ModuleType):
+        self.net = net
+        self._module = module
+        self._plan = plan(net, module)
+        self._loss = LOSSES.index(net.loss_function.name)
+        self._mean = net.reduction == "mean"
+        self._work: dict[tuple[int, int], np.ndarray] = {}
+
+    def _buffers(self, m: int, K: int) -> np.ndarray:
+        length = self._module.curvature_work_length
+        return kept(self._work, (m, K), lambda: np.empty(length(self._plan, m, K), dtype=self.net.xp_dtype))
+
+    def hessian_vector_products(self, X: np.ndarray, T: np.ndarray, V: np.ndarray) -> np.ndarray:
+        """H vᵣ for every row vᵣ of V (K, W): a new (K, W) array."""
+        X, T, V = _contiguous(X), _contiguous(T), _contiguous(V)
+        out = np.empty(V.shape, dtype=V.dtype)
+        work = self._buffers(X.shape[0], V.shape[0])
+        self._module.hessian_vector_products(X, T, self.net.params, V, out, work, self._plan, self._loss, self._mean)
+        return out
+
+    def hessian(self, X: np.ndarray, T: np.ndarray) -> np.ndarray:
+        """The exact Hessian (W, W), exactly symmetric: a new array."""
+        X, T = _contiguous(X), _contiguous(T)
+        W = self.net.n_params
+        out = np.empty((W, W), dtype=self.net.xp_dtype)
+        block = min(HESSIAN_BLOCK, W)
+        work = self._buffers(X.shape[0], block)
+        self._module.exact_hessian(X, T, self.net.params, out, work, self._plan, self._loss, self._mean, block)
+        return out
+
+
+def _contiguous(x: np.ndarray) -> np.ndarray:
+    return x if x.flags.c_contiguous else np.ascontiguousarray(x)  # one compiled layout only
+
+
+_CURVATURES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def curvature_for(net: Any) -> CompiledCurvature | None:
+    """The compiled H V and H of ``net`` (built once per net), or None: numba unavailable, or a
+    backend other than numpy."""
+    return _per_net(_CURVATURES, net, CompiledCurvature)
