@@ -808,7 +808,7 @@ def train_step(X, T, w, grad, work, plan, loss, mean, alpha, rule, lr, mu, veloc
 # Work vector (one per batch size m and block size K): the primal pass A(l), δ(l), s(l) ⊙ g″ (or
 # the output's coef), z(L), c ℓ″ (softmax output) for l = 1..L; then R{z(l)} (R{δ(l)} in place),
 # R{A(l)} (R{s(l)} in place) as (m, K, n_l) stacks; the two gradient products
-# (K, n_{l−1}, n_l) and (n_{l−1}, K, n_l); and BLAS's α, β.
+# (K, n_{l−1}, n_l) and (n_{l−1}, K, n_l); the bias sums (K, n_l); and BLAS's α, β.
 
 
 @njit(cache=True, error_model="numpy", inline="always")
@@ -829,7 +829,11 @@ def curvature_work_length(plan, m, K):
     widest = 0
     for l in range(1, L + 1):
         widest = max(widest, sizes[l - 1] * sizes[l])
-    return m * (3 * _units(sizes, L + 1) + 2 * sizes[L]) + 2 * m * K * _units(sizes, L + 1) + 2 * K * widest + 2
+    widest_layer = 0
+    for l in range(1, L + 1):
+        widest_layer = max(widest_layer, sizes[l])
+    units = _units(sizes, L + 1)
+    return m * (3 * units + 2 * sizes[L]) + 2 * m * K * units + 2 * K * widest + K * widest_layer + 2
 
 
 @njit(cache=True, error_model="numpy")
@@ -974,8 +978,10 @@ def _r_block(X, w, V, out, work, plan, loss, c, first, r0, K):
     widest = 0
     for l in range(1, L + 1):
         widest = max(widest, sizes[l - 1] * sizes[l])
-    t1 = work[base + 2 * m * K * units : base + 2 * m * K * units + K * widest]
-    t2 = work[base + 2 * m * K * units + K * widest : base + 2 * m * K * units + 2 * K * widest]
+    products = base + 2 * m * K * units
+    t1 = work[products : products + K * widest]
+    t2 = work[products + K * widest : products + 2 * K * widest]
+    bias = work[products + 2 * K * widest : work.shape[0] - 2]
     unit = V is None
     n_first, p0 = sizes[first], r0 - offsets[first - 1]
     one = w.dtype.type(1)
@@ -989,16 +995,17 @@ def _r_block(X, w, V, out, work, plan, loss, c, first, r0, K):
         rz = _stack(work, base + m * K * _units(sizes, l), m, K, n_out)
         ra = _stack(work, base + m * K * (units + _units(sizes, l)), m, K, n_out)
         wt = _wt(w, plan, l)
+        # (the loops over directions run inside the loops over samples: a stack's rows n are far apart)
         if unit and l == first:  # column placement: R{z}[:, k, j] = A(l−1)[:, i] (1 for the bias)
             rz[:] = zero
-            for k in range(K):
-                i, j = _unit_position(p0 + k, n_out)
-                for n in range(m):
+            for n in range(m):
+                for k in range(K):
+                    i, j = _unit_position(p0 + k, n_out)
                     rz[n, k, j] = one if i < 0 else a_prev[n, i]
         elif unit and l == first + 1:  # rank 1: R{z}[n, k, :] = R{A}[n, k, j] Wᵀ[j, :]
-            for k in range(K):
-                _, j = _unit_position(p0 + k, n_first)
-                for n in range(m):
+            for n in range(m):
+                for k in range(K):
+                    j = _unit_position(p0 + k, n_first)[1]
                     x = ra_prev[n, k, j]
                     for q in range(n_out):
                         rz[n, k, q] = x * wt[j, q]
@@ -1036,24 +1043,24 @@ def _r_block(X, w, V, out, work, plan, loss, c, first, r0, K):
         _gemm(a_prev.T, rd.reshape(m, K * n_out), t2[: n_in * K * n_out].reshape(n_in, K * n_out), 1.0, 0.0, slots)
         sparse = unit and l == first + 1
         if sparse:  # R{A(first)}ᵀ δ(l) has one non-zero row per direction: row j
-            for k in range(K):
-                _, j = _unit_position(p0 + k, n_first)
-                for q in range(n_out):
-                    t1[k * n_out + q] = zero
-                for n in range(m):
-                    x = ra_prev[n, k, j]
+            t1[: K * n_out] = zero
+            for n in range(m):
+                for k in range(K):
+                    x = ra_prev[n, k, _unit_position(p0 + k, n_first)[1]]
                     for q in range(n_out):
                         t1[k * n_out + q] += x * delta[n, q]
         elif l > first:
             t1_ = t1[: K * n_in * n_out].reshape(K * n_in, n_out)
             _gemm(ra_prev.reshape(m, K * n_in).T, delta, t1_, 1.0, 0.0, slots)
+        bias[: K * n_out] = zero
+        for n in range(m):  # Σ_n R{δ_n(l)}, sample after sample (rd's rows are far apart)
+            for k in range(K):
+                for q in range(n_out):
+                    bias[k * n_out + q] += rd[n, k, q]
         for k in range(K):
             row = out[k]
             for q in range(n_out):
-                total = zero
-                for n in range(m):
-                    total += rd[n, k, q]
-                row[off + q] = total
+                row[off + q] = bias[k * n_out + q]
             j = _unit_position(p0 + k, n_first)[1] if sparse else -1
             for i in range(n_in):
                 at = off + n_out + i * n_out
