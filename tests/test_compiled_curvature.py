@@ -64,15 +64,6 @@ def test_compiled_hvp_and_hessian_match_the_array_api_passes_to_1e_12(sizes, hid
     assert relative(H, reference_hvp(net, X, T, np.eye(net.n_params)).T) <= 1e-12
 
 
-@pytest.mark.parametrize("block", [1, 3, 7])
-def test_every_block_size_gives_the_same_hessian(monkeypatch, block):
-    """Blocks of unit directions that split a layer's block anywhere (the last one short)."""
-    net, X, T, _ = random_problem([3, 4, 3, 2], "softplus", "softmax", "binary_cross_entropy", seed=3, m=5)
-    whole = bp.hessian(net, X, T)
-    monkeypatch.setattr(jit, "HESSIAN_BLOCK", block)
-    np.testing.assert_allclose(bp.hessian(net, X, T), whole, rtol=1e-13, atol=1e-15 * np.max(np.abs(whole)))
-
-
 def test_many_directions_at_once_and_strided_inputs():
     """engine.hessian_vector_products on K directions equals K single products; non-contiguous
     X, T and V give the same result as their contiguous copies."""

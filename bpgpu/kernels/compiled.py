@@ -795,20 +795,26 @@ def train_step(X, T, w, grad, work, plan, loss, mean, alpha, rule, lr, mu, veloc
 # GEMM (n_{l−1} × m) (m × K n_l), R{A(l−1)}ᵀ δ(l) one GEMM (K n_{l−1} × m) (m × n_l), and the
 # products with W(l) one GEMM over all m K rows.
 #
-# The exact Hessian takes its directions in blocks of unit vectors e_r of one layer l′ (r in
-# Θ(l′)'s block), which makes most of the R-pass vanish or cheapen:
-#   * R{z(l)} = 0 for l < l′, so the forward R-pass starts at l′ and R{A(l′−1)} = 0;
-#   * R{z(l′)} = A(l′−1) e_rᵀ is a column placement: column j of R{z(l′)} is A(l′−1)[:, i]
-#     (θ_j,i+1) or 1 (bias j), every other column 0; so is R{A(l′)} (a hidden layer is elementwise);
-#   * so R{z(l′+1)} = R{A(l′)} Wᵀ(l′+1) is rank 1 per direction (column j times row j of
-#     Wᵀ), and so is R{A(l′)}ᵀ δ(l′+1) (only row j is non-zero): O(m K n) instead of GEMMs;
-#   * H is symmetric: only the rows of layers ≥ l′ are formed for l′'s directions (the backward
-#     R-pass stops at l′, and its δ(l) V_W(l) term never appears); the rest is mirrored.
+# The exact Hessian needs the R-pass of every unit vector, but per sample n the R-pass is linear
+# in R{z_n(l′)}, and the direction of θ_j′i′ of layer l′ (i′ = 0 the bias) starts it at
+# R{z_n(l′)} = ã_n,i′ e_j′ with ã = [1, A(l′−1)]: every R-quantity of that direction is ã_n,i′
+# times the same quantity of the bias direction b_j′. So only the n_l′ bias directions of each
+# layer l′ are R-passed (from l′ up: R{z(l)} = 0 below it; R{z(l′)} = e_j′ is a placement and
+# R{z(l′+1)} = R{A(l′)} Wᵀ(l′+1) is rank 1), keeping R{δ(l)} and R{A(l)} for every l ≥ l′, and
 #
-# Work vector (one per batch size m and block size K): the primal pass A(l), δ(l), s(l) ⊙ g″ (or
-# the output's coef), z(L), c ℓ″ (softmax output) for l = 1..L; then R{z(l)} (R{δ(l)} in place),
-# R{A(l)} (R{s(l)} in place) as (m, K, n_l) stacks; the two gradient products
-# (K, n_{l−1}, n_l) and (n_{l−1}, K, n_l); the bias sums (K, n_l); and BLAS's α, β.
+#   H[θ_j′i′(l′), θ_ji(l)] = Σ_n ã_n,i′ G_j′[n, θ_ji(l)],
+#   G_j′[n, θ_ji(l)] = ã_n,i(l−1) R{δ_n,j(l)} + R{A_n,i−1(l−1)} δ_n,j(l)   (l > l′, i ≥ 1 for the second term)
+#
+# for every l ≥ l′ at once: one GEMM A(l′−1)ᵀ G_j′ (n_l′−1 × m) (m × the columns from l′ on) per
+# j′, written straight into H's rows (j′ + n_l′ (i′ + 1)), and the bias row Σ_n G_j′. The rows of
+# later layers' columns before l′ are not formed: H is symmetric, and its upper triangle is
+# mirrored at the end (so H is exactly symmetric). All of H's flops are in those GEMMs:
+# Σ_l′ n_l′ n_l′−1 m (W − offset(l′)), about m W²/2 multiply-adds.
+#
+# Work vectors: the primal pass A(l), δ(l), s(l) ⊙ g″ (or the output's coef), z(L), c ℓ″
+# (softmax output) for l = 1..L; then R{z(l)} (R{δ(l)} in place) and R{A(l)} as (m, K, n_l)
+# stacks; for H v the two gradient products (K, n_l−1, n_l), (n_l−1, K, n_l) and the bias sums
+# (K, n_l); for H the stack R{s} and G_j′ (m, W); last BLAS's α, β.
 
 
 @njit(cache=True, error_model="numpy", inline="always")
@@ -820,20 +826,29 @@ def _units(sizes, below):
     return total
 
 
+@njit(cache=True, error_model="numpy", inline="always")
+def _widest(sizes):
+    """(max_l n_l, max_l n_{l−1} n_l) over the layers l = 1..L."""
+    units, product = 0, 0
+    for l in range(1, sizes.shape[0]):
+        units = max(units, sizes[l])
+        product = max(product, sizes[l - 1] * sizes[l])
+    return units, product
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _stacks_end(sizes, m, K):
+    """Where the R-pass's stacks end in a work vector: the primal pass, then R{z(l)}, R{A(l)}."""
+    L = sizes.shape[0] - 1
+    units = _units(sizes, L + 1)
+    return m * (3 * units + 2 * sizes[L]) + 2 * m * K * units
+
+
 @njit(cache=True, error_model="numpy")
 def curvature_work_length(plan, m, K):
-    """Length of the work vector of :func:`hessian_vector_products` (K directions) and
-    :func:`exact_hessian` (blocks of K) for batch size m."""
-    sizes = plan[SIZE]
-    L = sizes.shape[0] - 1
-    widest = 0
-    for l in range(1, L + 1):
-        widest = max(widest, sizes[l - 1] * sizes[l])
-    widest_layer = 0
-    for l in range(1, L + 1):
-        widest_layer = max(widest_layer, sizes[l])
-    units = _units(sizes, L + 1)
-    return m * (3 * units + 2 * sizes[L]) + 2 * m * K * units + 2 * K * widest + K * widest_layer + 2
+    """Length of the work vector of :func:`hessian_vector_products` for K directions and batch size m."""
+    widest, product = _widest(plan[SIZE])
+    return _stacks_end(plan[SIZE], m, K) + 2 * K * product + K * widest + 2
 
 
 @njit(cache=True, error_model="numpy")
@@ -846,14 +861,6 @@ def _wt(w, plan, l):
     """Wᵀ(l), (n_{l−1}, n_l), a view of the flat vector (any vector in the params layout)."""
     n_in, n_out, off = plan[SIZE, l - 1], plan[SIZE, l], plan[OFFSET, l - 1]
     return w[off + n_out : off + n_out * (n_in + 1)].reshape(n_in, n_out)
-
-
-@njit(cache=True, error_model="numpy", inline="always")
-def _unit_position(p, n_out):
-    """Position p in Θ(l)'s block → (i, j): θ_j,i+1 (Wᵀ[i, j]), or i = −1 for the bias b_j."""
-    if p < n_out:
-        return -1, p
-    return (p - n_out) // n_out, (p - n_out) % n_out
 
 
 @njit(cache=True, error_model="numpy")
@@ -966,28 +973,27 @@ def _r_output_delta(loss, output, rz, ra, a, coef, curv, c):
 
 
 @njit(cache=True, error_model="numpy")
-def _r_block(X, w, V, out, work, plan, loss, c, first, r0, K):
-    """H v for K directions into the rows of ``out`` (K, W): the rows of V (first = 1), or with
-    V None the unit vectors e_r0 .. e_r0+K−1 of layer ``first``'s block, whose rows are written in
-    the columns of layers ≥ first only. After :func:`_primal` on the same work vector."""
+def _r_block(X, w, V, out, work, plan, loss, c, first, K):
+    """The R-pass of K directions after :func:`_primal` on the same work vector: with V (K, W)
+    its rows from layer first = 1, H vᵣ written into the rows of ``out`` (K, W); with V None the
+    bias directions b_0 .. b_K−1 of layer ``first`` (K = n_first), whose R{δ(l)} stay in R{z(l)}'s
+    stack and R{A(l)} in its own for every l ≥ first (``out`` is not written)."""
     sizes, offsets, codes = plan[SIZE], plan[OFFSET], plan[CODE]
     m, L = X.shape[0], sizes.shape[0] - 1
     units = _units(sizes, L + 1)
     slots = work[work.shape[0] - 2 :]
     base = m * (3 * units + 2 * sizes[L])
-    widest = 0
-    for l in range(1, L + 1):
-        widest = max(widest, sizes[l - 1] * sizes[l])
-    products = base + 2 * m * K * units
+    _, widest = _widest(sizes)
+    products = _stacks_end(sizes, m, K)
     t1 = work[products : products + K * widest]
     t2 = work[products + K * widest : products + 2 * K * widest]
     bias = work[products + 2 * K * widest : work.shape[0] - 2]
     unit = V is None
-    n_first, p0 = sizes[first], r0 - offsets[first - 1]
     one = w.dtype.type(1)
     zero = one - one
 
-    # the forward R-pass, l = first..L
+    # the forward R-pass, l = first..L (the loops over directions run inside the loops over
+    # samples: a stack's rows n are far apart)
     ra_prev = _stack(work, base, m, K, 1)  # R{A(first − 1)} = 0: not read
     for l in range(first, L + 1):
         n_in, n_out, off = sizes[l - 1], sizes[l], offsets[l - 1]
@@ -995,20 +1001,17 @@ def _r_block(X, w, V, out, work, plan, loss, c, first, r0, K):
         rz = _stack(work, base + m * K * _units(sizes, l), m, K, n_out)
         ra = _stack(work, base + m * K * (units + _units(sizes, l)), m, K, n_out)
         wt = _wt(w, plan, l)
-        # (the loops over directions run inside the loops over samples: a stack's rows n are far apart)
-        if unit and l == first:  # column placement: R{z}[:, k, j] = A(l−1)[:, i] (1 for the bias)
+        if unit and l == first:  # R{z}[n, k] = e_k: a placement
             rz[:] = zero
             for n in range(m):
                 for k in range(K):
-                    i, j = _unit_position(p0 + k, n_out)
-                    rz[n, k, j] = one if i < 0 else a_prev[n, i]
-        elif unit and l == first + 1:  # rank 1: R{z}[n, k, :] = R{A}[n, k, j] Wᵀ[j, :]
+                    rz[n, k, k] = one
+        elif unit and l == first + 1:  # rank 1: R{z}[n, k, :] = R{A}[n, k, k] Wᵀ[k, :]
             for n in range(m):
                 for k in range(K):
-                    j = _unit_position(p0 + k, n_first)[1]
-                    x = ra_prev[n, k, j]
+                    x = ra_prev[n, k, k]
                     for q in range(n_out):
-                        rz[n, k, q] = x * wt[j, q]
+                        rz[n, k, q] = x * wt[k, q]
         else:
             if l > first:
                 _gemm(ra_prev.reshape(m * K, n_in), wt, rz.reshape(m * K, n_out), 1.0, 0.0, slots)
@@ -1036,43 +1039,32 @@ def _r_block(X, w, V, out, work, plan, loss, c, first, r0, K):
     )
     for l in range(L, first - 1, -1):
         n_in, n_out, off = sizes[l - 1], sizes[l], offsets[l - 1]
-        a_prev = X if l == 1 else _view(work, m * _units(sizes, l - 1), m, n_in)
         delta = _view(work, m * units + m * _units(sizes, l), m, n_out)
         rd = _stack(work, base + m * K * _units(sizes, l), m, K, n_out)  # R{δ(l)}
         ra_prev = _stack(work, base + m * K * (units + _units(sizes, l - 1)), m, K, n_in if l > first else 1)
-        _gemm(a_prev.T, rd.reshape(m, K * n_out), t2[: n_in * K * n_out].reshape(n_in, K * n_out), 1.0, 0.0, slots)
-        sparse = unit and l == first + 1
-        if sparse:  # R{A(first)}ᵀ δ(l) has one non-zero row per direction: row j
-            t1[: K * n_out] = zero
-            for n in range(m):
+        if not unit:  # the rows of H v for layer l
+            a_prev = X if l == 1 else _view(work, m * _units(sizes, l - 1), m, n_in)
+            t2_ = t2[: n_in * K * n_out].reshape(n_in, K * n_out)
+            _gemm(a_prev.T, rd.reshape(m, K * n_out), t2_, 1.0, 0.0, slots)
+            if l > first:
+                t1_ = t1[: K * n_in * n_out].reshape(K * n_in, n_out)
+                _gemm(ra_prev.reshape(m, K * n_in).T, delta, t1_, 1.0, 0.0, slots)
+            bias[: K * n_out] = zero
+            for n in range(m):  # Σ_n R{δ_n(l)}, sample after sample
                 for k in range(K):
-                    x = ra_prev[n, k, _unit_position(p0 + k, n_first)[1]]
                     for q in range(n_out):
-                        t1[k * n_out + q] += x * delta[n, q]
-        elif l > first:
-            t1_ = t1[: K * n_in * n_out].reshape(K * n_in, n_out)
-            _gemm(ra_prev.reshape(m, K * n_in).T, delta, t1_, 1.0, 0.0, slots)
-        bias[: K * n_out] = zero
-        for n in range(m):  # Σ_n R{δ_n(l)}, sample after sample (rd's rows are far apart)
+                        bias[k * n_out + q] += rd[n, k, q]
             for k in range(K):
+                row = out[k]
                 for q in range(n_out):
-                    bias[k * n_out + q] += rd[n, k, q]
-        for k in range(K):
-            row = out[k]
-            for q in range(n_out):
-                row[off + q] = bias[k * n_out + q]
-            j = _unit_position(p0 + k, n_first)[1] if sparse else -1
-            for i in range(n_in):
-                at = off + n_out + i * n_out
-                for q in range(n_out):
-                    x = t2[(i * K + k) * n_out + q]
-                    if sparse:
-                        x += t1[k * n_out + q] if i == j else zero
-                    elif l > first:
-                        x += t1[(k * n_in + i) * n_out + q]
-                    row[at + q] = x
-        if l > first:  # R{δ(l−1)} = R{s} ⊙ g′ + (s ⊙ g″) ⊙ R{z(l−1)}, R{s} into R{A(l−1)}'s place
-            rs = ra_prev
+                    row[off + q] = bias[k * n_out + q]
+                for i in range(n_in):
+                    at = off + n_out + i * n_out
+                    for q in range(n_out):
+                        x = t2[(i * K + k) * n_out + q]
+                        row[at + q] = x + t1[(k * n_in + i) * n_out + q] if l > first else x
+        if l > first:  # R{δ(l−1)} = R{s} ⊙ g′ + (s ⊙ g″) ⊙ R{z(l−1)}
+            rs = _stack(work, products, m, K, n_in) if unit else ra_prev  # H keeps R{A(l−1)}
             _gemm(rd.reshape(m * K, n_out), _wt(w, plan, l).T, rs.reshape(m * K, n_in), 1.0, 0.0, slots)
             if not unit:
                 for k in range(K):
@@ -1100,7 +1092,7 @@ def hessian_vector_products(X, T, w, V, out, work, plan, loss, mean):
     :func:`train_step`; J = c Σ_n J_n, c = 1/m (mean) or 1."""
     c = _scale(mean, X.shape[0])
     _primal(X, T, w, work, plan, loss, c)
-    _r_block(X, w, V, out, work, plan, loss, c, 1, 0, V.shape[0])
+    _r_block(X, w, V, out, work, plan, loss, c, 1, V.shape[0])
 
 
 @njit(cache=True, error_model="numpy")
@@ -1115,15 +1107,92 @@ def _mirror(H):
                     H[j, i] = H[i, j]
 
 
+# Columns of G_j′ formed and multiplied at a time: the slice (m, ≤ 256) stays in cache between
+# its formation and its GEMM.
+HESSIAN_COLUMNS = 4096
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _hessian_buffers(sizes, m):
+    """(R{s} stack, ã = [1, A(first−1)] (m, ·), G_j′ slices) of :func:`exact_hessian`'s work vector."""
+    widest, _ = _widest(sizes)
+    start = _stacks_end(sizes, m, widest)
+    inputs = 0
+    for l in range(sizes.shape[0] - 1):
+        inputs = max(inputs, sizes[l] + 1)
+    ones = start + m * widest * widest
+    return start, ones, ones + m * inputs
+
+
 @njit(cache=True, error_model="numpy")
-def exact_hessian(X, T, w, H, work, plan, loss, mean, block):
-    """H (W, W) ← ∂²J/∂w∂w, exactly symmetric: the R-passes of every unit vector, ``block`` of
-    one layer's at a time (work: :func:`curvature_work_length` (plan, m, block) elements)."""
-    c = _scale(mean, X.shape[0])
+def hessian_work_length(plan, m):
+    """Length of the work vector of :func:`exact_hessian` for batch size m."""
+    widest, _ = _widest(plan[SIZE])
+    return _hessian_buffers(plan[SIZE], m)[2] + m * max(HESSIAN_COLUMNS, widest) + 2
+
+
+@njit(cache=True, error_model="numpy")
+def _hessian_rows(a1, H, work, plan, first, j_):
+    """H's rows of unit j′ of layer ``first`` (its bias and its weights, rows j′ + n_first i′ of
+    Θ(first)'s block), columns from Θ(first) on: G_j′ from the bias direction b_j′'s R-pass
+    (:func:`_r_block`, V None), slice by slice, each slice times ã = a1 (m, n_first−1 + 1) in one GEMM."""
+    sizes, offsets = plan[SIZE], plan[OFFSET]
+    m, L = a1.shape[0], sizes.shape[0] - 1
+    units = _units(sizes, L + 1)
+    K = sizes[first]  # the stacks of the bias directions of layer first
+    base = m * (3 * units + 2 * sizes[L])
+    slots = work[work.shape[0] - 2 :]
+    start = offsets[first - 1]
+    buffer = work[_hessian_buffers(sizes, m)[2] : work.shape[0] - 2]
+    rows = H[start + j_ : offsets[first] : K]
+    for l in range(first, L + 1):
+        n_in, n_out, off = sizes[l - 1], sizes[l], offsets[l - 1]
+        a_prev = a1[:, 1:] if l == first else _view(work, m * _units(sizes, l - 1), m, n_in)
+        delta = _view(work, m * units + m * _units(sizes, l), m, n_out)
+        rd = _stack(work, base + m * K * _units(sizes, l), m, K, n_out)
+        ra = _stack(work, base + m * K * (units + _units(sizes, l - 1)), m, K, n_in if l > first else 1)
+        step = max(1, HESSIAN_COLUMNS // n_out)
+        for i0 in range(-1, n_in, step):  # i = −1: the bias column block
+            i1 = min(i0 + step, n_in)
+            width = (i1 - i0) * n_out
+            G = buffer[: m * width].reshape(m, width)
+            for n in range(m):
+                for i in range(i0, i1):
+                    col = (i - i0) * n_out
+                    if i < 0:
+                        for q in range(n_out):
+                            G[n, col + q] = rd[n, j_, q]
+                    elif l > first:
+                        x, r = a_prev[n, i], ra[n, j_, i]
+                        for q in range(n_out):
+                            G[n, col + q] = x * rd[n, j_, q] + r * delta[n, q]
+                    else:
+                        x = a_prev[n, i]
+                        for q in range(n_out):
+                            G[n, col + q] = x * rd[n, j_, q]
+            col = off + n_out + i0 * n_out
+            _gemm(a1.T, G, rows[:, col : col + width], 1.0, 0.0, slots)
+
+
+@njit(cache=True, error_model="numpy")
+def exact_hessian(X, T, w, H, work, plan, loss, mean):
+    """H (W, W) ← ∂²J/∂w∂w, exactly symmetric, from the R-passes of the bias directions of every
+    layer (see the section's comment). work: :func:`hessian_work_length` (plan, m) elements."""
+    m = X.shape[0]
+    c = _scale(mean, m)
     _primal(X, T, w, work, plan, loss, c)
-    offsets = plan[OFFSET]
-    for first in range(1, offsets.shape[0]):
-        for r0 in range(offsets[first - 1], offsets[first], block):
-            K = min(block, offsets[first] - r0)
-            _r_block(X, w, None, H[r0 : r0 + K], work, plan, loss, c, first, r0, K)
+    sizes = plan[SIZE]
+    ones = _hessian_buffers(sizes, m)[1]
+    one = w.dtype.type(1)
+    for first in range(1, sizes.shape[0]):
+        n_in = sizes[first - 1]
+        a1 = _view(work, ones, m, n_in + 1)  # ã = [1, A(first − 1)]
+        a_prev = X if first == 1 else _view(work, m * _units(sizes, first - 1), m, n_in)
+        for n in range(m):
+            a1[n, 0] = one
+            for i in range(n_in):
+                a1[n, i + 1] = a_prev[n, i]
+        _r_block(X, w, None, H, work, plan, loss, c, first, sizes[first])
+        for j_ in range(sizes[first]):
+            _hessian_rows(a1, H, work, plan, first, j_)
     _mirror(H)

@@ -268,11 +268,6 @@ def train_step_for(net: Any, optimizer: Any) -> CompiledStep | None:
 
 # --- Hessian-vector products and the exact Hessian -------------------------------------------
 
-# Directions per R-pass block of the exact Hessian: the block's stacks (m, K, n_l) stay near the
-# caches (benchmarks/NOTES.md, "R1": 16, 64 and 256 measured on [32,64,64,4], m = 128).
-HESSIAN_BLOCK = 64
-
-
 class CompiledCurvature:
     """H V and H of ``net`` at ``net.params``, each in one compiled call
     (:func:`bpgpu.kernels.compiled.hessian_vector_products`, :func:`~bpgpu.kernels.compiled.exact_hessian`):
@@ -288,8 +283,10 @@ class CompiledCurvature:
         self._work: dict[tuple[int, int], np.ndarray] = {}
 
     def _buffers(self, m: int, K: int) -> np.ndarray:
-        length = self._module.curvature_work_length
-        return kept(self._work, (m, K), lambda: np.empty(length(self._plan, m, K), dtype=self.net.xp_dtype))
+        """The work vector for batch size m and K directions (K = 0: the exact Hessian's)."""
+        module, rows = self._module, self._plan
+        length = module.hessian_work_length(rows, m) if K == 0 else module.curvature_work_length(rows, m, K)
+        return kept(self._work, (m, K), lambda: np.empty(length, dtype=self.net.xp_dtype))
 
     def hessian_vector_products(self, X: np.ndarray, T: np.ndarray, V: np.ndarray) -> np.ndarray:
         """H vᵣ for every row vᵣ of V (K, W): a new (K, W) array."""
@@ -300,14 +297,30 @@ class CompiledCurvature:
         return out
 
     def hessian(self, X: np.ndarray, T: np.ndarray) -> np.ndarray:
-        """The exact Hessian (W, W), exactly symmetric: a new array."""
+        """The exact Hessian (W, W), exactly symmetric: a new array. BLAS runs on one thread
+        during the call (:func:`serial_blas`)."""
         X, T = _contiguous(X), _contiguous(T)
         W = self.net.n_params
         out = np.empty((W, W), dtype=self.net.xp_dtype)
-        block = min(HESSIAN_BLOCK, W)
-        work = self._buffers(X.shape[0], block)
-        self._module.exact_hessian(X, T, self.net.params, out, work, self._plan, self._loss, self._mean, block)
+        work = self._buffers(X.shape[0], 0)
+        with serial_blas():
+            self._module.exact_hessian(X, T, self.net.params, out, work, self._plan, self._loss, self._mean)
         return out
+
+
+@functools.cache
+def _blas_threads() -> Any:
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController()  # finds the loaded BLAS libraries once (milliseconds)
+
+
+def serial_blas() -> Any:
+    """A context in which every loaded BLAS (numpy's, and SciPy's, which the kernels call) runs on
+    one thread. The exact Hessian's GEMMs are many and mid-sized (n_l−1 × m × a few thousand):
+    with OpenBLAS's threads on a machine that other processes share they ran 8–30× slower than on
+    one thread (benchmarks/NOTES.md, "R3"), as each call waits for its slowest thread."""
+    return _blas_threads().limit(limits=1, user_api="blas")
 
 
 def _contiguous(x: np.ndarray) -> np.ndarray:
