@@ -281,6 +281,7 @@ class CompiledCurvature:
         self._loss = LOSSES.index(net.loss_function.name)
         self._mean = net.reduction == "mean"
         self._work: dict[tuple[int, int], np.ndarray] = {}
+        self._product = max(n_in * n_out for n_in, n_out in zip(net.sizes, net.sizes[1:]))
 
     def _buffers(self, m: int, K: int) -> np.ndarray:
         """The work vector for batch size m and K directions (K = 0: the exact Hessian's)."""
@@ -289,11 +290,17 @@ class CompiledCurvature:
         return kept(self._work, (m, K), lambda: np.empty(length, dtype=self.net.xp_dtype))
 
     def hessian_vector_products(self, X: np.ndarray, T: np.ndarray, V: np.ndarray) -> np.ndarray:
-        """H vᵣ for every row vᵣ of V (K, W): a new (K, W) array."""
+        """H vᵣ for every row vᵣ of V (K, W): a new (K, W) array (BLAS on one thread for nets whose
+        products OpenBLAS would thread: :func:`serial_blas`)."""
         X, T, V = _contiguous(X), _contiguous(T), _contiguous(V)
         out = np.empty(V.shape, dtype=V.dtype)
         work = self._buffers(X.shape[0], V.shape[0])
-        self._module.hessian_vector_products(X, T, self.net.params, V, out, work, self._plan, self._loss, self._mean)
+        args = (X, T, self.net.params, V, out, work, self._plan, self._loss, self._mean)
+        if X.shape[0] * V.shape[0] * self._product < _THREADED_PRODUCT:
+            self._module.hessian_vector_products(*args)
+        else:
+            with serial_blas():
+                self._module.hessian_vector_products(*args)
         return out
 
     def hessian(self, X: np.ndarray, T: np.ndarray) -> np.ndarray:
@@ -308,19 +315,39 @@ class CompiledCurvature:
         return out
 
 
+class _SerialBlas:
+    """Every loaded BLAS (numpy's, and SciPy's, which the kernels call) on one thread while the
+    context lasts, then back to its own count: a few ctypes calls, no scan of the libraries."""
+
+    def __init__(self) -> None:
+        from threadpoolctl import ThreadpoolController
+
+        self._libraries = [lib for lib in ThreadpoolController().lib_controllers if lib.user_api == "blas"]
+        self._saved: list[int] = []
+
+    def __enter__(self) -> None:
+        self._saved = [lib.num_threads for lib in self._libraries]
+        for lib in self._libraries:
+            lib.set_num_threads(1)
+
+    def __exit__(self, *exc: object) -> None:
+        for lib, threads in zip(self._libraries, self._saved):
+            lib.set_num_threads(threads)
+
+
 @functools.cache
-def _blas_threads() -> Any:
-    from threadpoolctl import ThreadpoolController
+def serial_blas() -> _SerialBlas:
+    """The context that runs BLAS on one thread around the curvature kernels whose products are
+    large enough for OpenBLAS to thread. Their GEMMs are many and mid-sized (n_l−1 × m × n_l up to
+    a few thousand columns): with OpenBLAS's threads on a machine that other processes share they
+    ran 8–30× slower than on one thread (benchmarks/NOTES.md, "R3"), each call waiting for its
+    slowest thread. Made once (finding the libraries takes milliseconds)."""
+    return _SerialBlas()
 
-    return ThreadpoolController()  # finds the loaded BLAS libraries once (milliseconds)
 
-
-def serial_blas() -> Any:
-    """A context in which every loaded BLAS (numpy's, and SciPy's, which the kernels call) runs on
-    one thread. The exact Hessian's GEMMs are many and mid-sized (n_l−1 × m × a few thousand):
-    with OpenBLAS's threads on a machine that other processes share they ran 8–30× slower than on
-    one thread (benchmarks/NOTES.md, "R3"), as each call waits for its slowest thread."""
-    return _blas_threads().limit(limits=1, user_api="blas")
+# Below this many multiply-adds in a pass's largest product OpenBLAS stays on one thread anyway,
+# and the context's cost (a few microseconds) would show on the smallest nets.
+_THREADED_PRODUCT = 1 << 16
 
 
 def _contiguous(x: np.ndarray) -> np.ndarray:
