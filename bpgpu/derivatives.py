@@ -210,6 +210,10 @@ def jacobian(net: MLP, X: Any, method: str = "backprop", eps: float | None = Non
                 f"(bp.numerical_gradient differences the loss in w)"
             )
         return parameter_jacobian(net, X)
+    if method == "backprop":
+        compiled = engine.compiled_input_jacobian(net, X)  # numpy backend: one numba call
+        if compiled is not None:
+            return compiled
     X, _ = net.check_inputs(X)
     ws = net.workspace(X.shape[0])
     if method == "finite_difference":

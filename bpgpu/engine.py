@@ -62,6 +62,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from bpgpu.backend import is_sparse
 from bpgpu.kernels import generic, jit
 
 if TYPE_CHECKING:
@@ -293,6 +294,40 @@ def seeded_gradients(net: MLP, A: list[Any], seeds: Any) -> Any:
     return xp.concat(list(reversed(blocks)), axis=1)
 
 
+# --- the seeded tools as one compiled call each (numpy backend) ----------------------
+# Each returns None when the compiled path does not apply (another backend, no numba, a
+# sparse X): the caller then runs the passes above. X and T are taken as the public
+# functions take them (checked here, or by a lean test of what the kernels need).
+
+
+def _compiled_tools(net: MLP, X: Any) -> Any:
+    return None if is_sparse(X) else jit.derivatives_for(net)
+
+
+def compiled_input_jacobian(net: MLP, X: Any) -> Any:
+    """∂y_k/∂x per sample (m, n_L, n_0) in one compiled call (:func:`input_jacobian`'s result), or None."""
+    tools = _compiled_tools(net, X)
+    return None if tools is None else tools.input_jacobian(X)
+
+
+def compiled_parameter_jacobian(net: MLP, X: Any) -> Any:
+    """∂y_nk/∂w (m, n_L, W) in one compiled call (:func:`seeded_gradients` of the output seeds), or None."""
+    tools = _compiled_tools(net, X)
+    return None if tools is None else tools.parameter_jacobian(X)
+
+
+def compiled_per_sample_gradients(net: MLP, X: Any, T: Any, s_col: Any = None) -> Any:
+    """s_n ∂ℓ_n/∂w (m, W) in one compiled call, or None; s_col: None or (m, 1) weights."""
+    tools = _compiled_tools(net, X)
+    return None if tools is None else tools.per_sample_gradients(X, T, s_col)
+
+
+def compiled_gauss_newton_rows(net: MLP, X: Any, T: Any, s_col: Any = None) -> Any:
+    """The Gauss–Newton factor R (n_L m, W), rows (k, n), in one compiled call, or None."""
+    tools = _compiled_tools(net, X)
+    return None if tools is None else tools.gauss_newton_rows(X, T, s_col)
+
+
 # --- the R-operator: Hessian-vector products ----------------------------------------
 
 
@@ -415,6 +450,10 @@ __all__ = [
     "exact_hessian",
     "hessian_vector_products",
     "backward",
+    "compiled_gauss_newton_rows",
+    "compiled_input_jacobian",
+    "compiled_parameter_jacobian",
+    "compiled_per_sample_gradients",
     "forward",
     "forward_backward",
     "loss_and_gradient",

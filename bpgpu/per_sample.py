@@ -65,6 +65,9 @@ def parameter_jacobian(net: MLP, X: Any) -> Any:
     One forward pass and one backward pass of the n_L seeds ∂y_k/∂z(L) for all samples at
     once; the cost is the backward pass n_L times over plus the m n_L W outer products.
     """
+    compiled = engine.compiled_parameter_jacobian(net, X)  # numpy backend: one numba call
+    if compiled is not None:
+        return compiled
     X, _ = net.check_inputs(X)
     m, xp = X.shape[0], net.backend.xp
     _, A = _forward(net, X)
@@ -81,9 +84,17 @@ def per_sample_gradients(net: MLP, X: Any, T: Any, sample_weight: Any = None) ->
     outer products δ_n(l) [1, a_n(l−1)]ᵀ of every layer, all samples at once
     (what torch.func's ``vmap(grad(loss))`` computes, without a per-sample program).
     """
+    if sample_weight is None:  # the lean path: X and T checked by the compiled call's driver
+        compiled = engine.compiled_per_sample_gradients(net, X, T)
+        if compiled is not None:
+            return compiled
     X, T = net.check_inputs(X, T)
     m, xp = X.shape[0], net.backend.xp
     weights = net.weighting(_host_weights(sample_weight, m))
+    if weights is not None:
+        compiled = engine.compiled_per_sample_gradients(net, X, T, weights[0])
+        if compiled is not None:
+            return compiled
     ws, A = _forward(net, X)
     engine.output_delta(net, T, ws, weights)  # δ(L) = c s_n ∂ℓ_n/∂z(L)
     c = net.reduction_factor(m, weights)
@@ -104,6 +115,9 @@ def gauss_newton_factor(net: MLP, X: Any, T: Any, sample_weight: Any = None) -> 
 def gauss_newton_rows(net: MLP, X: Any, T: Any, s_col: Any = None) -> Any:
     """:func:`gauss_newton_factor` on a batch already on the backend (X, T as ``net.check_inputs``
     returns them; s_col an (m, 1) column of weights or None), for callers that chunk the data."""
+    compiled = engine.compiled_gauss_newton_rows(net, X, T, s_col)  # numpy backend: one numba call
+    if compiled is not None:
+        return compiled
     return engine.seeded_gradients(net, *gauss_newton_seeds(net, X, T, s_col))
 
 

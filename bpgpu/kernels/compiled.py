@@ -4,7 +4,10 @@ One of the three kernel tables (compiled CPU here, CUDA C in :mod:`bpgpu.kernels
 the array-API reference in :mod:`bpgpu.kernels.generic`). It exports every name of
 :data:`bpgpu.kernels.OPS` with the reference's signature, so the numpy backend calls it
 as it would any other table, plus :func:`train_step`, the whole training step in one
-call (:mod:`bpgpu.kernels.jit` drives it).
+call (:mod:`bpgpu.kernels.jit` drives it), and the passes it is built from, for the
+derivative tools: :func:`forward_pass` (a(l) for every layer and z(L)) and
+:func:`seeded_backprop` (a stack of K seeds δ(L) → δ(l) for every layer, one GEMM of K·m
+rows per layer).
 
 Each equation is written once, as a scalar function that every loop here calls:
 
@@ -546,6 +549,296 @@ def outer_sgd_update(wt, b, a, delta, lr, scratch):
     return b
 
 
+# --- compiled passes: the forward pass and seeded backprop (building blocks) -----------------
+# Defined before the training step, which calls forward_pass; they take the step's plan
+# (3, L + 1) and the helpers _gemm and _view below it (numba resolves globals at compile time).
+# A stack of K seeds is K·m rows in one of two orders: seed-major (row k m + n, a (K, m, n_l)
+# array) or sample-major (row n K + k, a (m, K, n_l) array); every backprop product is then
+# one GEMM of K·m rows.
+
+
+@njit(cache=True, error_model="numpy")
+def activations_size(plan, m):
+    """Length of the forward work vector: m Σ_l n_l for a(1)..a(L), then m n_L for z(L)."""
+    sizes = plan[SIZE]
+    total = 0
+    for l in range(1, sizes.shape[0]):
+        total += sizes[l]
+    return m * (total + sizes[sizes.shape[0] - 1])
+
+
+@njit(cache=True, error_model="numpy")
+def layer_start(plan, l, rows):
+    """Where layer l's (rows, n_l) block starts in a work vector that stores l = 1..L in turn."""
+    sizes = plan[SIZE]
+    start = 0
+    for j in range(1, l):
+        start += sizes[j]
+    return rows * start
+
+
+@njit(cache=True, error_model="numpy")
+def forward_pass(X, w, plan, work, z_out, slots):
+    """The forward pass a(l) = g_l(a(l−1) Wᵀ(l) + b(l)) at parameters w; returns a(L) (a view of work).
+
+    work: a(1), ..., a(L) in turn, each (m, n_l) row-major (hidden layers activate in place,
+    :func:`layer_start` with rows = m); z_out: (m, n_L), receives z(L); slots: BLAS's α, β.
+    """
+    sizes, offsets, codes = plan[SIZE], plan[OFFSET], plan[CODE]
+    m, L = X.shape[0], sizes.shape[0] - 1
+    a_prev = X
+    start = 0
+    for l in range(1, L + 1):
+        n_in, n_out, off = sizes[l - 1], sizes[l], offsets[l - 1]
+        a = _view(work, start, m, n_out)
+        z = z_out if l == L else a
+        _gemm(a_prev, w[off + n_out : off + n_out * (n_in + 1)].reshape(n_in, n_out), z, 1.0, 0.0, slots)
+        _activate(codes[l], z, w[off : off + n_out], a)
+        a_prev = a
+        start += m * n_out
+    return a_prev
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _sample_of(r, m, K, sample_major):
+    """The sample n of row r of a seed stack (row k m + n seed-major, n K + k sample-major)."""
+    return r // K if sample_major else r % m
+
+
+@njit(cache=True, error_model="numpy")
+def times_g1_rows(code, s, a, K, sample_major):
+    """s ← s ⊙ g′(z) for a stack of K·m rows s (K·m, n), g′ through a = g(z) (m, n), the row's
+    sample given by the stack's order; softmax: s_r ← a_n ⊙ (s_r − Σ_j s_rj a_nj)."""
+    rows, n = s.shape
+    m = a.shape[0]
+    one, slope, _, _ = _constants(s)
+    for r in range(rows):
+        i = _sample_of(r, m, K, sample_major)
+        if code == SOFTMAX:
+            dot = s.dtype.type(0)
+            for j in range(n):
+                dot += s[r, j] * a[i, j]
+            for j in range(n):
+                s[r, j] = (s[r, j] - dot) * a[i, j]
+        else:
+            for j in range(n):
+                s[r, j] = s[r, j] * g1(code, a[i, j], one, slope)
+
+
+@njit(cache=True, error_model="numpy")
+def seeded_backprop(w, plan, acts, deltas, m, K, sample_major, slots, lowest=1):
+    """Backprop of a stack of K seeds: δ(l−1) = (δ(l) W(l)) ⊙ g′_{l−1}, l = L..lowest + 1.
+
+    acts: the forward work vector of :func:`forward_pass` (a(l), m rows each); deltas: δ(1)..δ(L),
+    each K·m rows (:func:`layer_start` with rows = K m), δ(L) written by the caller (the seeds);
+    each product is one GEMM of K·m rows (:func:`_gemm`, BLAS with α = 1, β = 0).
+    """
+    sizes, offsets, codes = plan[SIZE], plan[OFFSET], plan[CODE]
+    L = sizes.shape[0] - 1
+    rows = K * m
+    for l in range(L, lowest, -1):
+        n_in, n_out, off = sizes[l - 1], sizes[l], offsets[l - 1]
+        wt = w[off + n_out : off + n_out * (n_in + 1)].reshape(n_in, n_out)
+        delta = _view(deltas, layer_start(plan, l, rows), rows, n_out)
+        below = _view(deltas, layer_start(plan, l - 1, rows), rows, n_in)
+        _gemm(delta, wt.T, below, 1.0, 0.0, slots)
+        times_g1_rows(codes[l - 1], below, _view(acts, layer_start(plan, l - 1, m), m, n_in), K, sample_major)
+
+
+@njit(cache=True, error_model="numpy")
+def all_finite(x):
+    """Whether every entry of the 2-D array x is finite (no temporary, unlike np.isfinite)."""
+    for i in range(x.shape[0]):
+        for j in range(x.shape[1]):
+            if not np.isfinite(x[i, j]):
+                return False
+    return True
+
+
+@njit(cache=True, error_model="numpy")
+def seeded_work_size(plan, m, K):
+    """Length of the work vector of the seeded tools: the forward pass's a(l) and z(L)
+    (:func:`activations_size`), δ(1)..δ(L) of K·m rows each, and BLAS's α, β."""
+    return activations_size(plan, m) + layer_start(plan, plan.shape[1], K * m) + 2
+
+
+@njit(cache=True, error_model="numpy")
+def _split_work(plan, work, m, K):
+    """(acts, z(L), deltas, slots): the views of a :func:`seeded_work_size` vector."""
+    L = plan.shape[1] - 1
+    n_top = plan[SIZE, L]
+    size = activations_size(plan, m)
+    acts = work[:size]
+    z = _view(acts, size - m * n_top, m, n_top)
+    end = size + layer_start(plan, L + 1, K * m)
+    return acts, z, work[size:end], work[end : end + 2]
+
+
+@njit(cache=True, error_model="numpy")
+def _top_seeds(plan, deltas, m, K):
+    """δ(L) of a seed stack, (K·m, n_L), a view of deltas."""
+    L = plan.shape[1] - 1
+    return _view(deltas, layer_start(plan, L, K * m), K * m, plan[SIZE, L])
+
+
+@njit(cache=True, error_model="numpy")
+def output_seeds(code, a, s, K, sample_major):
+    """s ← the seeds ∂y_k/∂z(L) of y = a(L) for every sample n and output k = 0..K−1 (K = n_L):
+    row (k, n) is e_k ⊙ g′(z_n) (softmax: a_n ⊙ (e_k − a_nk)); s (K·m, n_L), a (m, n_L)."""
+    rows, n = s.shape
+    m = a.shape[0]
+    zero = s.dtype.type(0)
+    for r in range(rows):
+        k = r % K if sample_major else r // m
+        for j in range(n):
+            s[r, j] = zero
+        s[r, k] = zero + 1
+    times_g1_rows(code, s, a, K, sample_major)
+
+
+@njit(cache=True, error_model="numpy")
+def outer_rows(X, acts, deltas, plan, m, K, sample_major, out):
+    """out[r] = the gradient in w of seed row r: per layer l, [δ_r(l), a_n(l−1) ⊗ δ_r(l)] laid
+    out like Θ(l) (the bias, then Wᵀ row by row), n the row's sample; out (K·m, W)."""
+    sizes, offsets = plan[SIZE], plan[OFFSET]
+    L, rows = sizes.shape[0] - 1, K * m
+    for l in range(1, L + 1):
+        n_in, n_out, off = sizes[l - 1], sizes[l], offsets[l - 1]
+        delta = _view(deltas, layer_start(plan, l, rows), rows, n_out)
+        a_in = X if l == 1 else _view(acts, layer_start(plan, l - 1, m), m, n_in)
+        for r in range(rows):
+            n = _sample_of(r, m, K, sample_major)
+            for j in range(n_out):
+                out[r, off + j] = delta[r, j]
+            for i in range(n_in):
+                ai, base = a_in[n, i], off + n_out * (i + 1)
+                for j in range(n_out):
+                    out[r, base + j] = ai * delta[r, j]
+
+
+@njit(cache=True, error_model="numpy")
+def input_jacobian(X, w, plan, work, out):
+    """∂y_k/∂x per sample into out (m·n_L, n_0), rows (n, k): the output seeds backpropagated
+    (sample-major), then δ(1) W(1) in one GEMM. False (nothing computed) when X is not finite."""
+    if not all_finite(X):
+        return False
+    m, L = X.shape[0], plan.shape[1] - 1
+    K, n_in, n_out, off = plan[SIZE, L], plan[SIZE, 0], plan[SIZE, 1], plan[OFFSET, 0]
+    acts, z, deltas, slots = _split_work(plan, work, m, K)
+    a = forward_pass(X, w, plan, acts, z, slots)
+    output_seeds(plan[CODE, L], a, _top_seeds(plan, deltas, m, K), K, True)
+    seeded_backprop(w, plan, acts, deltas, m, K, True, slots)
+    wt = w[off + n_out : off + n_out * (n_in + 1)].reshape(n_in, n_out)
+    _gemm(_view(deltas, 0, K * m, n_out), wt.T, out, 1.0, 0.0, slots)
+    return True
+
+
+@njit(cache=True, error_model="numpy")
+def parameter_jacobian(X, w, plan, work, out):
+    """∂y_nk/∂w into out (m·n_L, W), rows (n, k); False (nothing computed) when X is not finite."""
+    if not all_finite(X):
+        return False
+    m, L = X.shape[0], plan.shape[1] - 1
+    K = plan[SIZE, L]
+    acts, z, deltas, slots = _split_work(plan, work, m, K)
+    a = forward_pass(X, w, plan, acts, z, slots)
+    output_seeds(plan[CODE, L], a, _top_seeds(plan, deltas, m, K), K, True)
+    seeded_backprop(w, plan, acts, deltas, m, K, True, slots)
+    outer_rows(X, acts, deltas, plan, m, K, True, out)
+    return True
+
+
+@njit(cache=True, error_model="numpy")
+def per_sample_gradients(X, T, w, plan, loss, work, out, weights=None):
+    """s_n ∂ℓ_n/∂w into out (m, W): δ_n(L) = s_n ∂ℓ_n/∂z(L) (the step's output delta with c = 1),
+    backprop, the outer products. False (nothing computed) when X or T is not finite."""
+    if not (all_finite(X) and all_finite(T)):
+        return False
+    m, L = X.shape[0], plan.shape[1] - 1
+    acts, z, deltas, slots = _split_work(plan, work, m, 1)
+    a = forward_pass(X, w, plan, acts, z, slots)
+    _loss_and_delta(loss, plan[CODE, L], z, a, T, 1.0, _top_seeds(plan, deltas, m, 1), weights)
+    seeded_backprop(w, plan, acts, deltas, m, 1, False, slots)
+    outer_rows(X, acts, deltas, plan, m, 1, False, out)
+    return True
+
+
+@njit(cache=True, error_model="numpy")
+def gauss_newton_seeds(loss, code, a, T, s, weights=None):
+    """s ← the Gauss–Newton seeds √s_n Fᵀ_n ∂u/∂z(L), rows (k, n) (seed-major, K = n_L), s (K·m, n_L):
+    u = z(L) for a canonical pair (identity: e_k; sigmoid: e_k √(a(1 − a)); exp: e_k √a;
+    softmax: √a_k (e_k − a)); otherwise u = a(L): (e_k √ℓ″_k) ⊙ g′ (bpgpu/per_sample.py)."""
+    m, K = a.shape
+    one, _, tiny, below_one = _constants(a)
+    zero = one - one
+    canonical = _canonical(loss, code)
+    for r in range(K * m):
+        k, n = r // m, r % m
+        for j in range(K):
+            s[r, j] = zero
+        akk = a[n, k]
+        if not canonical:
+            s[r, k] = np.sqrt(loss_curvature(loss, akk, T[n, k], one, tiny, below_one))
+        elif code == SIGMOID:
+            s[r, k] = np.sqrt(akk * (one - akk))
+        elif code == EXP:
+            s[r, k] = np.sqrt(akk)
+        elif code == SOFTMAX:
+            root = np.sqrt(akk)
+            for j in range(K):
+                s[r, j] = -root * a[n, j]
+            s[r, k] += root
+        else:
+            s[r, k] = one
+    if not canonical:
+        times_g1_rows(code, s, a, K, False)
+    if weights is not None:
+        for r in range(K * m):
+            root = s.dtype.type(np.sqrt(weights[r % m]))
+            for j in range(K):
+                s[r, j] *= root
+
+
+@njit(cache=True, error_model="numpy")
+def gauss_newton_pass(X, T, w, plan, loss, work, weights=None):
+    """The forward pass and the backprop of the Gauss–Newton seeds (:func:`gauss_newton_seeds`):
+    a(l) and δ(l) of every seed row (k, n) in work's views (:func:`seeded_work_size`, K = n_L).
+    False (nothing computed) when X or T is not finite."""
+    if not (all_finite(X) and all_finite(T)):
+        return False
+    m, L = X.shape[0], plan.shape[1] - 1
+    K = plan[SIZE, L]
+    acts, z, deltas, slots = _split_work(plan, work, m, K)
+    a = forward_pass(X, w, plan, acts, z, slots)
+    gauss_newton_seeds(loss, plan[CODE, L], a, T, _top_seeds(plan, deltas, m, K), weights)
+    seeded_backprop(w, plan, acts, deltas, m, K, False, slots)
+    return True
+
+
+@njit(cache=True, error_model="numpy")
+def gauss_newton_rows(X, T, w, plan, loss, work, out, weights=None):
+    """The Gauss–Newton factor R into out (n_L·m, W), rows (k, n): :func:`gauss_newton_pass`, then
+    the outer products. False (nothing computed) when X or T is not finite."""
+    if not gauss_newton_pass(X, T, w, plan, loss, work, weights):
+        return False
+    m = X.shape[0]
+    K = plan[SIZE, plan.shape[1] - 1]
+    acts, _, deltas, _ = _split_work(plan, work, m, K)
+    outer_rows(X, acts, deltas, plan, m, K, False, out)
+    return True
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _canonical(loss, output):
+    """Whether (output, loss) is a canonical pair: the link cancels, δ(L) = c (a − t)."""
+    return (
+        (loss == SQUARED_ERROR and output == IDENTITY)
+        or (loss == BINARY_CROSS_ENTROPY and output == SIGMOID)
+        or (loss == CROSS_ENTROPY and output == SOFTMAX)
+        or (loss == POISSON and output == EXP)
+    )
+
+
 # --- the compiled training step ---------------------------------------------------------------
 
 
@@ -721,18 +1014,8 @@ def train_step(X, T, w, grad, work, plan, loss, mean, alpha, rule, lr, mu, veloc
     row_start = 2 * d_start + m * sizes[L]
     slots = work[row_start + widest : row_start + widest + 2]
 
-    a_prev = X
-    start = 0
-    for l in range(1, L + 1):
-        n_in, n_out, off = sizes[l - 1], sizes[l], offsets[l - 1]
-        a = _view(work, start, m, n_out)
-        z = z_out if l == L else a  # hidden layers activate in place
-        _gemm(a_prev, w[off + n_out : off + n_out * (n_in + 1)].reshape(n_in, n_out), z, 1.0, 0.0, slots)
-        _activate(codes[l], z, w[off : off + n_out], a)
-        a_prev = a
-        start += m * n_out
-
-    start -= m * sizes[L]  # a(L)
+    a_prev = forward_pass(X, w, plan, work, z_out, slots)
+    start = d_start - m * sizes[L]  # a(L)
     total = _loss_and_delta(loss, codes[L], z_out, a_prev, T, c, _view(work, d_start + start, m, sizes[L]), weights)
     squares = 0.0
     for l in range(L, 0, -1):

@@ -217,6 +217,147 @@ class CompiledGradient:
         return self._step.run(X, T, grad, weights)
 
 
+class CompiledDerivatives:
+    """The seeded derivative tools of ``net`` as one compiled call each (numpy backend): the input
+    and parameter Jacobians, per-sample gradients and the Gauss–Newton factor, built on
+    :func:`bpgpu.kernels.compiled.forward_pass` and :func:`bpgpu.kernels.compiled.seeded_backprop`.
+
+    Each tool takes X (and T) as the public functions do: a C-contiguous numpy array of the net's
+    dtype and width goes straight to the kernel (which checks finiteness without a temporary);
+    anything else goes through ``net.check_inputs`` first. Buffers are allocated once per
+    (batch size, seed count) and reused, so a warm call allocates only the array it returns.
+    """
+
+    def __init__(self, net: Any, module: ModuleType):
+        self._net = weakref.ref(net)  # not a strong reference: the per-net cache is keyed weakly on the net
+        self._module = module
+        self._plan = plan(net, module)
+        self._loss = LOSSES.index(net.loss_function.name)
+        self._dtype = np.dtype(net.xp_dtype)
+        self._n_in, self._n_out, self._n_params = net.sizes[0], net.sizes[-1], net.n_params
+        self._check_targets = net.loss_function.name == "poisson" or (
+            net.loss_function.name == "cross_entropy" and net.activations[-1].name == "softmax"
+        )
+        self._work: dict[tuple[int, int], np.ndarray] = {}
+
+    def __reduce__(self):
+        return (bool, ())  # not serialized (numba kernels and buffers): rebuilt on first use
+
+    @property
+    def net(self) -> Any:
+        return self._net()
+
+    def _buffers(self, m: int, K: int) -> np.ndarray:
+        """a(l), z(L), δ(l) of K·m rows and BLAS's α, β in one flat vector (compiled.seeded_work_size)."""
+        work = self._work.get((m, K))
+        if work is None:
+            if len(self._work) >= _BUFFERS_KEPT:
+                self._work.pop(next(iter(self._work)))
+            work = self._work[(m, K)] = np.empty(self._module.seeded_work_size(self._plan, m, K), dtype=self._dtype)
+        return work
+
+    def _ready(self, x: Any, width: int, rows: int = 0) -> bool:
+        """Whether x is already what the kernels take: a C-contiguous 2-D numpy array of the net's
+        dtype, ``width`` columns and at least one row (``rows`` of them when given)."""
+        return (
+            type(x) is np.ndarray
+            and x.dtype == self._dtype
+            and x.ndim == 2
+            and x.shape[1] == width
+            and (x.shape[0] == rows if rows else x.shape[0] > 0)
+            and x.flags.c_contiguous
+        )
+
+    def _inputs(self, X: Any, T: Any = None, targets: bool = False) -> tuple[np.ndarray, Any]:
+        """(X, T) as the kernels take them: untouched when already so (the lean path), else checked
+        by ``net.check_inputs`` and made contiguous."""
+        if self._ready(X, self._n_in) and (not targets or self._ready(T, self._n_out, X.shape[0])):
+            if targets and self._check_targets:  # the loss's domain (poisson, softmax + cross_entropy)
+                self.net.loss_function.check_targets(self.net.activations[-1], T, np)
+            return X, T
+        X, T = self.net.check_inputs(X, T if targets else None)
+        return np.ascontiguousarray(X), None if T is None else np.ascontiguousarray(T)
+
+    def _not_finite(self, X: Any, T: Any = None) -> None:
+        """A kernel found NaN or Inf: ``net.check_inputs`` names the argument and raises."""
+        self.net.check_inputs(X, T)
+        raise ValueError("X or T contains NaN or Inf")  # not reached: check_inputs raises first
+
+    @staticmethod
+    def _weights(s_col: Any) -> np.ndarray | None:
+        return None if s_col is None else np.ascontiguousarray(s_col[:, 0])
+
+    def input_jacobian(self, X: Any) -> np.ndarray:
+        """∂y_k/∂x_i per sample, (m, n_L, n_0)."""
+        X, _ = self._inputs(X)
+        m, K = X.shape[0], self._n_out
+        out = np.empty((m, K, self._n_in), dtype=self._dtype)
+        work = self._buffers(m, K)
+        if not self._module.input_jacobian(X, self.net.params, self._plan, work, out.reshape(m * K, self._n_in)):
+            self._not_finite(X)
+        return out
+
+    def parameter_jacobian(self, X: Any) -> np.ndarray:
+        """∂y_nk/∂w, (m, n_L, W)."""
+        X, _ = self._inputs(X)
+        m, K = X.shape[0], self._n_out
+        out = np.empty((m, K, self._n_params), dtype=self._dtype)
+        work = self._buffers(m, K)
+        if not self._module.parameter_jacobian(X, self.net.params, self._plan, work, out.reshape(m * K, -1)):
+            self._not_finite(X)
+        return out
+
+    def per_sample_gradients(self, X: Any, T: Any, s_col: Any = None) -> np.ndarray:
+        """s_n ∂ℓ_n/∂w, (m, W); s_col: None or an (m, 1) column of weights (``net.weighting``'s)."""
+        X, T = self._inputs(X, T, targets=True)
+        m = X.shape[0]
+        out = np.empty((m, self._n_params), dtype=self._dtype)
+        ok = self._module.per_sample_gradients(
+            X, T, self.net.params, self._plan, self._loss, self._buffers(m, 1), out, self._weights(s_col)
+        )
+        if not ok:
+            self._not_finite(X, T)
+        return out
+
+    def gauss_newton_rows(self, X: Any, T: Any, s_col: Any = None) -> np.ndarray:
+        """The Gauss–Newton factor R, (n_L m, W), rows (k, n) (bpgpu/per_sample.py)."""
+        X, T = self._inputs(X, T, targets=True)
+        m, K = X.shape[0], self._n_out
+        out = np.empty((K * m, self._n_params), dtype=self._dtype)
+        ok = self._module.gauss_newton_rows(
+            X, T, self.net.params, self._plan, self._loss, self._buffers(m, K), out, self._weights(s_col)
+        )
+        if not ok:
+            self._not_finite(X, T)
+        return out
+
+
+_DERIVATIVES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def derivatives_for(net: Any) -> CompiledDerivatives | None:
+    """The compiled seeded tools of ``net`` (built once per net), or None when there are none:
+    numba unavailable, or a backend other than numpy."""
+    cached = _DERIVATIVES.get(net)
+    if cached is None:
+        module = kernels()
+        if module is None or net.backend.name != "numpy":
+            return None
+        cached = _DERIVATIVES[net] = CompiledDerivatives(net, module)
+    return cached
+
+
+def plan(net: Any, module: ModuleType) -> np.ndarray:
+    """The compiled kernels' description of ``net``: (3, L + 1) int64, one column per layer
+    l = 0..L, rows ``module.SIZE`` n_l, ``module.OFFSET`` where Θ(l + 1) starts in w, ``module.CODE``
+    the activation of layer l (column 0 unused)."""
+    out = np.empty((3, net.n_layers + 1), dtype=np.int64)
+    out[module.SIZE] = net.sizes
+    out[module.OFFSET] = net.layout.offsets
+    out[module.CODE] = [-1] + [ACTIVATIONS.index(g.name) for g in net.activations]
+    return out
+
+
 _GRADIENTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 

@@ -1,0 +1,151 @@
+"""The compiled passes of bpgpu/kernels/compiled.py (the forward pass, seeded backprop) and the
+tools built on them (input and parameter Jacobians, per-sample gradients, the Gauss–Newton factor)
+against the engine's array path, float64 to 1e-12 relative, on random architectures, activations
+and (output, loss) pairs, with and without sample weights; their input checks; and their
+allocations once warm (tracemalloc)."""
+
+import tracemalloc
+
+import numpy as np
+import pytest
+from helpers import HIDDEN, OUTPUT, OUTPUT_LOSS_PAIRS, random_problem
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import bpgpu as bp
+from bpgpu import engine, per_sample
+from bpgpu.kernels import jit
+
+compiled = pytest.importorskip("bpgpu.kernels.compiled", reason="numba is not installed: no compiled table")
+
+architectures = st.tuples(
+    st.lists(st.integers(1, 6), min_size=2, max_size=5),  # depth 1-4
+    st.integers(1, 7),  # batch
+    st.integers(1, 4),  # seeds
+    st.integers(0, 2**31 - 1),
+)
+
+
+def relative(actual, expected):
+    return float(np.abs(actual - expected).max() / max(np.abs(expected).max(), 1e-300))
+
+
+@settings(max_examples=40, deadline=None)
+@given(arch=architectures, data=st.data())
+def test_forward_pass_and_seeded_backprop_match_the_engine(arch, data):
+    sizes, m, K, seed = arch
+    hidden = [data.draw(st.sampled_from(HIDDEN)) for _ in sizes[2:]]
+    output = data.draw(st.sampled_from(OUTPUT))
+    if output == "softmax":
+        sizes = sizes[:-1] + [max(2, sizes[-1])]
+    net = bp.MLP(sizes, hidden=hidden, output=output, dtype="float64", backend="numpy", epsilon=1.0, seed=seed)
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(m, sizes[0]))
+    plan = jit.plan(net, compiled)
+    acts, slots = np.empty(compiled.activations_size(plan, m)), np.empty(2)
+    z = acts[compiled.layer_start(plan, net.n_layers + 1, m) :].reshape(m, sizes[-1])
+    a = compiled.forward_pass(X, net.params, plan, acts, z, slots)
+    ws = net.workspace(m)
+    expected = engine.forward(net, X, ws, net.params)
+    assert relative(a, expected) <= 1e-12
+    assert relative(z, ws.Z) <= 1e-12
+    seeds = rng.normal(size=(K, m, sizes[-1]))
+    rows, L = K * m, net.n_layers
+    for sample_major in (False, True):
+        deltas = np.full(compiled.layer_start(plan, L + 1, rows), np.nan)
+        top = compiled.layer_start(plan, L, rows)
+        deltas[top:] = (seeds.transpose(1, 0, 2) if sample_major else seeds).ravel()
+        compiled.seeded_backprop(net.params, plan, acts, deltas, m, K, sample_major, slots)
+        for l, D in engine.seeded_deltas(net, engine.layer_outputs(X, ws), seeds):
+            start = compiled.layer_start(plan, l, rows)
+            got = deltas[start : start + rows * sizes[l]]
+            got = got.reshape(m, K, -1).transpose(1, 0, 2) if sample_major else got.reshape(K, m, -1)
+            assert relative(got, D) <= 1e-12, (l, sample_major)
+
+
+# --- the tools: one compiled call against the array path ------------------------------
+
+TOOLS = ("jacobian", "parameter_jacobian", "per_sample_gradients", "weighted_per_sample_gradients", "gauss_newton")
+
+
+def call(tool, net, X, T, s):
+    if tool == "jacobian":
+        return bp.jacobian(net, X)
+    if tool == "parameter_jacobian":
+        return bp.jacobian(net, X, wrt="params")
+    if tool == "per_sample_gradients":
+        return bp.per_sample_gradients(net, X, T)
+    if tool == "weighted_per_sample_gradients":
+        return bp.per_sample_gradients(net, X, T, sample_weight=s)
+    return per_sample.gauss_newton_factor(net, X, T, sample_weight=s)
+
+
+def array_path(monkeypatch, fn):
+    """fn() with the compiled tools switched off: the engine's kernel-by-kernel passes."""
+    with monkeypatch.context() as patch:
+        patch.setattr(jit, "derivatives_for", lambda net: None)
+        return fn()
+
+
+@pytest.mark.parametrize("tool", TOOLS)
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(arch=architectures, data=st.data())
+def test_compiled_tools_match_the_array_path(monkeypatch, tool, arch, data):
+    sizes, m, _, seed = arch
+    hidden = data.draw(st.sampled_from(HIDDEN))
+    output, loss = data.draw(st.sampled_from(OUTPUT_LOSS_PAIRS))
+    reduction = data.draw(st.sampled_from(["mean", "sum"]))
+    net, X, T, rng = random_problem(sizes, hidden, output, loss, reduction, seed, m)
+    s = rng.uniform(0.0, 2.0, size=m)
+    got = call(tool, net, X, T, s)
+    assert jit.derivatives_for(net) is not None  # the compiled path ran
+    expected = array_path(monkeypatch, lambda: call(tool, net, X, T, s))
+    assert type(got) is np.ndarray and got.shape == expected.shape and got.dtype == expected.dtype
+    assert relative(got, expected) <= 1e-12, tool
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("tool", TOOLS)
+def test_compiled_tools_take_what_check_inputs_takes(monkeypatch, tool, dtype):
+    """Lists, other dtypes, Fortran order and a 1-D T (one output) give the checked path's result."""
+    net = bp.MLP([3, 5, 1], hidden="tanh", output="identity", dtype=dtype, backend="numpy", seed=2)
+    rng = np.random.default_rng(0)
+    X, T, s = rng.normal(size=(6, 3)), rng.normal(size=6), rng.uniform(size=6)
+    expected = array_path(monkeypatch, lambda: call(tool, net, X, T, s))
+    for x in (X.tolist(), np.asfortranarray(X), X.astype(dtype)):
+        got = call(tool, net, x, T, s)
+        assert got.dtype == np.dtype(dtype) and relative(got, expected) <= (1e-12 if dtype == "float64" else 1e-5)
+
+
+@pytest.mark.parametrize("tool", TOOLS)
+@pytest.mark.parametrize("where", ["X", "T"])
+def test_compiled_tools_reject_non_finite_inputs_by_name(tool, where):
+    net = bp.MLP([3, 4, 2], hidden="tanh", output="identity", dtype="float64", backend="numpy", seed=2)
+    X, T = np.ones((5, 3)), np.ones((5, 2))
+    if where == "T" and tool in ("jacobian", "parameter_jacobian"):
+        pytest.skip("the Jacobians take no targets")
+    (X if where == "X" else T)[2, 1] = np.nan
+    with pytest.raises(ValueError, match=f"{where} contains NaN or Inf"):
+        call(tool, net, X, T, np.ones(5))
+
+
+@pytest.mark.parametrize("tool", TOOLS)
+def test_compiled_tools_allocate_only_their_result(tool):
+    """After warm-up a call allocates the array it returns and at most 4 KiB besides."""
+    net = bp.MLP(
+        [16, 32, 32, 3], hidden="tanh", output="softmax", loss="cross_entropy", dtype="float64", backend="numpy", seed=0
+    )
+    rng = np.random.default_rng(0)
+    X, T, s = rng.normal(size=(64, 16)), np.eye(3)[rng.integers(0, 3, size=64)], rng.uniform(size=64)
+    result = call(tool, net, X, T, s)
+    call(tool, net, X, T, s)
+    tracemalloc.start()
+    try:
+        start, _ = tracemalloc.get_traced_memory()
+        tracemalloc.reset_peak()
+        for _ in range(5):
+            call(tool, net, X, T, s)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak - start <= result.nbytes + 4096, (peak - start, result.nbytes)
