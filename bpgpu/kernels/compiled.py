@@ -945,17 +945,6 @@ def _weigh_rows(delta, weights):
             delta[i, j] *= s
 
 
-@njit(cache=True, error_model="numpy", inline="always")
-def _canonical(loss, output):
-    """Whether (output, loss) is a canonical pair, whose link cancels in δ(L) = c (a − t)."""
-    return (
-        (loss == SQUARED_ERROR and output == IDENTITY)
-        or (loss == BINARY_CROSS_ENTROPY and output == SIGMOID)
-        or (loss == CROSS_ENTROPY and output == SOFTMAX)
-        or (loss == POISSON and output == EXP)
-    )
-
-
 @njit(cache=True, error_model="numpy")
 def _loss_and_delta(loss, output, z, a, t, c, delta, weights):
     """Σ_n J_n (float64) and δ(L) into delta: the compiled twin of losses.Loss.value_and_delta.
@@ -1101,15 +1090,6 @@ def train_step(X, T, w, grad, work, plan, loss, mean, alpha, rule, lr, mu, veloc
 
 
 @njit(cache=True, error_model="numpy", inline="always")
-def _units(sizes, below):
-    """Σ_{k=1}^{below−1} n_k: where layer ``below``'s stacks start, in units of m (or m K)."""
-    total = 0
-    for k in range(1, below):
-        total += sizes[k]
-    return total
-
-
-@njit(cache=True, error_model="numpy", inline="always")
 def _widest(sizes):
     """(max_l n_l, max_l n_{l−1} n_l) over the layers l = 1..L."""
     units, product = 0, 0
@@ -1120,10 +1100,11 @@ def _widest(sizes):
 
 
 @njit(cache=True, error_model="numpy", inline="always")
-def _stacks_end(sizes, m, K):
+def _stacks_end(plan, m, K):
     """Where the R-pass's stacks end in a work vector: the primal pass, then R{z(l)}, R{A(l)}."""
+    sizes = plan[SIZE]
     L = sizes.shape[0] - 1
-    units = _units(sizes, L + 1)
+    units = layer_start(plan, L + 1, 1)
     return m * (3 * units + 2 * sizes[L]) + 2 * m * K * units
 
 
@@ -1131,7 +1112,7 @@ def _stacks_end(sizes, m, K):
 def curvature_work_length(plan, m, K):
     """Length of the work vector of :func:`hessian_vector_products` for K directions and batch size m."""
     widest, product = _widest(plan[SIZE])
-    return _stacks_end(plan[SIZE], m, K) + 2 * K * product + K * widest + 2
+    return _stacks_end(plan, m, K) + 2 * K * product + K * widest + 2
 
 
 @njit(cache=True, error_model="numpy")
@@ -1177,18 +1158,11 @@ def _primal(X, T, w, work, plan, loss, c):
     output's coefficients into the work vector (no gradient products)."""
     sizes, codes = plan[SIZE], plan[CODE]
     m, L = X.shape[0], sizes.shape[0] - 1
-    units = _units(sizes, L + 1)
+    units = layer_start(plan, L + 1, 1)
     slots = work[work.shape[0] - 2 :]
     z_out = _view(work, 3 * m * units, m, sizes[L])
-    a_prev = X
-    for l in range(1, L + 1):
-        a = _view(work, m * _units(sizes, l), m, sizes[l])
-        z = z_out if l == L else a  # hidden layers activate in place
-        _gemm(a_prev, _wt(w, plan, l), z, 1.0, 0.0, slots)
-        off = plan[OFFSET, l - 1]
-        _activate(codes[l], z, w[off : off + sizes[l]], a)
-        a_prev = a
-    at = m * _units(sizes, L)
+    a_prev = forward_pass(X, w, plan, work, z_out, slots)  # A(l) at layer_start(plan, l, m)
+    at = m * layer_start(plan, L, 1)
     _loss_and_delta(loss, codes[L], z_out, a_prev, T, c, _view(work, m * units + at, m, sizes[L]), None)
     _output_coefficients(
         loss,
@@ -1200,10 +1174,10 @@ def _primal(X, T, w, work, plan, loss, c):
         _view(work, 3 * m * units + m * sizes[L], m, sizes[L]),
     )
     for l in range(L, 1, -1):
-        at = m * _units(sizes, l - 1)
+        at = m * layer_start(plan, l - 1, 1)
         a = _view(work, at, m, sizes[l - 1])
         s = _view(work, 2 * m * units + at, m, sizes[l - 1])
-        _gemm(_view(work, m * units + m * _units(sizes, l), m, sizes[l]), _wt(w, plan, l).T, s, 1.0, 0.0, slots)
+        _gemm(_view(work, m * units + m * layer_start(plan, l, 1), m, sizes[l]), _wt(w, plan, l).T, s, 1.0, 0.0, slots)
         _derive(codes[l - 1], s, a, _view(work, m * units + at, m, sizes[l - 1]))
         one = a.dtype.type(1)
         for i in range(m):
@@ -1213,15 +1187,10 @@ def _primal(X, T, w, work, plan, loss, c):
 
 @njit(cache=True, error_model="numpy")
 def _r_activate(code, rz, a, ra):
-    """R{A} = g′ ⊙ R{z} for a stack (m, K, n) (softmax: J_g R{z} per row)."""
-    one, slope, _, _ = _constants(a)
-    for n in range(rz.shape[0]):
-        for k in range(rz.shape[1]):
-            if code == SOFTMAX:
-                _softmax_times(rz[n, k], a[n], ra[n, k])
-            else:
-                for j in range(rz.shape[2]):
-                    ra[n, k, j] = rz[n, k, j] * g1(code, a[n, j], one, slope)
+    """R{A} = g′ ⊙ R{z} for a stack (m, K, n), R{z} kept (softmax: J_g R{z} per row)."""
+    m, K, n = rz.shape
+    ra[:] = rz
+    times_g1_rows(code, ra.reshape(m * K, n), a, K, True)
 
 
 @njit(cache=True, error_model="numpy")
@@ -1263,11 +1232,11 @@ def _r_block(X, w, V, out, work, plan, loss, c, first, K):
     stack and R{A(l)} in its own for every l ≥ first (``out`` is not written)."""
     sizes, offsets, codes = plan[SIZE], plan[OFFSET], plan[CODE]
     m, L = X.shape[0], sizes.shape[0] - 1
-    units = _units(sizes, L + 1)
+    units = layer_start(plan, L + 1, 1)
     slots = work[work.shape[0] - 2 :]
     base = m * (3 * units + 2 * sizes[L])
     _, widest = _widest(sizes)
-    products = _stacks_end(sizes, m, K)
+    products = _stacks_end(plan, m, K)
     t1 = work[products : products + K * widest]
     t2 = work[products + K * widest : products + 2 * K * widest]
     bias = work[products + 2 * K * widest : work.shape[0] - 2]
@@ -1280,9 +1249,9 @@ def _r_block(X, w, V, out, work, plan, loss, c, first, K):
     ra_prev = _stack(work, base, m, K, 1)  # R{A(first − 1)} = 0: not read
     for l in range(first, L + 1):
         n_in, n_out, off = sizes[l - 1], sizes[l], offsets[l - 1]
-        a_prev = X if l == 1 else _view(work, m * _units(sizes, l - 1), m, n_in)
-        rz = _stack(work, base + m * K * _units(sizes, l), m, K, n_out)
-        ra = _stack(work, base + m * K * (units + _units(sizes, l)), m, K, n_out)
+        a_prev = X if l == 1 else _view(work, m * layer_start(plan, l - 1, 1), m, n_in)
+        rz = _stack(work, base + m * K * layer_start(plan, l, 1), m, K, n_out)
+        ra = _stack(work, base + m * K * (units + layer_start(plan, l, 1)), m, K, n_out)
         wt = _wt(w, plan, l)
         if unit and l == first:  # R{z}[n, k] = e_k: a placement
             rz[:] = zero
@@ -1305,16 +1274,16 @@ def _r_block(X, w, V, out, work, plan, loss, c, first, K):
                         for q in range(n_out):
                             rz[n, k, q] += V[k, off + q]
         if l < L or codes[L] == SOFTMAX:
-            _r_activate(codes[l], rz, _view(work, m * _units(sizes, l), m, n_out), ra)
+            _r_activate(codes[l], rz, _view(work, m * layer_start(plan, l, 1), m, n_out), ra)
         ra_prev = ra
 
     # the backward R-pass, l = L..first
-    at = m * _units(sizes, L)
+    at = m * layer_start(plan, L, 1)
     _r_output_delta(
         loss,
         codes[L],
-        _stack(work, base + m * K * _units(sizes, L), m, K, sizes[L]),
-        _stack(work, base + m * K * (units + _units(sizes, L)), m, K, sizes[L]),
+        _stack(work, base + m * K * layer_start(plan, L, 1), m, K, sizes[L]),
+        _stack(work, base + m * K * (units + layer_start(plan, L, 1)), m, K, sizes[L]),
         _view(work, at, m, sizes[L]),
         _view(work, 2 * m * units + at, m, sizes[L]),
         _view(work, 3 * m * units + m * sizes[L], m, sizes[L]),
@@ -1322,11 +1291,11 @@ def _r_block(X, w, V, out, work, plan, loss, c, first, K):
     )
     for l in range(L, first - 1, -1):
         n_in, n_out, off = sizes[l - 1], sizes[l], offsets[l - 1]
-        delta = _view(work, m * units + m * _units(sizes, l), m, n_out)
-        rd = _stack(work, base + m * K * _units(sizes, l), m, K, n_out)  # R{δ(l)}
-        ra_prev = _stack(work, base + m * K * (units + _units(sizes, l - 1)), m, K, n_in if l > first else 1)
+        delta = _view(work, m * units + m * layer_start(plan, l, 1), m, n_out)
+        rd = _stack(work, base + m * K * layer_start(plan, l, 1), m, K, n_out)  # R{δ(l)}
+        ra_prev = _stack(work, base + m * K * (units + layer_start(plan, l - 1, 1)), m, K, n_in if l > first else 1)
         if not unit:  # the rows of H v for layer l
-            a_prev = X if l == 1 else _view(work, m * _units(sizes, l - 1), m, n_in)
+            a_prev = X if l == 1 else _view(work, m * layer_start(plan, l - 1, 1), m, n_in)
             t2_ = t2[: n_in * K * n_out].reshape(n_in, K * n_out)
             _gemm(a_prev.T, rd.reshape(m, K * n_out), t2_, 1.0, 0.0, slots)
             if l > first:
@@ -1352,10 +1321,10 @@ def _r_block(X, w, V, out, work, plan, loss, c, first, K):
             if not unit:
                 for k in range(K):
                     _gemm(delta, _wt(V[k], plan, l).T, rs[:, k, :], 1.0, 1.0, slots)
-            at = m * _units(sizes, l - 1)
+            at = m * layer_start(plan, l - 1, 1)
             a = _view(work, at, m, n_in)
             s2 = _view(work, 2 * m * units + at, m, n_in)
-            rz = _stack(work, base + m * K * _units(sizes, l - 1), m, K, n_in)
+            rz = _stack(work, base + m * K * layer_start(plan, l - 1, 1), m, K, n_in)
             one_, slope, _, _ = _constants(a)
             for n in range(m):
                 for k in range(K):
@@ -1396,10 +1365,11 @@ HESSIAN_COLUMNS = 4096
 
 
 @njit(cache=True, error_model="numpy", inline="always")
-def _hessian_buffers(sizes, m):
+def _hessian_buffers(plan, m):
     """(R{s} stack, ã = [1, A(first−1)] (m, ·), G_j′ slices) of :func:`exact_hessian`'s work vector."""
+    sizes = plan[SIZE]
     widest, _ = _widest(sizes)
-    start = _stacks_end(sizes, m, widest)
+    start = _stacks_end(plan, m, widest)
     inputs = 0
     for l in range(sizes.shape[0] - 1):
         inputs = max(inputs, sizes[l] + 1)
@@ -1411,7 +1381,7 @@ def _hessian_buffers(sizes, m):
 def hessian_work_length(plan, m):
     """Length of the work vector of :func:`exact_hessian` for batch size m."""
     widest, _ = _widest(plan[SIZE])
-    return _hessian_buffers(plan[SIZE], m)[2] + m * max(HESSIAN_COLUMNS, widest) + 2
+    return _hessian_buffers(plan, m)[2] + m * max(HESSIAN_COLUMNS, widest) + 2
 
 
 @njit(cache=True, error_model="numpy")
@@ -1421,19 +1391,19 @@ def _hessian_rows(a1, H, work, plan, first, j_):
     (:func:`_r_block`, V None), slice by slice, each slice times ã = a1 (m, n_first−1 + 1) in one GEMM."""
     sizes, offsets = plan[SIZE], plan[OFFSET]
     m, L = a1.shape[0], sizes.shape[0] - 1
-    units = _units(sizes, L + 1)
+    units = layer_start(plan, L + 1, 1)
     K = sizes[first]  # the stacks of the bias directions of layer first
     base = m * (3 * units + 2 * sizes[L])
     slots = work[work.shape[0] - 2 :]
     start = offsets[first - 1]
-    buffer = work[_hessian_buffers(sizes, m)[2] : work.shape[0] - 2]
+    buffer = work[_hessian_buffers(plan, m)[2] : work.shape[0] - 2]
     rows = H[start + j_ : offsets[first] : K]
     for l in range(first, L + 1):
         n_in, n_out, off = sizes[l - 1], sizes[l], offsets[l - 1]
-        a_prev = a1[:, 1:] if l == first else _view(work, m * _units(sizes, l - 1), m, n_in)
-        delta = _view(work, m * units + m * _units(sizes, l), m, n_out)
-        rd = _stack(work, base + m * K * _units(sizes, l), m, K, n_out)
-        ra = _stack(work, base + m * K * (units + _units(sizes, l - 1)), m, K, n_in if l > first else 1)
+        a_prev = a1[:, 1:] if l == first else _view(work, m * layer_start(plan, l - 1, 1), m, n_in)
+        delta = _view(work, m * units + m * layer_start(plan, l, 1), m, n_out)
+        rd = _stack(work, base + m * K * layer_start(plan, l, 1), m, K, n_out)
+        ra = _stack(work, base + m * K * (units + layer_start(plan, l - 1, 1)), m, K, n_in if l > first else 1)
         step = max(1, HESSIAN_COLUMNS // n_out)
         for i0 in range(-1, n_in, step):  # i = −1: the bias column block
             i1 = min(i0 + step, n_in)
@@ -1465,12 +1435,12 @@ def exact_hessian(X, T, w, H, work, plan, loss, mean):
     c = _scale(mean, m)
     _primal(X, T, w, work, plan, loss, c)
     sizes = plan[SIZE]
-    ones = _hessian_buffers(sizes, m)[1]
+    ones = _hessian_buffers(plan, m)[1]
     one = w.dtype.type(1)
     for first in range(1, sizes.shape[0]):
         n_in = sizes[first - 1]
         a1 = _view(work, ones, m, n_in + 1)  # ã = [1, A(first − 1)]
-        a_prev = X if first == 1 else _view(work, m * _units(sizes, first - 1), m, n_in)
+        a_prev = X if first == 1 else _view(work, m * layer_start(plan, first - 1, 1), m, n_in)
         for n in range(m):
             a1[n, 0] = one
             for i in range(n_in):

@@ -97,17 +97,6 @@ def available() -> bool:
     return kernels() is not None
 
 
-def plan(net: Any, module: ModuleType) -> np.ndarray:
-    """The compiled kernels' description of ``net``: (3, L + 1) int64, one column per layer l = 0..L,
-    rows SIZE (n_l), OFFSET (where Θ(l + 1) starts in w; the last column W) and CODE (the
-    activation of layer l, column 0 unused)."""
-    rows = np.empty((3, net.n_layers + 1), dtype=np.int64)
-    rows[module.SIZE] = net.sizes
-    rows[module.OFFSET] = net.layout.offsets
-    rows[module.CODE] = [-1] + [ACTIVATIONS.index(g.name) for g in net.activations]
-    return rows
-
-
 def kept(buffers: dict, key: Any, make: Any) -> np.ndarray:
     """``buffers[key]``, made by ``make()`` on first use; the oldest of more than _BUFFERS_KEPT is dropped."""
     buffer = buffers.get(key)
