@@ -15,6 +15,11 @@ None and callers keep the engine's kernel-by-kernel path.
     step = compiled_train_step(net, optimizer_or_lr)   # None when not applicable
     loss = step(X, T)   # X (m, n0), T (m, nL): numpy arrays in the net's dtype
 
+:class:`CompiledCurvature` does the same for ``bp.hvp`` and ``bp.hessian`` (the forward pass,
+backprop and the R-passes in one call, :func:`bpgpu.kernels.compiled.hessian_vector_products`
+and :func:`~bpgpu.kernels.compiled.exact_hessian`), reached through
+``bpgpu.engine.hessian_vector_products`` and ``bpgpu.engine.exact_hessian``.
+
 The step updates ``net.params`` in place, in its Θ layout, with buffers
 allocated once per batch size; after that a step allocates nothing.
 SGD, momentum and Nesterov run entirely inside the compiled call, SGD and
