@@ -403,6 +403,7 @@ def train_step_for(net: Any, optimizer: Any) -> CompiledStep | None:
 
 # --- Hessian-vector products and the exact Hessian -------------------------------------------
 
+
 class CompiledCurvature:
     """H V and H of ``net`` at ``net.params``, each in one compiled call
     (:func:`bpgpu.kernels.compiled.hessian_vector_products`, :func:`~bpgpu.kernels.compiled.exact_hessian`):
