@@ -3,7 +3,7 @@ trace by Hutchinson's estimator, both on exact Hessian-vector products (PyHessia
 tools, on numpy or CuPy, without PyTorch).
 
 H = ∂²J/∂w² (W × W) is never formed: each product H v is Pearlmutter's R-operator
-pass (:func:`bpgpu.engine.r_pass`, as :func:`bpgpu.hvp`: O(W), about two gradients),
+pass (:func:`bpgpu.engine.hessian_vector_products`, as :func:`bpgpu.hvp`: O(W), about two gradients),
 after one forward and backward pass at the current parameters; Hutchinson's probes
 go through it in blocks, as one batched pass each.
 
@@ -108,10 +108,10 @@ def _lanczos(net: MLP, X: Any, T: Any, k: int, mode: str, tol: float, maxiter: i
     W = net.n_params
     on_device = backend.name == "cupy"  # CuPy's eigsh works on device vectors
     dtype = np.float64 if not on_device else net.xp_dtype
-    ws = engine.forward_backward(net, X, T)
 
     def matvec(v: Any) -> Any:
-        Hv = engine.r_pass(net, X, T, ws, backend.xp.reshape(backend.asarray(v, net.xp_dtype), (1, -1)))[0, :]
+        V = backend.xp.reshape(backend.asarray(v, net.xp_dtype), (1, -1))
+        Hv = engine.hessian_vector_products(net, X, T, V)[0, :]
         return Hv if on_device else to_numpy(Hv).astype(np.float64)
 
     operator = linalg.LinearOperator((W, W), matvec=matvec, dtype=dtype)
@@ -131,13 +131,12 @@ def hessian_trace(net: MLP, X: Any, T: Any, n_samples: int = 100, seed: int | No
     X, T = net.check_inputs(X, T)
     backend, xp = net.backend, net.backend.xp
     rng = np.random.default_rng(seed)
-    ws = engine.forward_backward(net, X, T)
     block = max(1, min(n_samples, _PROBE_ELEMENTS // (X.shape[0] * max(net.sizes) + net.n_params)))
     total, done = 0.0, 0
     while done < n_samples:
         k = min(block, n_samples - done)
         V = backend.asarray(rng.integers(0, 2, size=(k, net.n_params)) * 2.0 - 1.0, net.xp_dtype)
-        total += float(xp.sum(V * engine.r_pass(net, X, T, ws, V)))
+        total += float(xp.sum(V * engine.hessian_vector_products(net, X, T, V)))
         done += k
     return total / n_samples
 

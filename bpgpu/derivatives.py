@@ -29,11 +29,6 @@ from bpgpu.per_sample import parameter_jacobian
 
 _DIFFERENCES = ("central", "forward")
 
-# How many Hessian columns one batched R-pass carries: bounds its memory to
-# about this many elements per intermediate array.
-_BATCH_ELEMENTS = 1 << 22
-
-
 # --- small shared pieces -----------------------------------------------------
 
 
@@ -255,8 +250,7 @@ def hvp(net: MLP, X: Any, T: Any, v: Any) -> Any:
     """
     X, T = net.check_inputs(X, T)
     v = net.flat_vector(v, "v")
-    ws = engine.forward_backward(net, X, T)
-    return engine.r_pass(net, X, T, ws, net.backend.xp.reshape(v, (1, -1)))[0, :]
+    return engine.hessian_vector_products(net, X, T, net.backend.xp.reshape(v, (1, -1)))[0, :]
 
 
 # --- the Hessian -------------------------------------------------------------------
@@ -266,8 +260,10 @@ def hessian(net: MLP, X: Any, T: Any, method: str = "exact", eps: float | None =
     """The W × W Hessian ∂²J/∂w_i∂w_j in the params layout, on the net's device.
 
     exact: H e_i for every i by the R-operator (:func:`hvp`), batched over
-        columns: W R-passes, O(W²). Exact up to rounding (for relu and
-        leaky_relu: the Hessian almost everywhere, g″ = 0 off the kink).
+        columns (:func:`bpgpu.engine.exact_hessian`): W R-passes, O(W²). Exact up to
+        rounding (for relu and leaky_relu: the Hessian almost everywhere, g″ = 0 off
+        the kink); on the numpy backend one compiled call that uses the symmetry of H,
+        which it returns exactly symmetric.
     finite_difference: column i = (∇J(w + h_i e_i) − ∇J(w − h_i e_i)) / 2h_i with
         the backprop gradient, 2W gradients, ``h_i = eps · max(1, |w_i|)`` (default
         ε^{1/3}). Not exactly symmetric; error O(h²) + O(ε/h).
@@ -299,15 +295,7 @@ def hessian(net: MLP, X: Any, T: Any, method: str = "exact", eps: float | None =
         return _hessian_differences(net, X, T, _eps(net, eps, "central"))
     if method == "outer_product":
         return _gauss_newton(net, X, T)
-    xp, W = net.backend.xp, net.n_params
-    ws = engine.forward_backward(net, X, T)
-    per_column = X.shape[0] * max(net.sizes) + W
-    k = max(1, min(W, _BATCH_ELEMENTS // per_column))
-    rows = [
-        engine.r_pass(net, X, T, ws, xp.eye(min(k, W - start), W, k=start, dtype=net.xp_dtype))
-        for start in range(0, W, k)
-    ]
-    return xp.concat(rows, axis=0).T  # row r of a pass is H e_r, i.e. column r
+    return engine.exact_hessian(net, X, T)
 
 
 def _hessian_differences(net: MLP, X: Any, T: Any, eps: float) -> Any:

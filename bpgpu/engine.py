@@ -45,6 +45,10 @@ arrays (K, m, n_l), so every product is one batched GEMM):
                                               layer l's block is [1, A_n(l−1)] ⊗ δ_kn(l), laid out like Θ(l)
     r_pass(net, X, T, ws, V)                  H vᵣ for every row of V (K, W): Pearlmutter's R-operator
                                               on the forward pass and on backprop (after forward_backward)
+    hessian_vector_products(net, X, T, V)     H vᵣ for every row of V (K, W) at net.params: one compiled call
+                                              on the numpy backend (numba), forward_backward + r_pass elsewhere
+    exact_hessian(net, X, T)                  H (W, W) from batched R-passes: one compiled call on numpy
+                                              (blocks of unit directions, symmetry used), r_pass blocks elsewhere
     r_output_delta(net, ws, T, Rz, Ra)        R{δ(L)}, the loss's part of the R-pass
     loss_curvature(net, a, T)                 ∂²ℓ/∂a² per sample and output (diagonal), (m, n_L)
 
@@ -396,8 +400,55 @@ def r_pass(net: MLP, X: Any, T: Any, ws: Workspace, V: Any) -> Any:
     return layout.join(blocks[1:], xp)
 
 
+# How many Hessian columns one batched array-API R-pass carries: bounds its memory to
+# about this many elements per intermediate array.
+_BATCH_ELEMENTS = 1 << 22
+
+
+def _compiled_curvature(net: MLP, X: Any) -> Any:
+    """The compiled H V and H of the net for this X, or None (another backend, numba missing, or a
+    sparse X: the array path)."""
+    return jit.curvature_for(net) if isinstance(X, np.ndarray) else None
+
+
+def hessian_vector_products(net: MLP, X: Any, T: Any, V: Any) -> Any:
+    """H vᵣ for every row vᵣ of V (K, W) at ``net.params``: a new (K, W) array.
+
+    On the numpy backend with the compiled table, forward pass, backprop and the R-passes of all
+    K directions are one numba call (:class:`bpgpu.kernels.jit.CompiledCurvature`); elsewhere
+    :func:`forward_backward` and :func:`r_pass`. X, T: validated (``net.check_inputs``).
+    """
+    compiled = _compiled_curvature(net, X)
+    if compiled is not None:
+        return compiled.hessian_vector_products(X, T, V)
+    return r_pass(net, X, T, forward_backward(net, X, T), V)
+
+
+def exact_hessian(net: MLP, X: Any, T: Any) -> Any:
+    """The Hessian ∂²J/∂w∂w (W, W) at ``net.params`` from batched R-passes: a new array.
+
+    Compiled (numpy backend): one numba call running the R-passes of the unit vectors in
+    blocks of one layer's directions, with what unit directions allow (R{z(k)} = 0 below the
+    direction's layer, A(l−1)Vᵀ a column placement, the next product rank 1) and the symmetry
+    of H (only the rows of layers ≥ the direction's are formed; exactly symmetric).
+    Elsewhere :func:`r_pass` on blocks of rows of the identity, every column in full.
+    """
+    compiled = _compiled_curvature(net, X)
+    if compiled is not None:
+        return compiled.hessian(X, T)
+    xp, W = net.backend.xp, net.n_params
+    ws = forward_backward(net, X, T)
+    k = max(1, min(W, _BATCH_ELEMENTS // (X.shape[0] * max(net.sizes) + W)))
+    rows = [
+        r_pass(net, X, T, ws, xp.eye(min(k, W - start), W, k=start, dtype=net.xp_dtype)) for start in range(0, W, k)
+    ]
+    return xp.concat(rows, axis=0).T  # row r of a pass is H e_r, i.e. column r
+
+
 __all__ = [
     "Workspace",
+    "exact_hessian",
+    "hessian_vector_products",
     "backward",
     "compiled_gauss_newton_rows",
     "compiled_input_jacobian",

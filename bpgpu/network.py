@@ -141,6 +141,8 @@ class MLP:
 
     def flat_vector(self, v: Any, argument: str) -> Any:
         """``v`` checked and moved to the backend as a finite flat vector in the params layout."""
+        if self._ready(v) and v.shape == (self.n_params,) and validation.all_finite(v, np):
+            return v  # already a finite flat numpy vector in the net's dtype: nothing to convert
         validation.numeric_kind(v, argument)
         v = self.backend.asarray(v, self.xp_dtype)
         if tuple(v.shape) != (self.n_params,):
@@ -185,6 +187,12 @@ class MLP:
         (X, T) : backend arrays (T None when not given). Raises ValueError naming the argument,
         the layer and the shapes when they do not fit the net, or when T does not fit the loss.
         """
+        if self._ready_batch(X, self.sizes[0]) and (
+            T is None or (self._ready_batch(T, self.sizes[-1]) and T.shape[0] == X.shape[0])
+        ):  # already finite numpy batches in the net's dtype and widths: nothing to convert
+            if T is not None:
+                self.loss_function.check_targets(self.activations[-1], T, np)
+            return X, T
         validation.numeric_kind(X, "X")
         if is_sparse(X):
             if not accept_sparse:
@@ -210,6 +218,17 @@ class MLP:
             )
         self.loss_function.check_targets(self.activations[-1], T, self.backend.xp)
         return X, T
+
+    def _ready(self, x: Any) -> bool:
+        """Whether x is a numpy array of the net's dtype on the numpy backend (the fast path of the
+        input checks: no conversion; anything else takes the full checks, with their errors)."""
+        return type(x) is np.ndarray and x.dtype == self.xp_dtype and self.backend.name == "numpy"
+
+    def _ready_batch(self, x: Any, width: int) -> bool:
+        """:meth:`_ready`, 2-D, non-empty, ``width`` columns and finite: what :meth:`check_inputs` accepts as is."""
+        return (
+            self._ready(x) and x.ndim == 2 and x.shape[0] > 0 and x.shape[1] == width and validation.all_finite(x, np)
+        )
 
     def workspace(self, m: int) -> engine.Workspace:
         """The engine's buffers for batch size m (a few sizes are kept, least recently used dropped)."""

@@ -20,7 +20,9 @@ from __future__ import annotations
 import numpy as np
 
 import bpgpu as bp
+from bpgpu.backend import resolve
 
+from .cases import gemm_case
 from .timing import Case, interleaved_timings
 
 # (layer sizes, batch m) of the issue's table; the exact Hessian only where W² fits easily
@@ -177,18 +179,39 @@ def cases(name: str, dtype: str, quantity: str, peers=("jax", "torch")) -> dict[
     return {impl: Case(fn) for impl, fn in fns.items()}
 
 
+GEMM_SIZE = 1024  # the square GEMM whose rate the exact Hessian is judged by, timed in the same run
+
+
+def hessian_flops(sizes, m: int) -> int:
+    """Flops of the compiled exact Hessian's GEMMs, [1, A(l′−1)]ᵀ G_j′ for every unit j′ of every
+    layer l′ (bpgpu.kernels.compiled, the R-operator section): 2 Σ_l′ n_l′ (n_l′−1 + 1) m (W − offset(l′))."""
+    offsets = np.cumsum([0] + [n * (k + 1) for k, n in zip(sizes, sizes[1:])])
+    W = int(offsets[-1])
+    return int(sum(2 * n * (k + 1) * m * (W - int(o)) for k, n, o in zip(sizes, sizes[1:], offsets)))
+
+
 def ratios(name: str, dtype: str, quantity: str, peers=("jax", "torch"), min_time: float = 1.0) -> dict:
     """One interleaved timing of bpgpu and ``peers`` (agreement checked first): seconds per call
-    and each peer's time over bpgpu's (> 1: bpgpu is faster)."""
-    times = interleaved_timings(cases(name, dtype, quantity, peers), min_time=min_time)
+    and each peer's time over bpgpu's (> 1: bpgpu is faster). For the exact Hessian also a
+    GEMM_SIZE³ GEMM in the same rounds, and ``gemm_fraction``: the rate of bpgpu's Hessian
+    GEMMs (:func:`hessian_flops` / time) over that GEMM's."""
+    timed = cases(name, dtype, quantity, peers)
+    if quantity == "hessian":
+        timed["gemm"] = gemm_case(resolve("numpy"), GEMM_SIZE, GEMM_SIZE, GEMM_SIZE, dtype)
+    times = interleaved_timings(timed, min_time=min_time)
     best = {impl: t["best"] for impl, t in times.items()}
-    return {
+    row = {
         "net": name,
         "dtype": dtype,
         "quantity": quantity,
         "seconds": best,
         "over_bpgpu": {impl: best[impl] / best["bpgpu"] for impl in peers},
     }
+    if quantity == "hessian":
+        sizes, m = NETS[name]
+        gemm_rate = 2 * GEMM_SIZE**3 / best["gemm"]
+        row["gemm_fraction"] = hessian_flops(sizes, m) / best["bpgpu"] / gemm_rate
+    return row
 
 
 def applies(name: str, quantity: str) -> bool:

@@ -262,6 +262,16 @@ def _activate(code, z, b, out):
     return out
 
 
+@njit(cache=True, error_model="numpy", inline="always")
+def _softmax_times(s, a, out):
+    """out = J_gᵀ s = a ⊙ (s − Σ_k s_k a_k) for one row of softmax outputs a (out may be s)."""
+    dot = s.dtype.type(0)
+    for j in range(s.shape[0]):
+        dot += s[j] * a[j]
+    for j in range(s.shape[0]):
+        out[j] = (s[j] - dot) * a[j]
+
+
 @njit(cache=True, error_model="numpy")
 def _derive(code, s, a, out):
     """out = s ⊙ g′(z), g′ through a = g(z) (out may be s; returns out); softmax: a ⊙ (s − Σ_k s_k a_k) per row."""
@@ -269,11 +279,7 @@ def _derive(code, s, a, out):
     one, slope, _, _ = _constants(s)
     if code == SOFTMAX:
         for i in range(m):
-            dot = s.dtype.type(0)
-            for j in range(n):
-                dot += s[i, j] * a[i, j]
-            for j in range(n):
-                out[i, j] = (s[i, j] - dot) * a[i, j]
+            _softmax_times(s[i], a[i], out[i])
         return out
     for i in range(m):
         for j in range(n):
@@ -1115,3 +1121,402 @@ def train_step(X, T, w, grad, work, plan, loss, mean, alpha, rule, lr, mu, veloc
     if rule == NESTEROV:
         _momentum(w, grad, velocity, lr, mu, True)  # one pass after backprop: the new w needs lr g and the new v
     return total * scale + 0.5 * alpha * scale * squares
+
+
+# --- the R-operator: Hessian-vector products and the exact Hessian ----------------------------
+# Pearlmutter's R{f} = d/dr f(w + r v) at r = 0 on every line of the passes (bpgpu.engine.r_pass is
+# the array-API twin), for a stack of K directions at once:
+#
+#   R{z(l)} = R{A(l−1)} Wᵀ(l) + A(l−1) Vᵀ_W(l) + v_b(l),  R{A(l)} = g′ ⊙ R{z(l)}      (R{A(0)} = 0)
+#   R{δ(L)} = coef ⊙ R{z(L)} for an elementwise output: coef = c g′ (canonical pair),
+#             c ℓ″ g′² + r g″ otherwise (r = c ∂ℓ/∂a); softmax: c R{a} (cross-entropy) or
+#             J_gᵀ(c ℓ″ ⊙ R{a}) + R{a} ⊙ (r − aᵀr) − a (R{a}ᵀ r)
+#   R{δ(l)} = R{s(l)} ⊙ g′ + (s(l) ⊙ g″) ⊙ R{z(l)},  R{s(l)} = R{δ(l+1)} W(l+1) + δ(l+1) V_W(l+1)
+#   rows of H v:  R{∂J/∂Wᵀ(l)} = A(l−1)ᵀ R{δ(l)} + R{A(l−1)}ᵀ δ(l),  R{∂J/∂b(l)} = Σ_n R{δ_n(l)}
+#
+# Stacks are (m, K, n_l): row n holds sample n of every direction, so A(l−1)ᵀ R{δ(l)} is one
+# GEMM (n_{l−1} × m) (m × K n_l), R{A(l−1)}ᵀ δ(l) one GEMM (K n_{l−1} × m) (m × n_l), and the
+# products with W(l) one GEMM over all m K rows.
+#
+# The exact Hessian needs the R-pass of every unit vector, but per sample n the R-pass is linear
+# in R{z_n(l′)}, and the direction of θ_j′i′ of layer l′ (i′ = 0 the bias) starts it at
+# R{z_n(l′)} = ã_n,i′ e_j′ with ã = [1, A(l′−1)]: every R-quantity of that direction is ã_n,i′
+# times the same quantity of the bias direction b_j′. So only the n_l′ bias directions of each
+# layer l′ are R-passed (from l′ up: R{z(l)} = 0 below it; R{z(l′)} = e_j′ is a placement and
+# R{z(l′+1)} = R{A(l′)} Wᵀ(l′+1) is rank 1), keeping R{δ(l)} and R{A(l)} for every l ≥ l′, and
+#
+#   H[θ_j′i′(l′), θ_ji(l)] = Σ_n ã_n,i′ G_j′[n, θ_ji(l)],
+#   G_j′[n, θ_ji(l)] = ã_n,i(l−1) R{δ_n,j(l)} + R{A_n,i−1(l−1)} δ_n,j(l)   (l > l′, i ≥ 1 for the second term)
+#
+# for every l ≥ l′ at once: one GEMM A(l′−1)ᵀ G_j′ (n_l′−1 × m) (m × the columns from l′ on) per
+# j′, written straight into H's rows (j′ + n_l′ (i′ + 1)), and the bias row Σ_n G_j′. The rows of
+# later layers' columns before l′ are not formed: H is symmetric, and its upper triangle is
+# mirrored at the end (so H is exactly symmetric). All of H's flops are in those GEMMs:
+# Σ_l′ n_l′ n_l′−1 m (W − offset(l′)), about m W²/2 multiply-adds.
+#
+# Work vectors: the primal pass A(l), δ(l), s(l) ⊙ g″ (or the output's coef), z(L), c ℓ″
+# (softmax output) for l = 1..L; then R{z(l)} (R{δ(l)} in place) and R{A(l)} as (m, K, n_l)
+# stacks; for H v the two gradient products (K, n_l−1, n_l), (n_l−1, K, n_l) and the bias sums
+# (K, n_l); for H the stack R{s} and G_j′ (m, W); last BLAS's α, β.
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _widest(sizes):
+    """(max_l n_l, max_l n_{l−1} n_l) over the layers l = 1..L."""
+    units, product = 0, 0
+    for l in range(1, sizes.shape[0]):
+        units = max(units, sizes[l])
+        product = max(product, sizes[l - 1] * sizes[l])
+    return units, product
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _stacks_end(plan, m, K):
+    """Where the R-pass's stacks end in a work vector: the primal pass, then R{z(l)}, R{A(l)}."""
+    sizes = plan[SIZE]
+    L = sizes.shape[0] - 1
+    units = layer_start(plan, L + 1, 1)
+    return m * (3 * units + 2 * sizes[L]) + 2 * m * K * units
+
+
+@njit(cache=True, error_model="numpy")
+def curvature_work_length(plan, m, K):
+    """Length of the work vector of :func:`hessian_vector_products` for K directions and batch size m."""
+    widest, product = _widest(plan[SIZE])
+    return _stacks_end(plan, m, K) + 2 * K * product + K * widest + 2
+
+
+@njit(cache=True, error_model="numpy")
+def _stack(work, start, m, K, n):
+    return work[start : start + m * K * n].reshape(m, K, n)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _wt(w, plan, l):
+    """Wᵀ(l), (n_{l−1}, n_l), a view of the flat vector (any vector in the params layout)."""
+    n_in, n_out, off = plan[SIZE, l - 1], plan[SIZE, l], plan[OFFSET, l - 1]
+    return w[off + n_out : off + n_out * (n_in + 1)].reshape(n_in, n_out)
+
+
+@njit(cache=True, error_model="numpy")
+def _output_coefficients(loss, output, a, t, c, coef, curv):
+    """What R{δ(L)} needs from the primal pass: coef (m, n_L) with R{δ(L)} = coef ⊙ R{z(L)} for an
+    elementwise output; softmax: coef = r = c ∂ℓ/∂a and curv = c ℓ″ (both unused for cross-entropy)."""
+    one, slope, tiny, below_one = _constants(a)
+    c_ = a.dtype.type(c)
+    canonical = _canonical(loss, output)
+    if output == SOFTMAX:
+        if not canonical:
+            _loss_grad(loss, a, t, c, coef)
+            for i in range(a.shape[0]):
+                for j in range(a.shape[1]):
+                    curv[i, j] = loss_curvature(loss, a[i, j], t[i, j], one, tiny, below_one) * c_
+        return
+    for i in range(a.shape[0]):
+        for j in range(a.shape[1]):
+            d = g1(output, a[i, j], one, slope)
+            if canonical:  # δ(L) = c (a − t): R{δ(L)} = c R{a}
+                coef[i, j] = c_ * d
+            else:  # δ(L) = g′ ⊙ r: R{δ(L)} = g′ ⊙ (c ℓ″ ⊙ R{a}) + r ⊙ g″ ⊙ R{z}
+                r = loss_grad(loss, a[i, j], t[i, j], one, tiny, below_one) * c_
+                curv_ = loss_curvature(loss, a[i, j], t[i, j], one, tiny, below_one) * c_
+                coef[i, j] = d * curv_ * d + r * g2(output, a[i, j], one)
+
+
+@njit(cache=True, error_model="numpy")
+def _primal(X, T, w, work, plan, loss, c):
+    """Forward pass and backprop at w for the R-passes: A(l), δ(l), s(l) ⊙ g″_l (hidden l) and the
+    output's coefficients into the work vector (no gradient products)."""
+    sizes, codes = plan[SIZE], plan[CODE]
+    m, L = X.shape[0], sizes.shape[0] - 1
+    units = layer_start(plan, L + 1, 1)
+    slots = work[work.shape[0] - 2 :]
+    z_out = _view(work, 3 * m * units, m, sizes[L])
+    a_prev = forward_pass(X, w, plan, work, z_out, slots)  # A(l) at layer_start(plan, l, m)
+    at = m * layer_start(plan, L, 1)
+    _loss_and_delta(loss, codes[L], z_out, a_prev, T, c, _view(work, m * units + at, m, sizes[L]), None)
+    _output_coefficients(
+        loss,
+        codes[L],
+        a_prev,
+        T,
+        c,
+        _view(work, 2 * m * units + at, m, sizes[L]),
+        _view(work, 3 * m * units + m * sizes[L], m, sizes[L]),
+    )
+    for l in range(L, 1, -1):
+        at = m * layer_start(plan, l - 1, 1)
+        a = _view(work, at, m, sizes[l - 1])
+        s = _view(work, 2 * m * units + at, m, sizes[l - 1])
+        _gemm(_view(work, m * units + m * layer_start(plan, l, 1), m, sizes[l]), _wt(w, plan, l).T, s, 1.0, 0.0, slots)
+        _derive(codes[l - 1], s, a, _view(work, m * units + at, m, sizes[l - 1]))
+        one = a.dtype.type(1)
+        for i in range(m):
+            for j in range(sizes[l - 1]):
+                s[i, j] = s[i, j] * g2(codes[l - 1], a[i, j], one)
+
+
+@njit(cache=True, error_model="numpy")
+def _r_activate(code, rz, a, ra):
+    """R{A} = g′ ⊙ R{z} for a stack (m, K, n), R{z} kept (softmax: J_g R{z} per row)."""
+    m, K, n = rz.shape
+    ra[:] = rz
+    times_g1_rows(code, ra.reshape(m * K, n), a, K, True)
+
+
+@njit(cache=True, error_model="numpy")
+def _r_output_delta(loss, output, rz, ra, a, coef, curv, c):
+    """R{δ(L)} into rz (it held R{z(L)}); ra: R{a(L)} (softmax only)."""
+    K = rz.shape[1]
+    if output != SOFTMAX:
+        for n in range(rz.shape[0]):
+            for k in range(K):
+                for j in range(rz.shape[2]):
+                    rz[n, k, j] = coef[n, j] * rz[n, k, j]
+        return
+    c_ = a.dtype.type(c)
+    canonical = _canonical(loss, output)
+    for n in range(rz.shape[0]):
+        if canonical:  # δ(L) = c (a − t)
+            for k in range(K):
+                for j in range(rz.shape[2]):
+                    rz[n, k, j] = ra[n, k, j] * c_
+            continue
+        ar = a.dtype.type(0)
+        for j in range(rz.shape[2]):
+            ar += a[n, j] * coef[n, j]
+        for k in range(K):
+            rar = a.dtype.type(0)
+            for j in range(rz.shape[2]):
+                rz[n, k, j] = curv[n, j] * ra[n, k, j]
+                rar += ra[n, k, j] * coef[n, j]
+            _softmax_times(rz[n, k], a[n], rz[n, k])
+            for j in range(rz.shape[2]):
+                rz[n, k, j] += ra[n, k, j] * (coef[n, j] - ar) - a[n, j] * rar
+
+
+@njit(cache=True, error_model="numpy")
+def _r_block(X, w, V, out, work, plan, loss, c, first, K):
+    """The R-pass of K directions after :func:`_primal` on the same work vector: with V (K, W)
+    its rows from layer first = 1, H vᵣ written into the rows of ``out`` (K, W); with V None the
+    bias directions b_0 .. b_K−1 of layer ``first`` (K = n_first), whose R{δ(l)} stay in R{z(l)}'s
+    stack and R{A(l)} in its own for every l ≥ first (``out`` is not written)."""
+    sizes, offsets, codes = plan[SIZE], plan[OFFSET], plan[CODE]
+    m, L = X.shape[0], sizes.shape[0] - 1
+    units = layer_start(plan, L + 1, 1)
+    slots = work[work.shape[0] - 2 :]
+    base = m * (3 * units + 2 * sizes[L])
+    _, widest = _widest(sizes)
+    products = _stacks_end(plan, m, K)
+    t1 = work[products : products + K * widest]
+    t2 = work[products + K * widest : products + 2 * K * widest]
+    bias = work[products + 2 * K * widest : work.shape[0] - 2]
+    unit = V is None
+    one = w.dtype.type(1)
+    zero = one - one
+
+    # the forward R-pass, l = first..L (the loops over directions run inside the loops over
+    # samples: a stack's rows n are far apart)
+    ra_prev = _stack(work, base, m, K, 1)  # R{A(first − 1)} = 0: not read
+    for l in range(first, L + 1):
+        n_in, n_out, off = sizes[l - 1], sizes[l], offsets[l - 1]
+        a_prev = X if l == 1 else _view(work, m * layer_start(plan, l - 1, 1), m, n_in)
+        rz = _stack(work, base + m * K * layer_start(plan, l, 1), m, K, n_out)
+        ra = _stack(work, base + m * K * (units + layer_start(plan, l, 1)), m, K, n_out)
+        wt = _wt(w, plan, l)
+        if unit and l == first:  # R{z}[n, k] = e_k: a placement
+            rz[:] = zero
+            for n in range(m):
+                for k in range(K):
+                    rz[n, k, k] = one
+        elif unit and l == first + 1:  # rank 1: R{z}[n, k, :] = R{A}[n, k, k] Wᵀ[k, :]
+            for n in range(m):
+                for k in range(K):
+                    x = ra_prev[n, k, k]
+                    for q in range(n_out):
+                        rz[n, k, q] = x * wt[k, q]
+        else:
+            if l > first:
+                _gemm(ra_prev.reshape(m * K, n_in), wt, rz.reshape(m * K, n_out), 1.0, 0.0, slots)
+            if not unit:
+                for k in range(K):
+                    _gemm(a_prev, _wt(V[k], plan, l), rz[:, k, :], 1.0, 1.0 if l > first else 0.0, slots)
+                    for n in range(m):
+                        for q in range(n_out):
+                            rz[n, k, q] += V[k, off + q]
+        if l < L or codes[L] == SOFTMAX:
+            _r_activate(codes[l], rz, _view(work, m * layer_start(plan, l, 1), m, n_out), ra)
+        ra_prev = ra
+
+    # the backward R-pass, l = L..first
+    at = m * layer_start(plan, L, 1)
+    _r_output_delta(
+        loss,
+        codes[L],
+        _stack(work, base + m * K * layer_start(plan, L, 1), m, K, sizes[L]),
+        _stack(work, base + m * K * (units + layer_start(plan, L, 1)), m, K, sizes[L]),
+        _view(work, at, m, sizes[L]),
+        _view(work, 2 * m * units + at, m, sizes[L]),
+        _view(work, 3 * m * units + m * sizes[L], m, sizes[L]),
+        c,
+    )
+    for l in range(L, first - 1, -1):
+        n_in, n_out, off = sizes[l - 1], sizes[l], offsets[l - 1]
+        delta = _view(work, m * units + m * layer_start(plan, l, 1), m, n_out)
+        rd = _stack(work, base + m * K * layer_start(plan, l, 1), m, K, n_out)  # R{δ(l)}
+        ra_prev = _stack(work, base + m * K * (units + layer_start(plan, l - 1, 1)), m, K, n_in if l > first else 1)
+        if not unit:  # the rows of H v for layer l
+            a_prev = X if l == 1 else _view(work, m * layer_start(plan, l - 1, 1), m, n_in)
+            t2_ = t2[: n_in * K * n_out].reshape(n_in, K * n_out)
+            _gemm(a_prev.T, rd.reshape(m, K * n_out), t2_, 1.0, 0.0, slots)
+            if l > first:
+                t1_ = t1[: K * n_in * n_out].reshape(K * n_in, n_out)
+                _gemm(ra_prev.reshape(m, K * n_in).T, delta, t1_, 1.0, 0.0, slots)
+            bias[: K * n_out] = zero
+            for n in range(m):  # Σ_n R{δ_n(l)}, sample after sample
+                for k in range(K):
+                    for q in range(n_out):
+                        bias[k * n_out + q] += rd[n, k, q]
+            for k in range(K):
+                row = out[k]
+                for q in range(n_out):
+                    row[off + q] = bias[k * n_out + q]
+                for i in range(n_in):
+                    at = off + n_out + i * n_out
+                    for q in range(n_out):
+                        x = t2[(i * K + k) * n_out + q]
+                        row[at + q] = x + t1[(k * n_in + i) * n_out + q] if l > first else x
+        if l > first:  # R{δ(l−1)} = R{s} ⊙ g′ + (s ⊙ g″) ⊙ R{z(l−1)}
+            rs = _stack(work, products, m, K, n_in) if unit else ra_prev  # H keeps R{A(l−1)}
+            _gemm(rd.reshape(m * K, n_out), _wt(w, plan, l).T, rs.reshape(m * K, n_in), 1.0, 0.0, slots)
+            if not unit:
+                for k in range(K):
+                    _gemm(delta, _wt(V[k], plan, l).T, rs[:, k, :], 1.0, 1.0, slots)
+            at = m * layer_start(plan, l - 1, 1)
+            a = _view(work, at, m, n_in)
+            s2 = _view(work, 2 * m * units + at, m, n_in)
+            rz = _stack(work, base + m * K * layer_start(plan, l - 1, 1), m, K, n_in)
+            one_, slope, _, _ = _constants(a)
+            for n in range(m):
+                for k in range(K):
+                    for i in range(n_in):
+                        rz[n, k, i] = rs[n, k, i] * g1(codes[l - 1], a[n, i], one_, slope) + s2[n, i] * rz[n, k, i]
+
+
+@njit(cache=True, error_model="numpy")
+def _scale(mean, m):
+    return 1.0 / m if mean else 1.0
+
+
+@njit(cache=True, error_model="numpy")
+def hessian_vector_products(X, T, w, V, out, work, plan, loss, mean):
+    """out (K, W) ← H vᵣ for every row vᵣ of V (K, W): one forward pass, backprop and the R-pass
+    of all K directions. work: :func:`curvature_work_length` (plan, m, K) elements; plan as for
+    :func:`train_step`; J = c Σ_n J_n, c = 1/m (mean) or 1."""
+    c = _scale(mean, X.shape[0])
+    _primal(X, T, w, work, plan, loss, c)
+    _r_block(X, w, V, out, work, plan, loss, c, 1, V.shape[0])
+
+
+@njit(cache=True, error_model="numpy")
+def _mirror(H):
+    """H[j, i] ← H[i, j] for every i < j, tile by tile (so the strided writes stay in cache)."""
+    W = H.shape[0]
+    tile = 64
+    for i0 in range(0, W, tile):
+        for j0 in range(i0, W, tile):
+            for i in range(i0, min(i0 + tile, W)):
+                for j in range(max(j0, i + 1), min(j0 + tile, W)):
+                    H[j, i] = H[i, j]
+
+
+# Columns of G_j′ formed and multiplied at a time: the slice (m, ≤ 256) stays in cache between
+# its formation and its GEMM.
+HESSIAN_COLUMNS = 4096
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _hessian_buffers(plan, m):
+    """(R{s} stack, ã = [1, A(first−1)] (m, ·), G_j′ slices) of :func:`exact_hessian`'s work vector."""
+    sizes = plan[SIZE]
+    widest, _ = _widest(sizes)
+    start = _stacks_end(plan, m, widest)
+    inputs = 0
+    for l in range(sizes.shape[0] - 1):
+        inputs = max(inputs, sizes[l] + 1)
+    ones = start + m * widest * widest
+    return start, ones, ones + m * inputs
+
+
+@njit(cache=True, error_model="numpy")
+def hessian_work_length(plan, m):
+    """Length of the work vector of :func:`exact_hessian` for batch size m."""
+    widest, _ = _widest(plan[SIZE])
+    return _hessian_buffers(plan, m)[2] + m * max(HESSIAN_COLUMNS, widest) + 2
+
+
+@njit(cache=True, error_model="numpy")
+def _hessian_rows(a1, H, work, plan, first, j_):
+    """H's rows of unit j′ of layer ``first`` (its bias and its weights, rows j′ + n_first i′ of
+    Θ(first)'s block), columns from Θ(first) on: G_j′ from the bias direction b_j′'s R-pass
+    (:func:`_r_block`, V None), slice by slice, each slice times ã = a1 (m, n_first−1 + 1) in one GEMM."""
+    sizes, offsets = plan[SIZE], plan[OFFSET]
+    m, L = a1.shape[0], sizes.shape[0] - 1
+    units = layer_start(plan, L + 1, 1)
+    K = sizes[first]  # the stacks of the bias directions of layer first
+    base = m * (3 * units + 2 * sizes[L])
+    slots = work[work.shape[0] - 2 :]
+    start = offsets[first - 1]
+    buffer = work[_hessian_buffers(plan, m)[2] : work.shape[0] - 2]
+    rows = H[start + j_ : offsets[first] : K]
+    for l in range(first, L + 1):
+        n_in, n_out, off = sizes[l - 1], sizes[l], offsets[l - 1]
+        a_prev = a1[:, 1:] if l == first else _view(work, m * layer_start(plan, l - 1, 1), m, n_in)
+        delta = _view(work, m * units + m * layer_start(plan, l, 1), m, n_out)
+        rd = _stack(work, base + m * K * layer_start(plan, l, 1), m, K, n_out)
+        ra = _stack(work, base + m * K * (units + layer_start(plan, l - 1, 1)), m, K, n_in if l > first else 1)
+        step = max(1, HESSIAN_COLUMNS // n_out)
+        for i0 in range(-1, n_in, step):  # i = −1: the bias column block
+            i1 = min(i0 + step, n_in)
+            width = (i1 - i0) * n_out
+            G = buffer[: m * width].reshape(m, width)
+            for n in range(m):
+                for i in range(i0, i1):
+                    col = (i - i0) * n_out
+                    if i < 0:
+                        for q in range(n_out):
+                            G[n, col + q] = rd[n, j_, q]
+                    elif l > first:
+                        x, r = a_prev[n, i], ra[n, j_, i]
+                        for q in range(n_out):
+                            G[n, col + q] = x * rd[n, j_, q] + r * delta[n, q]
+                    else:
+                        x = a_prev[n, i]
+                        for q in range(n_out):
+                            G[n, col + q] = x * rd[n, j_, q]
+            col = off + n_out + i0 * n_out
+            _gemm(a1.T, G, rows[:, col : col + width], 1.0, 0.0, slots)
+
+
+@njit(cache=True, error_model="numpy")
+def exact_hessian(X, T, w, H, work, plan, loss, mean):
+    """H (W, W) ← ∂²J/∂w∂w, exactly symmetric, from the R-passes of the bias directions of every
+    layer (see the section's comment). work: :func:`hessian_work_length` (plan, m) elements."""
+    m = X.shape[0]
+    c = _scale(mean, m)
+    _primal(X, T, w, work, plan, loss, c)
+    sizes = plan[SIZE]
+    ones = _hessian_buffers(plan, m)[1]
+    one = w.dtype.type(1)
+    for first in range(1, sizes.shape[0]):
+        n_in = sizes[first - 1]
+        a1 = _view(work, ones, m, n_in + 1)  # ã = [1, A(first − 1)]
+        a_prev = X if first == 1 else _view(work, m * layer_start(plan, first - 1, 1), m, n_in)
+        for n in range(m):
+            a1[n, 0] = one
+            for i in range(n_in):
+                a1[n, i + 1] = a_prev[n, i]
+        _r_block(X, w, None, H, work, plan, loss, c, first, sizes[first])
+        for j_ in range(sizes[first]):
+            _hessian_rows(a1, H, work, plan, first, j_)
+    _mirror(H)

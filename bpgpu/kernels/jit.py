@@ -15,6 +15,11 @@ None and callers keep the engine's kernel-by-kernel path.
     step = compiled_train_step(net, optimizer_or_lr)   # None when not applicable
     loss = step(X, T)   # X (m, n0), T (m, nL): numpy arrays in the net's dtype
 
+:class:`CompiledCurvature` does the same for ``bp.hvp`` and ``bp.hessian`` (the forward pass,
+backprop and the R-passes in one call, :func:`bpgpu.kernels.compiled.hessian_vector_products`
+and :func:`~bpgpu.kernels.compiled.exact_hessian`), reached through
+``bpgpu.engine.hessian_vector_products`` and ``bpgpu.engine.exact_hessian``.
+
 The step updates ``net.params`` in place, in its Θ layout, with buffers
 allocated once per batch size; after that a step allocates nothing.
 SGD, momentum and Nesterov run entirely inside the compiled call, SGD and
@@ -97,6 +102,16 @@ def available() -> bool:
     return kernels() is not None
 
 
+def kept(buffers: dict, key: Any, make: Any) -> np.ndarray:
+    """``buffers[key]``, made by ``make()`` on first use; the oldest of more than _BUFFERS_KEPT is dropped."""
+    buffer = buffers.get(key)
+    if buffer is None:
+        if len(buffers) >= _BUFFERS_KEPT:
+            buffers.pop(next(iter(buffers)))
+        buffer = buffers[key] = make()
+    return buffer
+
+
 class CompiledStep:
     """``step(X, T) -> loss``: one compiled training step of ``net`` on validated numpy arrays.
 
@@ -124,15 +139,9 @@ class CompiledStep:
 
     def _buffers(self, m: int) -> np.ndarray:
         """a(l), δ(l) for l = 1..L, z(L), a row of the widest layer and BLAS's α, β, in one flat vector."""
-        work = self._work.get(m)
-        if work is None:
-            if len(self._work) >= _BUFFERS_KEPT:
-                self._work.pop(next(iter(self._work)))
-            sizes = self.net.sizes
-            work = self._work[m] = np.empty(
-                m * (2 * sum(sizes[1:]) + sizes[-1]) + max(sizes[1:]) + 2, dtype=self._grad.dtype
-            )
-        return work
+        sizes = self.net.sizes
+        length = m * (2 * sum(sizes[1:]) + sizes[-1]) + max(sizes[1:]) + 2
+        return kept(self._work, m, lambda: np.empty(length, dtype=self._grad.dtype))
 
     def __reduce__(self):
         # Not serialized: pickles (and deep-copies) as False, which train_step_for
@@ -323,13 +332,7 @@ _DERIVATIVES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def derivatives_for(net: Any) -> CompiledDerivatives | None:
     """The compiled seeded tools of ``net`` (built once per net), or None when there are none:
     numba unavailable, or a backend other than numpy."""
-    cached = _DERIVATIVES.get(net)
-    if cached is None:
-        module = kernels()
-        if module is None or net.backend.name != "numpy":
-            return None
-        cached = _DERIVATIVES[net] = CompiledDerivatives(net, module)
-    return cached
+    return _per_net(_DERIVATIVES, net, CompiledDerivatives)
 
 
 def plan(net: Any, module: ModuleType) -> np.ndarray:
@@ -346,16 +349,22 @@ def plan(net: Any, module: ModuleType) -> np.ndarray:
 _GRADIENTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def gradient_for(net: Any) -> CompiledGradient | None:
-    """The compiled loss-and-gradient of ``net`` (built once per net), or None when there is
-    none: numba unavailable, or a backend other than numpy."""
-    cached = _GRADIENTS.get(net)
+def _per_net(cache: weakref.WeakKeyDictionary, net: Any, kind: type) -> Any:
+    """``kind(net, module)``, built once per net and kept in ``cache``, or None when numba is
+    unavailable or the backend is not numpy."""
+    cached = cache.get(net)
     if cached is None:
         module = kernels()
         if module is None or net.backend.name != "numpy":
             return None
-        cached = _GRADIENTS[net] = CompiledGradient(net, module)
+        cached = cache[net] = kind(net, module)
     return cached
+
+
+def gradient_for(net: Any) -> CompiledGradient | None:
+    """The compiled loss-and-gradient of ``net`` (built once per net), or None when there is
+    none: numba unavailable, or a backend other than numpy."""
+    return _per_net(_GRADIENTS, net, CompiledGradient)
 
 
 def kronecker_gram(
@@ -409,3 +418,101 @@ def train_step_for(net: Any, optimizer: Any) -> CompiledStep | None:
     if cached is False or (cached is not None and cached.net is not net):
         cached = optimizer.compiled_step = compiled_train_step(net, optimizer)
     return cached
+
+
+# --- Hessian-vector products and the exact Hessian -------------------------------------------
+
+
+class CompiledCurvature:
+    """H V and H of ``net`` at ``net.params``, each in one compiled call
+    (:func:`bpgpu.kernels.compiled.hessian_vector_products`, :func:`~bpgpu.kernels.compiled.exact_hessian`):
+    forward pass, backprop and the R-passes, with work buffers made once per batch size and
+    reused. X (m, n_0), T (m, n_L): validated numpy arrays in the net's dtype."""
+
+    def __init__(self, net: Any, module: ModuleType):
+        self.net = net
+        self._module = module
+        self._plan = plan(net, module)
+        self._loss = LOSSES.index(net.loss_function.name)
+        self._mean = net.reduction == "mean"
+        self._work: dict[tuple[int, int], np.ndarray] = {}
+        self._product = max(n_in * n_out for n_in, n_out in zip(net.sizes, net.sizes[1:]))
+
+    def _buffers(self, m: int, K: int) -> np.ndarray:
+        """The work vector for batch size m and K directions (K = 0: the exact Hessian's)."""
+        module, rows = self._module, self._plan
+        length = module.hessian_work_length(rows, m) if K == 0 else module.curvature_work_length(rows, m, K)
+        return kept(self._work, (m, K), lambda: np.empty(length, dtype=self.net.xp_dtype))
+
+    def hessian_vector_products(self, X: np.ndarray, T: np.ndarray, V: np.ndarray) -> np.ndarray:
+        """H vᵣ for every row vᵣ of V (K, W): a new (K, W) array (BLAS on one thread for nets whose
+        products OpenBLAS would thread: :func:`serial_blas`)."""
+        X, T, V = _contiguous(X), _contiguous(T), _contiguous(V)
+        out = np.empty(V.shape, dtype=V.dtype)
+        work = self._buffers(X.shape[0], V.shape[0])
+        args = (X, T, self.net.params, V, out, work, self._plan, self._loss, self._mean)
+        if X.shape[0] * V.shape[0] * self._product < _THREADED_PRODUCT:
+            self._module.hessian_vector_products(*args)
+        else:
+            with serial_blas():
+                self._module.hessian_vector_products(*args)
+        return out
+
+    def hessian(self, X: np.ndarray, T: np.ndarray) -> np.ndarray:
+        """The exact Hessian (W, W), exactly symmetric: a new array. BLAS runs on one thread
+        during the call (:func:`serial_blas`)."""
+        X, T = _contiguous(X), _contiguous(T)
+        W = self.net.n_params
+        out = np.empty((W, W), dtype=self.net.xp_dtype)
+        work = self._buffers(X.shape[0], 0)
+        with serial_blas():
+            self._module.exact_hessian(X, T, self.net.params, out, work, self._plan, self._loss, self._mean)
+        return out
+
+
+class _SerialBlas:
+    """Every loaded BLAS (numpy's, and SciPy's, which the kernels call) on one thread while the
+    context lasts, then back to its own count: a few ctypes calls, no scan of the libraries."""
+
+    def __init__(self) -> None:
+        from threadpoolctl import ThreadpoolController
+
+        self._libraries = [lib for lib in ThreadpoolController().lib_controllers if lib.user_api == "blas"]
+        self._saved: list[int] = []
+
+    def __enter__(self) -> None:
+        self._saved = [lib.num_threads for lib in self._libraries]
+        for lib in self._libraries:
+            lib.set_num_threads(1)
+
+    def __exit__(self, *exc: object) -> None:
+        for lib, threads in zip(self._libraries, self._saved):
+            lib.set_num_threads(threads)
+
+
+@functools.cache
+def serial_blas() -> _SerialBlas:
+    """The context that runs BLAS on one thread around the curvature kernels whose products are
+    large enough for OpenBLAS to thread. Their GEMMs are many and mid-sized (n_l−1 × m × n_l up to
+    a few thousand columns): with OpenBLAS's threads on a machine that other processes share they
+    ran 8–30× slower than on one thread (benchmarks/NOTES.md, "R3"), each call waiting for its
+    slowest thread. Made once (finding the libraries takes milliseconds)."""
+    return _SerialBlas()
+
+
+# Below this many multiply-adds in a pass's largest product OpenBLAS stays on one thread anyway,
+# and the context's cost (a few microseconds) would show on the smallest nets.
+_THREADED_PRODUCT = 1 << 16
+
+
+def _contiguous(x: np.ndarray) -> np.ndarray:
+    return x if x.flags.c_contiguous else np.ascontiguousarray(x)  # one compiled layout only
+
+
+_CURVATURES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def curvature_for(net: Any) -> CompiledCurvature | None:
+    """The compiled H V and H of ``net`` (built once per net), or None: numba unavailable, or a
+    backend other than numpy."""
+    return _per_net(_CURVATURES, net, CompiledCurvature)

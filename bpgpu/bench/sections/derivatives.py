@@ -43,10 +43,11 @@ def _cells(r: dict) -> list[str]:
         duration(r["seconds"]["bpgpu"]),
         f"{peer['jax']:.2f}" if "jax" in peer else "-",
         f"{peer['torch']:.2f}" if "torch" in peer else "-",
+        f"{r['gemm_fraction']:.2f}" if "gemm_fraction" in r else "-",
     ]
 
 
-HEADER = ["net", "dtype", "quantity", "bpgpu", "JAX jit / bpgpu", "torch.func / bpgpu"]
+HEADER = ["net", "dtype", "quantity", "bpgpu", "JAX jit / bpgpu", "torch.func / bpgpu", "Hessian GEMM rate / GEMM"]
 
 
 def text(s: dict) -> list[str]:

@@ -1,0 +1,115 @@
+"""The compiled Hessian-vector products and exact Hessian (bpgpu.kernels.compiled's R-operator
+section, driven by bpgpu.kernels.jit.CompiledCurvature) against the engine's array-API R-pass.
+
+bp.hvp and bp.hessian on the numpy backend run one numba call each; here they are held to the
+array-API passes (engine.forward_backward + engine.r_pass through the reference table) to 1e-12
+relative in float64 on random architectures, activations, (output, loss) pairs and reductions;
+the compiled Hessian is exactly symmetric; and after warm-up a call allocates nothing but the
+array it returns. The oracles (central differences, torch.func, JAX) are in test_derivatives.py.
+"""
+
+import tracemalloc
+
+import numpy as np
+import pytest
+from helpers import HIDDEN, OUTPUT_LOSS_PAIRS, random_problem
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import bpgpu as bp
+from bpgpu import engine
+from bpgpu.backend import Backend
+from bpgpu.kernels import generic, jit
+
+pytest.importorskip("numba", reason="numba is not installed: the compiled R-pass needs it")
+
+
+def reference_hvp(net, X, T, V):
+    """H V through the engine's array-API passes and the reference kernel table."""
+    ref = bp.MLP(
+        net.sizes,
+        hidden=[g.name for g in net.activations[:-1]],
+        output=net.activations[-1].name,
+        loss=net.loss_function.name,
+        reduction=net.reduction,
+        dtype=net.dtype,
+        backend=Backend("numpy", net.backend.xp, generic, "the array-API reference table"),
+    )
+    ref.set_params(net.params)
+    X, T = ref.check_inputs(X, T)
+    return engine.r_pass(ref, X, T, engine.forward_backward(ref, X, T), V)
+
+
+def relative(a, b):
+    return float(np.max(np.abs(a - b))) / max(float(np.max(np.abs(b))), 1e-300)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    st.lists(st.integers(1, 5), min_size=2, max_size=5),
+    st.sampled_from(HIDDEN),
+    st.sampled_from(OUTPUT_LOSS_PAIRS),
+    st.sampled_from(["mean", "sum"]),
+    st.integers(1, 7),
+    st.integers(0, 2**16),
+)
+def test_compiled_hvp_and_hessian_match_the_array_api_passes_to_1e_12(sizes, hidden, pair, reduction, m, seed):
+    output, loss = pair
+    net, X, T, rng = random_problem(sizes, hidden, output, loss, reduction, seed=seed, m=m)
+    assert jit.curvature_for(net) is not None
+    v = rng.normal(size=net.n_params)
+    assert relative(bp.hvp(net, X, T, v), reference_hvp(net, X, T, v[None, :])[0]) <= 1e-12
+    H = bp.hessian(net, X, T)
+    np.testing.assert_array_equal(H, H.T)
+    assert relative(H, reference_hvp(net, X, T, np.eye(net.n_params)).T) <= 1e-12
+
+
+def test_many_directions_at_once_and_strided_inputs():
+    """engine.hessian_vector_products on K directions equals K single products; non-contiguous
+    X, T and V give the same result as their contiguous copies."""
+    net, X, T, rng = random_problem([4, 6, 3], "sigmoid", "sigmoid", "binary_cross_entropy", seed=1, m=9)
+    V = rng.normal(size=(5, net.n_params))
+    Xc, Tc = net.check_inputs(X, T)
+    many = engine.hessian_vector_products(net, Xc, Tc, V)
+    for r in range(5):
+        np.testing.assert_allclose(many[r], bp.hvp(net, X, T, V[r]), rtol=1e-13, atol=1e-14)
+    wide = np.asfortranarray(X)
+    strided_v = np.repeat(V[0], 2)[::2]
+    np.testing.assert_allclose(bp.hvp(net, wide, np.asfortranarray(T), strided_v), many[0], rtol=1e-13, atol=1e-14)
+
+
+def test_float32_follows_float64():
+    net, X, T, rng = random_problem([5, 7, 4], "tanh", "softmax", "cross_entropy", seed=2, m=6)
+    twin = bp.MLP([5, 7, 4], hidden="tanh", output="softmax", loss="cross_entropy", dtype="float32", backend="numpy")
+    twin.set_params(net.params)
+    v = rng.normal(size=net.n_params)
+    Hv = bp.hvp(twin, X, T, v)
+    H = bp.hessian(twin, X, T)
+    assert Hv.dtype == np.float32 and H.dtype == np.float32
+    assert relative(Hv, bp.hvp(net, X, T, v)) <= 1e-4
+    assert relative(H, bp.hessian(net, X, T)) <= 1e-4
+
+
+def test_other_backends_keep_the_array_path():
+    strict = pytest.importorskip("array_api_strict")
+    assert jit.curvature_for(bp.MLP([2, 3, 1], backend=strict)) is None
+
+
+def test_no_allocation_but_the_result_after_warm_up():
+    """One bp.hvp / bp.hessian call allocates the array it returns and at most 4 KiB more
+    (tracemalloc sees numpy's buffers; the kernels' work vectors are made once per batch size)."""
+    rng = np.random.default_rng(0)
+    net = bp.MLP([16, 32, 32, 3], hidden="tanh", output="identity", dtype="float64", backend="numpy", seed=0)
+    X, T = rng.normal(size=(64, 16)), rng.normal(size=(64, 3))
+    v = rng.normal(size=net.n_params)
+    for call in (lambda: bp.hvp(net, X, T, v), lambda: bp.hessian(net, X, T)):
+        call()
+        tracemalloc.start()
+        try:
+            start, _ = tracemalloc.get_traced_memory()
+            tracemalloc.reset_peak()
+            result = call()
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert peak - start <= result.nbytes + 4096, (peak - start, result.nbytes)
