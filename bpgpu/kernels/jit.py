@@ -29,6 +29,7 @@ import functools
 import logging
 import numbers
 import os
+import time
 import weakref
 from types import ModuleType
 from typing import Any
@@ -202,6 +203,73 @@ class CompiledGradient:
         return self._step.run(X, T, grad, weights)
 
 
+# OpenBLAS runs a GEMM of at most this many multiply-adds (m n k) on one thread by itself
+# (interface/gemm.c: SMP_THRESHOLD_MIN 65536 × GEMM_MULTITHREAD_THRESHOLD 4).
+_OPENBLAS_SERIAL_MACS = 65536 * 4
+# Below this many multiply-adds in a call's largest product, a second thread costs more in
+# start-up and waiting than it saves; above it, it pays on an idle machine only.
+_SERIAL_MACS = 1 << 22
+
+
+class BlasThreads:
+    """One BLAS thread for a compiled call where more would wait rather than work.
+
+    The kernels call SciPy's OpenBLAS (numba's ?gemm helper), whose threads spin on a
+    barrier: with more runnable processes than cores, a two-thread GEMM of 2·10⁶ multiply-adds
+    was measured at 10 ms instead of 0.5 ms (benchmarks/NOTES.md, "S2"). So a call whose
+    largest product exceeds OpenBLAS's own serial threshold runs on one thread when that
+    product is below ``_SERIAL_MACS``, or when the machine is oversubscribed (1-minute load
+    average above the core count plus one, read at most once a second); otherwise OpenBLAS
+    keeps its threads. Needs threadpoolctl (else nothing changes).
+    """
+
+    def __init__(self) -> None:
+        self._controllers: list[Any] | None = None
+        self._busy, self._checked = False, -1.0
+
+    def _blas(self) -> list[Any]:
+        if self._controllers is None:
+            try:
+                from threadpoolctl import ThreadpoolController
+            except ImportError:
+                self._controllers = []
+            else:
+                self._controllers = ThreadpoolController().select(user_api="blas").lib_controllers
+        return self._controllers
+
+    def _oversubscribed(self) -> bool:
+        now = time.monotonic()
+        if now - self._checked > 1.0:
+            self._checked = now
+            try:
+                self._busy = os.getloadavg()[0] > (os.cpu_count() or 1) + 1
+            except OSError:  # no load average on this system
+                self._busy = False
+        return self._busy
+
+    def serial(self, macs: int) -> bool:
+        """Whether a call whose largest product has ``macs`` multiply-adds should run on one thread."""
+        return macs > _OPENBLAS_SERIAL_MACS and (macs < _SERIAL_MACS or self._oversubscribed())
+
+    def run(self, macs: int, kernel: Any, *args: Any) -> Any:
+        """kernel(*args), on one BLAS thread when :meth:`serial` says so."""
+        if not self.serial(macs):
+            return kernel(*args)
+        saved = [(c, c.get_num_threads()) for c in self._blas()]
+        for c, threads in saved:
+            if threads != 1:
+                c.set_num_threads(1)
+        try:
+            return kernel(*args)
+        finally:
+            for c, threads in saved:
+                if threads != 1:
+                    c.set_num_threads(threads)
+
+
+blas_threads = BlasThreads()
+
+
 class CompiledDerivatives:
     """The seeded derivative tools of ``net`` as one compiled call each (numpy backend): the input
     and parameter Jacobians, per-sample gradients and the Gauss–Newton factor, built on
@@ -224,6 +292,7 @@ class CompiledDerivatives:
             net.loss_function.name == "cross_entropy" and net.activations[-1].name == "softmax"
         )
         self._work: dict[tuple[int, int], np.ndarray] = {}
+        self._macs: dict[tuple[int, int], int] = {}
 
     def __reduce__(self):
         return (bool, ())  # not serialized (numba kernels and buffers): rebuilt on first use
@@ -237,9 +306,17 @@ class CompiledDerivatives:
         work = self._work.get((m, K))
         if work is None:
             if len(self._work) >= _BUFFERS_KEPT:
+                self._macs.pop(next(iter(self._work)))
                 self._work.pop(next(iter(self._work)))
             work = self._work[(m, K)] = np.empty(self._module.seeded_work_size(self._plan, m, K), dtype=self._dtype)
+            sizes = self.net.sizes
+            self._macs[(m, K)] = max(K * m * n * k for n, k in zip(sizes, sizes[1:]))  # the largest product
         return work
+
+    def _run(self, m: int, K: int, kernel: Any, *args: Any) -> bool:
+        """kernel(*args) for a batch of m rows and K seeds (after :meth:`_buffers`), BLAS threads
+        as :class:`BlasThreads` decides."""
+        return blas_threads.run(self._macs[(m, K)], kernel, *args)
 
     def _ready(self, x: Any, width: int, rows: int = 0) -> bool:
         """Whether x is already what the kernels take: a C-contiguous 2-D numpy array of the net's
@@ -277,8 +354,8 @@ class CompiledDerivatives:
         X, _ = self._inputs(X)
         m, K = X.shape[0], self._n_out
         out = np.empty((m, K, self._n_in), dtype=self._dtype)
-        work = self._buffers(m, K)
-        if not self._module.input_jacobian(X, self.net.params, self._plan, work, out.reshape(m * K, self._n_in)):
+        work, kernel = self._buffers(m, K), self._module.input_jacobian
+        if not self._run(m, K, kernel, X, self.net.params, self._plan, work, out.reshape(m * K, -1)):
             self._not_finite(X)
         return out
 
@@ -287,8 +364,8 @@ class CompiledDerivatives:
         X, _ = self._inputs(X)
         m, K = X.shape[0], self._n_out
         out = np.empty((m, K, self._n_params), dtype=self._dtype)
-        work = self._buffers(m, K)
-        if not self._module.parameter_jacobian(X, self.net.params, self._plan, work, out.reshape(m * K, -1)):
+        work, kernel = self._buffers(m, K), self._module.parameter_jacobian
+        if not self._run(m, K, kernel, X, self.net.params, self._plan, work, out.reshape(m * K, -1)):
             self._not_finite(X)
         return out
 
@@ -297,9 +374,8 @@ class CompiledDerivatives:
         X, T = self._inputs(X, T, targets=True)
         m = X.shape[0]
         out = np.empty((m, self._n_params), dtype=self._dtype)
-        ok = self._module.per_sample_gradients(
-            X, T, self.net.params, self._plan, self._loss, self._buffers(m, 1), out, self._weights(s_col)
-        )
+        work, kernel = self._buffers(m, 1), self._module.per_sample_gradients
+        ok = self._run(m, 1, kernel, X, T, self.net.params, self._plan, self._loss, work, out, self._weights(s_col))
         if not ok:
             self._not_finite(X, T)
         return out
@@ -309,9 +385,8 @@ class CompiledDerivatives:
         X, T = self._inputs(X, T, targets=True)
         m, K = X.shape[0], self._n_out
         out = np.empty((K * m, self._n_params), dtype=self._dtype)
-        ok = self._module.gauss_newton_rows(
-            X, T, self.net.params, self._plan, self._loss, self._buffers(m, K), out, self._weights(s_col)
-        )
+        work, kernel = self._buffers(m, K), self._module.gauss_newton_rows
+        ok = self._run(m, K, kernel, X, T, self.net.params, self._plan, self._loss, work, out, self._weights(s_col))
         if not ok:
             self._not_finite(X, T)
         return out
