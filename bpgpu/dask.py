@@ -12,6 +12,15 @@ driver (the dask-glm pattern): L-BFGS from scipy and gradient descent call the
 distributed loss and gradient; mini-batch SGD sums every chunk's share of each
 mini-batch.
 
+Levenberg–Marquardt needs the normal equations (RᵀR + α P + μ D) δ = −∇E
+(levenberg_marquardt.py) in the parameters form: RᵀR = Σ_chunks R_cᵀ R_c and
+∇E = Σ_chunks ∇E_c are sums over chunks like the gradient, each chunk's a W × W
+and a W-vector share, so they travel up the same tree reduction, and the W × W
+Cholesky and the μ trials run on the driver. The residuals form (N × N with
+N = m n_L, chosen in one process when N < W) does not split so: R Rᵀ has a block
+R_c R_c′ᵀ for every pair of chunks, an all-to-all exchange of the N × W rows of
+R, and data with fewer residuals than parameters fit in one process anyway.
+
 Losing a worker: every evaluation is one graph whose every key, the parameter
 vector included, can be recomputed from the graph, so when a worker dies at any
 moment dask.distributed reruns its tasks elsewhere and recomputes the data it held
@@ -25,6 +34,7 @@ evaluation outlived ``timeout`` seconds, e.g. on a stalled worker).
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 from collections.abc import Callable
@@ -80,6 +90,29 @@ def _hvp_sum(net: MLP, x: Any, t: Any, v: Any) -> np.ndarray:
     return to_numpy(hvp(net, x, t, v))
 
 
+def _lm_sums(net: MLP, x: Any, t: Any, chunk_size: int) -> np.ndarray:
+    """[E, ∇E (W), RᵀR (W × W, flattened)] of the chunk's samples: the chunk's share of the
+    Levenberg–Marquardt normal equations (a "sum" net: E = Σ_n ℓ_n), RᵀR built over
+    sub-chunks of ``chunk_size`` samples so that a worker holds one W × W sum and one
+    sub-chunk of R."""
+    from bpgpu.levenberg_marquardt import gram
+
+    x, t = net.check_inputs(x, t)
+    J, g = net.loss_and_gradient(x, t)
+    A = gram(net, x, t, None, min(chunk_size, x.shape[0]))
+    return np.concatenate(([J], to_numpy(g), np.reshape(to_numpy(A), (-1,))))
+
+
+def _lm_losses(net: MLP, x: Any, t: Any, candidates: Any) -> np.ndarray:
+    """E_j = Σ_n ℓ_n of the chunk at each row w_j of ``candidates`` (k, W): all the μ trials of
+    one round in one task."""
+    values = []
+    for w in candidates:
+        net.set_params(w)
+        values.append(net.loss(x, t))
+    return np.array(values)
+
+
 def _chunk_sums(x, t, *, part, config, w, v=None, rows=None, width):
     """One row (1, width) of per-chunk sums; ``rows`` = (step, steps) picks a mini-batch share."""
     if rows is not None:
@@ -88,7 +121,8 @@ def _chunk_sums(x, t, *, part, config, w, v=None, rows=None, width):
     if x.shape[0] == 0:  # a chunk smaller than the number of mini-batches has no share in some
         return np.zeros((1, width))
     net = _worker_net(config, x)
-    net.set_params(w)
+    if w is not None:  # None: the part sets the parameters itself (the LM trials)
+        net.set_params(w)
     extra = () if v is None else (v,)
     # float64 partial sums: the tree adds many of them, and a float32 net loses nothing by it
     return np.asarray(part(net, x, t, *extra), dtype=np.float64).reshape(1, width)
@@ -230,8 +264,10 @@ def _check(net: MLP, X: Any, T: Any) -> tuple[Any, Any]:
 
 
 def _summed(net: MLP, X: Any, T: Any, part: Callable, width: int, w: Any, v: Any = None, rows=None) -> da.Array:
-    """Σ over chunks of part(chunk), lazily: a tree reduction (split_every from dask.config)."""
-    kwargs = {"part": part, "config": net.config, "w": _broadcast(to_numpy(w)), "rows": rows, "width": width}
+    """Σ over chunks of part(chunk), lazily: a tree reduction (split_every from dask.config).
+    w None: the workers' nets are not set to it (a part that sets its own parameters)."""
+    w = None if w is None else _broadcast(to_numpy(w))
+    kwargs = {"part": part, "config": net.config, "w": w, "rows": rows, "width": width}
     if v is not None:
         kwargs["v"] = _broadcast(to_numpy(v))
     per_chunk = da.map_blocks(
@@ -285,7 +321,9 @@ def hvp(net: MLP, X: Any, T: Any, v: Any, *, timeout: float | None = None) -> An
 
 # --- training -------------------------------------------------------------------
 
-FIT_OPTIMIZERS = ("lbfgs", "gd", "sgd")
+FIT_OPTIMIZERS = ("lbfgs", "gd", "sgd", "lm")
+# what fit(optimizer="lm") takes besides max_iter, tol and timeout
+LM_OPTIONS = ("alpha", "mu", "mu_dec", "mu_inc", "mu_max", "damping", "n_iter_no_change", "chunk_size", "max_memory")
 
 
 class _Stopped:
@@ -342,13 +380,28 @@ def fit(
                every mini-batch), the steps in an order drawn from ``seed`` each epoch;
                the summed share gradients make the mini-batch gradient, one update
                per step. Shuffle the rows once beforehand if they are sorted.
+      "lm"     Levenberg–Marquardt (:mod:`bpgpu.levenberg_marquardt`), full batch, the
+               same iterations as ``bpgpu.fit(optimizer="lm")`` (equal to rounding):
+               each iteration is one graph in which every chunk computes its share of
+               the normal equations, E, ∇E and RᵀR (W × W), tree-summed to the driver,
+               which solves (RᵀR + α P + μ D) δ = −∇E by Cholesky for each μ of MATLAB's
+               schedule; the trials' losses are one graph per round of 1, 2, 4, ...
+               candidate μ. At most max_iter iterations; stop_reason "mu_max" when no
+               μ ≤ mu_max lowers the loss, "tol" by bpgpu.fit's rule (the loss did not
+               improve by tol for more than n_iter_no_change iterations; tol=None: never).
+               ``options``: alpha, mu, mu_dec, mu_inc, mu_max, damping, n_iter_no_change
+               (10), chunk_size (samples per sub-chunk of R on a worker; None: about
+               64 MiB), max_memory (bytes for the W × W sums; a larger need raises
+               ValueError before anything is computed). history.mu holds μ per
+               iteration. The parameters form only (module docstring says why).
 
     A worker lost at any moment costs time, not the fit: Dask reruns its part of the
     evaluation (module docstring). When Dask cannot complete an evaluation, fit raises
     :class:`EvaluationError` (reason "data lost", "retries exhausted" or "timeout": each
     evaluation may take ``timeout`` seconds, None waits); any other failure raises
     RuntimeError. net.params then hold the result of the last complete update (for
-    "lbfgs", the last completed iteration), never a partial one.
+    "lbfgs", the last completed iteration; for "lm", the last accepted step), never a
+    partial one.
     """
     from bpgpu.optim import make_optimizer
 
@@ -357,6 +410,8 @@ def fit(
     if isinstance(max_iter, bool) or not isinstance(max_iter, (int, np.integer)) or max_iter < 1:
         raise ValueError(f"max_iter must be an int >= 1, got {max_iter!r}")
     X, T = _check(net, X, T)
+    if optimizer == "lm":
+        return _fit_lm(net, X, T, max_iter, tol, timeout, **options)
     if optimizer == "lbfgs":
         if options:
             raise TypeError(f"optimizer='lbfgs' takes no step-rule options, got {sorted(options)}")
@@ -444,4 +499,93 @@ def _fit_lbfgs(net: MLP, X: Any, T: Any, max_iter: int, tol: float, timeout: flo
         )
     net.set_params(result.x)
     history.stop_reason = str(result.message)
+    return history
+
+
+def _fit_lm(
+    net: MLP,
+    X: Any,
+    T: Any,
+    max_iter: int,
+    tol: float | None,
+    timeout: float | None,
+    n_iter_no_change: int = 10,
+    chunk_size: int | None = None,
+    max_memory: int | None = None,
+    **options: Any,
+) -> History:
+    """Levenberg–Marquardt with the normal equations summed over the chunks and the solves on
+    the driver (:class:`bpgpu.levenberg_marquardt.LMDamping`): per iteration one graph for
+    E, ∇E and RᵀR (W × W), then rounds of 1, 2, 4, ... μ trials, each round one graph of
+    losses."""
+    from bpgpu.levenberg_marquardt import LMDamping, check_memory, default_chunk_size
+
+    if "form" in options:
+        raise TypeError(
+            "bpgpu.dask.fit(optimizer='lm') takes no form: it solves in the parameters form, RᵀR (W × W) "
+            "summed over the chunks; the residuals form's N × N matrix R Rᵀ pairs every chunk's rows "
+            "with every other chunk's (for N = m·n_L < W, fit in one process with bpgpu.fit)"
+        )
+    unknown = sorted(set(options) - set(LM_OPTIONS))
+    if unknown:
+        raise TypeError(f"optimizer='lm' does not take {', '.join(unknown)}; it takes {', '.join(LM_OPTIONS)}")
+    for value, name in ((n_iter_no_change, "n_iter_no_change"), (chunk_size, "chunk_size")):
+        if value is None and name == "chunk_size":
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    if tol is not None and (isinstance(tol, bool) or not isinstance(tol, (int, float)) or tol < 0):
+        raise ValueError(f"tol must be a number >= 0 or None, got {tol!r}")
+    damping = LMDamping(net, **options)
+    m, W = X.shape[0], net.n_params
+    chunk_size = default_chunk_size(net) if chunk_size is None else int(chunk_size)
+    # the W × W sums travel and are added in float64 (_chunk_sums): on the driver and on each worker thread
+    check_memory(
+        net,
+        max(X.chunks[0]),
+        "parameters",
+        damping.damping,
+        chunk_size,
+        max_memory,
+        dtype="float64",
+        advice="Use bpgpu.dask.fit with optimizer 'lbfgs', 'gd' or 'sgd', or a smaller net",
+    )
+    backend, xp, c = net.backend, net.backend.xp, net.reduction_factor(m)
+    equations = functools.partial(_lm_sums, chunk_size=chunk_size)
+    history, count, E = History(stop_reason="max_iter"), 0, None
+    with _Stopped("lm") as stopped:
+        for _ in range(max_iter):
+            w0 = xp.asarray(net.params, copy=True)
+            sums = _sums(net, X, T, equations, 1 + W + W * W, w0, timeout=timeout)
+            if E is None:
+                E = float(sums[0]) + damping.penalty(w0)
+                if not np.isfinite(E):
+                    raise FloatingPointError(f"the loss at the starting parameters is {E} (not finite)")
+            g = backend.asarray(sums[1 : 1 + W], net.xp_dtype) + damping.penalty_gradient(w0)
+            A = backend.asarray(np.reshape(sums[1 + W :], (W, W)), net.xp_dtype)
+
+            def losses(deltas: list[Any], w0: Any = w0) -> list[float]:
+                candidates = [w0 + delta for delta in deltas]
+                V = np.stack([to_numpy(w) for w in candidates])
+                values = _sums(net, X, T, _lm_losses, len(V), None, v=V, timeout=timeout)  # V travels once
+                return [float(value) + damping.penalty(w) for value, w in zip(values, candidates)]
+
+            # rounds of 1, 2, 4, ... trials: r rejections cost about log2(r) round trips, not r
+            delta, E, _ = damping.try_steps(E, damping.parameter_solver(A, g), losses, growth=2)
+            if delta is not None:
+                net.params[...] = w0 + delta
+                stopped.updates += 1
+            loss = c * E
+            history.loss.append(loss)
+            history.mu.append(damping.mu)
+            if delta is None:
+                history.stop_reason = "mu_max"
+                break
+            # bpgpu.fit's (scikit-learn's) rule: no improvement by tol for more than n_iter_no_change iterations
+            if tol is not None:
+                count = count + 1 if loss > history.best_loss - tol else 0
+            history.best_loss = min(history.best_loss, loss)
+            if tol is not None and count > n_iter_no_change:
+                history.stop_reason = "tol"
+                break
     return history

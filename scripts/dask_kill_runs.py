@@ -3,9 +3,10 @@
 A LocalCluster of worker processes on loopback; X (m × 8) and T = [x0·x1 > 0] are built
 by dask's random generator and persisted, so Dask can recompute any chunk a dead worker
 held. The single-process result: the same ``bd.fit`` in this process (dask's "sync"
-scheduler, one BLAS thread, the same chunks and sums). Next to it, for scale, scipy's
-L-BFGS-B on ``net.loss_and_gradient`` over all rows at once (other rounding, so a
-trajectory that drifts by ~1e-11 over 60 iterations). Then three fits on the cluster with
+scheduler, one BLAS thread as on the workers, the same chunks and sums). Next to it, for scale, the same
+optimizer over all rows at once in memory (``--optimizer lbfgs``: scipy's L-BFGS-B on
+``net.loss_and_gradient``; ``lm``: ``bpgpu.fit(optimizer="lm")``): other rounding, so a
+trajectory that drifts by ~1e-11 over 60 L-BFGS iterations. Then three fits on the cluster with
 no fault (the window of moments is 3/4 of the fastest one's wall time, so that the kill
 lands inside a fit even when the machine's load drops), and the runs: each refits the
 same initial net while a thread sleeps a moment drawn uniformly from that window, from
@@ -16,6 +17,7 @@ the time a fit loses to one killed worker (median of the runs' wall times minus 
 
     PYTHONPATH=$PWD python scripts/dask_kill_runs.py --runs 20 --seed 0 \
         | tee benchmarks/results/<date>-dask-kill-runs/kill_runs.txt
+    PYTHONPATH=$PWD python scripts/dask_kill_runs.py --optimizer lm --max-iter 8 --runs 5 --seed 0
 """
 
 from __future__ import annotations
@@ -51,8 +53,15 @@ def make_net() -> bp.MLP:
     )
 
 
-def scipy_lbfgs(X: np.ndarray, T: np.ndarray, max_iter: int) -> float:
+def in_memory(X: np.ndarray, T: np.ndarray, optimizer: str, max_iter: int) -> tuple[float, float]:
+    """(final loss, seconds) of the same optimizer on all rows at once, in memory (timed after
+    one untimed iteration, so that the first call's loading is not counted)."""
     net = make_net()
+    bp.fit(make_net(), X, T, optimizer=optimizer, epochs=1, progress=False)
+    start = time.perf_counter()
+    if optimizer == "lm":
+        history = bp.fit(net, X, T, optimizer="lm", epochs=max_iter, tol=1e-6, progress=False)
+        return history.loss[-1], time.perf_counter() - start
 
     def loss_and_gradient(w):
         net.set_params(w)
@@ -61,7 +70,7 @@ def scipy_lbfgs(X: np.ndarray, T: np.ndarray, max_iter: int) -> float:
     result = minimize(
         loss_and_gradient, net.params.copy(), jac=True, method="L-BFGS-B", options={"maxiter": max_iter, "gtol": 1e-6}
     )
-    return float(result.fun)
+    return float(result.fun), time.perf_counter() - start
 
 
 def kill(pid: int, record: list[float]) -> None:
@@ -69,16 +78,20 @@ def kill(pid: int, record: list[float]) -> None:
     record.append(time.perf_counter())
 
 
-def timed_fit(Xd, Td, max_iter: int) -> tuple[float, bp.MLP, float]:
+def timed_fit(Xd, Td, optimizer: str, max_iter: int) -> tuple[float, bp.MLP, float]:
     net = make_net()
     start = time.perf_counter()
-    history = bd.fit(net, Xd, Td, optimizer="lbfgs", max_iter=max_iter)
+    # one BLAS thread on the driver as on the workers (dask's nannies set it), in the single-process
+    # fit and on the cluster alike: LM's Cholesky on the driver then rounds the same in both
+    with threadpool_limits(1, user_api="blas"):
+        history = bd.fit(net, Xd, Td, optimizer=optimizer, max_iter=max_iter)
     return time.perf_counter() - start, net, history.loss[-1]
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--optimizer", choices=("lbfgs", "lm"), default="lbfgs")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=3)
     parser.add_argument("--rows", type=int, default=60_000)
@@ -102,23 +115,24 @@ def main() -> int:
         Xd, Td = client.persist([Xd, Td])
         distributed.wait([Xd, Td])
         X, T = client.compute([Xd, Td], sync=True)
-        J_scipy = scipy_lbfgs(X, T, args.max_iter)
-        with dask.config.set(scheduler="sync"), threadpool_limits(1, user_api="blas"):
+        J_memory, memory_s = in_memory(X, T, args.optimizer, args.max_iter)
+        with dask.config.set(scheduler="sync"):
             one_s, one, J_one = timed_fit(
-                da.from_array(X, chunks=Xd.chunks), da.from_array(T, chunks=Td.chunks), args.max_iter
+                da.from_array(X, chunks=Xd.chunks), da.from_array(T, chunks=Td.chunks), args.optimizer, args.max_iter
             )
-        clean = [timed_fit(Xd, Td, args.max_iter) for _ in range(3)]
+        clean = [timed_fit(Xd, Td, args.optimizer, args.max_iter) for _ in range(3)]
         clean_s = statistics.median(c[0] for c in clean)
         window = 0.75 * min(c[0] for c in clean)  # so that a kill lands inside a fit that runs fast
         print(
             f"# bpgpu from {bp.__file__}; {args.workers} worker processes x 1 thread, X {args.rows} x {SIZES[0]} "
             f"in chunks of {args.chunk}, MLP {SIZES} binary cross-entropy float64, "
-            f"fit(optimizer='lbfgs', max_iter={args.max_iter}), seed {args.seed}, "
+            f"fit(optimizer={args.optimizer!r}, max_iter={args.max_iter}), seed {args.seed}, "
             f"load average {os.getloadavg()[0]:.2f}"
         )
         print(
-            f"# single-process fit (sync scheduler) {one_s:.2f} s, loss {J_one!r}; scipy on net.loss_and_gradient: "
-            f"loss {J_scipy!r} (relative difference {abs(J_scipy - J_one) / J_one:.1e})"
+            f"# single-process fit (sync scheduler) {one_s:.2f} s, loss {J_one!r}; "
+            f"{'scipy on net.loss_and_gradient' if args.optimizer == 'lbfgs' else 'bpgpu.fit in memory'}: "
+            f"{memory_s:.2f} s, loss {J_memory!r} (relative difference {abs(J_memory - J_one) / J_one:.1e})"
         )
         print(
             "# fault-free cluster fits: "
@@ -142,7 +156,7 @@ def main() -> int:
             start = time.perf_counter()
             killer.start()
             try:
-                elapsed, net, J = timed_fit(Xd, Td, args.max_iter)
+                elapsed, net, J = timed_fit(Xd, Td, args.optimizer, args.max_iter)
                 failure = ""
             except Exception as exc:  # noqa: BLE001 (recorded, not hidden: the run fails)
                 elapsed, net, J, failure = float("nan"), None, float("nan"), f"{type(exc).__name__}: {exc}"

@@ -29,9 +29,12 @@ def test_results_json_has_the_schema_runs_are_compared_by(smoke_run):
     lo, hi = g["fit_range"]
     assert isinstance(lo, int) and isinstance(hi, int) and 0 < lo < hi
     assert all(p["backprop"] > 0 for p in g["points"])
-    # finite differences cost far more than backprop at the same W
+    # finite differences cost far more than backprop at the same W (2W loss passes against about
+    # three, so ~70x at W = 100): the geometric mean over the timed points, so one point
+    # disturbed by a burst of load on a shared machine does not decide it
     timed = [p for p in g["points"] if p.get("central_difference")]
-    assert timed and all(p["central_difference"] > 10 * p["backprop"] for p in timed)
+    ratios = [p["central_difference"] / p["backprop"] for p in timed]
+    assert timed and float(np.exp(np.mean(np.log(ratios)))) > 10, ratios
     rows = r["train_step"]["rows"]
     assert {(row["config"], row["impl"]) for row in rows} == {
         (c, i) for c in ("tiny", "small") for i in ("bpgpu", "numpy_reference")

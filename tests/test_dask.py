@@ -302,10 +302,129 @@ def test_lbfgs_stopped_by_a_failed_evaluation_keeps_its_last_completed_iteration
     assert relative(net.params, reference.params) <= 1e-12
 
 
+# --- Levenberg–Marquardt: the normal equations summed over chunks, solved on the driver ---------
+
+LM_PROBLEMS = {"regression": ("identity", "squared_error"), "classification": ("softmax", "cross_entropy")}
+LM_OPTIONS = [{}, {"alpha": 0.3}, {"damping": "diagonal", "mu": 0.5}]
+
+
+def one_process_lm(net, X, T, iterations, **options):
+    return bp.fit(net, X, T, optimizer="lm", epochs=iterations, tol=1e-6, progress=False, **options)
+
+
+@pytest.mark.parametrize("problem", LM_PROBLEMS)
+@pytest.mark.parametrize("rows", [M, ROWS])  # one chunk; seven, the last uneven
+@pytest.mark.parametrize("options", LM_OPTIONS, ids=["defaults", "alpha", "diagonal"])
+def test_lm_equals_bp_fit_lm_in_one_process(problem, rows, options):
+    """Loss and μ per iteration and the parameters equal bp.fit(optimizer="lm")'s; these runs
+    reject up to 4 μ in an iteration, so rounds of 1, 2 and 4 trials are exercised."""
+    net, X, T = make(*LM_PROBLEMS[problem])
+    reference = net.copy()
+    expected = one_process_lm(reference, X, T, 6, **options)
+    Xd, Td = chunked(X, T, rows=rows)
+    with dask.config.set(scheduler="sync"):
+        history = bd.fit(net, Xd, Td, "lm", max_iter=6, tol=1e-6, **options)
+    assert history.epochs == expected.epochs == 6 and history.stop_reason == "max_iter"
+    np.testing.assert_allclose(history.loss, expected.loss, rtol=1e-12)
+    np.testing.assert_allclose(history.mu, expected.mu, rtol=1e-12)
+    assert relative(net.params, reference.params) <= 1e-12
+
+
+def test_lm_on_a_sum_net_with_threads_and_its_tol_rule_equal_one_process():
+    net, X, T = make(reduction="sum")
+    reference = net.copy()
+    expected = bp.fit(reference, X, T, optimizer="lm", epochs=40, tol=1.0, n_iter_no_change=2, progress=False)
+    assert expected.stop_reason == "tol" and expected.epochs < 40
+    Xd, Td = chunked(X, T)
+    with dask.config.set(scheduler="threads"):
+        history = bd.fit(net, Xd, Td, "lm", max_iter=40, tol=1.0, n_iter_no_change=2)
+    assert history.stop_reason == "tol" and history.epochs == expected.epochs
+    np.testing.assert_allclose(history.loss, expected.loss, rtol=1e-12)
+    assert relative(net.params, reference.params) <= 1e-12
+
+
+def test_lm_at_a_minimum_tries_every_mu_in_four_round_trips_and_stops_at_mu_max(monkeypatch):
+    net, X, _ = make()
+    net.params[...] = 0.0  # outputs exactly 0 = T: E = 0 and ∇E = 0, so no step lowers the loss
+    T = np.zeros((M, 3))
+    before = net.params.copy()
+    Xd, Td = chunked(X, T)
+    computed, graphs = bd._computed, []
+
+    def counted(summed, timeout):
+        graphs.append(summed.shape)
+        return computed(summed, timeout)
+
+    monkeypatch.setattr(bd, "_computed", counted)
+    with dask.config.set(scheduler="sync"):
+        history = bd.fit(net, Xd, Td, "lm", max_iter=5)
+    # μ = 1e-3 ... 1e10 (14 trials) in rounds of 1, 2, 4 and 7, after the normal equations
+    assert [shape[0] for shape in graphs] == [1 + 51 + 51 * 51, 1, 2, 4, 7]
+    assert history.stop_reason == "mu_max" and history.epochs == 1
+    assert history.mu == [pytest.approx(1e11)]
+    np.testing.assert_array_equal(net.params, before)
+
+
+def test_lm_stopped_by_a_failed_evaluation_keeps_its_last_accepted_step(monkeypatch):
+    net, X, T = make(output="softmax", loss="cross_entropy")
+    Xd, Td = chunked(X, T)
+    computed, calls = bd._computed, []
+
+    def fails_on_the_ninth(summed, timeout):
+        calls.append(timeout)
+        if len(calls) == 9:
+            raise bd.EvaluationError("retries exhausted", "injected")
+        return computed(summed, timeout)
+
+    monkeypatch.setattr(bd, "_computed", fails_on_the_ninth)
+    with (
+        dask.config.set(scheduler="sync"),
+        pytest.raises(
+            bd.EvaluationError,
+            match=r"retries exhausted: bpgpu.dask.fit\(optimizer='lm'\) stopped: .*the result of the "
+            r"(\d+) complete update\(s\) before it \(retries exhausted: injected\)",
+        ) as failure,
+    ):
+        bd.fit(net, Xd, Td, "lm", max_iter=50, timeout=7.0)
+    assert failure.value.reason == "retries exhausted" and set(calls) == {7.0}
+    done = int(re.search(r"the result of the (\d+) complete", str(failure.value)).group(1))
+    assert 1 <= done < 8
+    reference = make(output="softmax", loss="cross_entropy")[0]
+    one_process_lm(reference, X, T, done)
+    assert relative(net.params, reference.params) <= 1e-12
+
+
+def test_lm_bad_input_names_the_argument_and_the_sizes():
+    from dataclasses import replace
+
+    net, X, T = make()
+    Xd, Td = chunked(X, T)
+    for mu in (0.0, -1.0):
+        with pytest.raises(ValueError, match=f"mu must be a number > 0, got {mu}"):
+            bd.fit(net, Xd, Td, "lm", mu=mu)
+    with pytest.raises(ValueError, match="damping must be one of 'identity', 'diagonal', got 'fletcher'"):
+        bd.fit(net, Xd, Td, "lm", damping="fletcher")
+    with pytest.raises(ValueError, match="n_iter_no_change must be an int >= 1, got 0"):
+        bd.fit(net, Xd, Td, "lm", n_iter_no_change=0)
+    with pytest.raises(TypeError, match="optimizer='lm' does not take momentum; it takes alpha, mu, "):
+        bd.fit(net, Xd, Td, "lm", momentum=0.9)
+    with pytest.raises(TypeError, match=r"takes no form: it solves in the parameters form, RᵀR \(W × W\)"):
+        bd.fit(net, Xd, Td, "lm", form="residuals")
+    with pytest.raises(
+        ValueError,
+        match=r"needs .* GiB in float64 for the W × W matrix RᵀR \(W=51 parameters\) of MLP \[4, 6, 3\], "
+        r"more than the .* allowed \(max_memory\). Use bpgpu.dask.fit with optimizer 'lbfgs', 'gd' or 'sgd'",
+    ):
+        bd.fit(net, Xd, Td, "lm", max_memory=51 * 51 * 8)  # one W × W copy fits, the factorisation's does not
+    net.loss_function = replace(net.loss_function, name="absolute_error")
+    with pytest.raises(ValueError, match="cannot serve loss='absolute_error'.*serves squared_error"):
+        bd.fit(net, Xd, Td, "lm")
+
+
 def test_fit_rejects_bad_options():
     net, X, T = make()
     Xd, Td = chunked(X, T)
-    with pytest.raises(ValueError, match="optimizer must be one of lbfgs, gd, sgd, got 'adam'"):
+    with pytest.raises(ValueError, match="optimizer must be one of lbfgs, gd, sgd, lm, got 'adam'"):
         bd.fit(net, Xd, Td, "adam")
     with pytest.raises(TypeError, match="optimizer='lbfgs' takes no step-rule options, got \\['momentum'\\]"):
         bd.fit(net, Xd, Td, "lbfgs", momentum=0.9)
@@ -454,6 +573,25 @@ def test_worker_killed_during_a_fit_changes_nothing(client, optimizer):
         expected = bd.fit(reference, Xd, Td, optimizer, **options)
     with fault(client, moment, evaluation):
         history = bd.fit(net, Xd, Td, optimizer, timeout=BOUND, **options)
+    np.testing.assert_allclose(history.loss, expected.loss, rtol=1e-12)
+    assert relative(net.params, reference.params) <= 1e-12
+
+
+@pytest.mark.parametrize(
+    "moment,evaluation",
+    # evaluations 1 to 4 are iteration 1's normal equations and its rounds of 1, 2 and 4 μ trials
+    # (1e-3; 1e-2, 0.1; 1, 10, 100, 1e3: 10 accepted), 5 is iteration 2's normal equations
+    [("chunk sent", 5), ("parameters broadcast", 3)],
+    ids=["normal equations", "trials"],
+)
+def test_worker_killed_during_an_lm_fit_changes_nothing(client, moment, evaluation):
+    """A kill while a chunk computes its RᵀR share, or while a round's μ candidates are sent."""
+    net, X, T = make()
+    reference = net.copy()
+    expected = one_process_lm(reference, X, T, 3)
+    Xd, Td = chunked(X, T)
+    with fault(client, moment, evaluation):
+        history = bd.fit(net, Xd, Td, "lm", max_iter=3, tol=1e-6, timeout=BOUND)
     np.testing.assert_allclose(history.loss, expected.loss, rtol=1e-12)
     assert relative(net.params, reference.params) <= 1e-12
 
