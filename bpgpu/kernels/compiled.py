@@ -779,7 +779,7 @@ def outer_rows(X, acts, deltas, plan, m, K, sample_major, out):
                     dst[j] = ai * src[j]
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", nogil=True)  # run on sample blocks in threads (jit.py)
 def input_jacobian(X, w, plan, work, out):
     """∂y_k/∂x per sample into out (m·n_L, n_0), rows (n, k): the output seeds backpropagated
     (sample-major), then δ(1) W(1) in one GEMM. False (nothing computed) when X is not finite."""
@@ -796,7 +796,7 @@ def input_jacobian(X, w, plan, work, out):
     return True
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", nogil=True)  # run on sample blocks in threads (jit.py)
 def parameter_jacobian(X, w, plan, work, out):
     """∂y_nk/∂w into out (m·n_L, W), rows (n, k); False (nothing computed) when X is not finite."""
     if not all_finite(X):
@@ -811,7 +811,7 @@ def parameter_jacobian(X, w, plan, work, out):
     return True
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", nogil=True)  # run on sample blocks in threads (jit.py)
 def per_sample_gradients(X, T, w, plan, loss, work, out, weights=None):
     """s_n ∂ℓ_n/∂w into out (m, W): δ_n(L) = s_n ∂ℓ_n/∂z(L) (the step's output delta with c = 1),
     backprop, the outer products. False (nothing computed) when X or T is not finite."""

@@ -25,6 +25,7 @@ compiled gradient and then its own one-kernel update.
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import logging
 import numbers
@@ -209,6 +210,10 @@ _OPENBLAS_SERIAL_MACS = 65536 * 4
 # Below this many multiply-adds in a call's largest product, a second thread costs more in
 # start-up and waiting than it saves; above it, it pays on an idle machine only.
 _SERIAL_MACS = 1 << 22
+# A call whose result has at least this many entries (K m W, about its multiply-adds) is split
+# into one block of samples per core (benchmarks/NOTES.md, "S4").
+_SPLIT_WORK = 1 << 22
+_CORES = max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
 class BlasThreads:
@@ -237,7 +242,8 @@ class BlasThreads:
                 self._controllers = ThreadpoolController().select(user_api="blas").lib_controllers
         return self._controllers
 
-    def _oversubscribed(self) -> bool:
+    def oversubscribed(self) -> bool:
+        """Whether the 1-minute load average exceeds the cores + 1 (read at most once a second)."""
         now = time.monotonic()
         if now - self._checked > 1.0:
             self._checked = now
@@ -249,12 +255,14 @@ class BlasThreads:
 
     def serial(self, macs: int) -> bool:
         """Whether a call whose largest product has ``macs`` multiply-adds should run on one thread."""
-        return macs > _OPENBLAS_SERIAL_MACS and (macs < _SERIAL_MACS or self._oversubscribed())
+        return macs > _OPENBLAS_SERIAL_MACS and (macs < _SERIAL_MACS or self.oversubscribed())
 
     def run(self, macs: int, kernel: Any, *args: Any) -> Any:
         """kernel(*args), on one BLAS thread when :meth:`serial` says so."""
-        if not self.serial(macs):
-            return kernel(*args)
+        return self.one_thread(kernel, *args) if self.serial(macs) else kernel(*args)
+
+    def one_thread(self, kernel: Any, *args: Any) -> Any:
+        """kernel(*args) with every BLAS library of the process on one thread, restored afterwards."""
         saved = [(c, c.get_num_threads()) for c in self._blas()]
         for c, threads in saved:
             if threads != 1:
@@ -291,8 +299,8 @@ class CompiledDerivatives:
         self._check_targets = net.loss_function.name == "poisson" or (
             net.loss_function.name == "cross_entropy" and net.activations[-1].name == "softmax"
         )
-        self._work: dict[tuple[int, int], np.ndarray] = {}
-        self._macs: dict[tuple[int, int], int] = {}
+        self._work: dict[tuple[int, int, int], np.ndarray] = {}
+        self._macs: dict[tuple[int, int], tuple[int, int]] = {}
 
     def __reduce__(self):
         return (bool, ())  # not serialized (numba kernels and buffers): rebuilt on first use
@@ -301,22 +309,40 @@ class CompiledDerivatives:
     def net(self) -> Any:
         return self._net()
 
-    def _buffers(self, m: int, K: int) -> np.ndarray:
-        """a(l), z(L), δ(l) of K·m rows and BLAS's α, β in one flat vector (compiled.seeded_work_size)."""
-        work = self._work.get((m, K))
+    def _buffers(self, m: int, K: int, part: int = 0) -> np.ndarray:
+        """a(l), z(L), δ(l) of K·m rows and BLAS's α, β in one flat vector (compiled.seeded_work_size),
+        one per block ``part`` of a split call."""
+        key = (m, K, part)
+        work = self._work.get(key)
         if work is None:
-            if len(self._work) >= _BUFFERS_KEPT:
-                self._macs.pop(next(iter(self._work)))
+            if len(self._work) >= _BUFFERS_KEPT * _CORES:
                 self._work.pop(next(iter(self._work)))
-            work = self._work[(m, K)] = np.empty(self._module.seeded_work_size(self._plan, m, K), dtype=self._dtype)
-            sizes = self.net.sizes
-            self._macs[(m, K)] = max(K * m * n * k for n, k in zip(sizes, sizes[1:]))  # the largest product
+            work = self._work[key] = np.empty(self._module.seeded_work_size(self._plan, m, K), dtype=self._dtype)
         return work
 
-    def _run(self, m: int, K: int, kernel: Any, *args: Any) -> bool:
-        """kernel(*args) for a batch of m rows and K seeds (after :meth:`_buffers`), BLAS threads
-        as :class:`BlasThreads` decides."""
-        return blas_threads.run(self._macs[(m, K)], kernel, *args)
+    def _cost(self, m: int, K: int) -> tuple[int, int]:
+        """(largest product, K m W): the multiply-adds of a call's largest GEMM, and its size."""
+        cost = self._macs.get((m, K))
+        if cost is None:
+            if len(self._macs) >= 4 * _BUFFERS_KEPT:
+                self._macs.clear()
+            sizes = self.net.sizes
+            largest = max(K * m * n * k for n, k in zip(sizes, sizes[1:]))
+            cost = self._macs[(m, K)] = (largest, K * m * self._n_params)
+        return cost
+
+    def _run(self, m: int, K: int, part: Any) -> bool:
+        """``part(lo, hi, work)`` (the kernel on samples lo..hi − 1, whose rows of the result are
+        contiguous) over the batch: at once, BLAS threads as :class:`BlasThreads` decides; or, for
+        a call of at least ``_SPLIT_WORK`` K m W on a machine that is not oversubscribed, in one
+        block of samples per core, each on one BLAS thread, the blocks on Python threads (numba
+        releases the GIL), which wait on a lock where OpenBLAS's threads spin."""
+        largest, size = self._cost(m, K)
+        if size < _SPLIT_WORK or _CORES < 2 or m < _CORES or blas_threads.oversubscribed():
+            return blas_threads.run(largest, part, 0, m, self._buffers(m, K))
+        bounds = [m * i // _CORES for i in range(_CORES + 1)]
+        blocks = [(bounds[i], bounds[i + 1], self._buffers(bounds[i + 1] - bounds[i], K, i)) for i in range(_CORES)]
+        return blas_threads.one_thread(_run_blocks, part, blocks)
 
     def _ready(self, x: Any, width: int, rows: int = 0) -> bool:
         """Whether x is already what the kernels take: a C-contiguous 2-D numpy array of the net's
@@ -352,44 +378,60 @@ class CompiledDerivatives:
     def input_jacobian(self, X: Any) -> np.ndarray:
         """∂y_k/∂x_i per sample, (m, n_L, n_0)."""
         X, _ = self._inputs(X)
-        m, K = X.shape[0], self._n_out
+        m, K, w, plan, kernel = X.shape[0], self._n_out, self.net.params, self._plan, self._module.input_jacobian
         out = np.empty((m, K, self._n_in), dtype=self._dtype)
-        work, kernel = self._buffers(m, K), self._module.input_jacobian
-        if not self._run(m, K, kernel, X, self.net.params, self._plan, work, out.reshape(m * K, -1)):
+        rows = out.reshape(m * K, -1)
+        if not self._run(m, K, lambda lo, hi, work: kernel(X[lo:hi], w, plan, work, rows[lo * K : hi * K])):
             self._not_finite(X)
         return out
 
     def parameter_jacobian(self, X: Any) -> np.ndarray:
         """∂y_nk/∂w, (m, n_L, W)."""
         X, _ = self._inputs(X)
-        m, K = X.shape[0], self._n_out
+        m, K, w, plan, kernel = X.shape[0], self._n_out, self.net.params, self._plan, self._module.parameter_jacobian
         out = np.empty((m, K, self._n_params), dtype=self._dtype)
-        work, kernel = self._buffers(m, K), self._module.parameter_jacobian
-        if not self._run(m, K, kernel, X, self.net.params, self._plan, work, out.reshape(m * K, -1)):
+        rows = out.reshape(m * K, -1)
+        if not self._run(m, K, lambda lo, hi, work: kernel(X[lo:hi], w, plan, work, rows[lo * K : hi * K])):
             self._not_finite(X)
         return out
 
     def per_sample_gradients(self, X: Any, T: Any, s_col: Any = None) -> np.ndarray:
         """s_n ∂ℓ_n/∂w, (m, W); s_col: None or an (m, 1) column of weights (``net.weighting``'s)."""
         X, T = self._inputs(X, T, targets=True)
-        m = X.shape[0]
+        m, w, plan, loss = X.shape[0], self.net.params, self._plan, self._loss
+        kernel = self._module.per_sample_gradients
         out = np.empty((m, self._n_params), dtype=self._dtype)
-        work, kernel = self._buffers(m, 1), self._module.per_sample_gradients
-        ok = self._run(m, 1, kernel, X, T, self.net.params, self._plan, self._loss, work, out, self._weights(s_col))
-        if not ok:
+        s = self._weights(s_col)
+
+        def part(lo: int, hi: int, work: np.ndarray) -> bool:
+            return kernel(X[lo:hi], T[lo:hi], w, plan, loss, work, out[lo:hi], None if s is None else s[lo:hi])
+
+        if not self._run(m, 1, part):
             self._not_finite(X, T)
         return out
 
     def gauss_newton_rows(self, X: Any, T: Any, s_col: Any = None) -> np.ndarray:
-        """The Gauss–Newton factor R, (n_L m, W), rows (k, n) (bpgpu/per_sample.py)."""
+        """The Gauss–Newton factor R, (n_L m, W), rows (k, n) (bpgpu/per_sample.py): one call (its
+        rows are seed-major, so a block of samples is not a block of rows)."""
         X, T = self._inputs(X, T, targets=True)
         m, K = X.shape[0], self._n_out
         out = np.empty((K * m, self._n_params), dtype=self._dtype)
-        work, kernel = self._buffers(m, K), self._module.gauss_newton_rows
-        ok = self._run(m, K, kernel, X, T, self.net.params, self._plan, self._loss, work, out, self._weights(s_col))
-        if not ok:
+        work, kernel, args = self._buffers(m, K), self._module.gauss_newton_rows, (self.net.params, self._plan)
+        if not blas_threads.run(self._cost(m, K)[0], kernel, X, T, *args, self._loss, work, out, self._weights(s_col)):
             self._not_finite(X, T)
         return out
+
+
+def _run_blocks(part: Any, blocks: list[tuple[int, int, np.ndarray]]) -> bool:
+    """part(*block) for every block: the first on this thread, the others on the pool's."""
+    others = [_pool().submit(part, *block) for block in blocks[1:]]
+    ok = part(*blocks[0])
+    return all([f.result() for f in others]) and ok
+
+
+@functools.cache
+def _pool() -> concurrent.futures.ThreadPoolExecutor:
+    return concurrent.futures.ThreadPoolExecutor(max_workers=max(1, _CORES - 1), thread_name_prefix="bpgpu")
 
 
 _DERIVATIVES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
