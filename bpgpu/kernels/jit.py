@@ -30,6 +30,7 @@ import functools
 import logging
 import numbers
 import os
+import threading
 import time
 import weakref
 from types import ModuleType
@@ -231,6 +232,7 @@ class BlasThreads:
     def __init__(self) -> None:
         self._controllers: list[Any] | None = None
         self._busy, self._checked = False, -1.0
+        self._lock, self._depth, self._saved = threading.Lock(), 0, []
 
     def _blas(self) -> list[Any]:
         if self._controllers is None:
@@ -262,17 +264,24 @@ class BlasThreads:
         return self.one_thread(kernel, *args) if self.serial(macs) else kernel(*args)
 
     def one_thread(self, kernel: Any, *args: Any) -> Any:
-        """kernel(*args) with every BLAS library of the process on one thread, restored afterwards."""
-        saved = [(c, c.get_num_threads()) for c in self._blas()]
-        for c, threads in saved:
-            if threads != 1:
-                c.set_num_threads(1)
+        """kernel(*args) with every BLAS library of the process on one thread; the first of
+        concurrent callers saves the thread counts, the last one out restores them."""
+        with self._lock:
+            if self._depth == 0:
+                self._saved = [(c, c.get_num_threads()) for c in self._blas()]
+                for c, threads in self._saved:
+                    if threads != 1:
+                        c.set_num_threads(1)
+            self._depth += 1
         try:
             return kernel(*args)
         finally:
-            for c, threads in saved:
-                if threads != 1:
-                    c.set_num_threads(threads)
+            with self._lock:
+                self._depth -= 1
+                if self._depth == 0:
+                    for c, threads in self._saved:
+                        if threads != 1:
+                            c.set_num_threads(threads)
 
 
 blas_threads = BlasThreads()
