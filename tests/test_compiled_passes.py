@@ -160,6 +160,6 @@ def test_a_call_split_into_sample_blocks_gives_the_whole_calls_result(monkeypatc
     with monkeypatch.context() as patch:
         patch.setattr(jit, "_SPLIT_WORK", 1)
         patch.setattr(jit, "_CORES", 3)
-        patch.setattr(jit.blas_threads, "oversubscribed", lambda: False)
+        patch.setattr(jit.blas_threads, "load", lambda: 0.0)
         split = call(tool, net, X, T, s)
     assert relative(split, whole) <= 1e-12

@@ -214,6 +214,7 @@ _SERIAL_MACS = 1 << 22
 # A call whose result has at least this many entries (K m W, about its multiply-adds) is split
 # into one block of samples per core (benchmarks/NOTES.md, "S4").
 _SPLIT_WORK = 1 << 22
+_SPLIT_MAX_LOAD = 4.0  # per core: above it no core is free for a second block (measured: NOTES "S4")
 _CORES = max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
@@ -231,7 +232,7 @@ class BlasThreads:
 
     def __init__(self) -> None:
         self._controllers: list[Any] | None = None
-        self._busy, self._checked = False, -1.0
+        self._load, self._checked = 0.0, -1.0
         self._lock, self._depth, self._saved = threading.Lock(), 0, []
 
     def _blas(self) -> list[Any]:
@@ -244,16 +245,20 @@ class BlasThreads:
                 self._controllers = ThreadpoolController().select(user_api="blas").lib_controllers
         return self._controllers
 
-    def oversubscribed(self) -> bool:
-        """Whether the 1-minute load average exceeds the cores + 1 (read at most once a second)."""
+    def load(self) -> float:
+        """The 1-minute load average per core (read at most once a second; 0 where there is none)."""
         now = time.monotonic()
         if now - self._checked > 1.0:
             self._checked = now
             try:
-                self._busy = os.getloadavg()[0] > (os.cpu_count() or 1) + 1
+                self._load = os.getloadavg()[0] / _CORES
             except OSError:  # no load average on this system
-                self._busy = False
-        return self._busy
+                self._load = 0.0
+        return self._load
+
+    def oversubscribed(self) -> bool:
+        """Whether the 1-minute load average exceeds the cores + 1."""
+        return self.load() * _CORES > _CORES + 1
 
     def serial(self, macs: int) -> bool:
         """Whether a call whose largest product has ``macs`` multiply-adds should run on one thread."""
@@ -343,11 +348,11 @@ class CompiledDerivatives:
     def _run(self, m: int, K: int, part: Any) -> bool:
         """``part(lo, hi, work)`` (the kernel on samples lo..hi − 1, whose rows of the result are
         contiguous) over the batch: at once, BLAS threads as :class:`BlasThreads` decides; or, for
-        a call of at least ``_SPLIT_WORK`` K m W on a machine that is not oversubscribed, in one
-        block of samples per core, each on one BLAS thread, the blocks on Python threads (numba
-        releases the GIL), which wait on a lock where OpenBLAS's threads spin."""
+        a call of at least ``_SPLIT_WORK`` K m W, unless the load average per core exceeds
+        ``_SPLIT_MAX_LOAD``, in one block of samples per core, each on one BLAS thread, the blocks
+        on Python threads (numba releases the GIL), which wait on a lock where OpenBLAS's spin."""
         largest, size = self._cost(m, K)
-        if size < _SPLIT_WORK or _CORES < 2 or m < _CORES or blas_threads.oversubscribed():
+        if size < _SPLIT_WORK or _CORES < 2 or m < _CORES or blas_threads.load() > _SPLIT_MAX_LOAD:
             return blas_threads.run(largest, part, 0, m, self._buffers(m, K))
         bounds = [m * i // _CORES for i in range(_CORES + 1)]
         blocks = [(bounds[i], bounds[i + 1], self._buffers(bounds[i + 1] - bounds[i], K, i)) for i in range(_CORES)]
