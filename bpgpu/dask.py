@@ -407,8 +407,7 @@ def fit(
 
     if optimizer not in FIT_OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {', '.join(FIT_OPTIMIZERS)}, got {optimizer!r}")
-    if isinstance(max_iter, bool) or not isinstance(max_iter, (int, np.integer)) or max_iter < 1:
-        raise ValueError(f"max_iter must be an int >= 1, got {max_iter!r}")
+    _at_least_one(max_iter, "max_iter")
     X, T = _check(net, X, T)
     if optimizer == "lm":
         return _fit_lm(net, X, T, max_iter, tol, timeout, **options)
@@ -419,9 +418,13 @@ def fit(
     step_rule = make_optimizer(update, net, learning_rate, **options)
     if optimizer == "gd":
         return _fit_gd(net, X, T, step_rule, max_iter, tol, timeout)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    _at_least_one(batch_size, "batch_size")
     return _fit_sgd(net, X, T, step_rule, max_iter, batch_size, seed, timeout)
+
+
+def _at_least_one(value: Any, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
 
 
 def _penalized_gradient(
@@ -529,11 +532,9 @@ def _fit_lm(
     unknown = sorted(set(options) - set(LM_OPTIONS))
     if unknown:
         raise TypeError(f"optimizer='lm' does not take {', '.join(unknown)}; it takes {', '.join(LM_OPTIONS)}")
-    for value, name in ((n_iter_no_change, "n_iter_no_change"), (chunk_size, "chunk_size")):
-        if value is None and name == "chunk_size":
-            continue
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    _at_least_one(n_iter_no_change, "n_iter_no_change")
+    if chunk_size is not None:
+        _at_least_one(chunk_size, "chunk_size")
     if tol is not None and (isinstance(tol, bool) or not isinstance(tol, (int, float)) or tol < 0):
         raise ValueError(f"tol must be a number >= 0 or None, got {tol!r}")
     damping = LMDamping(net, **options)
@@ -560,7 +561,7 @@ def _fit_lm(
             if E is None:
                 E = float(sums[0]) + damping.penalty(w0)
                 if not np.isfinite(E):
-                    raise FloatingPointError(f"the loss at the starting parameters is {E} (not finite)")
+                    break  # raised below, outside: not a failure of Dask
             g = backend.asarray(sums[1 : 1 + W], net.xp_dtype) + damping.penalty_gradient(w0)
             A = backend.asarray(np.reshape(sums[1 + W :], (W, W)), net.xp_dtype)
 
@@ -588,4 +589,6 @@ def _fit_lm(
             if tol is not None and count > n_iter_no_change:
                 history.stop_reason = "tol"
                 break
+    if not np.isfinite(E):
+        raise FloatingPointError(f"the loss at the starting parameters is {E} (not finite)")
     return history

@@ -386,14 +386,13 @@ class LevenbergMarquardt(LMDamping):
     net : the MLP, trained in place.
     X (m, n_0), T (m, n_L) : the training data (full batch).
     sample_weight : one weight s_n ≥ 0 per row, or None.
-    alpha : L2 penalty on the weights (as ``bp.fit``'s).
-    mu, mu_dec, mu_inc, mu_max : the damping and its schedule (MATLAB ``trainlm``'s defaults).
-    damping : "identity" (D = I) or "diagonal" (D = diag(RᵀR), floored at 1e-12 of its
-        largest entry so that a dead unit keeps the matrix definite).
     form : "auto" (the smaller of W × W and N × N), "parameters" or "residuals".
     chunk_size : samples per chunk when building R (None: about 64 MiB of rows).
     max_memory : bytes the solver may allocate (None: half the device's free memory);
         a larger need raises ValueError before anything is allocated.
+    **options : alpha (L2 penalty on the weights, as ``bp.fit``'s), mu, mu_dec, mu_inc,
+        mu_max (the damping and its schedule, MATLAB ``trainlm``'s defaults) and damping
+        ("identity": D = I, or "diagonal": D = diag(RᵀR)), as :class:`LMDamping` takes them.
     """
 
     def __init__(
@@ -403,17 +402,12 @@ class LevenbergMarquardt(LMDamping):
         T: Any,
         sample_weight: Any = None,
         *,
-        alpha: float = 0.0,
-        mu: float = 1e-3,
-        mu_dec: float = 0.1,
-        mu_inc: float = 10.0,
-        mu_max: float = 1e10,
-        damping: str = "identity",
         form: str = "auto",
         chunk_size: int | None = None,
         max_memory: int | None = None,
+        **options: Any,
     ):
-        super().__init__(net, alpha=alpha, mu=mu, mu_dec=mu_dec, mu_inc=mu_inc, mu_max=mu_max, damping=damping)
+        super().__init__(net, **options)  # alpha, mu, mu_dec, mu_inc, mu_max, damping: their defaults live there
         if form not in FORMS:
             raise ValueError(f"form must be one of {', '.join(map(repr, FORMS))}, got {form!r}")
         self.X, self.T = net.check_inputs(X, T)
@@ -429,7 +423,7 @@ class LevenbergMarquardt(LMDamping):
             raise ValueError(f"chunk_size must be an int >= 1 or None, got {chunk_size!r}")
         self.chunk_size = min(int(chunk_size), m)
         self.form = ("residuals" if N < W else "parameters") if form == "auto" else form
-        check_memory(net, m, self.form, damping, self.chunk_size, max_memory)
+        check_memory(net, m, self.form, self.damping, self.chunk_size, max_memory)
         self.E = self.objective()
         if not np.isfinite(self.E):
             raise FloatingPointError(f"the loss at the starting parameters is {self.E} (not finite)")

@@ -54,23 +54,24 @@ def make_net() -> bp.MLP:
 
 
 def in_memory(X: np.ndarray, T: np.ndarray, optimizer: str, max_iter: int) -> tuple[float, float]:
-    """(final loss, seconds) of the same optimizer on all rows at once, in memory (timed after
-    one untimed iteration, so that the first call's loading is not counted)."""
+    """(final loss, seconds) of the same optimizer on all rows at once, in memory, on one BLAS
+    thread as every fit here (on 2 loaded cores, OpenBLAS's threads made LM's 8 iterations 9×
+    slower), timed after one untimed iteration (the first call's loading)."""
     net = make_net()
     bp.fit(make_net(), X, T, optimizer=optimizer, epochs=1, progress=False)
-    start = time.perf_counter()
-    if optimizer == "lm":
-        history = bp.fit(net, X, T, optimizer="lm", epochs=max_iter, tol=1e-6, progress=False)
-        return history.loss[-1], time.perf_counter() - start
 
     def loss_and_gradient(w):
         net.set_params(w)
         return net.loss_and_gradient(X, T)
 
-    result = minimize(
-        loss_and_gradient, net.params.copy(), jac=True, method="L-BFGS-B", options={"maxiter": max_iter, "gtol": 1e-6}
-    )
-    return float(result.fun), time.perf_counter() - start
+    start = time.perf_counter()
+    with threadpool_limits(1, user_api="blas"):
+        if optimizer == "lm":
+            J = bp.fit(net, X, T, optimizer="lm", epochs=max_iter, tol=1e-6, progress=False).loss[-1]
+        else:
+            options = {"maxiter": max_iter, "gtol": 1e-6}
+            J = float(minimize(loss_and_gradient, net.params.copy(), jac=True, method="L-BFGS-B", options=options).fun)
+    return J, time.perf_counter() - start
 
 
 def kill(pid: int, record: list[float]) -> None:

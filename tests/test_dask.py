@@ -272,7 +272,9 @@ def test_lbfgs_equals_scipy_on_one_process():
     assert relative(net.params, result.x) <= 1e-8  # 15 iterations amplify 1e-16 differences a little
 
 
-def test_lbfgs_stopped_by_a_failed_evaluation_keeps_its_last_completed_iteration(monkeypatch):
+@pytest.mark.parametrize("optimizer", ["lbfgs", "lm"])
+def test_a_fit_stopped_by_a_failed_evaluation_keeps_its_last_complete_update(monkeypatch, optimizer):
+    """L-BFGS keeps its last completed iteration, Levenberg–Marquardt its last accepted step."""
     net, X, T = make(output="softmax", loss="cross_entropy")
     Xd, Td = chunked(X, T)
     computed, calls = bd._computed, []
@@ -288,17 +290,17 @@ def test_lbfgs_stopped_by_a_failed_evaluation_keeps_its_last_completed_iteration
         dask.config.set(scheduler="sync"),
         pytest.raises(
             bd.EvaluationError,
-            match=r"timeout: bpgpu.dask.fit\(optimizer='lbfgs'\) stopped: .*the result of the "
+            match=rf"timeout: bpgpu.dask.fit\(optimizer='{optimizer}'\) stopped: .*the result of the "
             r"(\d+) complete update\(s\) before it \(timeout: injected\)",
         ) as failure,
     ):
-        bd.fit(net, Xd, Td, "lbfgs", max_iter=50, timeout=9.0)
+        bd.fit(net, Xd, Td, optimizer, max_iter=50, timeout=9.0)
     assert failure.value.reason == "timeout" and set(calls) == {9.0}
     done = int(re.search(r"the result of the (\d+) complete", str(failure.value)).group(1))
     assert 1 <= done < 8
     reference = make(output="softmax", loss="cross_entropy")[0]
     with dask.config.set(scheduler="sync"):
-        bd.fit(reference, Xd, Td, "lbfgs", max_iter=done)  # stops at the same iterate
+        bd.fit(reference, Xd, Td, optimizer, max_iter=done)  # stops at the same iterate
     assert relative(net.params, reference.params) <= 1e-12
 
 
@@ -328,6 +330,34 @@ def test_lm_equals_bp_fit_lm_in_one_process(problem, rows, options):
     np.testing.assert_allclose(history.loss, expected.loss, rtol=1e-12)
     np.testing.assert_allclose(history.mu, expected.mu, rtol=1e-12)
     assert relative(net.params, reference.params) <= 1e-12
+
+
+def test_lm_on_a_float32_net_stays_float32_near_one_process():
+    net, X, T = make(dtype="float32")
+    X, T = X.astype(np.float32), T.astype(np.float32)
+    reference = net.copy()
+    expected = one_process_lm(reference, X, T, 4)
+    Xd, Td = chunked(X, T)
+    with dask.config.set(scheduler="sync"):
+        history = bd.fit(net, Xd, Td, "lm", max_iter=4, tol=1e-6)
+    assert net.params.dtype == np.float32 and history.mu == expected.mu
+    np.testing.assert_allclose(history.loss, expected.loss, rtol=1e-5)
+    assert relative(net.params, reference.params) <= 1e-4
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not bp.gpu_status().usable, reason=bp.gpu_status().reason)
+def test_lm_on_cupy_chunks_equals_one_process():
+    import cupy
+
+    net, X, T = make()
+    reference = net.copy()
+    expected = one_process_lm(reference, X, T, 4)
+    Xd, Td = (a.map_blocks(cupy.asarray) for a in chunked(X, T))
+    with dask.config.set(scheduler="threads"):
+        history = bd.fit(net, Xd, Td, "lm", max_iter=4, tol=1e-6)
+    np.testing.assert_allclose(history.loss, expected.loss, rtol=1e-10)
+    assert relative(net.params, reference.params) <= 1e-10
 
 
 def test_lm_on_a_sum_net_with_threads_and_its_tol_rule_equal_one_process():
@@ -365,35 +395,6 @@ def test_lm_at_a_minimum_tries_every_mu_in_four_round_trips_and_stops_at_mu_max(
     np.testing.assert_array_equal(net.params, before)
 
 
-def test_lm_stopped_by_a_failed_evaluation_keeps_its_last_accepted_step(monkeypatch):
-    net, X, T = make(output="softmax", loss="cross_entropy")
-    Xd, Td = chunked(X, T)
-    computed, calls = bd._computed, []
-
-    def fails_on_the_ninth(summed, timeout):
-        calls.append(timeout)
-        if len(calls) == 9:
-            raise bd.EvaluationError("retries exhausted", "injected")
-        return computed(summed, timeout)
-
-    monkeypatch.setattr(bd, "_computed", fails_on_the_ninth)
-    with (
-        dask.config.set(scheduler="sync"),
-        pytest.raises(
-            bd.EvaluationError,
-            match=r"retries exhausted: bpgpu.dask.fit\(optimizer='lm'\) stopped: .*the result of the "
-            r"(\d+) complete update\(s\) before it \(retries exhausted: injected\)",
-        ) as failure,
-    ):
-        bd.fit(net, Xd, Td, "lm", max_iter=50, timeout=7.0)
-    assert failure.value.reason == "retries exhausted" and set(calls) == {7.0}
-    done = int(re.search(r"the result of the (\d+) complete", str(failure.value)).group(1))
-    assert 1 <= done < 8
-    reference = make(output="softmax", loss="cross_entropy")[0]
-    one_process_lm(reference, X, T, done)
-    assert relative(net.params, reference.params) <= 1e-12
-
-
 def test_lm_bad_input_names_the_argument_and_the_sizes():
     from dataclasses import replace
 
@@ -416,6 +417,8 @@ def test_lm_bad_input_names_the_argument_and_the_sizes():
         r"more than the .* allowed \(max_memory\). Use bpgpu.dask.fit with optimizer 'lbfgs', 'gd' or 'sgd'",
     ):
         bd.fit(net, Xd, Td, "lm", max_memory=51 * 51 * 8)  # one W × W copy fits, the factorisation's does not
+    with dask.config.set(scheduler="sync"), pytest.raises(FloatingPointError, match="starting parameters is inf"):
+        bd.fit(net, Xd, chunked(T * 1e200)[0], "lm")  # (a − t)² overflows
     net.loss_function = replace(net.loss_function, name="absolute_error")
     with pytest.raises(ValueError, match="cannot serve loss='absolute_error'.*serves squared_error"):
         bd.fit(net, Xd, Td, "lm")
