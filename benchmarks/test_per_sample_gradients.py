@@ -1,7 +1,7 @@
 """Per-sample gradients (docs/guide/second_order.rst): bpgpu.per_sample_gradients against torch.func's
 vmap(grad) and JAX's jit(vmap(grad)) on the nets of the engine issue (tanh hidden,
-identity output, ½‖y − t‖² per sample), CPU float64, one BLAS / intra-op thread each,
-after checking that the three agree to 1e-9.
+identity output, ½‖y − t‖² per sample), CPU float64 and float32, one BLAS / intra-op thread
+each, after checking that the three agree (float64 1e-9, float32 1e-4 relative to the largest entry).
 
     python -m pytest benchmarks/test_per_sample_gradients.py -q
 
@@ -26,11 +26,14 @@ def one_thread():
         yield
 
 
-def _setup(name):
+AGREEMENT = {"float64": 1e-9, "float32": 1e-4}
+
+
+def _setup(name, dtype="float64"):
     sizes, m = NETS[name]
-    net = bp.MLP(sizes, hidden="tanh", output="identity", dtype="float64", backend="numpy", init="glorot", seed=0)
+    net = bp.MLP(sizes, hidden="tanh", output="identity", dtype=dtype, backend="numpy", init="glorot", seed=0)
     rng = np.random.default_rng(0)
-    return net, rng.standard_normal((m, sizes[0])), rng.standard_normal((m, sizes[-1]))
+    return net, rng.standard_normal((m, sizes[0])).astype(dtype), rng.standard_normal((m, sizes[-1])).astype(dtype)
 
 
 def _loss_of(xp, tanh, sizes):
@@ -70,13 +73,15 @@ IMPLS = ("bpgpu", "torch_vmap_grad", "jax_jit_vmap_grad")
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
 @pytest.mark.parametrize("name", list(NETS))
-def test_per_sample_gradients(benchmark, record, name, impl):
-    net, X, T = _setup(name)
+def test_per_sample_gradients(benchmark, record, name, dtype, impl):
+    net, X, T = _setup(name, dtype)
     case = _case(impl, net, X, T)
     expected = bp.to_numpy(bp.per_sample_gradients(net, X, T))
     got = np.asarray(case())
-    assert np.abs(got - expected).max() <= 1e-9 * np.abs(expected).max()
-    benchmark.group = f"per-sample gradients {name}"
+    assert got.dtype == expected.dtype
+    assert np.abs(got - expected).max() <= AGREEMENT[dtype] * np.abs(expected).max()
+    benchmark.group = f"per-sample gradients {name} {dtype}"
     benchmark(case)
-    record("lm", (f"per_sample {name}", impl), benchmark)
+    record("lm", (f"per_sample {name} {dtype}", impl), benchmark)

@@ -52,6 +52,15 @@ arrays (K, m, n_l), so every product is one batched GEMM):
     r_output_delta(net, ws, T, Rz, Ra)        R{δ(L)}, the loss's part of the R-pass
     loss_curvature(net, a, T)                 ∂²ℓ/∂a² per sample and output (diagonal), (m, n_L)
 
+The seeded tools as one compiled call each on the numpy backend (numba: the forward pass,
+the backprop of all K·m seed rows with one GEMM per layer, the outer products; buffers reused;
+:class:`bpgpu.kernels.jit.CompiledDerivatives`), or None elsewhere (the caller runs the passes):
+
+    compiled_input_jacobian(net, X)           ∂y_k/∂x per sample, (m, n_L, n_0)
+    compiled_parameter_jacobian(net, X)       ∂y_nk/∂w, (m, n_L, W)
+    compiled_per_sample_gradients(net, X, T, s_col)   s_n ∂ℓ_n/∂w, (m, W)
+    compiled_gauss_newton_rows(net, X, T, s_col)      the Gauss–Newton factor R, (n_L m, W), rows (k, n)
+
 ``weights`` is ``None`` or the pair ``(s_col, c)`` of :meth:`bpgpu.network.MLP.weighting`.
 """
 

@@ -29,6 +29,9 @@ and u = a(L) otherwise:
     any other pair (u = a(L))        M = diag(ℓ″)          Fᵀ = diag(√ℓ″)
 
 (for softmax: (diag(√a) − a √aᵀ)(diag(√a) − √a aᵀ) = diag(a) − 2 a aᵀ + a (Σ_k a_k) aᵀ).
+
+On the numpy backend each of these is one compiled call (``engine.compiled_*``, the same
+equations in bpgpu/kernels/compiled.py); elsewhere the engine's array passes below.
 """
 
 from __future__ import annotations

@@ -149,3 +149,17 @@ def test_compiled_tools_allocate_only_their_result(tool):
     finally:
         tracemalloc.stop()
     assert peak - start <= result.nbytes + 4096, (peak - start, result.nbytes)
+
+
+@pytest.mark.parametrize("tool", TOOLS)
+def test_a_call_split_into_sample_blocks_gives_the_whole_calls_result(monkeypatch, tool):
+    """Large calls run as one block of samples per core on Python threads (jit.py): same result."""
+    net, X, T, rng = random_problem([5, 9, 7, 3], "tanh", "softmax", "cross_entropy", "mean", 4, 11)
+    s = rng.uniform(0.0, 2.0, size=11)
+    whole = call(tool, net, X, T, s)
+    with monkeypatch.context() as patch:
+        patch.setattr(jit, "_SPLIT_WORK", 1)
+        patch.setattr(jit, "_CORES", 3)
+        patch.setattr(jit.blas_threads, "load", lambda: 0.0)
+        split = call(tool, net, X, T, s)
+    assert relative(split, whole) <= 1e-12

@@ -11,7 +11,7 @@ rows per layer).
 
 Each equation is written once, as a scalar function that every loop here calls:
 
-    g(code, z)            the activation: identity, σ = exp(−softplus(−z)), tanh, relu,
+    g(code, z)            the activation: identity, σ = exp(−softplus(−z)), tanh (by :func:`tanh`), relu,
                           leaky_relu max(z, k z), softplus log(1 + e^z), exp e^z
     g1(code, a)           g′(z) through a = g(z): 1, a(1 − a), 1 − a², [a > 0], 1 or k, 1 − e^{−a}, a
     g2(code, a)           g″(z) through a: 0, a(1 − a)(1 − 2a), −2a(1 − a²), 0, 0, (1 − e^{−a}) e^{−a}, a
@@ -50,6 +50,7 @@ benchmarks/NOTES.md, "N1").
 from __future__ import annotations
 
 import functools
+import math
 
 import numpy as np
 from numba import njit, types
@@ -94,6 +95,44 @@ _xxgemm = types.ExternalFunction(
 )
 
 
+# --- tanh, vectorizable ---------------------------------------------------------------
+# numba's np.tanh is a call into libm, one element at a time (measured 15–25 ns an element here,
+# numpy's SIMD tanh 2–3 ns: benchmarks/NOTES.md, "S3"). This one is arithmetic only, so LLVM
+# vectorizes the loops that call it: tanh|x| = e/(e + 2) with e = e^{2|x|} − 1 = 2^k (1 + q(r)) − 1,
+# 2|x| = k ln 2 + r, |r| ≤ ln(2)/2, q(r) = e^r − 1 by its Taylor polynomial of degree 13 (truncation
+# below half an ulp), 2^k as the integer 1 << k, all in float64. Measured within 2 ulp of numpy's
+# tanh over [−20, 20] and down to the smallest subnormals; tanh(±0) = ±0, NaN stays NaN.
+_LN2_HI, _LN2_LO = 6.93147180369123816490e-01, 1.90821492927058770002e-10  # ln 2 = hi + lo, hi with 32 bits
+_INV_LN2 = 1.44269504088896338700e00
+_F = tuple(1.0 / math.factorial(j) for j in range(14))  # 1/j!
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def tanh(x):
+    """tanh x by arithmetic only (the section's comment), in float64."""
+    y = min(abs(x) * 2.0, 40.0)  # tanh(20) = 1 in float64; NaN passes through min
+    kf = np.floor(y * _INV_LN2 + 0.5)
+    kf = kf if kf == kf else 0.0  # NaN: any k (the polynomial carries the NaN)
+    r = (y - kf * _LN2_HI) - kf * _LN2_LO
+    p = _F[13]  # Horner, unrolled (a loop here defeats numba's inlining): q = r (1 + r (1/2! + r (1/3! + ...)))
+    p = _F[12] + r * p
+    p = _F[11] + r * p
+    p = _F[10] + r * p
+    p = _F[9] + r * p
+    p = _F[8] + r * p
+    p = _F[7] + r * p
+    p = _F[6] + r * p
+    p = _F[5] + r * p
+    p = _F[4] + r * p
+    p = _F[3] + r * p
+    p = _F[2] + r * p
+    q = r * (1.0 + r * p)
+    two_k = float(1 << int(kf))
+    e = two_k * q + (two_k - 1.0)
+    t = e / (e + 2.0)
+    return t if x > 0 else (-t if x < 0 else x)  # ±0 and NaN: x itself
+
+
 # --- the scalar definitions ----------------------------------------------------------
 # ``one`` is 1 in the arrays' dtype (numba has no type(x)(1)), ``slope`` k in it; the loops
 # below make them once per call with :func:`_constants`.
@@ -106,7 +145,7 @@ def g(code, x, one, slope):
     if code == SIGMOID:
         return np.exp(-np.logaddexp(-x, zero))  # exp(−softplus(−z)): no overflow, full precision where σ is tiny
     if code == TANH:
-        return np.tanh(x)
+        return tanh(x)  # float64 arithmetic for float32 too (stored back in the array's dtype)
     if code == RELU:
         return zero if x < zero else x  # not max(x, 0): NaN stays NaN
     if code == LEAKY_RELU:
@@ -250,15 +289,16 @@ def _activate(code, z, b, out):
     """z ← z + b; out = g(z) (out may be z); returns out."""
     m, n = z.shape
     one, slope, _, _ = _constants(z)
-    for i in range(m):
-        for j in range(n):
-            z[i, j] += b[j]
     if code == SOFTMAX:
+        for i in range(m):
+            for j in range(n):
+                z[i, j] += b[j]
         _softmax_rows(z, out)
         return out
-    for i in range(m):
-        for j in range(n):
-            out[i, j] = g(code, z[i, j], one, slope)
+    if code == TANH:  # the code as a constant: g folds to tanh alone, a loop LLVM vectorizes
+        _activate_loop(TANH, z, b, out, one, slope)
+    else:
+        _activate_loop(code, z, b, out, one, slope)
     return out
 
 
@@ -270,6 +310,23 @@ def _softmax_times(s, a, out):
         dot += s[j] * a[j]
     for j in range(s.shape[0]):
         out[j] = (s[j] - dot) * a[j]
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _activate_loop(code, z, b, out, one, slope):
+    """z ← z + b; out = g(z), as one loop through one array (out is z) or two distinct ones: where
+    out and z might overlap LLVM keeps the loop scalar (5× slower for tanh: benchmarks/NOTES.md, "S3")."""
+    m, n = z.shape
+    if out.ctypes.data == z.ctypes.data:
+        for i in range(m):
+            for j in range(n):
+                z[i, j] = g(code, z[i, j] + b[j], one, slope)
+    else:
+        for i in range(m):
+            for j in range(n):
+                v = z[i, j] + b[j]
+                z[i, j] = v
+                out[i, j] = g(code, v, one, slope)
 
 
 @njit(cache=True, error_model="numpy")
@@ -409,17 +466,7 @@ def _bwd(code: int, name: str):
 
 identity_fwd, identity_bwd = _fwd(IDENTITY, "identity"), _bwd(IDENTITY, "identity")
 sigmoid_fwd, sigmoid_bwd = _fwd(SIGMOID, "sigmoid"), _bwd(SIGMOID, "sigmoid")
-tanh_bwd = _bwd(TANH, "tanh")
-
-
-def tanh_fwd(z, b, out, scratch, rows):
-    """z ← z + b in place; out = tanh(z + b) (out may be z), by numpy's tanh: numpy's is vectorised,
-    numba's calls the C library's scalar tanh, 7× slower on a (200, 20) block here
-    (benchmarks/NOTES.md, "LM1"). The compiled training step keeps the scalar g."""
-    np.add(z, b, out=z)
-    return np.tanh(z, out=out)
-
-
+tanh_fwd, tanh_bwd = _fwd(TANH, "tanh"), _bwd(TANH, "tanh")  # g is vectorizable: see tanh above
 relu_fwd, relu_bwd = _fwd(RELU, "relu"), _bwd(RELU, "relu")
 leaky_relu_fwd, leaky_relu_bwd = _fwd(LEAKY_RELU, "leaky_relu"), _bwd(LEAKY_RELU, "leaky_relu")
 softplus_fwd, softplus_bwd = _fwd(SOFTPLUS, "softplus"), _bwd(SOFTPLUS, "softplus")
@@ -619,20 +666,29 @@ def _sample_of(r, m, K, sample_major):
 def times_g1_rows(code, s, a, K, sample_major):
     """s ← s ⊙ g′(z) for a stack of K·m rows s (K·m, n), g′ through a = g(z) (m, n), the row's
     sample given by the stack's order; softmax: s_r ← a_n ⊙ (s_r − Σ_j s_rj a_nj)."""
-    rows, n = s.shape
-    m = a.shape[0]
-    one, slope, _, _ = _constants(s)
-    for r in range(rows):
-        i = _sample_of(r, m, K, sample_major)
-        if code == SOFTMAX:
+    if code == SOFTMAX:
+        rows, n = s.shape
+        for r in range(rows):
+            i = _sample_of(r, a.shape[0], K, sample_major)
             dot = s.dtype.type(0)
             for j in range(n):
                 dot += s[r, j] * a[i, j]
             for j in range(n):
                 s[r, j] = (s[r, j] - dot) * a[i, j]
-        else:
-            for j in range(n):
-                s[r, j] = s[r, j] * g1(code, a[i, j], one, slope)
+    elif code == TANH:  # the code as a constant: a loop LLVM vectorizes (as in _activate)
+        _times_g1_loop(TANH, s, a, K, sample_major)
+    else:
+        _times_g1_loop(code, s, a, K, sample_major)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _times_g1_loop(code, s, a, K, sample_major):
+    rows, n = s.shape
+    one, slope, _, _ = _constants(s)
+    for r in range(rows):
+        i = _sample_of(r, a.shape[0], K, sample_major)
+        for j in range(n):
+            s[r, j] = s[r, j] * g1(code, a[i, j], one, slope)
 
 
 @njit(cache=True, error_model="numpy")
@@ -717,16 +773,19 @@ def outer_rows(X, acts, deltas, plan, m, K, sample_major, out):
         delta = _view(deltas, layer_start(plan, l, rows), rows, n_out)
         a_in = X if l == 1 else _view(acts, layer_start(plan, l - 1, m), m, n_in)
         for r in range(rows):
-            n = _sample_of(r, m, K, sample_major)
+            # through 1-D views of the row: indexing out[r, base + j] directly kept LLVM from
+            # vectorizing the inner loop (measured 3–6× slower: benchmarks/NOTES.md, "S3")
+            n, src = _sample_of(r, m, K, sample_major), delta[r]
+            block = out[r, off : off + n_out * (n_in + 1)].reshape(n_in + 1, n_out)  # Θ(l) column-major
             for j in range(n_out):
-                out[r, off + j] = delta[r, j]
+                block[0, j] = src[j]
             for i in range(n_in):
-                ai, base = a_in[n, i], off + n_out * (i + 1)
+                ai, dst = a_in[n, i], block[i + 1]
                 for j in range(n_out):
-                    out[r, base + j] = ai * delta[r, j]
+                    dst[j] = ai * src[j]
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", nogil=True)  # run on sample blocks in threads (jit.py)
 def input_jacobian(X, w, plan, work, out):
     """∂y_k/∂x per sample into out (m·n_L, n_0), rows (n, k): the output seeds backpropagated
     (sample-major), then δ(1) W(1) in one GEMM. False (nothing computed) when X is not finite."""
@@ -743,7 +802,7 @@ def input_jacobian(X, w, plan, work, out):
     return True
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", nogil=True)  # run on sample blocks in threads (jit.py)
 def parameter_jacobian(X, w, plan, work, out):
     """∂y_nk/∂w into out (m·n_L, W), rows (n, k); False (nothing computed) when X is not finite."""
     if not all_finite(X):
@@ -758,7 +817,7 @@ def parameter_jacobian(X, w, plan, work, out):
     return True
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", nogil=True)  # run on sample blocks in threads (jit.py)
 def per_sample_gradients(X, T, w, plan, loss, work, out, weights=None):
     """s_n ∂ℓ_n/∂w into out (m, W): δ_n(L) = s_n ∂ℓ_n/∂z(L) (the step's output delta with c = 1),
     backprop, the outer products. False (nothing computed) when X or T is not finite."""

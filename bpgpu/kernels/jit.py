@@ -30,10 +30,13 @@ compiled gradient and then its own one-kernel update.
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import logging
 import numbers
 import os
+import threading
+import time
 import weakref
 from types import ModuleType
 from typing import Any
@@ -211,6 +214,93 @@ class CompiledGradient:
         return self._step.run(X, T, grad, weights)
 
 
+# OpenBLAS runs a GEMM of at most this many multiply-adds (m n k) on one thread by itself
+# (interface/gemm.c: SMP_THRESHOLD_MIN 65536 × GEMM_MULTITHREAD_THRESHOLD 4).
+_OPENBLAS_SERIAL_MACS = 65536 * 4
+# Below this many multiply-adds in a call's largest product, a second thread costs more in
+# start-up and waiting than it saves; above it, it pays on an idle machine only.
+_SERIAL_MACS = 1 << 22
+# A call whose result has at least this many entries (K m W, about its multiply-adds) is split
+# into one block of samples per core (benchmarks/NOTES.md, "S4").
+_SPLIT_WORK = 1 << 22
+_SPLIT_MAX_LOAD = 4.0  # per core: above it no core is free for a second block (measured: NOTES "S4")
+_CORES = max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+class BlasThreads:
+    """One BLAS thread for a compiled call where more would wait rather than work.
+
+    The kernels call SciPy's OpenBLAS (numba's ?gemm helper), whose threads spin on a
+    barrier: with more runnable processes than cores, a two-thread GEMM of 2·10⁶ multiply-adds
+    was measured at 10 ms instead of 0.5 ms (benchmarks/NOTES.md, "S2"). So a call whose
+    largest product exceeds OpenBLAS's own serial threshold runs on one thread when that
+    product is below ``_SERIAL_MACS``, or when the machine is oversubscribed (1-minute load
+    average above the core count plus one, read at most once a second); otherwise OpenBLAS
+    keeps its threads. Needs threadpoolctl (else nothing changes).
+    """
+
+    def __init__(self) -> None:
+        self._controllers: list[Any] | None = None
+        self._load, self._checked = 0.0, -1.0
+        self._lock, self._depth, self._saved = threading.Lock(), 0, []
+
+    def _blas(self) -> list[Any]:
+        if self._controllers is None:
+            try:
+                from threadpoolctl import ThreadpoolController
+            except ImportError:
+                self._controllers = []
+            else:
+                self._controllers = ThreadpoolController().select(user_api="blas").lib_controllers
+        return self._controllers
+
+    def load(self) -> float:
+        """The 1-minute load average per core (read at most once a second; 0 where there is none)."""
+        now = time.monotonic()
+        if now - self._checked > 1.0:
+            self._checked = now
+            try:
+                self._load = os.getloadavg()[0] / _CORES
+            except OSError:  # no load average on this system
+                self._load = 0.0
+        return self._load
+
+    def oversubscribed(self) -> bool:
+        """Whether the 1-minute load average exceeds the cores + 1."""
+        return self.load() * _CORES > _CORES + 1
+
+    def serial(self, macs: int) -> bool:
+        """Whether a call whose largest product has ``macs`` multiply-adds should run on one thread."""
+        return macs > _OPENBLAS_SERIAL_MACS and (macs < _SERIAL_MACS or self.oversubscribed())
+
+    def run(self, macs: int, kernel: Any, *args: Any) -> Any:
+        """kernel(*args), on one BLAS thread when :meth:`serial` says so."""
+        return self.one_thread(kernel, *args) if self.serial(macs) else kernel(*args)
+
+    def one_thread(self, kernel: Any, *args: Any) -> Any:
+        """kernel(*args) with every BLAS library of the process on one thread; the first of
+        concurrent callers saves the thread counts, the last one out restores them."""
+        with self._lock:
+            if self._depth == 0:
+                self._saved = [(c, c.get_num_threads()) for c in self._blas()]
+                for c, threads in self._saved:
+                    if threads != 1:
+                        c.set_num_threads(1)
+            self._depth += 1
+        try:
+            return kernel(*args)
+        finally:
+            with self._lock:
+                self._depth -= 1
+                if self._depth == 0:
+                    for c, threads in self._saved:
+                        if threads != 1:
+                            c.set_num_threads(threads)
+
+
+blas_threads = BlasThreads()
+
+
 class CompiledDerivatives:
     """The seeded derivative tools of ``net`` as one compiled call each (numpy backend): the input
     and parameter Jacobians, per-sample gradients and the Gauss–Newton factor, built on
@@ -232,7 +322,8 @@ class CompiledDerivatives:
         self._check_targets = net.loss_function.name == "poisson" or (
             net.loss_function.name == "cross_entropy" and net.activations[-1].name == "softmax"
         )
-        self._work: dict[tuple[int, int], np.ndarray] = {}
+        self._work: dict[tuple[int, int, int], np.ndarray] = {}
+        self._macs: dict[tuple[int, int], tuple[int, int]] = {}
 
     def __reduce__(self):
         return (bool, ())  # not serialized (numba kernels and buffers): rebuilt on first use
@@ -241,14 +332,40 @@ class CompiledDerivatives:
     def net(self) -> Any:
         return self._net()
 
-    def _buffers(self, m: int, K: int) -> np.ndarray:
-        """a(l), z(L), δ(l) of K·m rows and BLAS's α, β in one flat vector (compiled.seeded_work_size)."""
-        work = self._work.get((m, K))
+    def _buffers(self, m: int, K: int, part: int = 0) -> np.ndarray:
+        """a(l), z(L), δ(l) of K·m rows and BLAS's α, β in one flat vector (compiled.seeded_work_size),
+        one per block ``part`` of a split call."""
+        key = (m, K, part)
+        work = self._work.get(key)
         if work is None:
-            if len(self._work) >= _BUFFERS_KEPT:
+            if len(self._work) >= _BUFFERS_KEPT * _CORES:
                 self._work.pop(next(iter(self._work)))
-            work = self._work[(m, K)] = np.empty(self._module.seeded_work_size(self._plan, m, K), dtype=self._dtype)
+            work = self._work[key] = np.empty(self._module.seeded_work_size(self._plan, m, K), dtype=self._dtype)
         return work
+
+    def _cost(self, m: int, K: int) -> tuple[int, int]:
+        """(largest product, K m W): the multiply-adds of a call's largest GEMM, and its size."""
+        cost = self._macs.get((m, K))
+        if cost is None:
+            if len(self._macs) >= 4 * _BUFFERS_KEPT:
+                self._macs.clear()
+            sizes = self.net.sizes
+            largest = max(K * m * n * k for n, k in zip(sizes, sizes[1:]))
+            cost = self._macs[(m, K)] = (largest, K * m * self._n_params)
+        return cost
+
+    def _run(self, m: int, K: int, part: Any) -> bool:
+        """``part(lo, hi, work)`` (the kernel on samples lo..hi − 1, whose rows of the result are
+        contiguous) over the batch: at once, BLAS threads as :class:`BlasThreads` decides; or, for
+        a call of at least ``_SPLIT_WORK`` K m W, unless the load average per core exceeds
+        ``_SPLIT_MAX_LOAD``, in one block of samples per core, each on one BLAS thread, the blocks
+        on Python threads (numba releases the GIL), which wait on a lock where OpenBLAS's spin."""
+        largest, size = self._cost(m, K)
+        if size < _SPLIT_WORK or _CORES < 2 or m < _CORES or blas_threads.load() > _SPLIT_MAX_LOAD:
+            return blas_threads.run(largest, part, 0, m, self._buffers(m, K))
+        bounds = [m * i // _CORES for i in range(_CORES + 1)]
+        blocks = [(bounds[i], bounds[i + 1], self._buffers(bounds[i + 1] - bounds[i], K, i)) for i in range(_CORES)]
+        return blas_threads.one_thread(_run_blocks, part, blocks)
 
     def _ready(self, x: Any, width: int, rows: int = 0) -> bool:
         """Whether x is already what the kernels take: a C-contiguous 2-D numpy array of the net's
@@ -284,46 +401,60 @@ class CompiledDerivatives:
     def input_jacobian(self, X: Any) -> np.ndarray:
         """∂y_k/∂x_i per sample, (m, n_L, n_0)."""
         X, _ = self._inputs(X)
-        m, K = X.shape[0], self._n_out
+        m, K, w, plan, kernel = X.shape[0], self._n_out, self.net.params, self._plan, self._module.input_jacobian
         out = np.empty((m, K, self._n_in), dtype=self._dtype)
-        work = self._buffers(m, K)
-        if not self._module.input_jacobian(X, self.net.params, self._plan, work, out.reshape(m * K, self._n_in)):
+        rows = out.reshape(m * K, -1)
+        if not self._run(m, K, lambda lo, hi, work: kernel(X[lo:hi], w, plan, work, rows[lo * K : hi * K])):
             self._not_finite(X)
         return out
 
     def parameter_jacobian(self, X: Any) -> np.ndarray:
         """∂y_nk/∂w, (m, n_L, W)."""
         X, _ = self._inputs(X)
-        m, K = X.shape[0], self._n_out
+        m, K, w, plan, kernel = X.shape[0], self._n_out, self.net.params, self._plan, self._module.parameter_jacobian
         out = np.empty((m, K, self._n_params), dtype=self._dtype)
-        work = self._buffers(m, K)
-        if not self._module.parameter_jacobian(X, self.net.params, self._plan, work, out.reshape(m * K, -1)):
+        rows = out.reshape(m * K, -1)
+        if not self._run(m, K, lambda lo, hi, work: kernel(X[lo:hi], w, plan, work, rows[lo * K : hi * K])):
             self._not_finite(X)
         return out
 
     def per_sample_gradients(self, X: Any, T: Any, s_col: Any = None) -> np.ndarray:
         """s_n ∂ℓ_n/∂w, (m, W); s_col: None or an (m, 1) column of weights (``net.weighting``'s)."""
         X, T = self._inputs(X, T, targets=True)
-        m = X.shape[0]
+        m, w, plan, loss = X.shape[0], self.net.params, self._plan, self._loss
+        kernel = self._module.per_sample_gradients
         out = np.empty((m, self._n_params), dtype=self._dtype)
-        ok = self._module.per_sample_gradients(
-            X, T, self.net.params, self._plan, self._loss, self._buffers(m, 1), out, self._weights(s_col)
-        )
-        if not ok:
+        s = self._weights(s_col)
+
+        def part(lo: int, hi: int, work: np.ndarray) -> bool:
+            return kernel(X[lo:hi], T[lo:hi], w, plan, loss, work, out[lo:hi], None if s is None else s[lo:hi])
+
+        if not self._run(m, 1, part):
             self._not_finite(X, T)
         return out
 
     def gauss_newton_rows(self, X: Any, T: Any, s_col: Any = None) -> np.ndarray:
-        """The Gauss–Newton factor R, (n_L m, W), rows (k, n) (bpgpu/per_sample.py)."""
+        """The Gauss–Newton factor R, (n_L m, W), rows (k, n) (bpgpu/per_sample.py): one call (its
+        rows are seed-major, so a block of samples is not a block of rows)."""
         X, T = self._inputs(X, T, targets=True)
         m, K = X.shape[0], self._n_out
         out = np.empty((K * m, self._n_params), dtype=self._dtype)
-        ok = self._module.gauss_newton_rows(
-            X, T, self.net.params, self._plan, self._loss, self._buffers(m, K), out, self._weights(s_col)
-        )
-        if not ok:
+        work, kernel, args = self._buffers(m, K), self._module.gauss_newton_rows, (self.net.params, self._plan)
+        if not blas_threads.run(self._cost(m, K)[0], kernel, X, T, *args, self._loss, work, out, self._weights(s_col)):
             self._not_finite(X, T)
         return out
+
+
+def _run_blocks(part: Any, blocks: list[tuple[int, int, np.ndarray]]) -> bool:
+    """part(*block) for every block: the first on this thread, the others on the pool's."""
+    others = [_pool().submit(part, *block) for block in blocks[1:]]
+    ok = part(*blocks[0])
+    return all([f.result() for f in others]) and ok
+
+
+@functools.cache
+def _pool() -> concurrent.futures.ThreadPoolExecutor:
+    return concurrent.futures.ThreadPoolExecutor(max_workers=max(1, _CORES - 1), thread_name_prefix="bpgpu")
 
 
 _DERIVATIVES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -446,7 +577,9 @@ class CompiledCurvature:
 
     def hessian_vector_products(self, X: np.ndarray, T: np.ndarray, V: np.ndarray) -> np.ndarray:
         """H vᵣ for every row vᵣ of V (K, W): a new (K, W) array (BLAS on one thread for nets whose
-        products OpenBLAS would thread: :func:`serial_blas`)."""
+        products OpenBLAS would thread, :meth:`BlasThreads.one_thread`: the R-passes' GEMMs are many
+        and mid-sized, and with OpenBLAS's threads on a shared machine they ran 8–30× slower,
+        each call waiting for its slowest thread; benchmarks/NOTES.md, "R3")."""
         X, T, V = _contiguous(X), _contiguous(T), _contiguous(V)
         out = np.empty(V.shape, dtype=V.dtype)
         work = self._buffers(X.shape[0], V.shape[0])
@@ -454,54 +587,24 @@ class CompiledCurvature:
         if X.shape[0] * V.shape[0] * self._product < _THREADED_PRODUCT:
             self._module.hessian_vector_products(*args)
         else:
-            with serial_blas():
-                self._module.hessian_vector_products(*args)
+            blas_threads.one_thread(self._module.hessian_vector_products, *args)
         return out
 
     def hessian(self, X: np.ndarray, T: np.ndarray) -> np.ndarray:
         """The exact Hessian (W, W), exactly symmetric: a new array. BLAS runs on one thread
-        during the call (:func:`serial_blas`)."""
+        during the call (:meth:`BlasThreads.one_thread`, as for the HVP)."""
         X, T = _contiguous(X), _contiguous(T)
         W = self.net.n_params
         out = np.empty((W, W), dtype=self.net.xp_dtype)
         work = self._buffers(X.shape[0], 0)
-        with serial_blas():
-            self._module.exact_hessian(X, T, self.net.params, out, work, self._plan, self._loss, self._mean)
+        blas_threads.one_thread(
+            self._module.exact_hessian, X, T, self.net.params, out, work, self._plan, self._loss, self._mean
+        )
         return out
 
 
-class _SerialBlas:
-    """Every loaded BLAS (numpy's, and SciPy's, which the kernels call) on one thread while the
-    context lasts, then back to its own count: a few ctypes calls, no scan of the libraries."""
-
-    def __init__(self) -> None:
-        from threadpoolctl import ThreadpoolController
-
-        self._libraries = [lib for lib in ThreadpoolController().lib_controllers if lib.user_api == "blas"]
-        self._saved: list[int] = []
-
-    def __enter__(self) -> None:
-        self._saved = [lib.num_threads for lib in self._libraries]
-        for lib in self._libraries:
-            lib.set_num_threads(1)
-
-    def __exit__(self, *exc: object) -> None:
-        for lib, threads in zip(self._libraries, self._saved):
-            lib.set_num_threads(threads)
-
-
-@functools.cache
-def serial_blas() -> _SerialBlas:
-    """The context that runs BLAS on one thread around the curvature kernels whose products are
-    large enough for OpenBLAS to thread. Their GEMMs are many and mid-sized (n_l−1 × m × n_l up to
-    a few thousand columns): with OpenBLAS's threads on a machine that other processes share they
-    ran 8–30× slower than on one thread (benchmarks/NOTES.md, "R3"), each call waiting for its
-    slowest thread. Made once (finding the libraries takes milliseconds)."""
-    return _SerialBlas()
-
-
 # Below this many multiply-adds in a pass's largest product OpenBLAS stays on one thread anyway,
-# and the context's cost (a few microseconds) would show on the smallest nets.
+# and setting the threads (a few microseconds) would show on the smallest nets.
 _THREADED_PRODUCT = 1 << 16
 
 
