@@ -398,25 +398,23 @@ class CompiledDerivatives:
     def _weights(s_col: Any) -> np.ndarray | None:
         return None if s_col is None else np.ascontiguousarray(s_col[:, 0])
 
-    def input_jacobian(self, X: Any) -> np.ndarray:
-        """∂y_k/∂x_i per sample, (m, n_L, n_0)."""
+    def _seed_rows(self, X: Any, kernel: Any, width: int) -> np.ndarray:
+        """(m, n_L, width): one row per sample and output seed, from ``kernel`` over sample blocks."""
         X, _ = self._inputs(X)
-        m, K, w, plan, kernel = X.shape[0], self._n_out, self.net.params, self._plan, self._module.input_jacobian
-        out = np.empty((m, K, self._n_in), dtype=self._dtype)
+        m, K, w, plan = X.shape[0], self._n_out, self.net.params, self._plan
+        out = np.empty((m, K, width), dtype=self._dtype)
         rows = out.reshape(m * K, -1)
         if not self._run(m, K, lambda lo, hi, work: kernel(X[lo:hi], w, plan, work, rows[lo * K : hi * K])):
             self._not_finite(X)
         return out
 
+    def input_jacobian(self, X: Any) -> np.ndarray:
+        """∂y_k/∂x_i per sample, (m, n_L, n_0)."""
+        return self._seed_rows(X, self._module.input_jacobian, self._n_in)
+
     def parameter_jacobian(self, X: Any) -> np.ndarray:
         """∂y_nk/∂w, (m, n_L, W)."""
-        X, _ = self._inputs(X)
-        m, K, w, plan, kernel = X.shape[0], self._n_out, self.net.params, self._plan, self._module.parameter_jacobian
-        out = np.empty((m, K, self._n_params), dtype=self._dtype)
-        rows = out.reshape(m * K, -1)
-        if not self._run(m, K, lambda lo, hi, work: kernel(X[lo:hi], w, plan, work, rows[lo * K : hi * K])):
-            self._not_finite(X)
-        return out
+        return self._seed_rows(X, self._module.parameter_jacobian, self._n_params)
 
     def per_sample_gradients(self, X: Any, T: Any, s_col: Any = None) -> np.ndarray:
         """s_n ∂ℓ_n/∂w, (m, W); s_col: None or an (m, 1) column of weights (``net.weighting``'s)."""
