@@ -176,10 +176,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n{tree}:")
         print_table(rows[tree])
     if floor:
-        print("\nnumba's floor, cpu s, median (range): import numba "
-              f"{_median_range([r['import_numba'] for r in floor])}, first call of a cached one-line function "
-              f"{_median_range([r['first_call'] for r in floor])}, together "
-              f"{_median_range([r['import_numba'] + r['first_call'] for r in floor])}")
+        print(
+            "\nnumba's floor, cpu s, median (range): import numba "
+            f"{_median_range([r['import_numba'] for r in floor])}, first call of a cached one-line function "
+            f"{_median_range([r['first_call'] for r in floor])}, together "
+            f"{_median_range([r['import_numba'] + r['first_call'] for r in floor])}"
+        )
     return 0
 
 

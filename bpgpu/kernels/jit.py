@@ -574,36 +574,30 @@ class CompiledCurvature:
         return kept(self._work, (m, K), lambda: np.empty(length, dtype=self.net.xp_dtype))
 
     def hessian_vector_products(self, X: np.ndarray, T: np.ndarray, V: np.ndarray) -> np.ndarray:
-        """H vᵣ for every row vᵣ of V (K, W): a new (K, W) array (BLAS on one thread for nets whose
-        products OpenBLAS would thread, :meth:`BlasThreads.one_thread`: the R-passes' GEMMs are many
-        and mid-sized, and with OpenBLAS's threads on a shared machine they ran 8–30× slower,
-        each call waiting for its slowest thread; benchmarks/NOTES.md, "R3")."""
+        """H vᵣ for every row vᵣ of V (K, W): a new (K, W) array. BLAS threads as :meth:`BlasThreads.run`
+        decides: the R-passes' GEMMs are many and mid-sized, and with OpenBLAS's threads on an
+        oversubscribed machine they ran 8–30× slower, each call waiting for its slowest thread
+        (benchmarks/NOTES.md, "R3"); on an idle one the second thread pays for the larger nets ("R7")."""
         X, T, V = _contiguous(X), _contiguous(T), _contiguous(V)
         out = np.empty(V.shape, dtype=V.dtype)
         work = self._buffers(X.shape[0], V.shape[0])
         args = (X, T, self.net.params, V, out, work, self._plan, self._loss, self._mean)
-        if X.shape[0] * V.shape[0] * self._product < _THREADED_PRODUCT:
-            self._module.hessian_vector_products(*args)
-        else:
-            blas_threads.one_thread(self._module.hessian_vector_products, *args)
+        blas_threads.run(X.shape[0] * V.shape[0] * self._product, self._module.hessian_vector_products, *args)
         return out
 
     def hessian(self, X: np.ndarray, T: np.ndarray) -> np.ndarray:
-        """The exact Hessian (W, W), exactly symmetric: a new array. BLAS runs on one thread
-        during the call (:meth:`BlasThreads.one_thread`, as for the HVP)."""
+        """The exact Hessian (W, W), exactly symmetric: a new array. BLAS threads as for the HVP
+        (:meth:`BlasThreads.run`; its largest products are [1, A]ᵀ G, about m n W multiply-adds)."""
         X, T = _contiguous(X), _contiguous(T)
         W = self.net.n_params
         out = np.empty((W, W), dtype=self.net.xp_dtype)
         work = self._buffers(X.shape[0], 0)
-        blas_threads.one_thread(
-            self._module.exact_hessian, X, T, self.net.params, out, work, self._plan, self._loss, self._mean
+        blas_threads.run(
+            X.shape[0] * W * max(self.net.sizes),
+            self._module.exact_hessian,
+            *(X, T, self.net.params, out, work, self._plan, self._loss, self._mean),
         )
         return out
-
-
-# Below this many multiply-adds in a pass's largest product OpenBLAS stays on one thread anyway,
-# and setting the threads (a few microseconds) would show on the smallest nets.
-_THREADED_PRODUCT = 1 << 16
 
 
 def _contiguous(x: np.ndarray) -> np.ndarray:
