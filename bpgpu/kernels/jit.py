@@ -105,11 +105,11 @@ def available() -> bool:
     return kernels() is not None
 
 
-def kept(buffers: dict, key: Any, make: Any) -> np.ndarray:
-    """``buffers[key]``, made by ``make()`` on first use; the oldest of more than _BUFFERS_KEPT is dropped."""
+def kept(buffers: dict, key: Any, make: Any, limit: int = _BUFFERS_KEPT) -> np.ndarray:
+    """``buffers[key]``, made by ``make()`` on first use; the oldest of more than ``limit`` is dropped."""
     buffer = buffers.get(key)
     if buffer is None:
-        if len(buffers) >= _BUFFERS_KEPT:
+        if len(buffers) >= limit:
             buffers.pop(next(iter(buffers)))
         buffer = buffers[key] = make()
     return buffer
@@ -323,7 +323,7 @@ class CompiledDerivatives:
             net.loss_function.name == "cross_entropy" and net.activations[-1].name == "softmax"
         )
         self._work: dict[tuple[int, int, int], np.ndarray] = {}
-        self._macs: dict[tuple[int, int], tuple[int, int]] = {}
+        self._product = max(n_in * n_out for n_in, n_out in zip(net.sizes, net.sizes[1:]))  # n_{l−1} n_l, largest
 
     def __reduce__(self):
         return (bool, ())  # not serialized (numba kernels and buffers): rebuilt on first use
@@ -335,24 +335,15 @@ class CompiledDerivatives:
     def _buffers(self, m: int, K: int, part: int = 0) -> np.ndarray:
         """a(l), z(L), δ(l) of K·m rows and BLAS's α, β in one flat vector (compiled.seeded_work_size),
         one per block ``part`` of a split call."""
-        key = (m, K, part)
-        work = self._work.get(key)
-        if work is None:
-            if len(self._work) >= _BUFFERS_KEPT * _CORES:
-                self._work.pop(next(iter(self._work)))
-            work = self._work[key] = np.empty(self._module.seeded_work_size(self._plan, m, K), dtype=self._dtype)
-        return work
+
+        def make() -> np.ndarray:
+            return np.empty(self._module.seeded_work_size(self._plan, m, K), dtype=self._dtype)
+
+        return kept(self._work, (m, K, part), make, _BUFFERS_KEPT * _CORES)
 
     def _cost(self, m: int, K: int) -> tuple[int, int]:
         """(largest product, K m W): the multiply-adds of a call's largest GEMM, and its size."""
-        cost = self._macs.get((m, K))
-        if cost is None:
-            if len(self._macs) >= 4 * _BUFFERS_KEPT:
-                self._macs.clear()
-            sizes = self.net.sizes
-            largest = max(K * m * n * k for n, k in zip(sizes, sizes[1:]))
-            cost = self._macs[(m, K)] = (largest, K * m * self._n_params)
-        return cost
+        return K * m * self._product, K * m * self._n_params
 
     def _run(self, m: int, K: int, part: Any) -> bool:
         """``part(lo, hi, work)`` (the kernel on samples lo..hi − 1, whose rows of the result are
@@ -569,9 +560,13 @@ class CompiledCurvature:
 
     def _buffers(self, m: int, K: int) -> np.ndarray:
         """The work vector for batch size m and K directions (K = 0: the exact Hessian's)."""
-        module, rows = self._module, self._plan
-        length = module.hessian_work_length(rows, m) if K == 0 else module.curvature_work_length(rows, m, K)
-        return kept(self._work, (m, K), lambda: np.empty(length, dtype=self.net.xp_dtype))
+
+        def make() -> np.ndarray:  # sized on a miss only: the lengths are compiled calls
+            module, rows = self._module, self._plan
+            length = module.hessian_work_length(rows, m) if K == 0 else module.curvature_work_length(rows, m, K)
+            return np.empty(length, dtype=self.net.xp_dtype)
+
+        return kept(self._work, (m, K), make)
 
     def hessian_vector_products(self, X: np.ndarray, T: np.ndarray, V: np.ndarray) -> np.ndarray:
         """H vᵣ for every row vᵣ of V (K, W): a new (K, W) array. BLAS threads as :meth:`BlasThreads.run`
