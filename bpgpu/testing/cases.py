@@ -170,6 +170,16 @@ def _vec(name, domain=normal, role="in"):
     return Arg(name, (P,), domain, role)
 
 
+# momentum and Nesterov updates: w, g, the velocity v, lr, mu
+_MOMENTUM_ARGS = (
+    _vec("w", role="io"),
+    _vec("g"),
+    _vec("v", role="io"),
+    Arg("lr", None, 0.1),
+    Arg("mu", None, 0.9),
+    _vec("scratch", role="aux"),
+)
+
 SIGNATURES = {
     "colsum": (Arg("d", (M, N)), Arg("out", (N,), role="out")),
     **{k: v for g in ACTIVATIONS for k, v in _act(g).items()},
@@ -193,22 +203,8 @@ SIGNATURES = {
         Arg("rows", (M, 2), role="aux"),
     ),
     "sgd_update": (_vec("w", role="io"), _vec("g"), Arg("lr", None, 0.1), _vec("scratch", role="aux")),
-    "momentum_update": (
-        _vec("w", role="io"),
-        _vec("g"),
-        _vec("v", role="io"),
-        Arg("lr", None, 0.1),
-        Arg("mu", None, 0.9),
-        _vec("scratch", role="aux"),
-    ),
-    "nesterov_update": (
-        _vec("w", role="io"),
-        _vec("g"),
-        _vec("v", role="io"),
-        Arg("lr", None, 0.1),
-        Arg("mu", None, 0.9),
-        _vec("scratch", role="aux"),
-    ),
+    "momentum_update": _MOMENTUM_ARGS,
+    "nesterov_update": _MOMENTUM_ARGS,  # the same arguments, another update
     "adam_update": (
         _vec("w", role="io"),
         _vec("g"),
