@@ -74,3 +74,30 @@ def random_problem(sizes, hidden="tanh", output="identity", loss="squared_error"
 
 
 __all__ = ["HIDDEN", "OUTPUT_LOSS_PAIRS", "central_difference_gradient", "random_problem", "targets_for"]
+
+
+KINKED = ("relu", "leaky_relu")  # a difference step must not cross the kink at z = 0
+
+
+def kink_margin(net, X):
+    """min |z| over the units with a kinked activation, by an independent numpy forward pass."""
+    g = {
+        "identity": lambda z: z,
+        "sigmoid": lambda z: 1 / (1 + np.exp(-z)),
+        "tanh": np.tanh,
+        "relu": lambda z: np.maximum(z, 0),
+        "leaky_relu": lambda z: np.where(z > 0, z, 0.01 * z),
+        "softplus": lambda z: np.logaddexp(z, 0),
+        "exp": np.exp,
+        "softmax": lambda z: (
+            np.exp(z - z.max(1, keepdims=True)) / np.exp(z - z.max(1, keepdims=True)).sum(1, keepdims=True)
+        ),
+    }
+    a, margin = np.asarray(X, dtype=np.float64), np.inf
+    for l, act in enumerate(net.activations, start=1):
+        theta = np.asarray(net.theta(l), dtype=np.float64)
+        z = a @ theta[:, 1:].T + theta[:, 0]
+        if act.name in KINKED:
+            margin = min(margin, float(np.abs(z).min()))
+        a = g[act.name](z)
+    return margin

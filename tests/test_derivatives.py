@@ -3,7 +3,7 @@
 import array_api_strict
 import numpy as np
 import pytest
-from helpers import HIDDEN, OUTPUT, OUTPUT_LOSS_PAIRS, targets_for
+from helpers import HIDDEN, KINKED, OUTPUT, OUTPUT_LOSS_PAIRS, kink_margin, targets_for
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
@@ -11,7 +11,6 @@ import bpgpu as bp
 from bpgpu import engine
 from bpgpu.kernels import compiled, jit
 
-KINKED = ("relu", "leaky_relu")
 CANONICAL = [
     ("identity", "squared_error"),
     ("sigmoid", "binary_cross_entropy"),
@@ -38,30 +37,6 @@ def make(sizes, hidden="tanh", output="identity", loss="squared_error", reductio
     rng = np.random.default_rng(seed + 1)
     X = rng.normal(size=(m, sizes[0]))
     return net, X, targets_for(loss, output, m, sizes[-1], rng)
-
-
-def kink_margin(net, X):
-    """min |z| over the units with a kinked activation, by an independent numpy forward pass."""
-    g = {
-        "identity": lambda z: z,
-        "sigmoid": lambda z: 1 / (1 + np.exp(-z)),
-        "tanh": np.tanh,
-        "relu": lambda z: np.maximum(z, 0),
-        "leaky_relu": lambda z: np.where(z > 0, z, 0.01 * z),
-        "softplus": lambda z: np.logaddexp(z, 0),
-        "exp": np.exp,
-        "softmax": lambda z: (
-            np.exp(z - z.max(1, keepdims=True)) / np.exp(z - z.max(1, keepdims=True)).sum(1, keepdims=True)
-        ),
-    }
-    a, margin = np.asarray(X, dtype=np.float64), np.inf
-    for l, act in enumerate(net.activations, start=1):
-        theta = np.asarray(net.theta(l), dtype=np.float64)
-        z = a @ theta[:, 1:].T + theta[:, 0]
-        if act.name in KINKED:
-            margin = min(margin, float(np.abs(z).min()))
-        a = g[act.name](z)
-    return margin
 
 
 def assert_close_to(actual, expected, rel):

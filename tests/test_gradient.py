@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from helpers import HIDDEN, OUTPUT_LOSS_PAIRS, central_difference_gradient, targets_for
+from helpers import HIDDEN, KINKED, OUTPUT_LOSS_PAIRS, central_difference_gradient, kink_margin, targets_for
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
@@ -16,33 +16,6 @@ def max_relative_error(g, n, J):
     element, relative to s."""
     floor = max(1e-3 * np.abs(n).max(), 1e-5 * max(1.0, abs(J)))
     return float(np.max(np.abs(g - n) / np.maximum(np.maximum(np.abs(g), np.abs(n)), floor)))
-
-
-KINKED = ("relu", "leaky_relu")  # a difference step must not cross the kink at z = 0
-
-
-def kink_margin(net, X):
-    """min |z| over the units with a kinked activation, by an independent forward pass."""
-    g = {
-        "identity": lambda z: z,
-        "sigmoid": lambda z: 1 / (1 + np.exp(-z)),
-        "tanh": np.tanh,
-        "relu": lambda z: np.maximum(z, 0),
-        "leaky_relu": lambda z: np.where(z > 0, z, 0.01 * z),
-        "softplus": lambda z: np.logaddexp(z, 0),
-        "exp": np.exp,
-        "softmax": lambda z: (
-            np.exp(z - z.max(1, keepdims=True)) / np.exp(z - z.max(1, keepdims=True)).sum(1, keepdims=True)
-        ),
-    }
-    a, margin = X, np.inf
-    for l, act in enumerate(net.activations, start=1):
-        theta = net.theta(l)
-        z = a @ theta[:, 1:].T + theta[:, 0]
-        if act.name in KINKED:
-            margin = min(margin, float(np.abs(z).min()))
-        a = g[act.name](z)
-    return margin
 
 
 architectures = st.tuples(
