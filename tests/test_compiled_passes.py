@@ -163,3 +163,24 @@ def test_a_call_split_into_sample_blocks_gives_the_whole_calls_result(monkeypatc
         patch.setattr(jit.blas_threads, "load", lambda: 0.0)
         split = call(tool, net, X, T, s)
     assert relative(split, whole) <= 1e-12
+
+
+def test_blas_threads_see_the_cpu_other_processes_use(tmp_path):
+    """jit.BlasThreads reads the cores' busy time from /proc/stat (user, nice, system, irq, softirq of
+    this process's cores) and counts what this process did not use itself as other processes' use;
+    half a core or more of that puts large products on one BLAS thread."""
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  10 0 10 100 0 0 0 0 0 0\ncpu0 5 1 4 50 7 2 3 9 0 0\ncpu1 5 0 5 50 0 0 0 0 0 0\nintr 1 2\n")
+    assert jit.busy_seconds([0], str(stat)) == pytest.approx((5 + 1 + 4 + 2 + 3) * jit._TICK)
+    assert jit.busy_seconds([0, 1], str(stat)) == pytest.approx((15 + 10) * jit._TICK)
+    assert jit.busy_seconds([0], str(tmp_path / "missing")) is None
+    now = {"clock": 10.0, "busy": 100.0, "own": 1.0}
+    threads = jit.BlasThreads(clock=lambda: now["clock"], own=lambda: now["own"], busy=lambda: now["busy"])
+    assert threads.others() == 0.0  # one reading: nothing to compare with yet
+    now.update(clock=12.0, busy=103.0, own=2.0)  # 2 s later: 3 s busy, 1 s of them ours
+    assert threads.others() == pytest.approx((3.0 - 1.0) / 2.0)
+    assert threads.serial(1 << 23) and not threads.serial(jit._OPENBLAS_SERIAL_MACS)
+    now.update(clock=12.5, busy=104.0)
+    assert threads.others() == pytest.approx(1.0)  # within a second: not read again
+    now.update(clock=14.0, busy=104.5, own=4.5)  # 1.5 s busy, 2.5 s of it ours: nobody else (0, not < 0)
+    assert threads.others() == 0.0

@@ -233,7 +233,27 @@ _SERIAL_MACS = 1 << 22
 # into one block of samples per core (benchmarks/NOTES.md, "S4").
 _SPLIT_WORK = 1 << 22
 _SPLIT_MAX_LOAD = 4.0  # per core: above it no core is free for a second block (measured: NOTES "S4")
-_CORES = max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+# Other processes using at least this many cores' worth of CPU (over the last second) leave
+# OpenBLAS's second thread no core to spin on (benchmarks/NOTES.md, "P6").
+_BUSY_ELSEWHERE = 0.5
+_CPUS = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+_CORES = max(1, len(_CPUS))
+_TICK = 1.0 / (os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100)
+
+
+def busy_seconds(cpus: list[int] = _CPUS, path: str = "/proc/stat") -> float | None:
+    """CPU seconds spent busy (user, nice, system, irq, softirq) on ``cpus`` since boot, by every
+    process (Linux's /proc/stat); None where there is no such file."""
+    wanted, total = {f"cpu{c}".encode() for c in cpus}, 0
+    try:
+        with open(path, "rb") as f:
+            for line in f:
+                fields = line.split()
+                if fields and fields[0] in wanted:
+                    total += sum(int(x) for x in fields[1:4]) + sum(int(x) for x in fields[6:8])
+    except (OSError, ValueError):
+        return None
+    return total * _TICK
 
 
 class BlasThreads:
@@ -243,14 +263,22 @@ class BlasThreads:
     barrier: with more runnable processes than cores, a two-thread GEMM of 2·10⁶ multiply-adds
     was measured at 10 ms instead of 0.5 ms (benchmarks/NOTES.md, "S2"). So a call whose
     largest product exceeds OpenBLAS's own serial threshold runs on one thread when that
-    product is below ``_SERIAL_MACS``, or when the machine is oversubscribed (1-minute load
-    average above the core count plus one, read at most once a second); otherwise OpenBLAS
-    keeps its threads. Needs threadpoolctl (else nothing changes).
+    product is below ``_SERIAL_MACS``, or when the machine is busy: oversubscribed (1-minute load
+    average above the core count plus one), or other processes used ``_BUSY_ELSEWHERE`` of a core
+    or more over the last second (this process's cores' busy time less its own CPU time: one
+    other process on one of 2 cores made two-thread HVPs 10–35× slower while the load average
+    stayed near 2, NOTES "P6"); both read at most once a second. Otherwise OpenBLAS keeps its
+    threads. Needs threadpoolctl (else nothing changes).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Any = time.monotonic, own: Any = time.process_time, busy: Any = busy_seconds) -> None:
+        """clock, own, busy: the wall clock, this process's CPU seconds and the cores' busy seconds
+        (:func:`busy_seconds`), as functions of no argument (replaceable in tests)."""
         self._controllers: list[Any] | None = None
-        self._load, self._checked = 0.0, -1.0
+        self._clock, self._own, self._busy_seconds = clock, own, busy
+        self._load, self._others, self._checked = 0.0, 0.0, -1.0
+        self._busy: float | None = None
+        self._mine = 0.0
         self._lock, self._depth, self._saved = threading.Lock(), 0, []
 
     def _blas(self) -> list[Any]:
@@ -263,20 +291,35 @@ class BlasThreads:
                 self._controllers = ThreadpoolController().select(user_api="blas").lib_controllers
         return self._controllers
 
+    def _read(self) -> None:
+        """The load average and the other processes' CPU use, read again once a second has passed."""
+        now = self._clock()
+        if now - self._checked <= 1.0:
+            return
+        try:
+            self._load = os.getloadavg()[0] / _CORES
+        except OSError:  # no load average on this system
+            self._load = 0.0
+        busy, mine = self._busy_seconds(), self._own()
+        if busy is not None and self._busy is not None:  # the first reading has nothing to compare with
+            self._others = max(0.0, (busy - self._busy) - (mine - self._mine)) / (now - self._checked)
+        self._busy, self._mine, self._checked = busy, mine, now
+
     def load(self) -> float:
-        """The 1-minute load average per core (read at most once a second; 0 where there is none)."""
-        now = time.monotonic()
-        if now - self._checked > 1.0:
-            self._checked = now
-            try:
-                self._load = os.getloadavg()[0] / _CORES
-            except OSError:  # no load average on this system
-                self._load = 0.0
+        """The 1-minute load average per core (0 where there is none)."""
+        self._read()
         return self._load
 
+    def others(self) -> float:
+        """Cores' worth of CPU that other processes used on this process's cores between the last two
+        readings (0 without /proc/stat, and before a second reading)."""
+        self._read()
+        return self._others
+
     def oversubscribed(self) -> bool:
-        """Whether the 1-minute load average exceeds the cores + 1."""
-        return self.load() * _CORES > _CORES + 1
+        """Whether the 1-minute load average exceeds the cores + 1, or other processes keep
+        ``_BUSY_ELSEWHERE`` of a core or more busy."""
+        return self.load() * _CORES > _CORES + 1 or self.others() >= _BUSY_ELSEWHERE
 
     def serial(self, macs: int) -> bool:
         """Whether a call whose largest product has ``macs`` multiply-adds should run on one thread."""
