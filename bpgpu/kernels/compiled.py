@@ -753,14 +753,17 @@ def seeded_backprop(w, plan, acts, deltas, m, K, sample_major, slots, lowest=1):
         times_g1_rows(codes[l - 1], below, _view(acts, layer_start(plan, l - 1, m), m, n_in), K, sample_major)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"reassoc"})
 def all_finite(x):
-    """Whether every entry of the 2-D array x is finite (no temporary, unlike np.isfinite)."""
+    """Whether every entry of the 2-D array x is finite (no temporary, unlike np.isfinite): Σ (x − x)
+    is 0 for finite entries and NaN once one is NaN or ±inf. Reassociation (no other fast-math
+    flag, so NaN and inf keep their meaning) lets LLVM vectorize the sum: 100,352 float32 entries
+    in 5 µs against 34 µs for an early-exit loop and 21 µs for numpy's sum (NOTES "P7")."""
+    total = x.dtype.type(0)
     for i in range(x.shape[0]):
         for j in range(x.shape[1]):
-            if not np.isfinite(x[i, j]):
-                return False
-    return True
+            total += x[i, j] - x[i, j]
+    return total == 0
 
 
 @njit(cache=True, error_model="numpy")
