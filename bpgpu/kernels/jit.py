@@ -352,7 +352,7 @@ class CompiledDerivatives:
         ``_SPLIT_MAX_LOAD``, in one block of samples per core, each on one BLAS thread, the blocks
         on Python threads (numba releases the GIL), which wait on a lock where OpenBLAS's spin."""
         largest, size = self._cost(m, K)
-        if size < _SPLIT_WORK or _CORES < 2 or m < _CORES or blas_threads.load() > _SPLIT_MAX_LOAD:
+        if m < _CORES or not _splits(size):
             return blas_threads.run(largest, part, 0, m, self._buffers(m, K))
         bounds = [m * i // _CORES for i in range(_CORES + 1)]
         blocks = [(bounds[i], bounds[i + 1], self._buffers(bounds[i + 1] - bounds[i], K, i)) for i in range(_CORES)]
@@ -434,10 +434,22 @@ class CompiledDerivatives:
         return out
 
 
-def _run_blocks(part: Any, blocks: list[tuple[int, int, np.ndarray]]) -> bool:
-    """part(*block) for every block: the first on this thread, the others on the pool's."""
+def _splits(size: int) -> bool:
+    """Whether a call of ``size`` K m W (result entries, about its multiply-adds) runs in one block
+    per core: at least ``_SPLIT_WORK``, two cores or more, and a load average per core of at most
+    ``_SPLIT_MAX_LOAD`` (benchmarks/NOTES.md, "S4")."""
+    return size >= _SPLIT_WORK and _CORES >= 2 and blas_threads.load() <= _SPLIT_MAX_LOAD
+
+
+def _run_blocks(part: Any, blocks: list[tuple[Any, ...]]) -> bool:
+    """part(*block) for every block: the first on this thread, the others on the pool's; returns
+    (or raises) only once every block has finished, since they write into the call's buffers."""
     others = [_pool().submit(part, *block) for block in blocks[1:]]
-    ok = part(*blocks[0])
+    try:
+        ok = part(*blocks[0])
+    except BaseException:
+        concurrent.futures.wait(others)
+        raise
     return all([f.result() for f in others]) and ok
 
 
@@ -555,18 +567,20 @@ class CompiledCurvature:
         self._plan = plan(net, module)
         self._loss = LOSSES.index(net.loss_function.name)
         self._mean = net.reduction == "mean"
-        self._work: dict[tuple[int, int], np.ndarray] = {}
+        self._work: dict[tuple[int, int, int], np.ndarray] = {}
+        self._rows_done = threading.Barrier(_CORES)  # the split Hessian's parts, between rows and mirror
         self._product = max(n_in * n_out for n_in, n_out in zip(net.sizes, net.sizes[1:]))
 
-    def _buffers(self, m: int, K: int) -> np.ndarray:
-        """The work vector for batch size m and K directions (K = 0: the exact Hessian's)."""
+    def _buffers(self, m: int, K: int, part: int = 0) -> np.ndarray:
+        """The work vector for batch size m and K directions (K = 0: the exact Hessian's), one per
+        part of a split Hessian."""
 
         def make() -> np.ndarray:  # sized on a miss only: the lengths are compiled calls
             module, rows = self._module, self._plan
             length = module.hessian_work_length(rows, m) if K == 0 else module.curvature_work_length(rows, m, K)
             return np.empty(length, dtype=self.net.xp_dtype)
 
-        return kept(self._work, (m, K), make)
+        return kept(self._work, (m, K, part), make, _BUFFERS_KEPT * _CORES)
 
     def hessian_vector_products(self, X: np.ndarray, T: np.ndarray, V: np.ndarray) -> np.ndarray:
         """H vᵣ for every row vᵣ of V (K, W): a new (K, W) array. BLAS threads as :meth:`BlasThreads.run`
@@ -581,17 +595,37 @@ class CompiledCurvature:
         return out
 
     def hessian(self, X: np.ndarray, T: np.ndarray) -> np.ndarray:
-        """The exact Hessian (W, W), exactly symmetric: a new array. BLAS threads as for the HVP
-        (:meth:`BlasThreads.run`; its largest products are [1, A]ᵀ G, about m n W multiply-adds)."""
+        """The exact Hessian (W, W), exactly symmetric: a new array.
+
+        A call of m W² ≥ ``_SPLIT_WORK`` (:func:`_splits`) forms its rows in one part per core
+        (each layer's units j′ split into contiguous ranges, each part on its own work vector and
+        one BLAS thread, the parts on Python threads as the seeded tools' sample blocks are), then
+        mirrors the upper triangle in one part per core (benchmarks/NOTES.md, "H2"). Otherwise one
+        call, BLAS threads as for the HVP (:meth:`BlasThreads.run`; its largest products are
+        [1, A]ᵀ G, about m n W multiply-adds)."""
         X, T = _contiguous(X), _contiguous(T)
-        W = self.net.n_params
+        m, W, module = X.shape[0], self.net.n_params, self._module
         out = np.empty((W, W), dtype=self.net.xp_dtype)
-        work = self._buffers(X.shape[0], 0)
-        blas_threads.run(
-            X.shape[0] * W * max(self.net.sizes),
-            self._module.exact_hessian,
-            *(X, T, self.net.params, out, work, self._plan, self._loss, self._mean),
-        )
+        args, tail = (X, T, self.net.params, out), (self._plan, self._loss, self._mean)
+        if not _splits(m * W * W):
+            blas_threads.run(m * W * max(self.net.sizes), module.exact_hessian, *args, self._buffers(m, 0), *tail)
+            return out
+        parts = [(part, self._buffers(m, 0, part)) for part in range(_CORES)]
+        rows_done = self._rows_done
+        if rows_done.broken:  # a part of an earlier call raised
+            rows_done.reset()
+
+        def part(part: int, work: np.ndarray) -> bool:
+            try:
+                module.exact_hessian_part(*args, work, *tail, part, _CORES)
+                rows_done.wait()  # every part's rows are formed: a part's tiles read the others' rows
+            except BaseException:
+                rows_done.abort()  # the other parts stop waiting (BrokenBarrierError) instead of hanging
+                raise
+            module.hessian_mirror(out, part, _CORES)
+            return True
+
+        blas_threads.one_thread(_run_blocks, part, parts)
         return out
 
 
