@@ -9,6 +9,7 @@ array it returns. The oracles (central differences, torch.func, JAX) are in test
 """
 
 import tracemalloc
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -113,6 +114,57 @@ def test_no_allocation_but_the_result_after_warm_up():
         finally:
             tracemalloc.stop()
         assert peak - start <= result.nbytes + 4096, (peak - start, result.nbytes)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    st.lists(st.integers(1, 6), min_size=2, max_size=5),
+    st.sampled_from(HIDDEN),
+    st.sampled_from(OUTPUT_LOSS_PAIRS),
+    st.integers(1, 9),
+    st.integers(2, 5),
+    st.integers(0, 2**16),
+)
+def test_the_hessian_in_parts_equals_one_call_bitwise(sizes, hidden, pair, m, parts, seed):
+    """compiled.exact_hessian_part over ``parts`` ranges of units (some empty where a layer has
+    fewer units than parts), then hessian_mirror over ``parts`` tile sets, gives exactly the
+    one-call H: every entry comes from the same products in the same order."""
+    output, loss = pair
+    net, X, T, rng = random_problem(sizes, hidden, output, loss, seed=seed, m=m)
+    module, curvature = jit.kernels(), jit.curvature_for(net)
+    X, T = net.check_inputs(X, T)
+    W, plan, code, mean = net.n_params, jit.plan(net, module), bp.kernels.LOSSES.index(loss), True
+    whole, split = np.full((W, W), np.nan), np.full((W, W), np.nan)
+    work = np.empty(module.hessian_work_length(plan, m))
+    jit.blas_threads.one_thread(module.exact_hessian, X, T, net.params, whole, work, plan, code, mean)
+    for part in range(parts):
+        work = np.empty(module.hessian_work_length(plan, m))
+        jit.blas_threads.one_thread(
+            module.exact_hessian_part, X, T, net.params, split, work, plan, code, mean, part, parts
+        )
+    for part in range(parts):
+        module.hessian_mirror(split, part, parts)
+    np.testing.assert_array_equal(split, whole)
+    assert curvature is not None
+
+
+@pytest.mark.skipif(jit._CORES < 2, reason="one core: bp.hessian never splits its rows over threads")
+def test_threaded_hessian_equals_the_one_call_hessian():
+    """bp.hessian split over the cores (forced by a zero threshold) returns the one-call H, bitwise,
+    and the array-API passes' H to 1e-12; a part that raises stops the others (no hang)."""
+    net, X, T, _ = random_problem([7, 9, 5, 3], "tanh", "softmax", "cross_entropy", seed=3, m=11)
+    with mock.patch.object(jit, "_SPLIT_WORK", 1 << 62):
+        whole = bp.hessian(net, X, T)
+    with mock.patch.object(jit, "_SPLIT_WORK", 0):
+        split = bp.hessian(net, X, T)
+        np.testing.assert_array_equal(split, whole)
+        assert relative(split, reference_hvp(net, X, T, np.eye(net.n_params)).T) <= 1e-12
+        curvature = jit.curvature_for(net)
+        with mock.patch.object(curvature, "_module", mock.Mock(wraps=curvature._module)) as module:
+            module.exact_hessian_part.side_effect = RuntimeError("a part failed")
+            with pytest.raises(RuntimeError, match="a part failed"):
+                bp.hessian(net, X, T)
+        np.testing.assert_array_equal(bp.hessian(net, X, T), whole)  # the barrier is reset
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])

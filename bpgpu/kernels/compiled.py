@@ -1544,21 +1544,25 @@ def hessian_vector_products(X, T, w, V, out, work, plan, loss, c):
     _r_block(X, w, V, out, work, plan, loss, c, 1, V.shape[0])
 
 
-@njit(cache=True, error_model="numpy")
-def _mirror(H):
-    """H[j, i] ← H[i, j] for every i < j, tile by tile (so the strided writes stay in cache)."""
+@njit(cache=True, error_model="numpy", nogil=True)  # the parts run on Python threads (jit.py)
+def hessian_mirror(H, part, parts):
+    """H[j, i] ← H[i, j] for every i < j, tile by tile (so the strided writes stay in cache):
+    the tile rows t ≡ part (mod parts), so that ``parts`` calls at once mirror all of H. A tile's
+    rows are 512 bytes (64 float64, 128 float32: measured, NOTES "H3"; 32 or 16 were slower)."""
     W = H.shape[0]
-    tile = 64
-    for i0 in range(0, W, tile):
+    tile = 512 // H.itemsize
+    for i0 in range(part * tile, W, parts * tile):
         for j0 in range(i0, W, tile):
             for i in range(i0, min(i0 + tile, W)):
+                row = H[i]
                 for j in range(max(j0, i + 1), min(j0 + tile, W)):
-                    H[j, i] = H[i, j]
+                    H[j, i] = row[j]
 
 
-# Columns of G_j′ formed and multiplied at a time: the slice (m, ≤ 256) stays in cache between
-# its formation and its GEMM.
-HESSIAN_COLUMNS = 4096
+# Columns of G_j′ formed and multiplied at a time, so that the slice (m, ≤ HESSIAN_COLUMNS) is
+# still in cache for its GEMM: (128, 1024) float64 is 1 MiB, this machine's L2 per core. Measured
+# (NOTES "H3"): 1024–2048 columns are best, 512 and 4096 are 5–15% slower.
+HESSIAN_COLUMNS = 1024
 
 
 @njit(cache=True, error_model="numpy", inline="always")
@@ -1576,7 +1580,7 @@ def _hessian_buffers(plan, m):
 
 @njit(cache=True, error_model="numpy")
 def hessian_work_length(plan, m):
-    """Length of the work vector of :func:`exact_hessian` for batch size m."""
+    """Length of the work vector of :func:`exact_hessian` (and of each part) for batch size m."""
     widest, _ = _widest(plan[SIZE])
     return _hessian_buffers(plan, m)[2] + m * max(HESSIAN_COLUMNS, widest) + 2
 
@@ -1607,27 +1611,32 @@ def _hessian_rows(a1, H, work, plan, first, j_):
             width = (i1 - i0) * n_out
             G = buffer[: m * width].reshape(m, width)
             for n in range(m):
+                # one slice of n_out columns per i: its indices are provably ≥ 0, which lets LLVM
+                # vectorize the loops (G[n, col + q] kept numba's negative-index wrap: 3× slower)
+                rd_n, delta_n, G_n = rd[n, j_], delta[n], G[n]
                 for i in range(i0, i1):
-                    col = (i - i0) * n_out
+                    g = G_n[(i - i0) * n_out : (i - i0 + 1) * n_out]
                     if i < 0:
-                        for q in range(n_out):
-                            G[n, col + q] = rd[n, j_, q]
+                        g[:] = rd_n
                     elif l > first:
                         x, r = a_prev[n, i], ra[n, j_, i]
                         for q in range(n_out):
-                            G[n, col + q] = x * rd[n, j_, q] + r * delta[n, q]
+                            g[q] = x * rd_n[q] + r * delta_n[q]
                     else:
                         x = a_prev[n, i]
                         for q in range(n_out):
-                            G[n, col + q] = x * rd[n, j_, q]
+                            g[q] = x * rd_n[q]
             col = off + n_out + i0 * n_out
             _gemm(a1.T, G, rows[:, col : col + width], 1.0, 0.0, slots)
 
 
-@njit(cache=True, error_model="numpy")
-def exact_hessian(X, T, w, H, work, plan, loss, mean):
-    """H (W, W) ← ∂²J/∂w∂w, exactly symmetric, from the R-passes of the bias directions of every
-    layer (see the section's comment). work: :func:`hessian_work_length` (plan, m) elements."""
+@njit(cache=True, error_model="numpy", nogil=True)  # the parts run on Python threads (jit.py)
+def exact_hessian_part(X, T, w, H, work, plan, loss, mean, part, parts):
+    """H's rows of the units j′ of every layer l′ in part ``part`` of ``parts`` (the contiguous
+    range n_l′ part / parts ≤ j′ < n_l′ (part + 1) / parts), upper triangle and diagonal blocks
+    only; each part on its own work vector (:func:`hessian_work_length`), so ``parts`` calls at
+    once form every row, and :func:`hessian_mirror` then completes H. Each part runs the primal
+    pass and the R-passes of its layers' bias directions itself (a few % of its time)."""
     m = X.shape[0]
     c = _scale(mean, m)
     _primal(X, T, w, work, plan, loss, c)
@@ -1635,14 +1644,24 @@ def exact_hessian(X, T, w, H, work, plan, loss, mean):
     ones = _hessian_buffers(plan, m)[1]
     one = w.dtype.type(1)
     for first in range(1, sizes.shape[0]):
-        n_in = sizes[first - 1]
+        K, n_in = sizes[first], sizes[first - 1]
+        lo, hi = K * part // parts, K * (part + 1) // parts
+        if lo == hi:
+            continue
         a1 = _view(work, ones, m, n_in + 1)  # ã = [1, A(first − 1)]
         a_prev = X if first == 1 else _view(work, m * layer_start(plan, first - 1, 1), m, n_in)
         for n in range(m):
             a1[n, 0] = one
             for i in range(n_in):
                 a1[n, i + 1] = a_prev[n, i]
-        _r_block(X, w, None, H, work, plan, loss, c, first, sizes[first])
-        for j_ in range(sizes[first]):
+        _r_block(X, w, None, H, work, plan, loss, c, first, K)
+        for j_ in range(lo, hi):
             _hessian_rows(a1, H, work, plan, first, j_)
-    _mirror(H)
+
+
+@njit(cache=True, error_model="numpy")
+def exact_hessian(X, T, w, H, work, plan, loss, mean):
+    """H (W, W) ← ∂²J/∂w∂w, exactly symmetric, from the R-passes of the bias directions of every
+    layer (see the section's comment), in one call. work: :func:`hessian_work_length` (plan, m) elements."""
+    exact_hessian_part(X, T, w, H, work, plan, loss, mean, 0, 1)
+    hessian_mirror(H, 0, 1)

@@ -478,24 +478,35 @@ class CompiledDerivatives:
         return out
 
 
+def _splits(size: int) -> bool:
+    """Whether a call of ``size`` K m W (result entries, about its multiply-adds) runs in one block
+    per core: at least ``_SPLIT_WORK``, two cores or more, and a load average per core of at most
+    ``_SPLIT_MAX_LOAD`` (benchmarks/NOTES.md, "S4")."""
+    return size >= _SPLIT_WORK and _CORES >= 2 and blas_threads.load() <= _SPLIT_MAX_LOAD
+
+
 def sample_blocks(m: int, largest: int, size: int, part: Any, buffers: Any) -> list[Any]:
     """[part(lo, hi, buffers(hi − lo, i))] for the blocks i of samples lo..hi − 1 of a batch of m:
     one block, BLAS threads as :meth:`BlasThreads.run` decides for a call whose largest product has
-    ``largest`` multiply-adds; or, for a call of at least ``_SPLIT_WORK`` (``size``: K m W, about
-    its multiply-adds), unless the load average per core exceeds ``_SPLIT_MAX_LOAD``, one block per
-    core, each on one BLAS thread, the blocks on Python threads (numba releases the GIL), which
-    wait on a lock where OpenBLAS's spin (benchmarks/NOTES.md, "S4")."""
-    if size < _SPLIT_WORK or _CORES < 2 or m < _CORES or blas_threads.load() > _SPLIT_MAX_LOAD:
+    ``largest`` multiply-adds; or, where :func:`_splits` (``size``: K m W, about its multiply-adds),
+    one block per core, each on one BLAS thread, the blocks on Python threads (numba releases the
+    GIL), which wait on a lock where OpenBLAS's spin (benchmarks/NOTES.md, "S4")."""
+    if m < _CORES or not _splits(size):
         return [blas_threads.run(largest, part, 0, m, buffers(m, 0))]
     bounds = [m * i // _CORES for i in range(_CORES + 1)]
     blocks = [(bounds[i], bounds[i + 1], buffers(bounds[i + 1] - bounds[i], i)) for i in range(_CORES)]
     return blas_threads.one_thread(_run_blocks, part, blocks)
 
 
-def _run_blocks(part: Any, blocks: list[tuple[int, int, Any]]) -> list[Any]:
-    """[part(*block)] for every block: the first on this thread, the others on the pool's."""
+def _run_blocks(part: Any, blocks: list[tuple[Any, ...]]) -> list[Any]:
+    """[part(*block)] for every block: the first on this thread, the others on the pool's; returns
+    (or raises) only once every block has finished, since they write into the call's buffers."""
     others = [_pool().submit(part, *block) for block in blocks[1:]]
-    first = part(*blocks[0])
+    try:
+        first = part(*blocks[0])
+    except BaseException:
+        concurrent.futures.wait(others)
+        raise
     return [first] + [f.result() for f in others]
 
 
@@ -615,6 +626,7 @@ class CompiledCurvature:
         self._mean = net.reduction == "mean"
         self._work: dict[tuple[int, int, int], np.ndarray] = {}
         self._partials: dict[tuple[int, int], np.ndarray] = {}
+        self._rows_done = threading.Barrier(_CORES)  # the split Hessian's parts, between rows and mirror
         self._product = largest_product(net)
 
     def _buffers(self, m: int, K: int, part: int = 0) -> np.ndarray:
@@ -652,17 +664,37 @@ class CompiledCurvature:
         return out
 
     def hessian(self, X: np.ndarray, T: np.ndarray) -> np.ndarray:
-        """The exact Hessian (W, W), exactly symmetric: a new array. BLAS threads as for the HVP
-        (:meth:`BlasThreads.run`; its largest products are [1, A]ᵀ G, about m n W multiply-adds)."""
+        """The exact Hessian (W, W), exactly symmetric: a new array.
+
+        A call of m W² ≥ ``_SPLIT_WORK`` (:func:`_splits`) forms its rows in one part per core
+        (each layer's units j′ split into contiguous ranges, each part on its own work vector and
+        one BLAS thread, the parts on Python threads as the seeded tools' sample blocks are), then
+        mirrors the upper triangle in one part per core (benchmarks/NOTES.md, "H2"). Otherwise one
+        call, BLAS threads as for the HVP (:meth:`BlasThreads.run`; its largest products are
+        [1, A]ᵀ G, about m n W multiply-adds)."""
         X, T = _contiguous(X), _contiguous(T)
-        W = self.net.n_params
+        m, W, module = X.shape[0], self.net.n_params, self._module
         out = np.empty((W, W), dtype=self.net.xp_dtype)
-        work = self._buffers(X.shape[0], 0)
-        blas_threads.run(
-            X.shape[0] * W * max(self.net.sizes),
-            self._module.exact_hessian,
-            *(X, T, self.net.params, out, work, self._plan, self._loss, self._mean),
-        )
+        args, tail = (X, T, self.net.params, out), (self._plan, self._loss, self._mean)
+        if not _splits(m * W * W):
+            blas_threads.run(m * W * max(self.net.sizes), module.exact_hessian, *args, self._buffers(m, 0), *tail)
+            return out
+        parts = [(part, self._buffers(m, 0, part)) for part in range(_CORES)]
+        rows_done = self._rows_done
+        if rows_done.broken:  # a part of an earlier call raised
+            rows_done.reset()
+
+        def part(part: int, work: np.ndarray) -> bool:
+            try:
+                module.exact_hessian_part(*args, work, *tail, part, _CORES)
+                rows_done.wait()  # every part's rows are formed: a part's tiles read the others' rows
+            except BaseException:
+                rows_done.abort()  # the other parts stop waiting (BrokenBarrierError) instead of hanging
+                raise
+            module.hessian_mirror(out, part, _CORES)
+            return True
+
+        blas_threads.one_thread(_run_blocks, part, parts)
         return out
 
 
