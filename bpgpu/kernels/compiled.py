@@ -1454,9 +1454,11 @@ def _r_block(X, w, V, out, work, plan, loss, c, first, K):
             if not unit:
                 for k in range(K):
                     _gemm(a_prev, _wt(V[k], plan, l), rz[:, k, :], 1.0, 1.0 if l > first else 0.0, slots)
-                    for n in range(m):
+                    vb = V[k, off : off + n_out]
+                    for n in range(m):  # through row views: V[k, off + q] kept numba's negative-index wrap
+                        row = rz[n, k]
                         for q in range(n_out):
-                            rz[n, k, q] += V[k, off + q]
+                            row[q] += vb[q]
         if l < L or codes[L] == SOFTMAX:
             _r_activate(codes[l], rz, _view(work, m * layer_start(plan, l, 1), m, n_out), ra)
         ra_prev = ra
@@ -1489,10 +1491,12 @@ def _r_block(X, w, V, out, work, plan, loss, c, first, K):
                 t1_ = t2_ if direct else t1[: K * n_in * n_out].reshape(K * n_in, n_out)
                 _gemm(ra_prev.reshape(m, K * n_in).T, delta, t1_, 1.0, 1.0 if direct else 0.0, slots)
             bias[: K * n_out] = zero
-            for n in range(m):  # Σ_n R{δ_n(l)}, sample after sample
+            sums = bias[: K * n_out].reshape(K, n_out)
+            for n in range(m):  # Σ_n R{δ_n(l)}, sample after sample, through row views (as above)
                 for k in range(K):
+                    total, row = sums[k], rd[n, k]
                     for q in range(n_out):
-                        bias[k * n_out + q] += rd[n, k, q]
+                        total[q] += row[q]
             for k in range(K):
                 row = out[k]
                 for q in range(n_out):

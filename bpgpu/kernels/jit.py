@@ -243,15 +243,26 @@ _TICK = 1.0 / (os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100)
 
 def busy_seconds(cpus: list[int] = _CPUS, path: str = "/proc/stat") -> float | None:
     """CPU seconds spent busy (user, nice, system, irq, softirq) on ``cpus`` since boot, by every
-    process (Linux's /proc/stat); None where there is no such file."""
-    wanted, total = {f"cpu{c}".encode() for c in cpus}, 0
+    process (Linux's /proc/stat); None where there is no such file. Reads only the file's first
+    lines, into a few hundred bytes (the derivative tools allocate nothing but their results)."""
+    every = len(cpus) == os.cpu_count()  # the first line sums them all
     try:
-        with open(path, "rb") as f:
-            for line in f:
-                fields = line.split()
-                if fields and fields[0] in wanted:
-                    total += sum(int(x) for x in fields[1:4]) + sum(int(x) for x in fields[6:8])
-    except (OSError, ValueError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            data = os.read(fd, 256 if every else 256 * (max(cpus) + 2))  # ≤ 256 bytes a line
+        finally:
+            os.close(fd)
+    except OSError:
+        return None
+    lines = data.split(b"\n", 1)[:1] if every else data.split(b"\n")
+    wanted = {b"cpu"} if every else {f"cpu{c}".encode() for c in cpus}
+    total = 0
+    try:
+        for line in lines:
+            fields = line.split(None, 8)
+            if len(fields) >= 8 and fields[0] in wanted:
+                total += int(fields[1]) + int(fields[2]) + int(fields[3]) + int(fields[6]) + int(fields[7])
+    except ValueError:
         return None
     return total * _TICK
 
@@ -267,7 +278,7 @@ class BlasThreads:
     average above the core count plus one), or other processes used ``_BUSY_ELSEWHERE`` of a core
     or more over the last second (this process's cores' busy time less its own CPU time: one
     other process on one of 2 cores made two-thread HVPs 10–35× slower while the load average
-    stayed near 2, NOTES "P6"); both read at most once a second. Otherwise OpenBLAS keeps its
+    stayed near 2, NOTES "P6"); each read at most once a second. Otherwise OpenBLAS keeps its
     threads. Needs threadpoolctl (else nothing changes).
     """
 
@@ -276,9 +287,9 @@ class BlasThreads:
         (:func:`busy_seconds`), as functions of no argument (replaceable in tests)."""
         self._controllers: list[Any] | None = None
         self._clock, self._own, self._busy_seconds = clock, own, busy
-        self._load, self._others, self._checked = 0.0, 0.0, -1.0
-        self._busy: float | None = None
-        self._mine = 0.0
+        self._load, self._checked = 0.0, -1.0
+        self._busy: float | None = None  # the cores' busy seconds at the last reading
+        self._others, self._mine, self._sampled = 0.0, 0.0, -1.0
         self._lock, self._depth, self._saved = threading.Lock(), 0, []
 
     def _blas(self) -> list[Any]:
@@ -291,29 +302,26 @@ class BlasThreads:
                 self._controllers = ThreadpoolController().select(user_api="blas").lib_controllers
         return self._controllers
 
-    def _read(self) -> None:
-        """The load average and the other processes' CPU use, read again once a second has passed."""
-        now = self._clock()
-        if now - self._checked <= 1.0:
-            return
-        try:
-            self._load = os.getloadavg()[0] / _CORES
-        except OSError:  # no load average on this system
-            self._load = 0.0
-        busy, mine = self._busy_seconds(), self._own()
-        if busy is not None and self._busy is not None:  # the first reading has nothing to compare with
-            self._others = max(0.0, (busy - self._busy) - (mine - self._mine)) / (now - self._checked)
-        self._busy, self._mine, self._checked = busy, mine, now
-
     def load(self) -> float:
-        """The 1-minute load average per core (0 where there is none)."""
-        self._read()
+        """The 1-minute load average per core (read at most once a second; 0 where there is none)."""
+        now = self._clock()
+        if now - self._checked > 1.0:
+            self._checked = now
+            try:
+                self._load = os.getloadavg()[0] / _CORES
+            except OSError:  # no load average on this system
+                self._load = 0.0
         return self._load
 
     def others(self) -> float:
         """Cores' worth of CPU that other processes used on this process's cores between the last two
-        readings (0 without /proc/stat, and before a second reading)."""
-        self._read()
+        readings, at least a second apart (0 without /proc/stat, and before a second reading)."""
+        now = self._clock()
+        if now - self._sampled > 1.0:
+            busy, mine = self._busy_seconds(), self._own()
+            if busy is not None and self._busy is not None:  # the first reading has nothing to compare with
+                self._others = max(0.0, (busy - self._busy) - (mine - self._mine)) / (now - self._sampled)
+            self._busy, self._mine, self._sampled = busy, mine, now
         return self._others
 
     def oversubscribed(self) -> bool:
@@ -658,7 +666,10 @@ class CompiledCurvature:
             kernel(X[lo:hi], T[lo:hi], w, V, dst, work, plan_, loss, c)
             return dst
 
-        parts = sample_blocks(m, m * K * self._product, m * K * self.net.n_params, part, lambda rows, i: self._buffers(rows, K, i))
+        def buffers(rows: int, i: int) -> np.ndarray:
+            return self._buffers(rows, K, i)
+
+        parts = sample_blocks(m, m * K * self._product, m * K * self.net.n_params, part, buffers)
         for partial in parts[1:]:
             out += partial
         return out
