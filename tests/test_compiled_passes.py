@@ -190,3 +190,34 @@ def test_blas_threads_see_the_cpu_other_processes_use(tmp_path):
     assert threads.others() == pytest.approx(1.0)  # within a second: not read again
     now.update(clock=14.0, busy=104.5, own=4.5)  # 1.5 s busy, 2.5 s of it ours: nobody else (0, not < 0)
     assert threads.others() == 0.0
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_the_input_checks_finiteness_test_is_the_same_compiled_or_not(monkeypatch, dtype):
+    """validation.all_finite takes the compiled table's vectorized pass for C-contiguous float numpy
+    arrays once the table is loaded, numpy's sum otherwise: the same answer for finite values (the
+    largest ones too, whose sum overflows), NaN and ±Inf anywhere, 1-D, 2-D and strided arrays."""
+    from bpgpu import validation
+
+    assert jit.kernels() is not None
+    rng = np.random.default_rng(0)
+    arrays = [rng.normal(size=(37, 19)).astype(dtype), rng.normal(size=1001).astype(dtype)]
+    arrays.append(np.full((3, 4), np.finfo(dtype).max, dtype=dtype))
+    for x in list(arrays):
+        for bad in (np.nan, np.inf, -np.inf):
+            y = x.copy()
+            y.flat[rng.integers(y.size)] = bad
+            arrays.append(y)
+    arrays += [y[..., ::2] for y in arrays]  # strided: numpy's sum in both runs
+    calls = []
+    with monkeypatch.context() as patch, np.errstate(over="ignore", invalid="ignore"):
+        patch.setattr(compiled, "all_finite", lambda y, kernel=compiled.all_finite: calls.append(y) or kernel(y))
+        compiled_answers = [validation.all_finite(y, np) for y in arrays]
+    assert len(calls) == len(arrays) // 2  # the contiguous half
+    with monkeypatch.context() as patch:
+        patch.setattr(compiled, "all_finite", lambda y: pytest.fail("the compiled pass ran"))
+        patch.setattr(validation, "_COMPILED_DTYPES", ())  # numpy's path alone
+        with np.errstate(over="ignore", invalid="ignore"):  # the largest values' sum overflows (inf − inf: NaN)
+            numpy_answers = [validation.all_finite(y, np) for y in arrays]
+    assert compiled_answers == numpy_answers == [bool(np.all(np.isfinite(y))) for y in arrays]
+    assert compiled_answers.count(False) >= 6
