@@ -221,3 +221,22 @@ def test_the_input_checks_finiteness_test_is_the_same_compiled_or_not(monkeypatc
             numpy_answers = [validation.all_finite(y, np) for y in arrays]
     assert compiled_answers == numpy_answers == [bool(np.all(np.isfinite(y))) for y in arrays]
     assert compiled_answers.count(False) >= 6
+
+
+def test_only_float64_calls_are_split_into_sample_blocks(monkeypatch):
+    """jit.sample_blocks: a large float64 call runs one block per core, a float32 one stays whole
+    (one OpenBLAS call on both cores was faster for float32, benchmarks/NOTES.md "P9")."""
+    monkeypatch.setattr(jit, "_SPLIT_WORK", 1)
+    monkeypatch.setattr(jit, "_CORES", 3)
+    monkeypatch.setattr(jit.blas_threads, "load", lambda: 0.0)
+
+    def part(lo, hi, work):
+        return (lo, hi, work)
+
+    def buffers(rows, i):
+        return f"buffer {i} of {rows} rows"
+
+    whole = [(0, 11, "buffer 0 of 11 rows")]
+    assert jit.sample_blocks(11, 1, 1 << 30, part, buffers, np.float32) == whole
+    blocks = jit.sample_blocks(11, 1, 1 << 30, part, buffers, np.float64)
+    assert blocks == [(0, 3, "buffer 0 of 3 rows"), (3, 7, "buffer 1 of 4 rows"), (7, 11, "buffer 2 of 4 rows")]

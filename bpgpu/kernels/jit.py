@@ -408,7 +408,7 @@ class CompiledDerivatives:
     def _run(self, m: int, K: int, part: Any) -> bool:
         """``part(lo, hi, work)`` (the kernel on samples lo..hi − 1, whose rows of the result are
         contiguous) over the batch, as :func:`sample_blocks` runs it; True when every part was."""
-        return all(sample_blocks(m, *self._cost(m, K), part, lambda rows, i: self._buffers(rows, K, i)))
+        return all(sample_blocks(m, *self._cost(m, K), part, lambda rows, i: self._buffers(rows, K, i), self._dtype))
 
     def _ready(self, x: Any, width: int, rows: int = 0) -> bool:
         """Whether x is already what the kernels take: a C-contiguous 2-D numpy array of the net's
@@ -493,13 +493,16 @@ def _splits(size: int) -> bool:
     return size >= _SPLIT_WORK and _CORES >= 2 and blas_threads.load() <= _SPLIT_MAX_LOAD
 
 
-def sample_blocks(m: int, largest: int, size: int, part: Any, buffers: Any) -> list[Any]:
+def sample_blocks(m: int, largest: int, size: int, part: Any, buffers: Any, dtype: Any = np.float64) -> list[Any]:
     """[part(lo, hi, buffers(hi − lo, i))] for the blocks i of samples lo..hi − 1 of a batch of m:
     one block, BLAS threads as :meth:`BlasThreads.run` decides for a call whose largest product has
     ``largest`` multiply-adds; or, where :func:`_splits` (``size``: K m W, about its multiply-adds),
     one block per core, each on one BLAS thread, the blocks on Python threads (numba releases the
-    GIL), which wait on a lock where OpenBLAS's spin (benchmarks/NOTES.md, "S4")."""
-    if m < _CORES or not _splits(size):
+    GIL), which wait on a lock where OpenBLAS's spin (benchmarks/NOTES.md, "S4"). float32 calls
+    stay in one block: on an idle machine one OpenBLAS GEMM on both cores beat two one-thread
+    blocks for float32 ([784,256,10] input Jacobian 3.5 against 3.9 ms, HVP 1.14 against 1.24 ms;
+    equal at [64,128,128,10]) while float64 gained from the blocks (NOTES "P9")."""
+    if m < _CORES or np.dtype(dtype).itemsize < 8 or not _splits(size):
         return [blas_threads.run(largest, part, 0, m, buffers(m, 0))]
     bounds = [m * i // _CORES for i in range(_CORES + 1)]
     blocks = [(bounds[i], bounds[i + 1], buffers(bounds[i + 1] - bounds[i], i)) for i in range(_CORES)]
@@ -669,7 +672,7 @@ class CompiledCurvature:
         def buffers(rows: int, i: int) -> np.ndarray:
             return self._buffers(rows, K, i)
 
-        parts = sample_blocks(m, m * K * self._product, m * K * self.net.n_params, part, buffers)
+        parts = sample_blocks(m, m * K * self._product, m * K * self.net.n_params, part, buffers, V.dtype)
         for partial in parts[1:]:
             out += partial
         return out
