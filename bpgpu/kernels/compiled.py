@@ -1559,8 +1559,34 @@ def _hessian_rows(a1, H, work, plan, first, j_):
                         x = a_prev[n, i]
                         for q in range(n_out):
                             g[q] = x * rd_n[q]
-            col = off + n_out + i0 * n_out
-            _gemm(a1.T, G, rows[:, col : col + width], 1.0, 0.0, slots)
+            col, need = off + n_out + i0 * n_out, _slice_rows(l, first, i1, a1.shape[1])
+            _gemm(a1[:, :need].T, G, rows[:need, col : col + width], 1.0, 0.0, slots)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _slice_rows(l, first, i1, inputs):
+    """How many of a unit's rows ĩ′ = 0..inputs − 1 (ã's columns) the GEMM of a G slice of layer
+    l's columns up to input i1 − 1 (ã column i1) forms: all of them right of the diagonal block
+    (l > first); in it (l = first) only ĩ′ ≤ i1, since the rows ĩ′ > i1 meet these columns below
+    the diagonal only, where the mirror writes (this halves the diagonal blocks' GEMMs)."""
+    return inputs if l > first else min(i1 + 1, inputs)
+
+
+@njit(cache=True, error_model="numpy")
+def hessian_gemm_macs(plan, m):
+    """Multiply-adds of :func:`exact_hessian`'s GEMMs ãᵀ G_j′ over every unit j′ of every layer
+    (its arithmetic; the benchmark's measure, bpgpu.bench.derivatives.hessian_flops): about
+    m W²/2, plus each diagonal block's slices' share below the diagonal. plan: only its SIZE row is read."""
+    sizes = plan[SIZE]
+    total = 0
+    for first in range(1, sizes.shape[0]):
+        for l in range(first, sizes.shape[0]):
+            n_in, n_out = sizes[l - 1], sizes[l]
+            step = max(1, HESSIAN_COLUMNS // n_out)
+            for i0 in range(-1, n_in, step):  # the slices of _hessian_rows
+                i1 = min(i0 + step, n_in)
+                total += sizes[first] * _slice_rows(l, first, i1, sizes[first - 1] + 1) * m * (i1 - i0) * n_out
+    return total
 
 
 @njit(cache=True, error_model="numpy", nogil=True)  # the parts run on Python threads (jit.py)
