@@ -1496,6 +1496,7 @@ def hessian_mirror(H, part, parts):
 # still in cache for its GEMM: (128, 1024) float64 is 1 MiB, this machine's L2 per core. Measured
 # (NOTES "H3"): 1024–2048 columns are best, 512 and 4096 are 5–15% slower.
 HESSIAN_COLUMNS = 1024
+DIAGONAL_SPLIT = 4  # measured (NOTES "H5"): 1, 2, 4 gave 6.28, 5.87, 5.67 GFLOP at [32,64,64,4] m = 128, 4 the fastest
 
 
 @njit(cache=True, error_model="numpy", inline="always")
@@ -1538,7 +1539,7 @@ def _hessian_rows(a1, H, work, plan, first, j_):
         delta = _view(work, m * units + m * layer_start(plan, l, 1), m, n_out)
         rd = _stack(work, base + m * K * layer_start(plan, l, 1), m, K, n_out)
         ra = _stack(work, base + m * K * (units + layer_start(plan, l - 1, 1)), m, K, n_in if l > first else 1)
-        step = max(1, HESSIAN_COLUMNS // n_out)
+        step = _slice_step(l, first, n_out)
         for i0 in range(-1, n_in, step):  # i = −1: the bias column block
             i1 = min(i0 + step, n_in)
             width = (i1 - i0) * n_out
@@ -1564,6 +1565,14 @@ def _hessian_rows(a1, H, work, plan, first, j_):
 
 
 @njit(cache=True, error_model="numpy", inline="always")
+def _slice_step(l, first, n_out):
+    """Inputs i per G slice of layer l's columns: HESSIAN_COLUMNS // n_out, DIAGONAL_SPLIT times
+    fewer in the diagonal block (l = first), whose GEMMs then stop closer to the diagonal (:func:`_slice_rows`)."""
+    return max(1, HESSIAN_COLUMNS // n_out // (DIAGONAL_SPLIT if l == first else 1))
+
+
+
+@njit(cache=True, error_model="numpy", inline="always")
 def _slice_rows(l, first, i1, inputs):
     """How many of a unit's rows ĩ′ = 0..inputs − 1 (ã's columns) the GEMM of a G slice of layer
     l's columns up to input i1 − 1 (ã column i1) forms: all of them right of the diagonal block
@@ -1582,7 +1591,7 @@ def hessian_gemm_macs(plan, m):
     for first in range(1, sizes.shape[0]):
         for l in range(first, sizes.shape[0]):
             n_in, n_out = sizes[l - 1], sizes[l]
-            step = max(1, HESSIAN_COLUMNS // n_out)
+            step = _slice_step(l, first, n_out)
             for i0 in range(-1, n_in, step):  # the slices of _hessian_rows
                 i1 = min(i0 + step, n_in)
                 total += sizes[first] * _slice_rows(l, first, i1, sizes[first - 1] + 1) * m * (i1 - i0) * n_out
