@@ -66,10 +66,8 @@ the backprop of all K·m seed rows with one GEMM per layer, the outer products; 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
-
-import numpy as np
 
 from bpgpu.backend import is_sparse
 from bpgpu.kernels import generic, jit
@@ -195,7 +193,7 @@ def loss_and_gradient(net: MLP, X: Any, T: Any, grad: Any, weights: Any = None) 
     -------
     J : Python float on the compiled path, a device scalar otherwise.
     """
-    compiled = jit.gradient_for(net) if isinstance(X, np.ndarray) else None  # sparse X: the passes
+    compiled = _compiled_for(jit.gradient_for, net, X)
     if compiled is not None:
         return compiled(X, T, grad, weights)
     ws = net.workspace(X.shape[0])
@@ -309,31 +307,34 @@ def seeded_gradients(net: MLP, A: list[Any], seeds: Any) -> Any:
 # functions take them (checked here, or by a lean test of what the kernels need).
 
 
-def _compiled_tools(net: MLP, X: Any) -> Any:
-    return None if is_sparse(X) else jit.derivatives_for(net)
+def _compiled_for(tools_for: Callable[[MLP], Any], net: MLP, X: Any) -> Any:
+    """The net's compiled tools of one kind (``jit.gradient_for``, ``jit.derivatives_for`` or
+    ``jit.curvature_for``) for this X, or None: another backend, numba missing, or a sparse X
+    (the array passes, which multiply it sparse × dense). The one rule for taking the compiled path."""
+    return None if is_sparse(X) else tools_for(net)
 
 
 def compiled_input_jacobian(net: MLP, X: Any) -> Any:
     """∂y_k/∂x per sample (m, n_L, n_0) in one compiled call (:func:`input_jacobian`'s result), or None."""
-    tools = _compiled_tools(net, X)
+    tools = _compiled_for(jit.derivatives_for, net, X)
     return None if tools is None else tools.input_jacobian(X)
 
 
 def compiled_parameter_jacobian(net: MLP, X: Any) -> Any:
     """∂y_nk/∂w (m, n_L, W) in one compiled call (:func:`seeded_gradients` of the output seeds), or None."""
-    tools = _compiled_tools(net, X)
+    tools = _compiled_for(jit.derivatives_for, net, X)
     return None if tools is None else tools.parameter_jacobian(X)
 
 
 def compiled_per_sample_gradients(net: MLP, X: Any, T: Any, s_col: Any = None) -> Any:
     """s_n ∂ℓ_n/∂w (m, W) in one compiled call, or None; s_col: None or (m, 1) weights."""
-    tools = _compiled_tools(net, X)
+    tools = _compiled_for(jit.derivatives_for, net, X)
     return None if tools is None else tools.per_sample_gradients(X, T, s_col)
 
 
 def compiled_gauss_newton_rows(net: MLP, X: Any, T: Any, s_col: Any = None) -> Any:
     """The Gauss–Newton factor R (n_L m, W), rows (k, n), in one compiled call, or None."""
-    tools = _compiled_tools(net, X)
+    tools = _compiled_for(jit.derivatives_for, net, X)
     return None if tools is None else tools.gauss_newton_rows(X, T, s_col)
 
 
@@ -414,12 +415,6 @@ def r_pass(net: MLP, X: Any, T: Any, ws: Workspace, V: Any) -> Any:
 _BATCH_ELEMENTS = 1 << 22
 
 
-def _compiled_curvature(net: MLP, X: Any) -> Any:
-    """The compiled H V and H of the net for this X, or None (another backend, numba missing, or a
-    sparse X: the array path)."""
-    return jit.curvature_for(net) if isinstance(X, np.ndarray) else None
-
-
 def hessian_vector_products(net: MLP, X: Any, T: Any, V: Any) -> Any:
     """H vᵣ for every row vᵣ of V (K, W) at ``net.params``: a new (K, W) array.
 
@@ -427,7 +422,7 @@ def hessian_vector_products(net: MLP, X: Any, T: Any, V: Any) -> Any:
     K directions are one numba call (:class:`bpgpu.kernels.jit.CompiledCurvature`); elsewhere
     :func:`forward_backward` and :func:`r_pass`. X, T: validated (``net.check_inputs``).
     """
-    compiled = _compiled_curvature(net, X)
+    compiled = _compiled_for(jit.curvature_for, net, X)
     if compiled is not None:
         return compiled.hessian_vector_products(X, T, V)
     return r_pass(net, X, T, forward_backward(net, X, T), V)
@@ -442,7 +437,7 @@ def exact_hessian(net: MLP, X: Any, T: Any) -> Any:
     of H (only the rows of layers ≥ the direction's are formed; exactly symmetric).
     Elsewhere :func:`r_pass` on blocks of rows of the identity, every column in full.
     """
-    compiled = _compiled_curvature(net, X)
+    compiled = _compiled_for(jit.curvature_for, net, X)
     if compiled is not None:
         return compiled.hessian(X, T)
     xp, W = net.backend.xp, net.n_params

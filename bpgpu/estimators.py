@@ -53,7 +53,9 @@ tests/test_estimators.py compares with scikit-learn).
 
 from __future__ import annotations
 
+import importlib
 import warnings
+from numbers import Integral, Real
 from typing import Any
 
 import numpy as np
@@ -63,13 +65,9 @@ try:
     from scipy.optimize import OptimizeResult
     from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
     from sklearn.exceptions import ConvergenceWarning
-    from sklearn.metrics import accuracy_score, r2_score
-    from sklearn.model_selection import train_test_split
-    from sklearn.neural_network import MLPClassifier as _SklearnMLPClassifier
-    from sklearn.neural_network import MLPRegressor as _SklearnMLPRegressor
     from sklearn.preprocessing import LabelBinarizer
     from sklearn.utils import check_random_state, column_or_1d
-    from sklearn.utils._param_validation import StrOptions
+    from sklearn.utils._param_validation import Interval, Options, StrOptions
     from sklearn.utils.metaestimators import available_if
     from sklearn.utils.multiclass import _check_partial_fit_first_call, type_of_target, unique_labels
     from sklearn.utils.optimize import _check_optimize_result
@@ -105,13 +103,36 @@ _NON_FINITE = (
 class _BaseMLP(BaseEstimator):
     """What the classifier and the regressor share: parameters, net, fit loop glue."""
 
-    # sklearn's own constraints (so the meanings stay in step with the installed
-    # version), plus the two bpgpu parameters. _parameter_constraints is scikit-learn's
-    # (private) protocol for parameter validation: there is no public accessor.
+    # scikit-learn's constraints of MLPClassifier, as scikit-learn 1.9 declares them, with
+    # bpgpu's "lm" solver, verbose="bar", device and dtype. Declared here rather than read from
+    # sklearn.neural_network, whose import brings sklearn.metrics and sklearn.model_selection:
+    # 0.09 s of a new process's first fit (benchmarks/NOTES.md, E6). tests/test_estimators.py
+    # holds them equal to the installed scikit-learn's, so a change on either side fails there.
+    # _parameter_constraints is scikit-learn's (private) protocol for parameter validation.
     _parameter_constraints: dict = {
-        **_SklearnMLPClassifier._parameter_constraints,  # noqa: SLF001
+        "hidden_layer_sizes": ["array-like", Interval(Integral, 1, None, closed="left")],
+        "activation": [StrOptions({"identity", "logistic", "tanh", "relu"})],
+        "solver": [StrOptions({"lbfgs", "sgd", "adam", "lm"})],
+        "alpha": [Interval(Real, 0, None, closed="left")],
+        "batch_size": [StrOptions({"auto"}), Interval(Integral, 1, None, closed="left")],
+        "learning_rate": [StrOptions({"constant", "invscaling", "adaptive"})],
+        "learning_rate_init": [Interval(Real, 0, None, closed="neither")],
+        "power_t": [Interval(Real, 0, None, closed="left")],
+        "max_iter": [Interval(Integral, 1, None, closed="left")],
+        "shuffle": ["boolean"],
+        "random_state": ["random_state"],
+        "tol": [Interval(Real, 0, None, closed="left")],
         "verbose": ["verbose", StrOptions({"bar"})],
-        "solver": [StrOptions({"lbfgs", "sgd", "adam", "lm"})],  # + bpgpu's Levenberg–Marquardt
+        "warm_start": ["boolean"],
+        "momentum": [Interval(Real, 0, 1, closed="both")],
+        "nesterovs_momentum": ["boolean"],
+        "early_stopping": ["boolean"],
+        "validation_fraction": [Interval(Real, 0, 1, closed="left")],
+        "beta_1": [Interval(Real, 0, 1, closed="left")],
+        "beta_2": [Interval(Real, 0, 1, closed="left")],
+        "epsilon": [Interval(Real, 0, None, closed="neither")],
+        "n_iter_no_change": [Interval(Integral, 1, None, closed="left"), Options(Real, {np.inf})],
+        "max_fun": [Interval(Integral, 1, None, closed="left")],
         "device": [StrOptions({"auto", "cpu", "gpu"})],
         "dtype": [StrOptions({"float32", "float64"}), None],
     }
@@ -457,6 +478,8 @@ class _BaseMLP(BaseEstimator):
         As scikit-learn: stratified for a single output column (binary classes) on the binarized
         labels as booleans, so the same data splits the same way and a class too small for the
         split is named as scikit-learn names it ('True' / 'False')."""
+        from sklearn.model_selection import train_test_split  # here, not at the top: see _parameter_constraints
+
         single = isinstance(self, ClassifierMixin) and self.n_outputs_ == 1
         stratify = Y.astype(bool) if single else None
         arrays = (X, Y) if sample_weight is None else (X, Y, sample_weight)
@@ -482,7 +505,8 @@ class _BaseMLP(BaseEstimator):
         prediction = self._decode(out)
         if np.issubdtype(prediction.dtype, np.floating) and not np.isfinite(prediction).all():
             return float("nan")
-        return float(self._score_function(y_val, prediction, sample_weight=sample_weight))
+        score = getattr(importlib.import_module("sklearn.metrics"), self._score_name)
+        return float(score(y_val, prediction, sample_weight=sample_weight))
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
@@ -625,7 +649,8 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
     :class:`MLPRegressor`).
     """
 
-    _score_function = staticmethod(accuracy_score)
+    # the validation score under early stopping: a function of sklearn.metrics, imported when used
+    _score_name = "accuracy_score"
 
     def _validate_input(self, X, y, incremental, reset):
         X, y = validate_data(
@@ -739,9 +764,9 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
 
     _parameter_constraints: dict = {
         **_BaseMLP._parameter_constraints,  # noqa: SLF001 - the class's own base
-        "loss": _SklearnMLPRegressor._parameter_constraints["loss"],  # noqa: SLF001
+        "loss": [StrOptions({"squared_error", "poisson"})],
     }
-    _score_function = staticmethod(r2_score)
+    _score_name = "r2_score"
 
     # scikit-learn's signature (loss first, then the shared parameters); explicit, because
     # scikit-learn's get_params reads the parameter names from __init__'s signature.

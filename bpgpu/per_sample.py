@@ -87,17 +87,16 @@ def per_sample_gradients(net: MLP, X: Any, T: Any, sample_weight: Any = None) ->
     outer products δ_n(l) [1, a_n(l−1)]ᵀ of every layer, all samples at once
     (what torch.func's ``vmap(grad(loss))`` computes, without a per-sample program).
     """
-    if sample_weight is None:  # the lean path: X and T checked by the compiled call's driver
-        compiled = engine.compiled_per_sample_gradients(net, X, T)
-        if compiled is not None:
-            return compiled
+    weights = None
+    if sample_weight is not None:  # the weights' length is checked against the checked X
+        X, T = net.check_inputs(X, T)
+        weights = net.weighting(_host_weights(sample_weight, X.shape[0]))
+    # X and T as given, or checked above: the compiled call's driver checks what its kernel needs
+    compiled = engine.compiled_per_sample_gradients(net, X, T, None if weights is None else weights[0])
+    if compiled is not None:
+        return compiled
     X, T = net.check_inputs(X, T)
     m, xp = X.shape[0], net.backend.xp
-    weights = net.weighting(_host_weights(sample_weight, m))
-    if weights is not None:
-        compiled = engine.compiled_per_sample_gradients(net, X, T, weights[0])
-        if compiled is not None:
-            return compiled
     ws, A = _forward(net, X)
     engine.output_delta(net, T, ws, weights)  # δ(L) = c s_n ∂ℓ_n/∂z(L)
     c = net.reduction_factor(m, weights)

@@ -170,3 +170,33 @@ def test_threaded_hessian_equals_the_one_call_hessian():
             with pytest.raises(RuntimeError, match="a part failed"):
                 bp.hessian(net, X, T)
         np.testing.assert_array_equal(bp.hessian(net, X, T), whole)  # the barrier is reset
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("K", [1, 3])
+def test_hvp_split_into_sample_blocks_gives_the_whole_calls_result_and_allocates_nothing(monkeypatch, reduction, K):
+    """Large H V calls run as one block of samples per core on Python threads, each block's share of
+    the sum into its own buffer (jit.CompiledCurvature): the whole call's H V to 1e-12, against the
+    array-API passes too; after warm-up nothing is allocated but the result and the thread hand-off's
+    few Python objects (a future, a work item: under 16 KiB, where a (K, W) partial is 28–85 KiB)."""
+    net, X, T, rng = random_problem([20, 64, 32, 3], "tanh", "softmax", "cross_entropy", reduction, 4, 11)
+    V = rng.normal(size=(K, net.n_params))
+    compiled = jit.curvature_for(net)
+    whole = compiled.hessian_vector_products(X, T, V)
+    with monkeypatch.context() as patch:
+        patch.setattr(jit, "_SPLIT_WORK", 1)
+        patch.setattr(jit, "_CORES", 3)
+        patch.setattr(jit.blas_threads, "load", lambda: 0.0)
+        split = compiled.hessian_vector_products(X, T, V)
+        tracemalloc.start()
+        try:
+            start, _ = tracemalloc.get_traced_memory()
+            tracemalloc.reset_peak()
+            again = compiled.hessian_vector_products(X, T, V)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    assert relative(split, whole) <= 1e-12
+    assert relative(split, reference_hvp(net, X, T, V)) <= 1e-12
+    np.testing.assert_array_equal(again, split)
+    assert peak - start <= again.nbytes + 16384, (peak - start, again.nbytes)

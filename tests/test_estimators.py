@@ -17,6 +17,7 @@ from sklearn.datasets import load_digits, make_classification, make_regression  
 from sklearn.exceptions import ConvergenceWarning  # noqa: E402
 from sklearn.model_selection import train_test_split  # noqa: E402
 from sklearn.preprocessing import StandardScaler  # noqa: E402
+from sklearn.utils._param_validation import Interval, Options  # noqa: E402
 from sklearn.utils.estimator_checks import parametrize_with_checks  # noqa: E402
 
 import bpgpu as bp  # noqa: E402
@@ -299,6 +300,47 @@ def test_bad_parameters_name_themselves():
         clf.fit(X, y)
     with pytest.raises(ValueError, match="X has 5 features, but MLPClassifier is expecting 6"):
         clf.predict(X[:, :5])
+
+
+def _constraint(c):
+    """One parameter constraint of scikit-learn's validation as plain values (its objects have no ==)."""
+    if isinstance(c, Interval):
+        return ("Interval", c.type, c.left, c.right, c.closed)
+    if isinstance(c, Options):  # StrOptions too
+        return (type(c).__name__, c.type, frozenset(c.options), frozenset(c.deprecated or ()))
+    return c
+
+
+@pytest.mark.parametrize("ours, theirs", [(bp.MLPClassifier, sk.MLPClassifier), (bp.MLPRegressor, sk.MLPRegressor)])
+def test_parameter_constraints_are_the_installed_scikit_learns(ours, theirs):
+    """bpgpu declares scikit-learn's constraints itself (importing sklearn.neural_network to read
+    them would cost a fresh process 0.09 s): every one equal to the installed scikit-learn's,
+    plus bpgpu's solver "lm", verbose "bar", device and dtype."""
+    mine = {name: [_constraint(c) for c in cs] for name, cs in ours._parameter_constraints.items()}  # noqa: SLF001
+    sklearns = {name: [_constraint(c) for c in cs] for name, cs in theirs._parameter_constraints.items()}  # noqa: SLF001
+    assert set(mine) - set(sklearns) == {"device", "dtype"}
+    assert set(sklearns) <= set(mine)
+    solver = sklearns.pop("solver")[0]
+    assert mine.pop("solver") == [(solver[0], solver[1], solver[2] | {"lm"}, solver[3])]
+    assert mine.pop("verbose") == [*sklearns.pop("verbose"), ("StrOptions", str, frozenset({"bar"}), frozenset())]
+    assert {name: mine[name] for name in sklearns} == sklearns
+
+
+def test_a_fit_without_early_stopping_does_not_import_sklearn_metrics():
+    """scikit-learn's metrics and model_selection (0.09 s in a fresh process) load only for
+    early stopping's split and score, or score()."""
+    code = (
+        "import sys, numpy as np, bpgpu\n"
+        "X = np.random.default_rng(0).normal(size=(40, 3)); y = (X[:, 0] > 0).astype(int)\n"
+        "bpgpu.MLPClassifier(hidden_layer_sizes=(4,), max_iter=3, device='cpu').fit(X, y).predict(X)\n"
+        "bpgpu.MLPRegressor(hidden_layer_sizes=(4,), max_iter=3, device='cpu').fit(X, X[:, 1]).predict(X)\n"
+        "heavy = ('sklearn.metrics', 'sklearn.model_selection', 'sklearn.neural_network')\n"
+        "print(sorted(m for m in heavy if m in sys.modules))\n"
+        "bpgpu.MLPClassifier(hidden_layer_sizes=(4,), max_iter=3, device='cpu', early_stopping=True).fit(X, y)\n"
+        "print('sklearn.metrics' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.split("\n")[:2] == ["[]", "True"]
 
 
 def test_import_bpgpu_does_not_import_sklearn_and_missing_sklearn_names_the_extra():

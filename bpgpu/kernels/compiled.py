@@ -99,17 +99,43 @@ _xxgemm = types.ExternalFunction(
 # numba's np.tanh is a call into libm, one element at a time (measured 15–25 ns an element here,
 # numpy's SIMD tanh 2–3 ns: benchmarks/NOTES.md, "S3"). This one is arithmetic only, so LLVM
 # vectorizes the loops that call it: tanh|x| = e/(e + 2) with e = e^{2|x|} − 1 = 2^k (1 + q(r)) − 1,
-# 2|x| = k ln 2 + r, |r| ≤ ln(2)/2, q(r) = e^r − 1 by its Taylor polynomial of degree 13 (truncation
-# below half an ulp), 2^k as the integer 1 << k, all in float64. Measured within 2 ulp of numpy's
-# tanh over [−20, 20] and down to the smallest subnormals; tanh(±0) = ±0, NaN stays NaN.
+# 2|x| = k ln 2 + r, |r| ≤ ln(2)/2, q(r) = e^r − 1 = r + r² p(r) by its Taylor polynomial, 2^k as the
+# integer 1 << k. float64: degree 13 (truncation below half an ulp), within 3 ulp of numpy's tanh over
+# [−20, 20] and down to the smallest subnormals (3 at a few points near ±0.2, where e/(e + 2) rounds
+# three times; tests/test_tables.py). float32: the same steps in float32 arithmetic
+# (twice the SIMD width, numba types the branch at compile time), degree 7 (truncation r⁸/8!, 1.3·10⁻⁸ of
+# q at |r| = ln(2)/2, a tenth of an ulp), float32 ln 2 = hi + lo (fdlibm's expf split, hi with 16 bits so
+# k hi is exact), |x| capped at 10 (tanh(10) rounds to 1); measured within 2 ulp of the correctly
+# rounded tanh and 3 of numpy's float32 tanh (the same test; benchmarks/NOTES.md, "P1"). tanh(±0) = ±0,
+# NaN stays NaN.
 _LN2_HI, _LN2_LO = 6.93147180369123816490e-01, 1.90821492927058770002e-10  # ln 2 = hi + lo, hi with 32 bits
 _INV_LN2 = 1.44269504088896338700e00
 _F = tuple(1.0 / math.factorial(j) for j in range(14))  # 1/j!
+_LN2_HI32, _LN2_LO32 = np.float32(6.9314575195e-01), np.float32(1.4286067653e-06)
+_INV_LN2_32 = np.float32(_INV_LN2)
+_F32 = tuple(np.float32(f) for f in _F[:8])
 
 
 @njit(cache=True, error_model="numpy", inline="always")
 def tanh(x):
-    """tanh x by arithmetic only (the section's comment), in float64."""
+    """tanh x by arithmetic only (the section's comment), in float32 for a float32 x, else float64."""
+    if isinstance(x, types.float32):
+        one = np.float32(1.0)
+        y = min(abs(x) * np.float32(2.0), np.float32(20.0))  # NaN passes through min
+        kf = np.floor(y * _INV_LN2_32 + np.float32(0.5))
+        kf = kf if kf == kf else np.float32(0.0)
+        r = (y - kf * _LN2_HI32) - kf * _LN2_LO32
+        p = _F32[7]
+        p = _F32[6] + r * p
+        p = _F32[5] + r * p
+        p = _F32[4] + r * p
+        p = _F32[3] + r * p
+        p = _F32[2] + r * p
+        q = r + r * (r * p)  # r + (r² p): one rounding on r's scale, an ulp less than r (1 + r p)
+        two_k = np.float32(np.int32(1) << np.int32(kf))
+        e = two_k * q + (two_k - one)
+        t = e / (e + np.float32(2.0))
+        return t if x > 0 else (-t if x < 0 else x)
     y = min(abs(x) * 2.0, 40.0)  # tanh(20) = 1 in float64; NaN passes through min
     kf = np.floor(y * _INV_LN2 + 0.5)
     kf = kf if kf == kf else 0.0  # NaN: any k (the polynomial carries the NaN)
@@ -145,7 +171,7 @@ def g(code, x, one, slope):
     if code == SIGMOID:
         return np.exp(-np.logaddexp(-x, zero))  # exp(−softplus(−z)): no overflow, full precision where σ is tiny
     if code == TANH:
-        return tanh(x)  # float64 arithmetic for float32 too (stored back in the array's dtype)
+        return tanh(x)  # in x's own precision (float32 arrays: float32 arithmetic, twice the SIMD width)
     if code == RELU:
         return zero if x < zero else x  # not max(x, 0): NaN stays NaN
     if code == LEAKY_RELU:
@@ -338,10 +364,26 @@ def _derive(code, s, a, out):
         for i in range(m):
             _softmax_times(s[i], a[i], out[i])
         return out
-    for i in range(m):
-        for j in range(n):
-            out[i, j] = s[i, j] * g1(code, a[i, j], one, slope)
+    if code == TANH:  # the code as a constant: a loop LLVM vectorizes (as in _activate; NOTES "P3")
+        _derive_loop(TANH, s, a, out, one, slope)
+    else:
+        _derive_loop(code, s, a, out, one, slope)
     return out
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _derive_loop(code, s, a, out, one, slope):
+    """out = s ⊙ g′(z) through a, elementwise, as one loop; in place through out alone when out is s
+    (as in :func:`_activate_loop`: through both, LLVM kept the loop scalar, 4× slower)."""
+    m, n = s.shape
+    if out.ctypes.data == s.ctypes.data:
+        for i in range(m):
+            for j in range(n):
+                out[i, j] = out[i, j] * g1(code, a[i, j], one, slope)
+    else:
+        for i in range(m):
+            for j in range(n):
+                out[i, j] = s[i, j] * g1(code, a[i, j], one, slope)
 
 
 @njit(cache=True, error_model="numpy")
@@ -1309,10 +1351,19 @@ def _primal(X, T, w, work, plan, loss, c):
         s = _view(work, 2 * m * units + at, m, sizes[l - 1])
         _gemm(_view(work, m * units + m * layer_start(plan, l, 1), m, sizes[l]), _wt(w, plan, l).T, s, 1.0, 0.0, slots)
         _derive(codes[l - 1], s, a, _view(work, m * units + at, m, sizes[l - 1]))
-        one = a.dtype.type(1)
-        for i in range(m):
-            for j in range(sizes[l - 1]):
-                s[i, j] = s[i, j] * g2(codes[l - 1], a[i, j], one)
+        if codes[l - 1] == TANH:  # the code as a constant: a loop LLVM vectorizes (as in _activate)
+            _times_g2_loop(TANH, s, a)
+        else:
+            _times_g2_loop(codes[l - 1], s, a)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _times_g2_loop(code, s, a):
+    """s ← s ⊙ g″(z) through a = g(z), in place."""
+    one = a.dtype.type(1)
+    for i in range(s.shape[0]):
+        for j in range(s.shape[1]):
+            s[i, j] = s[i, j] * g2(code, a[i, j], one)
 
 
 @njit(cache=True, error_model="numpy")
@@ -1426,11 +1477,14 @@ def _r_block(X, w, V, out, work, plan, loss, c, first, K):
         ra_prev = _stack(work, base + m * K * (units + layer_start(plan, l - 1, 1)), m, K, n_in if l > first else 1)
         if not unit:  # the rows of H v for layer l
             a_prev = X if l == 1 else _view(work, m * layer_start(plan, l - 1, 1), m, n_in)
-            t2_ = t2[: n_in * K * n_out].reshape(n_in, K * n_out)
+            # one direction: both products have the layout of Wᵀ(l)'s rows of H v, so they go straight
+            # into out (the second with β = 1), with no scratch and no pass adding them (NOTES "P4")
+            direct = K == 1
+            t2_ = _wt(out[0], plan, l) if direct else t2[: n_in * K * n_out].reshape(n_in, K * n_out)
             _gemm(a_prev.T, rd.reshape(m, K * n_out), t2_, 1.0, 0.0, slots)
             if l > first:
-                t1_ = t1[: K * n_in * n_out].reshape(K * n_in, n_out)
-                _gemm(ra_prev.reshape(m, K * n_in).T, delta, t1_, 1.0, 0.0, slots)
+                t1_ = t2_ if direct else t1[: K * n_in * n_out].reshape(K * n_in, n_out)
+                _gemm(ra_prev.reshape(m, K * n_in).T, delta, t1_, 1.0, 1.0 if direct else 0.0, slots)
             bias[: K * n_out] = zero
             for n in range(m):  # Σ_n R{δ_n(l)}, sample after sample
                 for k in range(K):
@@ -1440,7 +1494,7 @@ def _r_block(X, w, V, out, work, plan, loss, c, first, K):
                 row = out[k]
                 for q in range(n_out):
                     row[off + q] = bias[k * n_out + q]
-                for i in range(n_in):
+                for i in range(0 if direct else n_in):
                     at = off + n_out + i * n_out
                     for q in range(n_out):
                         x = t2[(i * K + k) * n_out + q]
@@ -1455,11 +1509,21 @@ def _r_block(X, w, V, out, work, plan, loss, c, first, K):
             a = _view(work, at, m, n_in)
             s2 = _view(work, 2 * m * units + at, m, n_in)
             rz = _stack(work, base + m * K * layer_start(plan, l - 1, 1), m, K, n_in)
-            one_, slope, _, _ = _constants(a)
-            for n in range(m):
-                for k in range(K):
-                    for i in range(n_in):
-                        rz[n, k, i] = rs[n, k, i] * g1(codes[l - 1], a[n, i], one_, slope) + s2[n, i] * rz[n, k, i]
+            if codes[l - 1] == TANH:  # the code as a constant: a loop LLVM vectorizes (as in _activate)
+                _r_delta_loop(TANH, rs, a, s2, rz)
+            else:
+                _r_delta_loop(codes[l - 1], rs, a, s2, rz)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _r_delta_loop(code, rs, a, s2, rz):
+    """R{δ(l)} = R{s} ⊙ g′ + (s ⊙ g″) ⊙ R{z(l)} into rz (it holds R{z(l)}), stacks (m, K, n), g′ through a."""
+    m, K, n = rz.shape
+    one, slope, _, _ = _constants(a)
+    for i in range(m):
+        for k in range(K):
+            for j in range(n):
+                rz[i, k, j] = rs[i, k, j] * g1(code, a[i, j], one, slope) + s2[i, j] * rz[i, k, j]
 
 
 @njit(cache=True, error_model="numpy")
@@ -1467,12 +1531,12 @@ def _scale(mean, m):
     return 1.0 / m if mean else 1.0
 
 
-@njit(cache=True, error_model="numpy")
-def hessian_vector_products(X, T, w, V, out, work, plan, loss, mean):
+@njit(cache=True, error_model="numpy", nogil=True)  # run on sample blocks in threads (jit.py)
+def hessian_vector_products(X, T, w, V, out, work, plan, loss, c):
     """out (K, W) ← H vᵣ for every row vᵣ of V (K, W): one forward pass, backprop and the R-pass
     of all K directions. work: :func:`curvature_work_length` (plan, m, K) elements; plan as for
-    :func:`train_step`; J = c Σ_n J_n, c = 1/m (mean) or 1."""
-    c = _scale(mean, X.shape[0])
+    :func:`train_step`; J = c Σ_n J_n (c = 1/m for the mean over a batch of m, 1 for the sum: X may
+    be one block of that batch, whose H V is then the block's share of the sum)."""
     _primal(X, T, w, work, plan, loss, c)
     _r_block(X, w, V, out, work, plan, loss, c, 1, V.shape[0])
 

@@ -199,19 +199,28 @@ class CompiledStep:
         )
 
 
+def largest_product(net: Any) -> int:
+    """max_l n_{l−1} n_l: a call's largest GEMM has m (or K m) times this many multiply-adds."""
+    return max(n_in * n_out for n_in, n_out in zip(net.sizes, net.sizes[1:]))
+
+
 class CompiledGradient:
     """``gradient(X, T, grad, weights) -> J``: the loss and ∂J/∂w at ``net.params`` in one compiled
     call (forward pass and backprop of :func:`bpgpu.kernels.compiled.train_step` with no update),
-    written into ``grad`` (W,). X, T: validated numpy arrays in the net's dtype."""
+    written into ``grad`` (W,). X, T: validated numpy arrays in the net's dtype. BLAS threads as
+    :meth:`BlasThreads.run` decides, as for the other derivative tools: with OpenBLAS's two threads
+    on a loaded machine [32,64,64,4] at m = 128 took 0.09–7.8 ms a call against 0.10 ms on one
+    (benchmarks/NOTES.md, "P2")."""
 
     def __init__(self, net: Any, module: ModuleType):
         self.net = net
         self._step = CompiledStep(net, 0.0, module, gradient_only=True)
+        self._product = largest_product(net)
 
     def __call__(
         self, X: np.ndarray, T: np.ndarray, grad: np.ndarray, weights: tuple[np.ndarray, float] | None = None
     ) -> float:
-        return self._step.run(X, T, grad, weights)
+        return blas_threads.run(X.shape[0] * self._product, self._step.run, X, T, grad, weights)
 
 
 # OpenBLAS runs a GEMM of at most this many multiply-adds (m n k) on one thread by itself
@@ -323,7 +332,7 @@ class CompiledDerivatives:
             net.loss_function.name == "cross_entropy" and net.activations[-1].name == "softmax"
         )
         self._work: dict[tuple[int, int, int], np.ndarray] = {}
-        self._product = max(n_in * n_out for n_in, n_out in zip(net.sizes, net.sizes[1:]))  # n_{l−1} n_l, largest
+        self._product = largest_product(net)
 
     def __reduce__(self):
         return (bool, ())  # not serialized (numba kernels and buffers): rebuilt on first use
@@ -347,16 +356,8 @@ class CompiledDerivatives:
 
     def _run(self, m: int, K: int, part: Any) -> bool:
         """``part(lo, hi, work)`` (the kernel on samples lo..hi − 1, whose rows of the result are
-        contiguous) over the batch: at once, BLAS threads as :class:`BlasThreads` decides; or, for
-        a call of at least ``_SPLIT_WORK`` K m W, unless the load average per core exceeds
-        ``_SPLIT_MAX_LOAD``, in one block of samples per core, each on one BLAS thread, the blocks
-        on Python threads (numba releases the GIL), which wait on a lock where OpenBLAS's spin."""
-        largest, size = self._cost(m, K)
-        if m < _CORES or not _splits(size):
-            return blas_threads.run(largest, part, 0, m, self._buffers(m, K))
-        bounds = [m * i // _CORES for i in range(_CORES + 1)]
-        blocks = [(bounds[i], bounds[i + 1], self._buffers(bounds[i + 1] - bounds[i], K, i)) for i in range(_CORES)]
-        return blas_threads.one_thread(_run_blocks, part, blocks)
+        contiguous) over the batch, as :func:`sample_blocks` runs it; True when every part was."""
+        return all(sample_blocks(m, *self._cost(m, K), part, lambda rows, i: self._buffers(rows, K, i)))
 
     def _ready(self, x: Any, width: int, rows: int = 0) -> bool:
         """Whether x is already what the kernels take: a C-contiguous 2-D numpy array of the net's
@@ -441,16 +442,29 @@ def _splits(size: int) -> bool:
     return size >= _SPLIT_WORK and _CORES >= 2 and blas_threads.load() <= _SPLIT_MAX_LOAD
 
 
-def _run_blocks(part: Any, blocks: list[tuple[Any, ...]]) -> bool:
-    """part(*block) for every block: the first on this thread, the others on the pool's; returns
+def sample_blocks(m: int, largest: int, size: int, part: Any, buffers: Any) -> list[Any]:
+    """[part(lo, hi, buffers(hi − lo, i))] for the blocks i of samples lo..hi − 1 of a batch of m:
+    one block, BLAS threads as :meth:`BlasThreads.run` decides for a call whose largest product has
+    ``largest`` multiply-adds; or, where :func:`_splits` (``size``: K m W, about its multiply-adds),
+    one block per core, each on one BLAS thread, the blocks on Python threads (numba releases the
+    GIL), which wait on a lock where OpenBLAS's spin (benchmarks/NOTES.md, "S4")."""
+    if m < _CORES or not _splits(size):
+        return [blas_threads.run(largest, part, 0, m, buffers(m, 0))]
+    bounds = [m * i // _CORES for i in range(_CORES + 1)]
+    blocks = [(bounds[i], bounds[i + 1], buffers(bounds[i + 1] - bounds[i], i)) for i in range(_CORES)]
+    return blas_threads.one_thread(_run_blocks, part, blocks)
+
+
+def _run_blocks(part: Any, blocks: list[tuple[Any, ...]]) -> list[Any]:
+    """[part(*block)] for every block: the first on this thread, the others on the pool's; returns
     (or raises) only once every block has finished, since they write into the call's buffers."""
     others = [_pool().submit(part, *block) for block in blocks[1:]]
     try:
-        ok = part(*blocks[0])
+        first = part(*blocks[0])
     except BaseException:
         concurrent.futures.wait(others)
         raise
-    return all([f.result() for f in others]) and ok
+    return [first] + [f.result() for f in others]
 
 
 @functools.cache
@@ -568,12 +582,13 @@ class CompiledCurvature:
         self._loss = LOSSES.index(net.loss_function.name)
         self._mean = net.reduction == "mean"
         self._work: dict[tuple[int, int, int], np.ndarray] = {}
+        self._partials: dict[tuple[int, int], np.ndarray] = {}
         self._rows_done = threading.Barrier(_CORES)  # the split Hessian's parts, between rows and mirror
-        self._product = max(n_in * n_out for n_in, n_out in zip(net.sizes, net.sizes[1:]))
+        self._product = largest_product(net)
 
     def _buffers(self, m: int, K: int, part: int = 0) -> np.ndarray:
         """The work vector for batch size m and K directions (K = 0: the exact Hessian's), one per
-        part of a split Hessian."""
+        block ``part`` of a split call."""
 
         def make() -> np.ndarray:  # sized on a miss only: the lengths are compiled calls
             module, rows = self._module, self._plan
@@ -583,15 +598,26 @@ class CompiledCurvature:
         return kept(self._work, (m, K, part), make, _BUFFERS_KEPT * _CORES)
 
     def hessian_vector_products(self, X: np.ndarray, T: np.ndarray, V: np.ndarray) -> np.ndarray:
-        """H vᵣ for every row vᵣ of V (K, W): a new (K, W) array. BLAS threads as :meth:`BlasThreads.run`
-        decides: the R-passes' GEMMs are many and mid-sized, and with OpenBLAS's threads on an
-        oversubscribed machine they ran 8–30× slower, each call waiting for its slowest thread
-        (benchmarks/NOTES.md, "R3"); on an idle one the second thread pays for the larger nets ("R7")."""
+        """H vᵣ for every row vᵣ of V (K, W): a new (K, W) array. Run as :func:`sample_blocks` decides:
+        at once, BLAS threads as :meth:`BlasThreads.run` decides (the R-passes' GEMMs are many and
+        mid-sized, and with OpenBLAS's threads on an oversubscribed machine they ran 8–30× slower,
+        each call waiting for its slowest thread: benchmarks/NOTES.md, "R3"; on an idle one the second
+        thread pays for the larger nets, "R7"); or, for large calls, one block of samples per core,
+        each block's H V (a sum over its samples) into its own (K, W) array, added at the end ("P5")."""
         X, T, V = _contiguous(X), _contiguous(T), _contiguous(V)
+        m, K = X.shape[0], V.shape[0]
         out = np.empty(V.shape, dtype=V.dtype)
-        work = self._buffers(X.shape[0], V.shape[0])
-        args = (X, T, self.net.params, V, out, work, self._plan, self._loss, self._mean)
-        blas_threads.run(X.shape[0] * V.shape[0] * self._product, self._module.hessian_vector_products, *args)
+        c = 1.0 / m if self._mean else 1.0  # J = c Σ_n J_n over the whole batch, whatever the block
+        kernel, w, plan_, loss = self._module.hessian_vector_products, self.net.params, self._plan, self._loss
+
+        def part(lo: int, hi: int, work: np.ndarray) -> np.ndarray:
+            dst = out if lo == 0 else kept(self._partials, (K, lo), lambda: np.empty_like(out), _BUFFERS_KEPT)
+            kernel(X[lo:hi], T[lo:hi], w, V, dst, work, plan_, loss, c)
+            return dst
+
+        parts = sample_blocks(m, m * K * self._product, m * K * self.net.n_params, part, lambda rows, i: self._buffers(rows, K, i))
+        for partial in parts[1:]:
+            out += partial
         return out
 
     def hessian(self, X: np.ndarray, T: np.ndarray) -> np.ndarray:
