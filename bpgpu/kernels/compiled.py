@@ -1252,8 +1252,10 @@ def train_step(X, T, w, grad, work, plan, loss, mean, alpha, rule, lr, mu, veloc
 # for every l ≥ l′ at once: one GEMM A(l′−1)ᵀ G_j′ (n_l′−1 × m) (m × the columns from l′ on) per
 # j′, written straight into H's rows (j′ + n_l′ (i′ + 1)), and the bias row Σ_n G_j′. The rows of
 # later layers' columns before l′ are not formed: H is symmetric, and its upper triangle is
-# mirrored at the end (so H is exactly symmetric). All of H's flops are in those GEMMs:
-# Σ_l′ n_l′ n_l′−1 m (W − offset(l′)), about m W²/2 multiply-adds.
+# mirrored at the end (so H is exactly symmetric); in the diagonal block of l′ a slice's GEMM
+# forms only the rows ĩ′ that meet its columns on or above the diagonal. All of H's flops are in
+# those GEMMs, about m W²/2 multiply-adds (:func:`hessian_gemm_macs`). Large calls form the rows of
+# disjoint ranges of units j′ on several threads (:func:`exact_hessian_part`), then mirror.
 #
 # Work vectors: the primal pass A(l), δ(l), s(l) ⊙ g″ (or the output's coef), z(L), c ℓ″
 # (softmax output) for l = 1..L; then R{z(l)} (R{δ(l)} in place) and R{A(l)} as (m, K, n_l)
@@ -1560,7 +1562,7 @@ def hessian_mirror(H, part, parts):
 # still in cache for its GEMM: (128, 1024) float64 is 1 MiB, this machine's L2 per core. Measured
 # (NOTES "H3"): 1024–2048 columns are best, 512 and 4096 are 5–15% slower.
 HESSIAN_COLUMNS = 1024
-DIAGONAL_SPLIT = 4  # measured (NOTES "H5"): 1, 2, 4 gave 6.28, 5.87, 5.67 GFLOP at [32,64,64,4] m = 128, 4 the fastest
+DIAGONAL_SPLIT = 4  # measured (NOTES "H4"): 1, 2, 4 gave 6.28, 5.87, 5.67 GFLOP at [32,64,64,4] m = 128, 4 the fastest
 
 
 @njit(cache=True, error_model="numpy", inline="always")

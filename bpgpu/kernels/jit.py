@@ -625,8 +625,9 @@ class CompiledCurvature:
 
         A call of m W² ≥ ``_SPLIT_WORK`` (:func:`_splits`) forms its rows in one part per core
         (each layer's units j′ split into contiguous ranges, each part on its own work vector and
-        one BLAS thread, the parts on Python threads as the seeded tools' sample blocks are), then
-        mirrors the upper triangle in one part per core (benchmarks/NOTES.md, "H2"). Otherwise one
+        one BLAS thread, the parts on Python threads as the seeded tools' sample blocks are), then,
+        past a barrier, mirrors the upper triangle in one part per core (benchmarks/NOTES.md,
+        "H2"–"H6"). Otherwise one
         call, BLAS threads as for the HVP (:meth:`BlasThreads.run`; its largest products are
         [1, A]ᵀ G, about m n W multiply-adds)."""
         X, T = _contiguous(X), _contiguous(T)
