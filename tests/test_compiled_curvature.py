@@ -157,7 +157,7 @@ def test_the_hessian_in_parts_equals_one_call_bitwise(sizes, hidden, pair, m, pa
 @pytest.mark.skipif(jit._CORES < 2, reason="one core: bp.hessian never splits its rows over threads")
 def test_threaded_hessian_equals_the_one_call_hessian():
     """bp.hessian split over the cores (forced) returns the one-call H, bitwise,
-    and the array-API passes' H to 1e-12; a part that raises stops the others (no hang)."""
+    and the array-API passes' H to 1e-12; a part that raises fails the call (no hang)."""
     net, X, T, _ = random_problem([7, 9, 5, 3], "tanh", "softmax", "cross_entropy", seed=3, m=11)
     with mock.patch.object(jit, "_splits", lambda size: False):
         whole = bp.hessian(net, X, T)
@@ -170,7 +170,7 @@ def test_threaded_hessian_equals_the_one_call_hessian():
             module.exact_hessian_part.side_effect = RuntimeError("a part failed")
             with pytest.raises(RuntimeError, match="a part failed"):
                 bp.hessian(net, X, T)
-        np.testing.assert_array_equal(bp.hessian(net, X, T), whole)  # the barrier is reset
+        np.testing.assert_array_equal(bp.hessian(net, X, T), whole)  # a failed call leaves no state behind
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
