@@ -431,8 +431,9 @@ def hessian_vector_products(net: MLP, X: Any, T: Any, V: Any) -> Any:
 def exact_hessian(net: MLP, X: Any, T: Any) -> Any:
     """The Hessian ∂²J/∂w∂w (W, W) at ``net.params`` from batched R-passes: a new array.
 
-    Compiled (numpy backend): one numba call running the R-passes of the unit vectors in
-    blocks of one layer's directions, with what unit directions allow (R{z(k)} = 0 below the
+    Compiled (numpy backend): one numba call (one per core on threads for large calls, each
+    forming the rows of its own units) running the R-passes of the unit vectors in blocks of
+    one layer's directions, with what unit directions allow (R{z(k)} = 0 below the
     direction's layer, A(l−1)Vᵀ a column placement, the next product rank 1) and the symmetry
     of H (only the rows of layers ≥ the direction's are formed; exactly symmetric).
     Elsewhere :func:`r_pass` on blocks of rows of the identity, every column in full.

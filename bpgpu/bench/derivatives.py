@@ -21,6 +21,7 @@ import numpy as np
 
 import bpgpu as bp
 from bpgpu.backend import resolve
+from bpgpu.kernels import jit
 
 from .cases import gemm_case
 from .timing import Case, interleaved_timings
@@ -182,12 +183,17 @@ def cases(name: str, dtype: str, quantity: str, peers=("jax", "torch")) -> dict[
 GEMM_SIZE = 1024  # the square GEMM whose rate the exact Hessian is judged by, timed in the same run
 
 
-def hessian_flops(sizes, m: int) -> int:
+def hessian_flops(sizes, m: int) -> float:
     """Flops of the compiled exact Hessian's GEMMs, [1, A(l′−1)]ᵀ G_j′ for every unit j′ of every
-    layer l′ (bpgpu.kernels.compiled, the R-operator section): 2 Σ_l′ n_l′ (n_l′−1 + 1) m (W − offset(l′))."""
-    offsets = np.cumsum([0] + [n * (k + 1) for k, n in zip(sizes, sizes[1:])])
-    W = int(offsets[-1])
-    return int(sum(2 * n * (k + 1) * m * (W - int(o)) for k, n, o in zip(sizes, sizes[1:], offsets)))
+    layer l′ (bpgpu.kernels.compiled, the R-operator section): 2 × ``compiled.hessian_gemm_macs``,
+    about m W² (each diagonal block's GEMMs stop at its diagonal, slice by slice); NaN without
+    the compiled table (bp.hessian then runs the array-API passes, not these GEMMs)."""
+    module = jit.kernels()
+    if module is None:
+        return float("nan")
+    plan = np.zeros((3, len(sizes)), dtype=np.int64)
+    plan[module.SIZE] = sizes
+    return 2.0 * module.hessian_gemm_macs(plan, m)
 
 
 def ratios(name: str, dtype: str, quantity: str, peers=("jax", "torch"), min_time: float = 1.0) -> dict:

@@ -1255,8 +1255,10 @@ def train_step(X, T, w, grad, work, plan, loss, mean, alpha, rule, lr, mu, veloc
 # for every l ≥ l′ at once: one GEMM A(l′−1)ᵀ G_j′ (n_l′−1 × m) (m × the columns from l′ on) per
 # j′, written straight into H's rows (j′ + n_l′ (i′ + 1)), and the bias row Σ_n G_j′. The rows of
 # later layers' columns before l′ are not formed: H is symmetric, and its upper triangle is
-# mirrored at the end (so H is exactly symmetric). All of H's flops are in those GEMMs:
-# Σ_l′ n_l′ n_l′−1 m (W − offset(l′)), about m W²/2 multiply-adds.
+# mirrored at the end (so H is exactly symmetric); in the diagonal block of l′ a slice's GEMM
+# forms only the rows ĩ′ that meet its columns on or above the diagonal. All of H's flops are in
+# those GEMMs, about m W²/2 multiply-adds (:func:`hessian_gemm_macs`). Large calls form the rows of
+# disjoint ranges of units j′ on several threads (:func:`exact_hessian_part`), then mirror.
 #
 # Work vectors: the primal pass A(l), δ(l), s(l) ⊙ g″ (or the output's coef), z(L), c ℓ″
 # (softmax output) for l = 1..L; then R{z(l)} (R{δ(l)} in place) and R{A(l)} as (m, K, n_l)
@@ -1567,6 +1569,7 @@ def hessian_mirror(H, part, parts):
 # still in cache for its GEMM: (128, 1024) float64 is 1 MiB, this machine's L2 per core. Measured
 # (NOTES "H3"): 1024–2048 columns are best, 512 and 4096 are 5–15% slower.
 HESSIAN_COLUMNS = 1024
+DIAGONAL_SPLIT = 4  # measured (NOTES "H4"): 1, 2, 4 gave 6.28, 5.87, 5.67 GFLOP at [32,64,64,4] m = 128, 4 the fastest
 
 
 @njit(cache=True, error_model="numpy", inline="always")
@@ -1609,7 +1612,7 @@ def _hessian_rows(a1, H, work, plan, first, j_):
         delta = _view(work, m * units + m * layer_start(plan, l, 1), m, n_out)
         rd = _stack(work, base + m * K * layer_start(plan, l, 1), m, K, n_out)
         ra = _stack(work, base + m * K * (units + layer_start(plan, l - 1, 1)), m, K, n_in if l > first else 1)
-        step = max(1, HESSIAN_COLUMNS // n_out)
+        step = _slice_step(l, first, n_out)
         for i0 in range(-1, n_in, step):  # i = −1: the bias column block
             i1 = min(i0 + step, n_in)
             width = (i1 - i0) * n_out
@@ -1630,8 +1633,42 @@ def _hessian_rows(a1, H, work, plan, first, j_):
                         x = a_prev[n, i]
                         for q in range(n_out):
                             g[q] = x * rd_n[q]
-            col = off + n_out + i0 * n_out
-            _gemm(a1.T, G, rows[:, col : col + width], 1.0, 0.0, slots)
+            col, need = off + n_out + i0 * n_out, _slice_rows(l, first, i1, a1.shape[1])
+            _gemm(a1[:, :need].T, G, rows[:need, col : col + width], 1.0, 0.0, slots)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _slice_step(l, first, n_out):
+    """Inputs i per G slice of layer l's columns: HESSIAN_COLUMNS // n_out, DIAGONAL_SPLIT times
+    fewer in the diagonal block (l = first), whose GEMMs then stop closer to the diagonal (:func:`_slice_rows`)."""
+    return max(1, HESSIAN_COLUMNS // n_out // (DIAGONAL_SPLIT if l == first else 1))
+
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _slice_rows(l, first, i1, inputs):
+    """How many of a unit's rows ĩ′ = 0..inputs − 1 (ã's columns) the GEMM of a G slice of layer
+    l's columns up to input i1 − 1 (ã column i1) forms: all of them right of the diagonal block
+    (l > first); in it (l = first) only ĩ′ ≤ i1, since the rows ĩ′ > i1 meet these columns below
+    the diagonal only, where the mirror writes (this halves the diagonal blocks' GEMMs)."""
+    return inputs if l > first else min(i1 + 1, inputs)
+
+
+@njit(cache=True, error_model="numpy")
+def hessian_gemm_macs(plan, m):
+    """Multiply-adds of :func:`exact_hessian`'s GEMMs ãᵀ G_j′ over every unit j′ of every layer
+    (its arithmetic; the benchmark's measure, bpgpu.bench.derivatives.hessian_flops): about
+    m W²/2, plus each diagonal block's slices' share below the diagonal. plan: only its SIZE row is read."""
+    sizes = plan[SIZE]
+    total = 0
+    for first in range(1, sizes.shape[0]):
+        for l in range(first, sizes.shape[0]):
+            n_in, n_out = sizes[l - 1], sizes[l]
+            step = _slice_step(l, first, n_out)
+            for i0 in range(-1, n_in, step):  # the slices of _hessian_rows
+                i1 = min(i0 + step, n_in)
+                total += sizes[first] * _slice_rows(l, first, i1, sizes[first - 1] + 1) * m * (i1 - i0) * n_out
+    return total
 
 
 @njit(cache=True, error_model="numpy", nogil=True)  # the parts run on Python threads (jit.py)

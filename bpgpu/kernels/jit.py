@@ -637,7 +637,6 @@ class CompiledCurvature:
         self._mean = net.reduction == "mean"
         self._work: dict[tuple[int, int, int], np.ndarray] = {}
         self._partials: dict[tuple[int, int], np.ndarray] = {}
-        self._rows_done = threading.Barrier(_CORES)  # the split Hessian's parts, between rows and mirror
         self._product = largest_product(net)
 
     def _buffers(self, m: int, K: int, part: int = 0) -> np.ndarray:
@@ -682,8 +681,9 @@ class CompiledCurvature:
 
         A call of m W² ≥ ``_SPLIT_WORK`` (:func:`_splits`) forms its rows in one part per core
         (each layer's units j′ split into contiguous ranges, each part on its own work vector and
-        one BLAS thread, the parts on Python threads as the seeded tools' sample blocks are), then
-        mirrors the upper triangle in one part per core (benchmarks/NOTES.md, "H2"). Otherwise one
+        one BLAS thread, the parts on Python threads as the seeded tools' sample blocks are), then,
+        once every part's rows are formed, mirrors the upper triangle in one part per core (benchmarks/NOTES.md,
+        "H2"–"H6"). Otherwise one
         call, BLAS threads as for the HVP (:meth:`BlasThreads.run`; its largest products are
         [1, A]ᵀ G, about m n W multiply-adds)."""
         X, T = _contiguous(X), _contiguous(T)
@@ -694,21 +694,16 @@ class CompiledCurvature:
             blas_threads.run(m * W * max(self.net.sizes), module.exact_hessian, *args, self._buffers(m, 0), *tail)
             return out
         parts = [(part, self._buffers(m, 0, part)) for part in range(_CORES)]
-        rows_done = self._rows_done
-        if rows_done.broken:  # a part of an earlier call raised
-            rows_done.reset()
 
-        def part(part: int, work: np.ndarray) -> bool:
-            try:
-                module.exact_hessian_part(*args, work, *tail, part, _CORES)
-                rows_done.wait()  # every part's rows are formed: a part's tiles read the others' rows
-            except BaseException:
-                rows_done.abort()  # the other parts stop waiting (BrokenBarrierError) instead of hanging
-                raise
+        def rows(part: int, work: np.ndarray) -> None:
+            module.exact_hessian_part(*args, work, *tail, part, _CORES)
+
+        def mirror(part: int, work: np.ndarray) -> None:
             module.hessian_mirror(out, part, _CORES)
-            return True
 
-        blas_threads.one_thread(_run_blocks, part, parts)
+        # two rounds: a part's mirror tiles read rows that the other parts form
+        blas_threads.one_thread(_run_blocks, rows, parts)
+        blas_threads.one_thread(_run_blocks, mirror, parts)
         return out
 
 
