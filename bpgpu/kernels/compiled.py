@@ -1644,7 +1644,6 @@ def _slice_step(l, first, n_out):
     return max(1, HESSIAN_COLUMNS // n_out // (DIAGONAL_SPLIT if l == first else 1))
 
 
-
 @njit(cache=True, error_model="numpy", inline="always")
 def _slice_rows(l, first, i1, inputs):
     """How many of a unit's rows ĩ′ = 0..inputs − 1 (ã's columns) the GEMM of a G slice of layer
