@@ -192,6 +192,25 @@ def test_blas_threads_see_the_cpu_other_processes_use(tmp_path):
     assert threads.others() == 0.0
 
 
+def test_a_fresh_reading_of_idle_cores_outweighs_a_lagging_load_average(monkeypatch):
+    """After a burst the 1-minute load average stays high for a minute: with it above the cores + 1
+    a first reading (nothing to compare with) leaves large products on one BLAS thread, but once two
+    readings of /proc/stat show the cores free of other processes they get OpenBLAS's threads and
+    the sample-block split again; other processes' use still sends them to one thread."""
+    monkeypatch.setattr(jit.os, "getloadavg", lambda: (8.0 * jit._CORES, 0.0, 0.0))
+    now = {"clock": 10.0, "busy": 100.0, "own": 1.0}
+    threads = jit.BlasThreads(clock=lambda: now["clock"], own=lambda: now["own"], busy=lambda: now["busy"])
+    monkeypatch.setattr(jit, "blas_threads", threads)
+    monkeypatch.setattr(jit, "_CORES", 2)
+    big = jit._SERIAL_MACS * 2
+    assert threads.serial(big) and not threads.quiet_elsewhere() and not jit._splits(jit._SPLIT_WORK)
+    now.update(clock=12.0, busy=102.1, own=3.0)  # 2 s later: 2.1 s busy, 2 s of them ours
+    assert threads.quiet_elsewhere() and not threads.serial(big) and jit._splits(jit._SPLIT_WORK)
+    assert not jit._splits(jit._SPLIT_WORK - 1)
+    now.update(clock=14.0, busy=106.1, own=4.0)  # 4 s busy, 1 s ours: 1.5 cores elsewhere
+    assert threads.serial(big) and not threads.quiet_elsewhere() and not jit._splits(jit._SPLIT_WORK)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_the_input_checks_finiteness_test_is_the_same_compiled_or_not(monkeypatch, dtype):
     """validation.all_finite takes the compiled table's vectorized pass for C-contiguous float numpy

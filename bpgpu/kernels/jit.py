@@ -290,6 +290,7 @@ class BlasThreads:
         self._load, self._checked = 0.0, -1.0
         self._busy: float | None = None  # the cores' busy seconds at the last reading
         self._others, self._mine, self._sampled = 0.0, 0.0, -1.0
+        self._measured = False  # whether _others rests on two readings
         self._lock, self._depth, self._saved = threading.Lock(), 0, []
 
     def _blas(self) -> list[Any]:
@@ -321,13 +322,24 @@ class BlasThreads:
             busy, mine = self._busy_seconds(), self._own()
             if busy is not None and self._busy is not None:  # the first reading has nothing to compare with
                 self._others = max(0.0, (busy - self._busy) - (mine - self._mine)) / (now - self._sampled)
+                self._measured = True
             self._busy, self._mine, self._sampled = busy, mine, now
         return self._others
 
+    def quiet_elsewhere(self) -> bool:
+        """Whether two readings of /proc/stat (:meth:`others`) show other processes using less than
+        ``_BUSY_ELSEWHERE`` of a core: then a high 1-minute load average, which trails the machine by
+        about a minute, is not taken for a busy machine (after a burst, the derivative tools kept one
+        BLAS thread and no split on an idle machine: benchmarks/NOTES.md, "E6")."""
+        others = self.others()
+        return self._measured and others < _BUSY_ELSEWHERE
+
     def oversubscribed(self) -> bool:
-        """Whether the 1-minute load average exceeds the cores + 1, or other processes keep
-        ``_BUSY_ELSEWHERE`` of a core or more busy."""
-        return self.load() * _CORES > _CORES + 1 or self.others() >= _BUSY_ELSEWHERE
+        """Whether other processes keep ``_BUSY_ELSEWHERE`` of a core or more busy, or the 1-minute
+        load average exceeds the cores + 1 and no fresh reading says otherwise (:meth:`quiet_elsewhere`)."""
+        if self.others() >= _BUSY_ELSEWHERE:
+            return True
+        return self.load() * _CORES > _CORES + 1 and not self.quiet_elsewhere()
 
     def serial(self, macs: int) -> bool:
         """Whether a call whose largest product has ``macs`` multiply-adds should run on one thread."""
@@ -489,8 +501,11 @@ class CompiledDerivatives:
 def _splits(size: int) -> bool:
     """Whether a call of ``size`` K m W (result entries, about its multiply-adds) runs in one block
     per core: at least ``_SPLIT_WORK``, two cores or more, and a load average per core of at most
-    ``_SPLIT_MAX_LOAD`` (benchmarks/NOTES.md, "S4")."""
-    return size >= _SPLIT_WORK and _CORES >= 2 and blas_threads.load() <= _SPLIT_MAX_LOAD
+    ``_SPLIT_MAX_LOAD`` (benchmarks/NOTES.md, "S4") or a fresh reading of the cores showing them
+    free of other processes (:meth:`BlasThreads.quiet_elsewhere`)."""
+    if size < _SPLIT_WORK or _CORES < 2:
+        return False
+    return blas_threads.load() <= _SPLIT_MAX_LOAD or blas_threads.quiet_elsewhere()
 
 
 def sample_blocks(m: int, largest: int, size: int, part: Any, buffers: Any, dtype: Any = np.float64) -> list[Any]:
