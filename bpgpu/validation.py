@@ -12,6 +12,7 @@ from bpgpu.backend import is_sparse
 from bpgpu.kernels import jit
 
 DTYPES = ("float32", "float64")
+_COMPILED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))  # the compiled table's all_finite takes these
 
 
 def layer_sizes(sizes: Any) -> tuple[int, ...]:
@@ -112,15 +113,10 @@ def all_finite(x: Any, xp: Any) -> bool:
         and x.size > 0
         and x.dtype in _COMPILED_DTYPES
         and x.flags.c_contiguous
-        and jit.kernels.cache_info().currsize  # the table already loaded: no numba import from here
+        and (table := jit.loaded()) is not None  # never loads the table (nor numba) from here
     ):
-        table = jit.kernels()
-        if table is not None:
-            return bool(table.all_finite(x.reshape(1, -1) if x.ndim == 1 else x))
+        return bool(table.all_finite(x.reshape(1, -1) if x.ndim == 1 else x))
     return bool(xp.isfinite(xp.sum(x))) or bool(xp.all(xp.isfinite(x)))
-
-
-_COMPILED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
 def sample_weight(s: Any, m: int) -> np.ndarray:

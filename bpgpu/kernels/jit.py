@@ -75,6 +75,12 @@ def kernels() -> ModuleType | None:
     return module
 
 
+def loaded() -> ModuleType | None:
+    """The compiled table if :func:`kernels` has already loaded it, else None: never imports numba
+    (for cheap paths, such as the input checks, that should not pay numba's start-up themselves)."""
+    return kernels() if kernels.cache_info().currsize else None
+
+
 _OFF = "BPGPU_JIT=0"
 
 
@@ -335,11 +341,13 @@ class BlasThreads:
         return self._measured and others < _BUSY_ELSEWHERE
 
     def oversubscribed(self) -> bool:
-        """Whether other processes keep ``_BUSY_ELSEWHERE`` of a core or more busy, or the 1-minute
-        load average exceeds the cores + 1 and no fresh reading says otherwise (:meth:`quiet_elsewhere`)."""
-        if self.others() >= _BUSY_ELSEWHERE:
-            return True
-        return self.load() * _CORES > _CORES + 1 and not self.quiet_elsewhere()
+        """Whether other processes kept ``_BUSY_ELSEWHERE`` of a core or more busy between the last two
+        readings of /proc/stat; before a second reading, or without /proc/stat, whether the 1-minute
+        load average exceeds the cores + 1 (it trails the machine: :meth:`quiet_elsewhere`)."""
+        others = self.others()  # a reading first: it decides whether the measure exists
+        if self._measured:
+            return others >= _BUSY_ELSEWHERE
+        return self.load() * _CORES > _CORES + 1
 
     def serial(self, macs: int) -> bool:
         """Whether a call whose largest product has ``macs`` multiply-adds should run on one thread."""
@@ -675,7 +683,7 @@ class CompiledCurvature:
         X, T, V = _contiguous(X), _contiguous(T), _contiguous(V)
         m, K = X.shape[0], V.shape[0]
         out = np.empty(V.shape, dtype=V.dtype)
-        c = 1.0 / m if self._mean else 1.0  # J = c Σ_n J_n over the whole batch, whatever the block
+        c = self.net.reduction_factor(m)  # J = c Σ_n J_n over the whole batch, whatever the block
         kernel, w, plan_, loss = self._module.hessian_vector_products, self.net.params, self._plan, self._loss
 
         def part(lo: int, hi: int, work: np.ndarray) -> np.ndarray:
