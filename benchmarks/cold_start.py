@@ -6,9 +6,10 @@ the CPU time (``time.process_time``, which load on a shared machine inflates far
 
 - ``import bpgpu`` (not part of the first call, but what a user pays before it),
 - the first call's parts: the estimators' module (``bp.MLPClassifier``, scikit-learn's
-  modules), the GPU probe, the numpy backend (numba's import, the compiled table's module,
-  its first dispatch, which loads numba's typing and lowering registries, and SciPy's BLAS
-  when scikit-learn has not loaded it yet), the first fit,
+  modules), the GPU probe, the numpy backend (the compiled table: with the kernels compiled
+  ahead of time, loading the extension; otherwise numba's import and the first dispatch,
+  which loads numba's typing and lowering registries, and SciPy's BLAS when scikit-learn
+  has not loaded it yet), the first fit,
 - the second, warm fit, and the first call minus the warm fit (the target: at most 0.5 s),
 - the cyclic collector's work inside the first call (collections of generation 0, 1, 2, and
   their time),
@@ -16,6 +17,7 @@ the CPU time (``time.process_time``, which load on a shared machine inflates far
 then the median and range over the runs. Loading digits happens before the timed calls.
 
     python benchmarks/cold_start.py [--runs 5] [--blas-threads 1] [--cold-cache] [--against DIR] [--numba-floor]
+                                    [--also-env NAME=VALUE]
 
 ``--blas-threads N`` sets OPENBLAS_NUM_THREADS, OMP_NUM_THREADS and MKL_NUM_THREADS in the
 child (on a shared 2-core machine under load, two BLAS threads per process make the fits
@@ -23,6 +25,9 @@ themselves several times slower and noisier). ``--cold-cache`` gives each child 
 NUMBA_CACHE_DIR, so its first fit compiles every kernel it needs: a user's first-ever process.
 ``--against DIR`` runs the same processes in DIR too (another checkout, its numba cache warm),
 alternately with this one, and prints its table first: a before/after in one run.
+``--also-env NAME=VALUE`` also runs this checkout with that variable set (repeatable), alternately
+with the others: e.g. ``--also-env BPGPU_AOT=0`` puts numba's JIT beside the kernels compiled ahead
+of time. Each table ends with how many processes imported numba and which kernels ran.
 ``--numba-floor`` also times, in fresh processes with SciPy and scikit-learn loaded, numba's
 own share: ``import numba`` and the first call of a one-line ``@njit(cache=True)`` function
 whose cache is warm (what any numba-compiled first call pays, whatever it computes).
@@ -73,6 +78,9 @@ timed("first_fit", fit)
 gc_log["on"] = False
 timed("warm_fit", fit)
 out["gc"] = (gc_log["n"], gc_log["s"])
+import sys
+out["numba"] = "numba" in sys.modules
+out["kernels"] = backend.resolve("auto").reason.rsplit("; ", 1)[-1]
 print(json.dumps(out))
 """
 
@@ -95,8 +103,8 @@ FIRST_CALL = ("estimators", "gpu_probe", "numpy_backend", "first_fit")
 COLUMNS = ("import_bpgpu", *FIRST_CALL, "warm_fit", "first_minus_warm")
 
 
-def _child_env(blas_threads: int | None, cache_dir: str | None) -> dict[str, str]:
-    env = dict(os.environ)
+def _child_env(blas_threads: int | None, cache_dir: str | None, extra: dict | None = None) -> dict[str, str]:
+    env = dict(os.environ, **(extra or {}))
     if blas_threads is not None:
         for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             env[name] = str(blas_threads)
@@ -105,11 +113,14 @@ def _child_env(blas_threads: int | None, cache_dir: str | None) -> dict[str, str
     return env
 
 
-def run_once(blas_threads: int | None = None, cold_cache: bool = False, tree: str | None = None) -> dict:
-    """One fresh process in ``tree`` (default: the current directory): {phase: (wall s, cpu s)},
-    first_minus_warm included, and gc: ([n0, n1, n2], cpu s)."""
+def run_once(
+    blas_threads: int | None = None, cold_cache: bool = False, tree: str | None = None, extra: dict | None = None
+) -> dict:
+    """One fresh process in ``tree`` (default: the current directory), with the variables ``extra``:
+    {phase: (wall s, cpu s)}, first_minus_warm included, gc: ([n0, n1, n2], cpu s), numba: whether
+    it imported numba, kernels: the backend's words on its compiled kernels."""
     with tempfile.TemporaryDirectory(prefix="bpgpu-numba-cache-") as cache_dir:
-        env = _child_env(blas_threads, cache_dir if cold_cache else None)
+        env = _child_env(blas_threads, cache_dir if cold_cache else None, extra)
         done = subprocess.run(
             [sys.executable, "-c", CHILD], capture_output=True, text=True, check=True, env=env, cwd=tree or os.getcwd()
         )
@@ -153,6 +164,9 @@ def print_table(rows: list[dict]) -> None:
     summary = [" / ".join(_median_range([r[k][i] for r in rows]) for i in (0, 1)) for k in COLUMNS]
     gc_summary = _median_range([r["gc"][1] for r in rows])
     print("| median (range) | " + " | ".join(summary) + f" | {gc_summary} |")
+    imported = sum(bool(r.get("numba")) for r in rows)
+    kernels = sorted({r.get("kernels", "?") for r in rows})
+    print(f"numba imported in {imported} of {len(rows)} processes; kernels: {' | '.join(kernels)}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -162,19 +176,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cold-cache", action="store_true", help="an empty numba cache per run (first fit compiles)")
     parser.add_argument("--against", metavar="DIR", help="another checkout, run alternately with this one")
     parser.add_argument("--numba-floor", action="store_true", help="also time numba's own import and first call")
+    parser.add_argument(
+        "--also-env", action="append", default=[], metavar="NAME=VALUE", help="also run this checkout with NAME=VALUE"
+    )
     args = parser.parse_args(argv)
-    trees = ([args.against] if args.against else []) + [os.getcwd()]
+    here = os.getcwd()
+    variants = [(args.against, args.against, {})] if args.against else []
+    variants.append((here, here, {}))
+    for item in args.also_env:
+        name, _, value = item.partition("=")
+        variants.append((f"{here} with {name}={value}", here, {name: value}))
     print(f"load average before: {_load()}")
-    rows: dict[str, list[dict]] = {tree: [] for tree in trees}
+    rows: dict[str, list[dict]] = {label: [] for label, _, _ in variants}
     for _ in range(args.runs):
-        for tree in trees:
-            rows[tree].append(run_once(args.blas_threads, args.cold_cache, tree))
+        for label, tree, extra in variants:
+            rows[label].append(run_once(args.blas_threads, args.cold_cache, tree, extra))
     floor = numba_floor(args.runs) if args.numba_floor else []
     print(f"load average after: {_load()}")
     print("wall s / cpu s per phase; the first call is estimators + GPU probe + numpy backend + first fit")
-    for tree in trees:
-        print(f"\n{tree}:")
-        print_table(rows[tree])
+    for label, _, _ in variants:
+        print(f"\n{label}:")
+        print_table(rows[label])
     if floor:
         print(
             "\nnumba's floor, cpu s, median (range): import numba "

@@ -135,7 +135,7 @@ class Backend:
 
     name: str
     xp: Any  # array-API namespace
-    ops: ModuleType  # kernel table: bpgpu.kernels.{compiled,cuda,generic}
+    ops: ModuleType  # kernel table: bpgpu.kernels.{cpu,cuda,generic}
     reason: str = ""
 
     @property
@@ -360,13 +360,15 @@ def of_array(x: Any) -> Backend:
 
 
 def _numpy_backend(reason: str) -> Backend:
-    """numpy with the compiled table, or with the array-API reference table (and the reason in
-    ``reason``) when numba cannot be used."""
+    """numpy with the compiled table (``reason`` says whether its kernels were compiled ahead of time or
+    by numba's JIT), or with the array-API reference table (and the reason) when numba cannot be used."""
     from bpgpu.kernels import generic, jit
 
     table = jit.kernels()
     if table is None:
         table, reason = generic, f"{reason}; array-API kernels: {jit.reason}"
+    else:
+        reason = f"{reason}; {jit.source()}"
     return Backend("numpy", array_api_compat.array_namespace(np.empty(0)), table, reason)
 
 

@@ -33,3 +33,4 @@ def test_cold_start_script_times_each_part_of_the_first_call(capsys, monkeypatch
     n0, n1, n2 = (int(n) for n in cells[-1].split(",")[0].split("/"))
     assert min(n0, n1, n2) >= 0
     assert "numba's floor" in out and "median (range)" in out
+    assert "numba imported in " in out and "kernels: " in out  # which compiled kernels the fits ran on

@@ -73,15 +73,15 @@ def test_network_and_fit_driven_by_the_cuda_table_match_numpy_on_the_cpu(monkeyp
     import array_api_compat
 
     from bpgpu.backend import Backend
-    from bpgpu.kernels import compiled, cuda
+    from bpgpu.kernels import cpu, cuda
     from bpgpu.testing import host, runner
 
     if host.gxx() is None:
         pytest.skip("no C++ compiler to run the kernel sources on the CPU")
     build = cuda.kernel
     monkeypatch.setattr(cuda, "kernel", lambda name: runner.HostKernel(build(name)))
-    monkeypatch.setattr(cuda, "matmul", compiled.matmul)
-    monkeypatch.setattr(cuda, "take_rows", compiled.take_rows)
+    monkeypatch.setattr(cuda, "matmul", cpu.matmul)
+    monkeypatch.setattr(cuda, "take_rows", cpu.take_rows)
     simulated = Backend("numpy", array_api_compat.array_namespace(np.empty(0)), cuda, "cuda table on the CPU")
 
     def compare():

@@ -4,7 +4,7 @@ import array_api_strict
 import numpy as np
 import pytest
 
-from bpgpu.kernels import compiled, generic
+from bpgpu.kernels import cpu, generic
 
 N = 37
 
@@ -54,7 +54,7 @@ def test_numpy_twin_matches_formula_in_place(op, dtype):
     args = [a.copy() if isinstance(a, np.ndarray) else a for a in args]
     inputs = [a.copy() if isinstance(a, np.ndarray) else a for a in args]
     scratch = np.empty(N, dtype=dtype)
-    out = getattr(compiled, op)(*args, scratch)
+    out = getattr(cpu, op)(*args, scratch)
     assert out is args[0]  # in place, returns its first argument
     rtol = 1e-5 if dtype == np.float32 else 1e-13
     for got_index, want in zip(UPDATED[op], expected):
@@ -68,7 +68,7 @@ def test_numpy_twin_matches_formula_in_place(op, dtype):
 def test_sgd_update_is_exactly_w_minus_lr_g_in_float64():
     w, g, *_ = _state(2)
     expected = w - 0.1 * g
-    compiled.sgd_update(w, g, 0.1, np.empty(N))
+    cpu.sgd_update(w, g, 0.1, np.empty(N))
     np.testing.assert_array_equal(w, expected)
 
 
@@ -78,11 +78,11 @@ def test_numpy_twins_allocate_nothing():
     w, g, m, v, mask = _state(3)
     w, g, m, v, mask = (np.tile(a, 2000) for a in (w, g, m, v, mask))  # ~600 kB each
     scratch = np.empty_like(w)
-    compiled.adam_update(w, g, m, v, 1e-3, 0.9, 0.999, 1e-8, scratch)  # warm-up
+    cpu.adam_update(w, g, m, v, 1e-3, 0.9, 0.999, 1e-8, scratch)  # warm-up
     tracemalloc.start()
-    compiled.adam_update(w, g, m, v, 1e-3, 0.9, 0.999, 1e-8, scratch)
-    compiled.nesterov_update(w, g, v, 0.1, 0.9, scratch)
-    compiled.l2_grad(g, w, mask, 1e-4, scratch)
+    cpu.adam_update(w, g, m, v, 1e-3, 0.9, 0.999, 1e-8, scratch)
+    cpu.nesterov_update(w, g, v, 0.1, 0.9, scratch)
+    cpu.l2_grad(g, w, mask, 1e-4, scratch)
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert peak < 10_000, f"an update allocated {peak} bytes (a hidden temporary of w's size is {w.nbytes})"
@@ -102,7 +102,7 @@ def _outer_state(seed, dtype=np.float64):
 def test_outer_sgd_update_numpy_matches_formula():
     wt, b, a, d = _outer_state(4)
     want_wt, want_b = wt - 0.3 * np.outer(a, d), b - 0.3 * d
-    compiled.outer_sgd_update(wt, b, a, d, 0.3, np.empty_like(wt))
+    cpu.outer_sgd_update(wt, b, a, d, 0.3, np.empty_like(wt))
     np.testing.assert_allclose(wt, want_wt, rtol=1e-14)
     np.testing.assert_allclose(b, want_b, rtol=1e-14)
 
@@ -115,7 +115,7 @@ def _strict(a):
 def test_generic_twin_matches_numpy_twin_on_array_api_strict(op):
     _, args = _reference(op, *_state(5))
     np_args = [a.copy() if isinstance(a, np.ndarray) else a for a in args]
-    getattr(compiled, op)(*np_args, np.empty(N))
+    getattr(cpu, op)(*np_args, np.empty(N))
     strict_args = [_strict(a) for a in args]
     getattr(generic, op)(*strict_args, array_api_strict.empty(N, dtype=array_api_strict.float64))
     for i in UPDATED[op]:
@@ -125,7 +125,7 @@ def test_generic_twin_matches_numpy_twin_on_array_api_strict(op):
 def test_outer_sgd_update_generic_matches_numpy():
     wt, b, a, d = _outer_state(6)
     np_args = [x.copy() for x in (wt, b, a, d)]
-    compiled.outer_sgd_update(*np_args, 0.3, np.empty_like(wt))
+    cpu.outer_sgd_update(*np_args, 0.3, np.empty_like(wt))
     s_args = [_strict(x) for x in (wt, b, a, d)]
     generic.outer_sgd_update(*s_args, 0.3, None)
     np.testing.assert_allclose(np.asarray(s_args[0]), np_args[0], rtol=1e-14)
@@ -136,7 +136,7 @@ def test_kernel_table_lists_the_optimizer_ops():
     from bpgpu.kernels import OPS
 
     for op in FLAT_OPS + ["outer_sgd_update"]:
-        assert op in OPS and callable(getattr(compiled, op)) and callable(getattr(generic, op))
+        assert op in OPS and callable(getattr(cpu, op)) and callable(getattr(generic, op))
 
 
 # --- the optimizer objects against scikit-learn's own -----------------------------

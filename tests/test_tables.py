@@ -1,6 +1,6 @@
 """Every kernel table against the array-API reference (bpgpu.kernels.generic).
 
-Three tables, one per language: compiled CPU (bpgpu.kernels.compiled, numba), CUDA C
+Three tables, one per language: compiled CPU (bpgpu.kernels.cpu over bpgpu.kernels.compiled, numba), CUDA C
 (bpgpu.kernels.cuda) and the array-API reference. Here: every table has every op of
 OPS with the reference's signature; the compiled table's values match the
 reference on every op, dtype and memory layout of bpgpu.testing.cases; its scalar
@@ -22,11 +22,11 @@ from hypothesis import strategies as st
 import bpgpu as bp
 from bpgpu import engine
 from bpgpu.backend import Backend
-from bpgpu.kernels import ACTIVATIONS, LOSSES, OPS, compiled, cuda, generic, jit
+from bpgpu.kernels import ACTIVATIONS, LOSSES, OPS, compiled, cpu, cuda, generic, jit
 from bpgpu.testing import cases, checks
 
 
-@pytest.mark.parametrize("table", [compiled, cuda], ids=lambda t: t.__name__)
+@pytest.mark.parametrize("table", [cpu, cuda], ids=lambda t: t.__name__)
 def test_every_table_has_every_op_with_the_reference_signature(table):
     for op in OPS:
         assert inspect.signature(getattr(table, op)) == inspect.signature(getattr(generic, op)), op
@@ -38,7 +38,7 @@ COMPILED_CASES = cases.all_cases(dtypes=(np.float32, np.float64))
 
 @pytest.mark.parametrize("case", COMPILED_CASES, ids=lambda c: c.id)
 def test_compiled_table_matches_the_reference(case):
-    err, where, failure = checks.check_table(case, compiled)
+    err, where, failure = checks.check_table(case, cpu)
     assert not failure, failure
 
 
@@ -113,7 +113,7 @@ def test_compiled_tanh_is_within_a_few_ulp_of_the_rounded_tanh_and_numpys(dtype,
     magnitudes = np.logspace(np.log10(tiny), np.log10(30.0), 200_000)
     z = np.concatenate([np.linspace(-12.0, 12.0, 400_001), magnitudes, -magnitudes]).astype(dtype)[None, :]
     z[0, :2] = tiny, -tiny  # the log sweep's ends rounded in float64
-    got = compiled.tanh_fwd(z.copy(), np.zeros(z.shape[1], dtype=dtype), np.empty_like(z), None, None)
+    got = cpu.tanh_fwd(z.copy(), np.zeros(z.shape[1], dtype=dtype), np.empty_like(z), None, None)
     rounded = np.tanh(z.astype(np.float64)).astype(dtype)
     assert _ulps(got, rounded).max() <= to_rounded
     assert _ulps(got, np.tanh(z)).max() <= to_numpy
@@ -126,7 +126,7 @@ def test_the_sigmoid_is_the_same_formula_in_every_table():
     """σ = exp(−softplus(−z)) everywhere: exact where σ is tiny, where (1 + tanh(z/2))/2 cancels to 0."""
     z = np.array([[-745.0, -700.0, -100.0, -30.0, 0.0, 30.0]])
     want = np.exp(-np.logaddexp(-z, 0.0))
-    got = compiled.sigmoid_fwd(z.copy(), np.zeros(6), np.empty_like(z), None, None)
+    got = cpu.sigmoid_fwd(z.copy(), np.zeros(6), np.empty_like(z), None, None)
     np.testing.assert_array_equal(got, want)
     assert got[0, 1] > 0.0 and np.log(got[0, 1]) == pytest.approx(-700.0, rel=1e-15)
     assert "exp(-bpgpu_softplus(T(-v)))" in cuda.SPECS["sigmoid_fwd"].operation

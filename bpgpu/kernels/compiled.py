@@ -1,11 +1,13 @@
-"""The compiled CPU table: every kernel of the numpy backend, and the training step, compiled by numba.
+"""The compiled CPU kernels: every kernel of the numpy backend, and the training step, compiled by numba.
 
-One of the three kernel tables (compiled CPU here, CUDA C in :mod:`bpgpu.kernels.cuda`,
-the array-API reference in :mod:`bpgpu.kernels.generic`). It exports every name of
-:data:`bpgpu.kernels.OPS` with the reference's signature, so the numpy backend calls it
-as it would any other table, plus :func:`train_step`, the whole training step in one
-call (:mod:`bpgpu.kernels.jit` drives it), and the passes it is built from, for the
-derivative tools: :func:`forward_pass` (a(l) for every layer and z(L)) and
+The kernels behind one of the three kernel tables (compiled CPU, CUDA C in :mod:`bpgpu.kernels.cuda`,
+the array-API reference in :mod:`bpgpu.kernels.generic`): the table itself, every name of
+:data:`bpgpu.kernels.OPS` with the reference's signature, is :mod:`bpgpu.kernels.cpu`, whose
+thin ops call the loops here (``_activate``, ``_derive``, the loss kernels, the optimizer
+updates) through :mod:`bpgpu.kernels.aot`: compiled ahead of time into an extension built
+from this module when it is fresh, numba's JIT otherwise. Also here: :func:`train_step`, the
+whole training step in one call (:mod:`bpgpu.kernels.jit` drives it), and the passes it is
+built from, for the derivative tools: :func:`forward_pass` (a(l) for every layer and z(L)) and
 :func:`seeded_backprop` (a stack of K seeds δ(L) → δ(l) for every layer, one GEMM of K·m
 rows per layer).
 
@@ -49,20 +51,33 @@ benchmarks/NOTES.md, "N1").
 
 from __future__ import annotations
 
-import functools
 import math
 
 import numpy as np
 from numba import njit, types
 
-from bpgpu.kernels import LEAKY_SLOPE, LOSSES
+from bpgpu.kernels import LEAKY_SLOPE
+from bpgpu.kernels.codes import (  # the codes, numba-free (bpgpu.kernels.codes); numba reads them as constants
+    BINARY_CROSS_ENTROPY,
+    CODE,
+    CROSS_ENTROPY,
+    EXP,
+    IDENTITY,
+    LEAKY_RELU,
+    MOMENTUM,
+    NESTEROV,
+    OFFSET,
+    POISSON,
+    RELU,
+    SGD,
+    SIGMOID,
+    SIZE,
+    SOFTMAX,
+    SOFTPLUS,
+    SQUARED_ERROR,
+    TANH,
+)
 
-# Codes in the order of bpgpu.kernels.ACTIVATIONS and LOSSES.
-IDENTITY, SIGMOID, TANH, RELU, LEAKY_RELU, SOFTPLUS, SOFTMAX, EXP = range(8)
-SQUARED_ERROR, BINARY_CROSS_ENTROPY, CROSS_ENTROPY, POISSON = range(4)
-GRADIENT_ONLY, SGD, MOMENTUM, NESTEROV = range(4)  # the update applied after backprop
-SIZE, OFFSET, CODE = range(3)  # the rows of train_step's plan
-_LOSS_CODE = {name: code for code, name in enumerate(LOSSES)}
 _TINY32, _TINY64 = float(np.finfo(np.float32).tiny), float(np.finfo(np.float64).tiny)
 
 # Below this many multiply-adds (m k n) a plain loop beats the BLAS call made
@@ -447,125 +462,8 @@ def _residual(a, t, c, delta):
             delta[i, j] = (a[i, j] - t[i, j]) * c_
 
 
-# --- the table: bpgpu.kernels.OPS ---------------------------------------------------------
-
-
-def matmul(a, b, out):
-    """out = a @ b straight into a preallocated buffer (or a view of the flat vector), by BLAS.
-
-    ``a`` may be a scipy.sparse matrix (the input X of layer 1, or its transpose): then the
-    product is scipy's sparse × dense, copied into out; a is never densified."""
-    if type(a) is np.ndarray:  # every dense operand of the passes, views included: no further test
-        return np.matmul(a, b, out=out)
-    if hasattr(a, "tocsr"):  # scipy.sparse
-        out[...] = a @ b
-        return out
-    return np.matmul(a, b, out=out)
-
-
-@functools.lru_cache(maxsize=8)
-def _ones(m, dtype):
-    """A read-only vector of m ones, made once per batch size and dtype."""
-    ones = np.ones(m, dtype=dtype)
-    ones.flags.writeable = False
-    return ones
-
-
-def colsum(d, out):
-    """out = Σ_rows d = 1ᵀ d: the bias gradient ∂J/∂b = Σ_n δ_n, as a BLAS product
-    (np.sum(axis=0, out=) allocates a reduction buffer on every call)."""
-    if not out.flags.c_contiguous:  # np.dot writes only into contiguous outputs (never the case in a pass)
-        out[...] = np.dot(_ones(d.shape[0], d.dtype), d)
-        return out
-    return np.dot(_ones(d.shape[0], d.dtype), d, out=out)
-
-
-def take_rows(x, idx, out):
-    """out ← x[idx]: one shuffled batch gathered into a reused buffer."""
-    return np.take(x, idx, axis=0, out=out)
-
-
-def _named(fn, name: str):
-    fn.__name__ = fn.__qualname__ = name
-    return fn
-
-
-def _fwd(code: int, name: str):
-    def fwd(z, b, out, scratch, rows):
-        """z ← z + b in place; out = g(z + b) (out may be z)."""
-        return _activate(code, z, b, out)
-
-    return _named(fwd, f"{name}_fwd")
-
-
-def _bwd(code: int, name: str):
-    def bwd(s, a, out, scratch, rows):
-        """out = s ⊙ g′(z), g′ through a = g(z) (out may be s)."""
-        return _derive(code, s, a, out)
-
-    return _named(bwd, f"{name}_bwd")
-
-
-identity_fwd, identity_bwd = _fwd(IDENTITY, "identity"), _bwd(IDENTITY, "identity")
-sigmoid_fwd, sigmoid_bwd = _fwd(SIGMOID, "sigmoid"), _bwd(SIGMOID, "sigmoid")
-tanh_fwd, tanh_bwd = _fwd(TANH, "tanh"), _bwd(TANH, "tanh")  # g is vectorizable: see tanh above
-relu_fwd, relu_bwd = _fwd(RELU, "relu"), _bwd(RELU, "relu")
-leaky_relu_fwd, leaky_relu_bwd = _fwd(LEAKY_RELU, "leaky_relu"), _bwd(LEAKY_RELU, "leaky_relu")
-softplus_fwd, softplus_bwd = _fwd(SOFTPLUS, "softplus"), _bwd(SOFTPLUS, "softplus")
-softmax_fwd, softmax_bwd = _fwd(SOFTMAX, "softmax"), _bwd(SOFTMAX, "softmax")
-exp_fwd, exp_bwd = _fwd(EXP, "exp"), _bwd(EXP, "exp")
-
-
-def _loss_fwd(code: int, name: str):
-    def fwd(a, t, scratch, rows):
-        """Σ_n J_n from the outputs a (clipped into [tiny, 1⁻] inside the logarithms)."""
-        return _loss_sum(code, a, t)
-
-    return _named(fwd, f"{name}_fwd")
-
-
-def _loss_bwd(code: int, name: str):
-    def bwd(a, t, c, out, scratch):
-        """out = c ∂ℓ/∂a."""
-        return _loss_grad(code, a, t, c, out)
-
-    return _named(bwd, f"{name}_bwd")
-
-
-squared_error_fwd = _loss_fwd(SQUARED_ERROR, "squared_error")
-squared_error_bwd = _loss_bwd(SQUARED_ERROR, "squared_error")
-binary_cross_entropy_fwd = _loss_fwd(BINARY_CROSS_ENTROPY, "binary_cross_entropy")
-binary_cross_entropy_bwd = _loss_bwd(BINARY_CROSS_ENTROPY, "binary_cross_entropy")
-cross_entropy_fwd = _loss_fwd(CROSS_ENTROPY, "cross_entropy")
-cross_entropy_bwd = _loss_bwd(CROSS_ENTROPY, "cross_entropy")
-poisson_fwd = _loss_fwd(POISSON, "poisson")
-poisson_bwd = _loss_bwd(POISSON, "poisson")
-
-
-def sigmoid_binary_cross_entropy_fwd(z, t, scratch, rows):
-    """Σ J_n from the logits: Σ softplus(z) − t z."""
-    return _loss_sum(BINARY_CROSS_ENTROPY, z, t, True)
-
-
-def softmax_cross_entropy_fwd(z, t, scratch, rows):
-    """Σ J_n from the logits: Σ_n (Σ_k t_k) lse(z_n) − Σ_k t_k z_k."""
-    return _loss_sum(CROSS_ENTROPY, z, t, True)
-
-
-def exp_poisson_fwd(z, t, scratch, rows):
-    """Σ J_n from the logits (a = e^z): Σ t log t − t z − t + e^z, no log of a at all."""
-    return _loss_sum(POISSON, z, t, True)
-
-
-def canonical_value_and_delta(loss, z, a, t, c, delta, scratch, rows):
-    """A canonical (output, loss) pair: Σ_n J_n from the logits z, and δ(L) = c (a − t)."""
-    total = _loss_sum(_LOSS_CODE[loss], z, t, True)
-    _residual(a, t, c, delta)
-    return total
-
-
 # --- optimizer updates over the flat vector, in place (scikit-learn's equations) ---------------
-# ``scratch`` is unused here: the loops need no temporaries.
+# The table's sgd_update, adam_update, … (bpgpu.kernels.cpu) call these.
 
 
 @njit(cache=True, error_model="numpy")
@@ -610,42 +508,6 @@ def _outer_sgd(wt, b, a, delta, lr):
             wt[i, j] -= a[i] * delta[j] * step
     for j in range(b.shape[0]):
         b[j] -= delta[j] * step
-
-
-def sgd_update(w, g, lr, scratch):
-    """w ← w − lr g."""
-    _sgd(w, g, lr)
-    return w
-
-
-def momentum_update(w, g, v, lr, mu, scratch):
-    """v ← μ v − lr g ;  w ← w + v."""
-    _momentum(w, g, v, lr, mu, False)
-    return w
-
-
-def nesterov_update(w, g, v, lr, mu, scratch):
-    """v ← μ v − lr g ;  w ← w + μ v − lr g (the look-ahead step, with the new v)."""
-    _momentum(w, g, v, lr, mu, True)
-    return w
-
-
-def adam_update(w, g, m, v, lr_t, beta1, beta2, eps, scratch):
-    """m ← β1 m + (1 − β1) g ;  v ← β2 v + (1 − β2) g² ;  w ← w − lr_t m / (√v + ε)."""
-    _adam(w, g, m, v, lr_t, beta1, beta2, eps)
-    return w
-
-
-def l2_grad(g, w, mask, alpha, scratch):
-    """g ← g + α mask ⊙ w: the gradient of (α/2)‖weights‖², biases masked out."""
-    _l2(g, w, mask, alpha)
-    return g
-
-
-def outer_sgd_update(wt, b, a, delta, lr, scratch):
-    """One sample: Wᵀ ← Wᵀ − lr a ⊗ δ ;  b ← b − lr δ (the gradient matrix is never stored)."""
-    _outer_sgd(wt, b, a, delta, lr)
-    return b
 
 
 # --- compiled passes: the forward pass and seeded backprop (building blocks) -----------------

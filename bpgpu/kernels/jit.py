@@ -1,9 +1,12 @@
 """The compiled CPU table, loaded once, and the training step as one numba call.
 
-:func:`kernels` loads :mod:`bpgpu.kernels.compiled`, the numpy backend's kernel
-table (numba is a core dependency); when it cannot be used (BPGPU_JIT=0, numba
-missing or broken) it returns None, :data:`reason` says why, and the numpy
-backend runs the array-API reference table instead.
+:func:`kernels` loads :mod:`bpgpu.kernels.cpu`, the numpy backend's kernel table,
+whose kernels are :mod:`bpgpu.kernels.compiled`'s: compiled ahead of time into an
+extension (:mod:`bpgpu.kernels.aot`) where that is built and fresh, so that a default
+fit never imports numba, else by numba's JIT (numba is a core dependency); when
+neither can be used (BPGPU_JIT=0, numba missing or broken) it returns None,
+:data:`reason` says why, and the numpy backend runs the array-API reference table
+instead. :func:`source` says which compiled kernels run.
 
 On small nets a pass kernel by kernel spends its time in Python and in per-call
 overhead (several calls per layer and pass), not in arithmetic. This module gives
@@ -32,9 +35,11 @@ from __future__ import annotations
 
 import concurrent.futures
 import functools
+import importlib.util
 import logging
 import numbers
 import os
+import sys
 import threading
 import time
 import weakref
@@ -43,7 +48,7 @@ from typing import Any
 
 import numpy as np
 
-from bpgpu.kernels import ACTIVATIONS, LOSSES
+from bpgpu.kernels import ACTIVATIONS, LOSSES, codes
 
 log = logging.getLogger("bpgpu")
 
@@ -59,14 +64,18 @@ reason = ""
 
 @functools.cache
 def kernels() -> ModuleType | None:
-    """The compiled table :mod:`bpgpu.kernels.compiled`, or None (decided once; :data:`reason` says why).
+    """The numpy backend's compiled table :mod:`bpgpu.kernels.cpu`, or None (decided once; :data:`reason`
+    says why).
 
-    None when BPGPU_JIT=0, when numba is not installed, when numba lacks the
-    BLAS helper (``numba_xxgemm``, the one its np.dot calls; it calls SciPy's
-    BLAS, so SciPy is needed too), or when a first compiled call fails: the numpy
-    backend then runs the array-API reference table, logged in one line. A
-    kernel compiles on its first call for a dtype; numba caches the result next
-    to the module, so later processes load it in milliseconds.
+    Its kernels run as the extension compiled ahead of time from :mod:`bpgpu.kernels.compiled`
+    (:mod:`bpgpu.kernels.aot`) when that is built and fresh: then loading the table imports no
+    numba at all, and numba is imported only by the first kernel the extension lacks (the
+    derivative tools, …). Otherwise numba's JIT runs them, compiling a kernel on its first call
+    for a dtype and caching the result next to the module, so later processes load it in
+    milliseconds. None when BPGPU_JIT=0, when numba (or SciPy, whose BLAS numba's products call)
+    is not installed, when numba lacks the BLAS helper (``numba_xxgemm``, the one its np.dot
+    calls), or when a first compiled call fails: the numpy backend then runs the array-API
+    reference table, logged in one line.
     """
     global reason
     module, reason = _load()
@@ -76,34 +85,61 @@ def kernels() -> ModuleType | None:
 
 
 def loaded() -> ModuleType | None:
-    """The compiled table if :func:`kernels` has already loaded it, else None: never imports numba
-    (for cheap paths, such as the input checks, that should not pay numba's start-up themselves)."""
+    """The compiled table if :func:`kernels` has already loaded it, else None: never loads it (for cheap
+    paths, such as the input checks, that should not pay its start-up themselves)."""
     return kernels() if kernels.cache_info().currsize else None
 
 
 _OFF = "BPGPU_JIT=0"
 
 
+def _importable(name: str) -> bool:
+    """Whether ``import name`` would find the module, without importing it."""
+    if name in sys.modules:
+        return sys.modules[name] is not None
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
 def _load() -> tuple[ModuleType | None, str]:
     if os.environ.get("BPGPU_JIT", "1") == "0":
         return None, _OFF
-    try:
-        import scipy.linalg.cython_blas  # noqa: F401  (loaded by numba's BLAS helper on the first product)
-        from numba import _helperlib
+    from bpgpu.kernels import provider
 
-        from bpgpu.kernels import compiled
-    except ImportError as exc:
-        return None, f"numba or scipy not importable: {exc}"
-    if "xxgemm" not in _helperlib.c_helpers:
-        return None, "this numba has no numba_xxgemm BLAS helper"
-    try:  # a broken numba or LLVM fails here, not in the middle of a pass
+    if provider.load() is not None:  # the default paths run on the extension; numba only on first need
+        missing = [name for name in ("numba", "scipy") if not _importable(name)]
+        if missing:
+            return None, f"numba or scipy not importable: no module named {missing[0]!r}"
+    else:
+        try:
+            import scipy.linalg.cython_blas  # noqa: F401  (loaded by numba's BLAS helper on the first product)
+            from numba import _helperlib
+
+            from bpgpu.kernels import compiled  # noqa: F401  (numba's import, the dispatchers made)
+        except ImportError as exc:
+            return None, f"numba or scipy not importable: {exc}"
+        if "xxgemm" not in _helperlib.c_helpers:
+            return None, "this numba has no numba_xxgemm BLAS helper"
+    from bpgpu.kernels import cpu
+
+    try:  # a broken numba, LLVM or extension fails here, not in the middle of a pass
         probe = np.zeros((1, 1))
-        compiled.sigmoid_fwd(probe, np.zeros(1), probe, probe, probe)
+        cpu.sigmoid_fwd(probe, np.zeros(1), probe, probe, probe)
     except Exception as exc:  # noqa: BLE001  (any failure of the compiler means: do not use it)
         return None, f"numba failed to compile a kernel ({type(exc).__name__}: {exc})"
     if probe[0, 0] != 0.5:
         return None, f"numba's sigmoid(0) gave {probe[0, 0]!r}, not 0.5"
-    return compiled, ""
+    return cpu, ""
+
+
+def source() -> str:
+    """Which compiled kernels run, in words: the extension compiled ahead of time, or numba's JIT and why
+    not the extension ("" when the compiled table is not used)."""
+    from bpgpu.kernels import provider
+
+    return provider.describe() if kernels() is not None else ""
 
 
 def available() -> bool:
@@ -135,7 +171,7 @@ class CompiledStep:
         name = "sgd" if self.optimizer is None else self.optimizer.name
         self._update_after = name in _AFTER_KERNEL
         gradient_only = gradient_only or self._update_after
-        self._rule = module.GRADIENT_ONLY if gradient_only else getattr(module, name.upper())
+        self._rule = codes.GRADIENT_ONLY if gradient_only else getattr(codes, name.upper())
         self._has_velocity = hasattr(self.optimizer, "velocity")
         self._fused = name in _FUSED and not gradient_only
         self._kernel = module.train_step
@@ -145,6 +181,7 @@ class CompiledStep:
         self._alpha = 0.0 if self.optimizer is None else float(self.optimizer.alpha)
         self._grad = np.empty(0 if self._fused else net.n_params, dtype=net.xp_dtype)
         self._work: dict[int, np.ndarray] = {}
+        self._exports: dict[bool, Any] = {}  # weights None or not: the extension's export, or None
 
     def _buffers(self, m: int) -> np.ndarray:
         """a(l), δ(l) for l = 1..L, z(L), a row of the widest layer and BLAS's α, β, in one flat vector."""
@@ -187,22 +224,32 @@ class CompiledStep:
             mu, velocity = 0.0, self.net.params  # not read by this rule: any vector of the params' length
         # s=None has its own numba specialization, with no weighting code; c comes from the weights
         s = None if weights is None else np.ascontiguousarray(weights[0][:, 0])
-        return self._kernel(
-            X,
-            T,
-            self.net.params,
-            grad,
-            self._buffers(X.shape[0]),
-            self._plan,
-            self._loss,
-            self._mean,
-            self._alpha,
-            self._rule,
-            lr,
-            mu,
-            velocity,
-            s,
-        )
+        w, dtype = self.net.params, self._grad.dtype
+        args = (X, T, w, grad, self._buffers(X.shape[0]), self._plan, self._loss, self._mean, self._alpha)
+        args += (self._rule, lr, mu, velocity)
+        # The extension's export straight away (tests/test_aot.py: bit for bit the JIT's), once the
+        # provider has matched it on a first call: the work vector and plan are this step's own, so
+        # only the arrays that callers hand in are checked again (the provider's full check of every
+        # argument cost 6 µs a step, as much as numba's own dispatch: benchmarks/NOTES.md, "A4").
+        if (
+            X.dtype is dtype
+            and T.dtype is dtype
+            and w.dtype is dtype
+            and grad.dtype is dtype
+            and velocity.dtype is dtype
+            and (s is None or s.dtype is dtype)
+            and w.flags.c_contiguous
+            and grad.flags.c_contiguous
+            and velocity.flags.c_contiguous
+        ):
+            export = self._exports.get(s is None, False)
+            if export is False:  # not matched yet: the provider's check, on all the arguments
+                find = getattr(self._kernel, "export_for", None)
+                fn, given = (None, 0) if find is None else find(*args, s)
+                export = self._exports[s is None] = fn if given == len(args) + (s is not None) else None
+            if export is not None:
+                return export(*args) if s is None else export(*args, s)
+        return self._kernel(*args, s)
 
 
 def largest_product(net: Any) -> int:
@@ -560,12 +607,12 @@ def derivatives_for(net: Any) -> CompiledDerivatives | None:
 
 def plan(net: Any, module: ModuleType) -> np.ndarray:
     """The compiled kernels' description of ``net``: (3, L + 1) int64, one column per layer
-    l = 0..L, rows ``module.SIZE`` n_l, ``module.OFFSET`` where Θ(l + 1) starts in w, ``module.CODE``
+    l = 0..L, rows ``codes.SIZE`` n_l, ``codes.OFFSET`` where Θ(l + 1) starts in w, ``codes.CODE``
     the activation of layer l (column 0 unused)."""
     out = np.empty((3, net.n_layers + 1), dtype=np.int64)
-    out[module.SIZE] = net.sizes
-    out[module.OFFSET] = net.layout.offsets
-    out[module.CODE] = [-1] + [ACTIVATIONS.index(g.name) for g in net.activations]
+    out[codes.SIZE] = net.sizes
+    out[codes.OFFSET] = net.layout.offsets
+    out[codes.CODE] = [-1] + [ACTIVATIONS.index(g.name) for g in net.activations]
     return out
 
 

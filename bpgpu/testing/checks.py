@@ -121,7 +121,7 @@ def reference_of(case):
 
 
 def check_table(case, module):
-    """The case's op of a numpy-array table ``module`` (such as bpgpu.kernels.compiled) against the
+    """The case's op of a numpy-array table ``module`` (such as bpgpu.kernels.cpu) against the
     reference: (worst normalised difference, where, failure message or "")."""
     args = case.build()
     with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
