@@ -13,6 +13,7 @@ then runs the same kernels through numba's JIT.
 
 import importlib.util
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -44,9 +45,16 @@ class BuildAot(build_ext):
         try:
             aot = _aot()
             cpu = os.environ.get("BPGPU_AOT_CPU", "host")
-            if aot.up_to_date(target, cpu):  # an editable install again, nothing edited: no 2-minute compile
-                print(f"bpgpu: {target.name} is up to date with the kernels' sources")
-                return
+            # An extension already built from these sources for this target (in the source tree: the last
+            # editable install, or `python -m bpgpu.kernels.aot build`) is copied, not compiled again
+            # (2–4 minutes): setuptools builds even an editable install's extension in a temporary folder.
+            for built in (target, aot.extension_path(ROOT / "bpgpu" / "kernels")):
+                if aot.up_to_date(built, cpu):
+                    if built != target:
+                        target.parent.mkdir(parents=True, exist_ok=True)
+                        shutil.copy2(built, target)
+                    print(f"bpgpu: {built} is up to date with the kernels' sources: not compiled again")
+                    return
             built = aot.build(target.parent, cpu)
             if built.name != target.name:  # the same EXT_SUFFIX in both: pycc names it as setuptools does
                 built.replace(target)
