@@ -43,6 +43,7 @@ import hashlib
 import importlib
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 import sysconfig
@@ -222,8 +223,10 @@ def build(output_dir: str | os.PathLike | None = None, cpu: str | None = None, q
         command = [sys.executable, str(Path(__file__).resolve()), "_compile", str(out.resolve()), cpu]
         done = subprocess.run(command, env=env, capture_output=True, text=True)
     if done.returncode != 0:
-        tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
-        raise RuntimeError(f"numba.pycc failed (exit {done.returncode}): {tail[0]}")
+        lines = (done.stderr or done.stdout).strip().splitlines() or ["no output"]
+        # the exception's own line (its message may go on below it: numba's hint about compilers)
+        errors = [line for line in lines if re.match(r"[\w.]+(Error|Exception|Exit)\b", line)]
+        raise RuntimeError(f"numba.pycc failed (exit {done.returncode}): {(errors or lines)[-1].strip()}")
     path = extension_path(out)
     if not path.exists():
         raise RuntimeError(f"numba.pycc reported success but wrote no {path.name}")
