@@ -50,9 +50,11 @@ class BuildAot(build_ext):
             # (2–4 minutes): setuptools builds even an editable install's extension in a temporary folder.
             for built in (target, aot.extension_path(ROOT / "bpgpu" / "kernels")):
                 if aot.up_to_date(built, cpu):
-                    if built != target:
+                    if built != target:  # by a new file renamed over the old: a process may have it loaded
                         target.parent.mkdir(parents=True, exist_ok=True)
-                        shutil.copy2(built, target)
+                        part = target.with_name(target.name + ".part")
+                        shutil.copy2(built, part)
+                        os.replace(part, target)
                     print(f"bpgpu: {built} is up to date with the kernels' sources: not compiled again")
                     return
             built = aot.build(target.parent, cpu)

@@ -153,17 +153,31 @@ def recorded(ext: Any) -> tuple[tuple[int, ...], bool]:
     return tuple(info(i) for i in range(4)), bool(info(4))
 
 
+_READ_INFO = (
+    "import importlib.util, sys\n"
+    "spec = importlib.util.spec_from_file_location(sys.argv[1], sys.argv[2])\n"
+    "info = getattr(importlib.util.module_from_spec(spec), sys.argv[3])\n"
+    "print(*(info(i) for i in range(5)))\n"
+)
+
+
 def up_to_date(path: Path, cpu: str) -> bool:
     """Whether the extension at ``path`` was built from these sources for ``cpu`` (a build step skips
-    the compiler then). Loads it under its own name, outside the package."""
+    the compiler then). Read in a child process: a build step then copies or replaces the file, which
+    must not be mapped into its own process (overwriting a loaded extension crashed it)."""
     if not path.exists():
         return False
+    done = subprocess.run([sys.executable, "-c", _READ_INFO, MODULE, str(path), _INFO], capture_output=True, text=True)
     try:
-        spec = importlib.util.spec_from_file_location(MODULE, path)
-        words, host = recorded(importlib.util.module_from_spec(spec))
-    except Exception:  # noqa: BLE001  (anything unreadable is rebuilt)
+        *words, host = (int(x) for x in done.stdout.split())
+    except ValueError:  # not loadable here: rebuilt
         return False
-    return host == (cpu not in ("generic", "")) and words == digest(host)
+    return (
+        done.returncode == 0
+        and len(words) == 4
+        and bool(host) == (cpu not in ("generic", ""))
+        and (tuple(words) == digest(bool(host)))
+    )
 
 
 # --- the build ---------------------------------------------------------------------------------

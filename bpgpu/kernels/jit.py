@@ -605,10 +605,12 @@ def derivatives_for(net: Any) -> CompiledDerivatives | None:
     return _per_net(_DERIVATIVES, net, CompiledDerivatives)
 
 
-def plan(net: Any, module: ModuleType) -> np.ndarray:
+def plan(net: Any, module: ModuleType | None = None) -> np.ndarray:
     """The compiled kernels' description of ``net``: (3, L + 1) int64, one column per layer
     l = 0..L, rows ``codes.SIZE`` n_l, ``codes.OFFSET`` where Θ(l + 1) starts in w, ``codes.CODE``
-    the activation of layer l (column 0 unused)."""
+    the activation of layer l (column 0 unused). ``module`` is not read (the rows are
+    :mod:`bpgpu.kernels.codes`', which the table no longer has to be loaded for); the callers that
+    pass their table keep working."""
     out = np.empty((3, net.n_layers + 1), dtype=np.int64)
     out[codes.SIZE] = net.sizes
     out[codes.OFFSET] = net.layout.offsets
