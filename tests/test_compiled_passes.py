@@ -218,7 +218,8 @@ def test_the_input_checks_finiteness_test_is_the_same_compiled_or_not(monkeypatc
     largest ones too, whose sum overflows), NaN and ±Inf anywhere, 1-D, 2-D and strided arrays."""
     from bpgpu import validation
 
-    assert jit.kernels() is not None
+    table = jit.kernels()  # bpgpu.kernels.cpu: its all_finite is compiled.all_finite's export or dispatcher
+    assert table is not None
     rng = np.random.default_rng(0)
     arrays = [rng.normal(size=(37, 19)).astype(dtype), rng.normal(size=1001).astype(dtype)]
     arrays.append(np.full((3, 4), np.finfo(dtype).max, dtype=dtype))
@@ -230,11 +231,11 @@ def test_the_input_checks_finiteness_test_is_the_same_compiled_or_not(monkeypatc
     arrays += [y[..., ::2] for y in arrays]  # strided: numpy's sum in both runs
     calls = []
     with monkeypatch.context() as patch, np.errstate(over="ignore", invalid="ignore"):
-        patch.setattr(compiled, "all_finite", lambda y, kernel=compiled.all_finite: calls.append(y) or kernel(y))
+        patch.setattr(table, "all_finite", lambda y, kernel=table.all_finite: calls.append(y) or kernel(y))
         compiled_answers = [validation.all_finite(y, np) for y in arrays]
     assert len(calls) == len(arrays) // 2  # the contiguous half
     with monkeypatch.context() as patch:
-        patch.setattr(compiled, "all_finite", lambda y: pytest.fail("the compiled pass ran"))
+        patch.setattr(table, "all_finite", lambda y: pytest.fail("the compiled pass ran"))
         patch.setattr(validation, "_COMPILED_DTYPES", ())  # numpy's path alone
         with np.errstate(over="ignore", invalid="ignore"):  # the largest values' sum overflows (inf − inf: NaN)
             numpy_answers = [validation.all_finite(y, np) for y in arrays]
