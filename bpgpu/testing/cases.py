@@ -291,7 +291,7 @@ class Case:
         return CANONICAL[self.op] if self.op in CANONICAL else SIGNATURES[self.op]
 
     def call(self, module, args):
-        """The op of ``module`` (a kernel table: bpgpu.kernels.cuda, .compiled or .generic) on ``args``."""
+        """The op of ``module`` (a kernel table: bpgpu.kernels.cuda, .cpu or .generic) on ``args``."""
         op, _, loss = self.op.partition("/")
         return getattr(module, op)(*((loss,) if loss else ()), *args)
 
