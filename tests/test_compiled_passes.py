@@ -4,7 +4,10 @@ against the engine's array path, float64 to 1e-12 relative, on random architectu
 and (output, loss) pairs, with and without sample weights; their input checks; and their
 allocations once warm (tracemalloc)."""
 
+import json
 import os
+import subprocess
+import sys
 import tracemalloc
 
 import numpy as np
@@ -190,6 +193,34 @@ def test_blas_threads_see_the_cpu_other_processes_use(tmp_path):
     assert threads.others() == pytest.approx(1.0)  # within a second: not read again
     now.update(clock=14.0, busy=104.5, own=4.5)  # 1.5 s busy, 2.5 s of it ours: nobody else (0, not < 0)
     assert threads.others() == 0.0
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="one core: OpenBLAS runs on one thread anyway")
+def test_one_thread_covers_the_blas_the_kernels_load_later():
+    """BlasThreads.one_thread limits the BLAS the compiled kernels call (SciPy's OpenBLAS) even when the
+    controller is made before that library is loaded: the extension loads it at its first GEMM, and a
+    controller that saw numpy's OpenBLAS alone left the kernels' GEMMs on OpenBLAS's threads."""
+    script = """
+import json, sys
+import threadpoolctl
+import bpgpu
+from bpgpu.kernels import jit
+early = "scipy.linalg.cython_blas" in sys.modules
+def kernel():
+    import scipy.linalg.cython_blas  # what numba's and the extension's GEMM helpers load
+    return [(i["filepath"], i["num_threads"]) for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"]
+inside = jit.blas_threads.one_thread(kernel)
+after = [(i["filepath"], i["num_threads"]) for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"]
+print(json.dumps({"early": early, "inside": inside, "after": after}))
+"""
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_NUM_THREADS")}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True)
+    seen = json.loads(out.stdout)
+    if seen["early"]:
+        pytest.skip("importing bpgpu loads scipy.linalg.cython_blas already: the late load cannot happen")
+    assert any("scipy" in path for path, _ in seen["inside"]), seen  # SciPy's BLAS was loaded and seen
+    assert all(threads == 1 for _, threads in seen["inside"]), seen
+    assert any(threads > 1 for _, threads in seen["after"]), seen  # restored afterwards
 
 
 def test_a_fresh_reading_of_idle_cores_outweighs_a_lagging_load_average(monkeypatch):

@@ -353,6 +353,7 @@ class BlasThreads:
             except ImportError:
                 self._controllers = []
             else:
+                _load_kernel_blas()
                 self._controllers = ThreadpoolController().select(user_api="blas").lib_controllers
         return self._controllers
 
@@ -423,6 +424,17 @@ class BlasThreads:
                     for c, threads in self._saved:
                         if threads != 1:
                             c.set_num_threads(threads)
+
+
+def _load_kernel_blas() -> None:
+    """Load the BLAS the compiled kernels call (SciPy's OpenBLAS, through scipy.linalg.cython_blas),
+    so that the controller sees it: the extension of bpgpu.kernels.aot loads it only at its first
+    GEMM, and a controller made before that saw numpy's OpenBLAS alone, so "one thread" left the
+    kernels' GEMMs on two (benchmarks/NOTES.md, "B1")."""
+    try:
+        importlib.import_module("scipy.linalg.cython_blas")
+    except ImportError:  # no SciPy: numba's BLAS helpers cannot load either
+        pass
 
 
 blas_threads = BlasThreads()
