@@ -112,7 +112,8 @@ def all_finite(x: Any, xp: Any) -> bool:
         and x.ndim in (1, 2)
         and x.size > 0
         and x.dtype in _COMPILED_DTYPES
-        and x.flags.c_contiguous
+        and (flags := x.flags).c_contiguous
+        and flags.aligned  # what the table's all_finite takes (it picks its implementation by dtype alone)
         and (table := jit.loaded()) is not None  # never loads the table (nor numba) from here
     ):
         return bool(table.all_finite(x.reshape(1, -1) if x.ndim == 1 else x))

@@ -291,7 +291,7 @@ def test_a_stale_extension_sends_every_kernel_to_the_jit(monkeypatch):
 def test_bpgpu_aot_0_runs_the_jit_and_says_so(monkeypatch):
     monkeypatch.setenv("BPGPU_AOT", "0")
     provider.reset()
-    jit.kernels.cache_clear()
+    jit.forget()
     try:
         assert provider.load() is None and provider.reason == "BPGPU_AOT=0"
         net = bp.MLP([3, 4, 2], backend="numpy")
@@ -299,7 +299,7 @@ def test_bpgpu_aot_0_runs_the_jit_and_says_so(monkeypatch):
     finally:
         monkeypatch.undo()
         provider.reset()
-        jit.kernels.cache_clear()
+        jit.forget()
 
 
 @needs_ext

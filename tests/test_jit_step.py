@@ -250,7 +250,7 @@ def test_without_numba_every_hook_returns_none(monkeypatch):
 
     import bpgpu.kernels
 
-    jit.kernels.cache_clear()
+    jit.forget()
     monkeypatch.setitem(sys.modules, "numba", None)  # import numba now raises ImportError
     monkeypatch.delitem(sys.modules, "bpgpu.kernels.compiled", raising=False)
     monkeypatch.delattr(bpgpu.kernels, "compiled", raising=False)
@@ -267,7 +267,7 @@ def test_without_numba_every_hook_returns_none(monkeypatch):
         X = np.random.default_rng(0).normal(size=(5, 2))
         assert bp.check_gradient(net, X, X[:, :1] ** 2).passed
     finally:
-        jit.kernels.cache_clear()
+        jit.forget()
 
 
 def test_a_numba_without_its_blas_helper_keeps_the_numpy_path(monkeypatch):
@@ -279,23 +279,23 @@ def test_a_numba_without_its_blas_helper_keeps_the_numpy_path(monkeypatch):
 
     monkeypatch.setenv("BPGPU_AOT", "0")
     provider.reset()
-    jit.kernels.cache_clear()
+    jit.forget()
     monkeypatch.setattr(_helperlib, "c_helpers", {k: v for k, v in _helperlib.c_helpers.items() if k != "xxgemm"})
     try:
         assert jit.compiled_train_step(bp.MLP([2, 3, 1], backend="numpy"), 0.1) is None
     finally:
         monkeypatch.undo()
         provider.reset()
-        jit.kernels.cache_clear()
+        jit.forget()
 
 
 def test_bpgpu_jit_0_turns_the_compiled_step_off(monkeypatch):
-    jit.kernels.cache_clear()
+    jit.forget()
     monkeypatch.setenv("BPGPU_JIT", "0")
     try:
         assert jit.compiled_train_step(bp.MLP([2, 3, 1], backend="numpy"), 0.1) is None
     finally:
-        jit.kernels.cache_clear()
+        jit.forget()
 
 
 def test_train_step_for_builds_once_per_optimizer():

@@ -55,14 +55,17 @@ _adam = provider.kernel("_adam")
 _l2 = provider.kernel("_l2")
 _outer_sgd = provider.kernel("_outer_sgd")
 train_step = provider.kernel("train_step")
-all_finite = provider.kernel("all_finite")
+all_finite = provider.kernel("all_finite", by_dtype=True)
 
 
 def __getattr__(name: str) -> Any:
-    """Every other name of compiled.py (numba's dispatchers, its constants), imported on first use."""
+    """Every other name of compiled.py (numba's dispatchers, its constants), imported on first use and
+    then kept here, so that later lookups are plain attribute reads (the import machinery took 2.5 µs
+    a lookup, on every call of a derivative tool: benchmarks/NOTES.md, "B2")."""
     if name.startswith("__"):
         raise AttributeError(name)
-    return getattr(importlib.import_module("bpgpu.kernels.compiled"), name)
+    value = globals()[name] = getattr(importlib.import_module("bpgpu.kernels.compiled"), name)
+    return value
 
 
 def matmul(a, b, out):

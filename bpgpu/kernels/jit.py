@@ -62,7 +62,9 @@ _AFTER_KERNEL = ("adam",)  # optimizers that update with their own kernel after 
 reason = ""
 
 
-@functools.cache
+_decided: list[ModuleType | None] = []  # [the table or None], once kernels() has decided
+
+
 def kernels() -> ModuleType | None:
     """The numpy backend's compiled table :mod:`bpgpu.kernels.cpu`, or None (decided once; :data:`reason`
     says why).
@@ -78,16 +80,24 @@ def kernels() -> ModuleType | None:
     reference table, logged in one line.
     """
     global reason
-    module, reason = _load()
-    if module is None and reason != _OFF:
-        log.warning("bpgpu: numba kernels not used (%s); numpy runs the array-API reference kernels", reason)
-    return module
+    if not _decided:
+        module, reason = _load()
+        if module is None and reason != _OFF:
+            log.warning("bpgpu: numba kernels not used (%s); numpy runs the array-API reference kernels", reason)
+        _decided.append(module)
+    return _decided[0]
 
 
 def loaded() -> ModuleType | None:
     """The compiled table if :func:`kernels` has already loaded it, else None: never loads it (for cheap
-    paths, such as the input checks, that should not pay its start-up themselves)."""
-    return kernels() if kernels.cache_info().currsize else None
+    paths, such as the input checks, that should not pay its start-up themselves). A list lookup:
+    functools' ``cache_info`` took 1 µs, a quarter of a small input check (benchmarks/NOTES.md, "B2")."""
+    return _decided[0] if _decided else None
+
+
+def forget() -> None:
+    """Let the next :func:`kernels` decide again (after BPGPU_JIT, numba or the extension changed: tests)."""
+    _decided.clear()
 
 
 _OFF = "BPGPU_JIT=0"
