@@ -121,6 +121,8 @@ def gradient_cost(backend: Backend, plan: Plan, dtype: str = "float64", tick: Ca
     size threshold (a kink in the curve), and threads on a shared machine turn
     small GEMMs erratic.
     """
+    import scipy.linalg  # noqa: F401  loaded first, so that the limit covers SciPy's BLAS (the compiled kernels')
+
     try:
         from threadpoolctl import threadpool_limits
     except ImportError:  # the bench extra brings it; without it the BLAS keeps its threads
