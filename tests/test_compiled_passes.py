@@ -237,9 +237,27 @@ def test_a_fresh_reading_of_idle_cores_outweighs_a_lagging_load_average(monkeypa
     assert threads.serial(big) and not threads.quiet_elsewhere() and not jit._splits(jit._SPLIT_WORK)
     now.update(clock=12.0, busy=102.1, own=3.0)  # 2 s later: 2.1 s busy, 2 s of them ours
     assert threads.quiet_elsewhere() and not threads.serial(big) and jit._splits(jit._SPLIT_WORK)
-    assert not jit._splits(jit._SPLIT_WORK - 1)
+    assert jit._splits(jit._SPLIT_WORK_QUIET) and not jit._splits(jit._SPLIT_WORK_QUIET - 1)
     now.update(clock=14.0, busy=106.1, own=4.0)  # 4 s busy, 1 s ours: 1.5 cores elsewhere
     assert threads.serial(big) and not threads.quiet_elsewhere() and not jit._splits(jit._SPLIT_WORK)
+    assert not jit._splits(jit._SPLIT_WORK - 1)
+
+
+def test_mid_size_calls_split_only_when_the_other_cores_are_free(monkeypatch):
+    """From _SPLIT_WORK_QUIET to _SPLIT_WORK a call splits only on a fresh reading of idle cores, not
+    on a low load average alone (which trails the machine); from _SPLIT_WORK on, a low load average
+    is enough."""
+    monkeypatch.setattr(jit.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    now = {"clock": 10.0, "busy": 100.0, "own": 1.0}
+    threads = jit.BlasThreads(clock=lambda: now["clock"], own=lambda: now["own"], busy=lambda: now["busy"])
+    monkeypatch.setattr(jit, "blas_threads", threads)
+    monkeypatch.setattr(jit, "_CORES", 2)
+    mid = (jit._SPLIT_WORK_QUIET + jit._SPLIT_WORK) // 2
+    assert not jit._splits(mid) and jit._splits(jit._SPLIT_WORK)  # one reading: no measure yet
+    now.update(clock=12.0, busy=102.1, own=3.0)  # others used 0.05 cores
+    assert jit._splits(mid)
+    now.update(clock=14.0, busy=106.1, own=4.0)  # others used 1.5 cores
+    assert not jit._splits(mid) and jit._splits(jit._SPLIT_WORK)  # load average 0: the large call still splits
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

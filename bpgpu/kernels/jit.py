@@ -295,6 +295,10 @@ _SERIAL_MACS = 1 << 22
 # A call whose result has at least this many entries (K m W, about its multiply-adds) is split
 # into one block of samples per core (benchmarks/NOTES.md, "S4").
 _SPLIT_WORK = 1 << 22
+# From this size up to _SPLIT_WORK a call splits only while a fresh reading shows the other cores
+# free (:meth:`BlasThreads.quiet_elsewhere`): the [32,64,64,4] input Jacobian (K m W = 3.3·10⁶) ran
+# 15–20% faster in two blocks on an idle machine, 1.8× slower at load 4 (benchmarks/NOTES.md, "S4", "B4").
+_SPLIT_WORK_QUIET = 1 << 21
 _SPLIT_MAX_LOAD = 4.0  # per core: above it no core is free for a second block (measured: NOTES "S4")
 # Other processes using at least this many cores' worth of CPU (over the last second) leave
 # OpenBLAS's second thread no core to spin on (benchmarks/NOTES.md, "P6").
@@ -577,11 +581,13 @@ class CompiledDerivatives:
 
 def _splits(size: int) -> bool:
     """Whether a call of ``size`` K m W (result entries, about its multiply-adds) runs in one block
-    per core: at least ``_SPLIT_WORK``, two cores or more, and a load average per core of at most
-    ``_SPLIT_MAX_LOAD`` (benchmarks/NOTES.md, "S4") or a fresh reading of the cores showing them
-    free of other processes (:meth:`BlasThreads.quiet_elsewhere`)."""
-    if size < _SPLIT_WORK or _CORES < 2:
+    per core: two cores or more, and either at least ``_SPLIT_WORK`` with a load average per core of
+    at most ``_SPLIT_MAX_LOAD`` (benchmarks/NOTES.md, "S4"), or at least ``_SPLIT_WORK_QUIET`` with a
+    fresh reading of the cores showing them free of other processes (:meth:`BlasThreads.quiet_elsewhere`)."""
+    if size < _SPLIT_WORK_QUIET or _CORES < 2:
         return False
+    if size < _SPLIT_WORK:
+        return blas_threads.quiet_elsewhere()
     return blas_threads.load() <= _SPLIT_MAX_LOAD or blas_threads.quiet_elsewhere()
 
 
