@@ -171,3 +171,17 @@ def test_a_range_not_measured_by_every_method_is_not_called_common():
         2.0
     )
     assert [row["W"] for row in g["extrapolated"]] == [400, 800]
+
+
+def test_the_cpu_is_named_with_its_family_and_vector_extensions(tmp_path):
+    """bench.machine.cpu_model: the first CPU's model name, family, model, stepping and the vector
+    extensions that pick the GEMM kernels, so that runs on two generations named alike differ."""
+    from bpgpu.bench.machine import cpu_model
+
+    info = tmp_path / "cpuinfo"
+    first = "processor\t: 0\nmodel name\t: AMD EPYC\ncpu family\t: 25\nmodel\t\t: 17\nstepping\t: 1\n"
+    info.write_text(first + "flags\t\t: fpu sse2 avx2 fma avx512f\n\nprocessor\t: 1\nmodel name\t: other\n")
+    assert cpu_model(str(info)) == "AMD EPYC (cpu family 25, model 17, stepping 1; avx2, fma, avx512f)"
+    info.write_text("model name\t: Some CPU\n")
+    assert cpu_model(str(info)) == "Some CPU"
+    assert cpu_model(str(tmp_path / "missing"))  # no /proc/cpuinfo: platform.processor() or "unknown"

@@ -18,14 +18,29 @@ def load_average() -> list[float] | None:
     return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
 
 
-def cpu_model() -> str:
+# Vector extensions that decide which GEMM kernels OpenBLAS and XLA pick, in /proc/cpuinfo's names.
+SIMD_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile")
+
+
+def cpu_model(path: str = "/proc/cpuinfo") -> str:
+    """The first CPU's model name, with family, model and stepping and its vector extensions
+    (``SIMD_FLAGS``) where /proc/cpuinfo gives them: a virtual machine may name only "AMD EPYC",
+    and runs on two generations under that name are not comparable."""
+    fields: dict[str, str] = {}
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        for line in Path(path).read_text().splitlines():
+            if not line.strip():
+                break  # the first CPU's block ends here
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return platform.processor() or "unknown"
+    name = fields.get("model name") or platform.processor() or "unknown"
+    ids = [f"{key} {fields[key]}" for key in ("cpu family", "model", "stepping") if key in fields]
+    flags = set(fields.get("flags", "").split())
+    simd = [flag for flag in SIMD_FLAGS if flag in flags]
+    details = "; ".join(part for part in (", ".join(ids), ", ".join(simd)) if part)
+    return f"{name} ({details})" if details else name
 
 
 def machine_info(backend: Backend) -> dict:
@@ -43,7 +58,8 @@ def machine_info(backend: Backend) -> dict:
         from threadpoolctl import threadpool_info
 
         info["blas"] = [
-            f"{p.get('internal_api')} {p.get('version')} ({p.get('num_threads')} threads)"
+            " ".join(str(p[k]) for k in ("internal_api", "version", "architecture") if p.get(k))
+            + f" ({p.get('num_threads')} threads)"
             for p in threadpool_info()
             if p.get("user_api") == "blas"
         ]
