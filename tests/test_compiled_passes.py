@@ -243,6 +243,21 @@ def test_a_fresh_reading_of_idle_cores_outweighs_a_lagging_load_average(monkeypa
     assert not jit._splits(jit._SPLIT_WORK - 1)
 
 
+def test_mid_size_products_keep_openblas_threads_only_when_the_other_cores_are_free(monkeypatch):
+    """A largest product between OpenBLAS's own one-thread size and _SERIAL_MACS runs on one BLAS
+    thread unless two fresh readings of /proc/stat show the other cores free; a low load average
+    alone (which trails the machine) does not count; at OpenBLAS's own size nothing is switched."""
+    monkeypatch.setattr(jit.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    now = {"clock": 10.0, "busy": 100.0, "own": 1.0}
+    threads = jit.BlasThreads(clock=lambda: now["clock"], own=lambda: now["own"], busy=lambda: now["busy"])
+    mid = (jit._OPENBLAS_SERIAL_MACS + jit._SERIAL_MACS) // 2
+    assert threads.serial(mid) and not threads.serial(jit._OPENBLAS_SERIAL_MACS)  # one reading: not known
+    now.update(clock=12.0, busy=102.1, own=3.0)  # others used 0.05 cores
+    assert not threads.serial(mid) and not threads.serial(jit._SERIAL_MACS)
+    now.update(clock=14.0, busy=106.1, own=4.0)  # others used 1.5 cores
+    assert threads.serial(mid) and threads.serial(jit._SERIAL_MACS)
+
+
 def test_mid_size_calls_split_only_when_the_other_cores_are_free(monkeypatch):
     """From _SPLIT_WORK_QUIET to _SPLIT_WORK a call splits only on a fresh reading of idle cores, not
     on a low load average alone (which trails the machine); from _SPLIT_WORK on, a low load average

@@ -289,8 +289,9 @@ class CompiledGradient:
 # OpenBLAS runs a GEMM of at most this many multiply-adds (m n k) on one thread by itself
 # (interface/gemm.c: SMP_THRESHOLD_MIN 65536 × GEMM_MULTITHREAD_THRESHOLD 4).
 _OPENBLAS_SERIAL_MACS = 65536 * 4
-# Below this many multiply-adds in a call's largest product, a second thread costs more in
-# start-up and waiting than it saves; above it, it pays on an idle machine only.
+# Below this many multiply-adds in a call's largest product, a second thread pays only where the
+# other cores are known to be free (a fresh /proc/stat reading: NOTES "B6"); above it, unless the
+# machine is busy.
 _SERIAL_MACS = 1 << 22
 # A call whose result has at least this many entries (K m W, about its multiply-adds) is split
 # into one block of samples per core (benchmarks/NOTES.md, "S4").
@@ -341,7 +342,8 @@ class BlasThreads:
     barrier: with more runnable processes than cores, a two-thread GEMM of 2·10⁶ multiply-adds
     was measured at 10 ms instead of 0.5 ms (benchmarks/NOTES.md, "S2"). So a call whose
     largest product exceeds OpenBLAS's own serial threshold runs on one thread when that
-    product is below ``_SERIAL_MACS``, or when the machine is busy: oversubscribed (1-minute load
+    product is below ``_SERIAL_MACS`` and the other cores are not known to be free, or when
+    the machine is busy: oversubscribed (1-minute load
     average above the core count plus one), or other processes used ``_BUSY_ELSEWHERE`` of a core
     or more over the last second (this process's cores' busy time less its own CPU time: one
     other process on one of 2 cores made two-thread HVPs 10–35× slower while the load average
@@ -412,8 +414,16 @@ class BlasThreads:
         return self.load() * _CORES > _CORES + 1
 
     def serial(self, macs: int) -> bool:
-        """Whether a call whose largest product has ``macs`` multiply-adds should run on one thread."""
-        return macs > _OPENBLAS_SERIAL_MACS and (macs < _SERIAL_MACS or self.oversubscribed())
+        """Whether a call whose largest product has ``macs`` multiply-adds should run on one thread:
+        never at OpenBLAS's own one-thread size or below; below ``_SERIAL_MACS`` unless two fresh
+        readings show the other cores free (:meth:`quiet_elsewhere`; then OpenBLAS's threads were
+        5–15% faster at [32,64,64,4], and no thread count is switched: benchmarks/NOTES.md, "B6");
+        from ``_SERIAL_MACS`` on, when the machine is busy (:meth:`oversubscribed`)."""
+        if macs <= _OPENBLAS_SERIAL_MACS:
+            return False
+        if macs < _SERIAL_MACS:
+            return not self.quiet_elsewhere()
+        return self.oversubscribed()
 
     def run(self, macs: int, kernel: Any, *args: Any) -> Any:
         """kernel(*args), on one BLAS thread when :meth:`serial` says so."""
