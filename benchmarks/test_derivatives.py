@@ -23,6 +23,12 @@ ROWS: list[str] = []
 def report():
     yield
     if ROWS:
+        from bpgpu.bench.machine import cpu_model, load_average
+
+        # the host, so that runs on two machines named alike can be told apart (benchmarks/NOTES.md, "B5")
+        load = load_average()
+        where = f"; load average {load[0]:.1f} (1 min), {load[1]:.1f} (5 min)" if load else ""
+        print(f"\nMachine: {cpu_model()}{where}")
         print("\n| net | dtype | quantity | bpgpu s | JAX / bpgpu | torch.func / bpgpu | Hessian GEMM rate / GEMM |")
         print("|---|---|---|---|---|---|---|")
         print("\n".join(ROWS))
