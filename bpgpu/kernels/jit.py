@@ -343,12 +343,11 @@ class BlasThreads:
     was measured at 10 ms instead of 0.5 ms (benchmarks/NOTES.md, "S2"). So a call whose
     largest product exceeds OpenBLAS's own serial threshold runs on one thread when that
     product is below ``_SERIAL_MACS`` and the other cores are not known to be free, or when
-    the machine is busy: oversubscribed (1-minute load
-    average above the core count plus one), or other processes used ``_BUSY_ELSEWHERE`` of a core
-    or more over the last second (this process's cores' busy time less its own CPU time: one
-    other process on one of 2 cores made two-thread HVPs 10–35× slower while the load average
-    stayed near 2, NOTES "P6"); each read at most once a second. Otherwise OpenBLAS keeps its
-    threads. Needs threadpoolctl (else nothing changes).
+    the machine is busy: oversubscribed (1-minute load average above the core count plus one),
+    or other processes used ``_BUSY_ELSEWHERE`` of a core or more over the last second (this
+    process's cores' busy time less its own CPU time: one other process on one of 2 cores made
+    two-thread HVPs 10–35× slower while the load average stayed near 2, NOTES "P6"); each read
+    at most once a second. Otherwise OpenBLAS keeps its threads. Needs threadpoolctl (else nothing changes).
     """
 
     def __init__(self, clock: Any = time.monotonic, own: Any = time.process_time, busy: Any = busy_seconds) -> None:

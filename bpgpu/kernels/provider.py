@@ -92,10 +92,6 @@ class Kernel:
         fn, given = self.export_for(*args)
         return self.jit(*args) if fn is None else fn(*args[:given])
 
-    def forget(self) -> None:
-        """Find the exports again on the next call (:func:`reset`)."""
-        self._exports = None
-
     def export_for(self, *args: Any) -> tuple[Any, int]:
         """(the export that takes these arguments, how many of them it takes: the leading ones), or
         (None, 0) when none fits. A caller whose arguments keep their dtypes and layouts from call to
@@ -121,6 +117,10 @@ class Kernel:
                 else:
                     return fn, arity - len(nones)
         return None, 0
+
+    def forget(self) -> None:
+        """Find the exports again on the next call (:func:`reset`)."""
+        self._exports = None
 
     @property
     def jit(self) -> Any:
