@@ -15,13 +15,13 @@ import os
 
 import numpy as np
 import pytest
-from threadpoolctl import threadpool_limits
 
 import bpgpu as bp
 
 da = pytest.importorskip("dask.array")
 distributed = pytest.importorskip("distributed")
 import bpgpu.dask as bd  # noqa: E402
+from bpgpu.kernels import jit  # noqa: E402
 
 M, CHUNK, SIZES = 1_000_000, 125_000, [10, 16, 1]
 GROUP = f"dask gradient, {M:.0e} samples, MLP {SIZES}"
@@ -62,5 +62,5 @@ def test_one_process_gradient(benchmark):
     X, T = rng.standard_normal((M, SIZES[0])), rng.standard_normal((M, SIZES[-1]))
     net = _net()
     benchmark.group = GROUP
-    with threadpool_limits(1, user_api="blas"):
+    with jit.blas_limit(1):
         benchmark.pedantic(net.gradient, args=(X, T), rounds=5, warmup_rounds=1)

@@ -6,9 +6,9 @@ The nets, batch and single-threaded host BLAS are those of ``bpgpu bench``
 """
 
 import pytest
-from threadpoolctl import threadpool_limits
 
 from bpgpu import bench
+from bpgpu.kernels import jit
 
 PLAN = bench.plan_for("full")
 BACKENDS = {b.name: b for b in bench.available_backends()}
@@ -18,7 +18,7 @@ DTYPE = "float64"
 
 @pytest.fixture(autouse=True)
 def one_blas_thread():
-    with threadpool_limits(1, user_api="blas"):
+    with jit.blas_limit(1):
         yield
 
 

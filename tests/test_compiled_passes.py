@@ -223,6 +223,34 @@ print(json.dumps({"early": early, "inside": inside, "after": after}))
     assert any(threads > 1 for _, threads in seen["after"]), seen  # restored afterwards
 
 
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="one core: OpenBLAS runs on one thread anyway")
+def test_blas_limit_covers_the_kernels_blas_before_it_is_loaded():
+    """jit.blas_limit (the benchmarks' "one BLAS thread") loads SciPy's OpenBLAS, the one the compiled
+    kernels call, before it limits: a plain threadpool_limits in a process that has not yet run a GEMM
+    would limit numpy's OpenBLAS alone."""
+    script = """
+import json, sys
+import threadpoolctl
+import bpgpu
+from bpgpu.kernels import jit
+early = "scipy.linalg.cython_blas" in sys.modules
+def blas():
+    return [(i["filepath"], i["num_threads"]) for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"]
+with jit.blas_limit(1) as threads:
+    inside = blas()
+print(json.dumps({"early": early, "threads": threads, "inside": inside, "after": blas()}))
+"""
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_NUM_THREADS")}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True)
+    seen = json.loads(out.stdout)
+    if seen["early"]:
+        pytest.skip("importing bpgpu loads scipy.linalg.cython_blas already: the late load cannot happen")
+    assert seen["threads"] == 1
+    assert any("scipy" in path for path, _ in seen["inside"]), seen  # loaded by blas_limit, and limited
+    assert all(threads == 1 for _, threads in seen["inside"]), seen
+    assert any(threads > 1 for _, threads in seen["after"]), seen  # restored afterwards
+
+
 def test_a_fresh_reading_of_idle_cores_outweighs_a_lagging_load_average(monkeypatch):
     """After a burst the 1-minute load average stays high for a minute: with it above the cores + 1
     a first reading (nothing to compare with) leaves large products on one BLAS thread, but once two

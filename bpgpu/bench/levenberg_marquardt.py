@@ -31,15 +31,14 @@ def one_thread():
     """One BLAS thread (numpy's and scipy's) and, where torch is installed (the peers are
     optional: ``pip install -e ".[bench]"`` has none), one torch intra-op thread, so that every
     library shares a loaded machine alike; restored afterwards."""
-    import scipy.linalg  # noqa: F401  loaded first, so that the BLAS limit covers scipy's own BLAS too
-    from threadpoolctl import threadpool_limits
+    from bpgpu.kernels import jit
 
     torch = importlib.import_module("torch") if installed("torch") else None
     threads = torch.get_num_threads() if torch is not None else None
     if torch is not None:
         torch.set_num_threads(1)
     try:
-        with threadpool_limits(1, user_api="blas"):
+        with jit.blas_limit(1):
             yield
     finally:
         if torch is not None:

@@ -34,6 +34,7 @@ compiled gradient and then its own one-kernel update.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import functools
 import importlib.util
 import logging
@@ -43,6 +44,7 @@ import sys
 import threading
 import time
 import weakref
+from collections.abc import Iterator
 from types import ModuleType
 from typing import Any
 
@@ -368,7 +370,7 @@ class BlasThreads:
             except ImportError:
                 self._controllers = []
             else:
-                _load_kernel_blas()
+                load_kernel_blas()
                 self._controllers = ThreadpoolController().select(user_api="blas").lib_controllers
         return self._controllers
 
@@ -449,15 +451,35 @@ class BlasThreads:
                             c.set_num_threads(threads)
 
 
-def _load_kernel_blas() -> None:
+def load_kernel_blas() -> None:
     """Load the BLAS the compiled kernels call (SciPy's OpenBLAS, through scipy.linalg.cython_blas),
-    so that the controller sees it: the extension of bpgpu.kernels.aot loads it only at its first
-    GEMM, and a controller made before that saw numpy's OpenBLAS alone, so "one thread" left the
-    kernels' GEMMs on two (benchmarks/NOTES.md, "B1")."""
+    so that a threadpoolctl controller made afterwards sees it: the extension of bpgpu.kernels.aot
+    loads it only at its first GEMM, and a controller made before that saw numpy's OpenBLAS alone, so
+    "one thread" left the kernels' GEMMs on two (benchmarks/NOTES.md, "B1"). Nothing without SciPy."""
     try:
         importlib.import_module("scipy.linalg.cython_blas")
     except ImportError:  # no SciPy: numba's BLAS helpers cannot load either
         pass
+
+
+@contextlib.contextmanager
+def blas_limit(threads: int = 1) -> Iterator[int | None]:
+    """Every BLAS library of the process on at most ``threads`` threads inside the block, the compiled
+    kernels' included (:func:`load_kernel_blas` first), restored afterwards.
+
+    Yields
+    ------
+    threads : int or None
+        The limit, or None where threadpoolctl is not installed (then the BLAS keeps its threads).
+    """
+    load_kernel_blas()
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        yield None
+        return
+    with threadpool_limits(threads, user_api="blas"):
+        yield threads
 
 
 blas_threads = BlasThreads()

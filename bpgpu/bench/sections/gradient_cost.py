@@ -36,6 +36,7 @@ import numpy as np
 
 from bpgpu import engine
 from bpgpu.backend import Backend
+from bpgpu.kernels import jit
 from bpgpu.network import MLP
 
 from ..cases import batch
@@ -121,14 +122,9 @@ def gradient_cost(backend: Backend, plan: Plan, dtype: str = "float64", tick: Ca
     size threshold (a kink in the curve), and threads on a shared machine turn
     small GEMMs erratic.
     """
-    import scipy.linalg  # noqa: F401  loaded first, so that the limit covers SciPy's BLAS (the compiled kernels')
-
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # the bench extra brings it; without it the BLAS keeps its threads
-        return {**_gradient_cost(backend, plan, dtype, tick), "blas_threads": "default (threadpoolctl missing)"}
-    with threadpool_limits(1, user_api="blas"):
-        return {**_gradient_cost(backend, plan, dtype, tick), "blas_threads": 1}
+    with jit.blas_limit(1) as threads:
+        blas = threads if threads is not None else "default (threadpoolctl missing)"
+        return {**_gradient_cost(backend, plan, dtype, tick), "blas_threads": blas}
 
 
 def _floors(plan: Plan, backend: Backend, dtype: str, clock: str) -> dict[str, float]:
