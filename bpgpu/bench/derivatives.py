@@ -36,6 +36,11 @@ NETS = {
 HESSIAN_MAX_W = 7000
 QUANTITIES = ("gradient", "jacobian", "hvp", "hessian")
 AGREEMENT = {"float64": 1e-9, "float32": 2e-3}
+# Idle seconds before each burst: the thread pools of the case before (OpenBLAS's, XLA's, PyTorch's)
+# spin for about 0.1 s after their last call, and on 2 cores a two-thread call started inside that
+# window ran 20–30% slower (bp.hessian at [32,64,64,4] right after a 1024³ numpy GEMM 175 ms against
+# 145 ms 0.1 s later: benchmarks/NOTES.md, "B8").
+SETTLE_S = 0.15
 
 
 def problem(sizes, m: int, dtype: str, seed: int = 0):
@@ -196,15 +201,17 @@ def hessian_flops(sizes, m: int) -> float:
     return 2.0 * module.hessian_gemm_macs(plan, m)
 
 
-def ratios(name: str, dtype: str, quantity: str, peers=("jax", "torch"), min_time: float = 1.0) -> dict:
+def ratios(
+    name: str, dtype: str, quantity: str, peers=("jax", "torch"), min_time: float = 1.0, settle: float = SETTLE_S
+) -> dict:
     """One interleaved timing of bpgpu and ``peers`` (agreement checked first): seconds per call
-    and each peer's time over bpgpu's (> 1: bpgpu is faster). For the exact Hessian also a
-    GEMM_SIZE³ GEMM in the same rounds, and ``gemm_fraction``: the rate of bpgpu's Hessian
-    GEMMs (:func:`hessian_flops` / time) over that GEMM's."""
+    and each peer's time over bpgpu's (> 1: bpgpu is faster), each burst after ``settle`` idle
+    seconds. For the exact Hessian also a GEMM_SIZE³ GEMM in the same rounds, and ``gemm_fraction``:
+    the rate of bpgpu's Hessian GEMMs (:func:`hessian_flops` / time) over that GEMM's."""
     timed = cases(name, dtype, quantity, peers)
     if quantity == "hessian":
         timed["gemm"] = gemm_case(resolve("numpy"), GEMM_SIZE, GEMM_SIZE, GEMM_SIZE, dtype)
-    times = interleaved_timings(timed, min_time=min_time)
+    times = interleaved_timings(timed, min_time=min_time, settle=settle)
     best = {impl: t["best"] for impl, t in times.items()}
     row = {
         "net": name,

@@ -69,6 +69,9 @@ class Plan:
     # derivatives against JAX and torch.func: the nets of bpgpu.bench.derivatives.NETS timed
     # (quick and smoke: the smallest; its exact Hessian takes milliseconds, W ≈ 6500's minutes here)
     derivative_nets: tuple[str, ...] = ("8-16-1",)
+    # idle seconds before each burst of a derivative row (bpgpu.bench.derivatives.SETTLE_S: the peers'
+    # thread pools spin ~0.1 s after a call); quick's one net runs on one thread, where it matters less
+    derivative_settle_s: float = 0.15
 
 
 # quick: W = 10^1.9 .. 10^2.6 in tenths of a decade (where finite differences are measured),
@@ -119,6 +122,7 @@ def plan_for(mode: str) -> Plan:
             gradient_nets=QUICK_NETS,
             fd_max_log10_W=2.6,
             fd_rounds=3,
+            derivative_settle_s=0.05,
         )
     if mode == "smoke":
         # finite differences at two points only, so the budget (wall seconds) is never what stops them
@@ -137,5 +141,6 @@ def plan_for(mode: str) -> Plan:
             fd_rounds=2,
             lm_rounds=1,
             lm_budget_s=0.1,
+            derivative_settle_s=0.0,
         )
     raise ValueError(f"mode must be 'full', 'quick' or 'smoke', got {mode!r}")

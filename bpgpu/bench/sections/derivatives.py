@@ -29,9 +29,13 @@ def _rows(ctx: Context):
 def _run(ctx: Context) -> dict:
     rows = []
     for name, dtype, quantity in _rows(ctx):
-        rows.append(dc.ratios(name, dtype, quantity, _peers(ctx), min_time=ctx.plan.min_time_s))
+        rows.append(
+            dc.ratios(
+                name, dtype, quantity, _peers(ctx), min_time=ctx.plan.min_time_s, settle=ctx.plan.derivative_settle_s
+            )
+        )
         ctx.tick(f"{quantity} {name} {dtype}")
-    return {"rows": rows}
+    return {"rows": rows, "settle_s": ctx.plan.derivative_settle_s}
 
 
 def _cells(r: dict) -> list[str]:
@@ -60,7 +64,8 @@ def markdown(s: dict) -> list[str]:
     return [
         "## Derivatives",
         "",
-        "Peer time over bpgpu's (> 1: bpgpu faster), interleaved, agreement checked:",
+        "Peer time over bpgpu's (> 1: bpgpu faster), interleaved (order shuffled per round, each burst "
+        f"after {s.get('settle_s', 0.0):g} s idle), agreement checked:",
         "",
     ] + md_table(HEADER, [_cells(r) for r in s["rows"]])
 
