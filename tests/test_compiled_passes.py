@@ -195,40 +195,12 @@ def test_blas_threads_see_the_cpu_other_processes_use(tmp_path):
     assert threads.others() == 0.0
 
 
-@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="one core: OpenBLAS runs on one thread anyway")
-def test_one_thread_covers_the_blas_the_kernels_load_later():
-    """BlasThreads.one_thread limits the BLAS the compiled kernels call (SciPy's OpenBLAS) even when the
-    controller is made before that library is loaded: the extension loads it at its first GEMM, and a
-    controller that saw numpy's OpenBLAS alone left the kernels' GEMMs on OpenBLAS's threads."""
-    script = """
-import json, sys
-import threadpoolctl
-import bpgpu
-from bpgpu.kernels import jit
-early = "scipy.linalg.cython_blas" in sys.modules
-def kernel():
-    import scipy.linalg.cython_blas  # what numba's and the extension's GEMM helpers load
-    return [(i["filepath"], i["num_threads"]) for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"]
-inside = jit.blas_threads.one_thread(kernel)
-after = [(i["filepath"], i["num_threads"]) for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"]
-print(json.dumps({"early": early, "inside": inside, "after": after}))
-"""
-    env = {k: v for k, v in os.environ.items() if not k.endswith("_NUM_THREADS")}
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True)
-    seen = json.loads(out.stdout)
-    if seen["early"]:
-        pytest.skip("importing bpgpu loads scipy.linalg.cython_blas already: the late load cannot happen")
-    assert any("scipy" in path for path, _ in seen["inside"]), seen  # SciPy's BLAS was loaded and seen
-    assert all(threads == 1 for _, threads in seen["inside"]), seen
-    assert any(threads > 1 for _, threads in seen["after"]), seen  # restored afterwards
-
-
-@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="one core: OpenBLAS runs on one thread anyway")
-def test_blas_limit_covers_the_kernels_blas_before_it_is_loaded():
-    """jit.blas_limit (the benchmarks' "one BLAS thread") loads SciPy's OpenBLAS, the one the compiled
-    kernels call, before it limits: a plain threadpool_limits in a process that has not yet run a GEMM
-    would limit numpy's OpenBLAS alone."""
-    script = """
+def _blas_threads_late_load(block: str) -> dict:
+    """Run ``block`` in a fresh process after ``import bpgpu``, SciPy's OpenBLAS not yet loaded; it
+    sets ``inside`` (and may set ``threads``) with ``blas()``: [(library path, threads)] of every BLAS.
+    Returns {"before", "inside", "after", "threads"}; skips where importing bpgpu loads that BLAS
+    already, or where SciPy shares numpy's BLAS (then no library is loaded late)."""
+    script = f"""
 import json, sys
 import threadpoolctl
 import bpgpu
@@ -236,19 +208,57 @@ from bpgpu.kernels import jit
 early = "scipy.linalg.cython_blas" in sys.modules
 def blas():
     return [(i["filepath"], i["num_threads"]) for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"]
-with jit.blas_limit(1) as threads:
-    inside = blas()
-print(json.dumps({"early": early, "threads": threads, "inside": inside, "after": blas()}))
+before, threads = blas(), None
+{block}
+import scipy.linalg.cython_blas  # the kernels' BLAS, so that "after" lists it whatever the block did
+print(json.dumps({{"early": early, "threads": threads, "before": before, "inside": inside, "after": blas()}}))
 """
     env = {k: v for k, v in os.environ.items() if not k.endswith("_NUM_THREADS")}
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True)
     seen = json.loads(out.stdout)
     if seen["early"]:
         pytest.skip("importing bpgpu loads scipy.linalg.cython_blas already: the late load cannot happen")
-    assert seen["threads"] == 1
-    assert any("scipy" in path for path, _ in seen["inside"]), seen  # loaded by blas_limit, and limited
+    if {path for path, _ in seen["after"]} == {path for path, _ in seen["before"]}:
+        pytest.skip("SciPy's BLAS is numpy's: no BLAS library is loaded late")
+    return seen
+
+
+def _assert_scipy_blas_limited_then_restored(seen: dict) -> None:
+    late = {path for path, _ in seen["after"]} - {path for path, _ in seen["before"]}  # SciPy's BLAS
+    assert late <= {path for path, _ in seen["inside"]}, seen  # loaded in time to be limited
     assert all(threads == 1 for _, threads in seen["inside"]), seen
     assert any(threads > 1 for _, threads in seen["after"]), seen  # restored afterwards
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="one core: OpenBLAS runs on one thread anyway")
+def test_one_thread_covers_the_blas_the_kernels_load_later():
+    """BlasThreads.one_thread limits the BLAS the compiled kernels call (SciPy's OpenBLAS) even when the
+    controller is made before that library is loaded: the extension loads it at its first GEMM, and a
+    controller that saw numpy's OpenBLAS alone left the kernels' GEMMs on OpenBLAS's threads."""
+    seen = _blas_threads_late_load(
+        """
+def kernel():
+    import scipy.linalg.cython_blas  # what numba's and the extension's GEMM helpers load
+    return blas()
+inside = jit.blas_threads.one_thread(kernel)
+"""
+    )
+    _assert_scipy_blas_limited_then_restored(seen)
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="one core: OpenBLAS runs on one thread anyway")
+def test_blas_limit_covers_the_kernels_blas_before_it_is_loaded():
+    """jit.blas_limit (the benchmarks' "one BLAS thread") loads SciPy's OpenBLAS, the one the compiled
+    kernels call, before it limits: a plain threadpool_limits in a process that has not yet run a GEMM
+    would limit numpy's OpenBLAS alone."""
+    seen = _blas_threads_late_load(
+        """
+with jit.blas_limit(1) as threads:
+    inside = blas()
+"""
+    )
+    assert seen["threads"] == 1
+    _assert_scipy_blas_limited_then_restored(seen)
 
 
 def test_a_fresh_reading_of_idle_cores_outweighs_a_lagging_load_average(monkeypatch):

@@ -24,6 +24,7 @@ from bpgpu.backend import resolve
 from bpgpu.kernels import jit
 
 from .cases import gemm_case
+from .plan import DERIVATIVE_SETTLE_S
 from .timing import Case, interleaved_timings
 
 # (layer sizes, batch m) of the issue's table; the exact Hessian only where W² fits easily
@@ -36,11 +37,6 @@ NETS = {
 HESSIAN_MAX_W = 7000
 QUANTITIES = ("gradient", "jacobian", "hvp", "hessian")
 AGREEMENT = {"float64": 1e-9, "float32": 2e-3}
-# Idle seconds before each burst: the thread pools of the case before (OpenBLAS's, XLA's, PyTorch's)
-# spin for about 0.1 s after their last call, and on 2 cores a two-thread call started inside that
-# window ran 20–30% slower (bp.hessian at [32,64,64,4] right after a 1024³ numpy GEMM 175 ms against
-# 145 ms 0.1 s later: benchmarks/NOTES.md, "B8").
-SETTLE_S = 0.15
 
 
 def problem(sizes, m: int, dtype: str, seed: int = 0):
@@ -202,7 +198,12 @@ def hessian_flops(sizes, m: int) -> float:
 
 
 def ratios(
-    name: str, dtype: str, quantity: str, peers=("jax", "torch"), min_time: float = 1.0, settle: float = SETTLE_S
+    name: str,
+    dtype: str,
+    quantity: str,
+    peers=("jax", "torch"),
+    min_time: float = 1.0,
+    settle: float = DERIVATIVE_SETTLE_S,
 ) -> dict:
     """One interleaved timing of bpgpu and ``peers`` (agreement checked first): seconds per call
     and each peer's time over bpgpu's (> 1: bpgpu is faster), each burst after ``settle`` idle

@@ -37,6 +37,13 @@ class NetFamily:
         return f"[n, {self.fixed}, 1], n grown with W = {self.fixed}(n + 2) + 1; {self.activation} hidden"
 
 
+# Idle seconds before each burst of a derivative row: the thread pools of the case before (OpenBLAS's,
+# XLA's, PyTorch's) spin for about 0.1 s after their last call, and on 2 cores a two-thread call
+# started inside that window ran 20–30% slower (bp.hessian at [32,64,64,4] right after a 1024³ numpy
+# GEMM 175 ms against 145 ms 0.1 s later: benchmarks/NOTES.md, "B8").
+DERIVATIVE_SETTLE_S = 0.15
+
+
 @dataclass(frozen=True)
 class Plan:
     """How much work one run does.
@@ -69,9 +76,9 @@ class Plan:
     # derivatives against JAX and torch.func: the nets of bpgpu.bench.derivatives.NETS timed
     # (quick and smoke: the smallest; its exact Hessian takes milliseconds, W ≈ 6500's minutes here)
     derivative_nets: tuple[str, ...] = ("8-16-1",)
-    # idle seconds before each burst of a derivative row (bpgpu.bench.derivatives.SETTLE_S: the peers'
-    # thread pools spin ~0.1 s after a call); quick's one net runs on one thread, where it matters less
-    derivative_settle_s: float = 0.15
+    # idle seconds before each burst of a derivative row (DERIVATIVE_SETTLE_S); quick's one net runs
+    # on one thread, where the peers' spinning threads matter less
+    derivative_settle_s: float = DERIVATIVE_SETTLE_S
 
 
 # quick: W = 10^1.9 .. 10^2.6 in tenths of a decade (where finite differences are measured),
