@@ -154,6 +154,52 @@ def test_the_hessian_in_parts_equals_one_call_bitwise(sizes, hidden, pair, m, pa
     assert curvature is not None
 
 
+def _hessian_in_parts(net, X, T, parts):
+    """(one call's H, the same H formed as ``parts`` parts then mirrored) by the compiled kernels."""
+    module = jit.kernels()
+    X, T = net.check_inputs(X, T)
+    W, plan, m = net.n_params, jit.plan(net, module), X.shape[0]
+    code, mean = bp.kernels.LOSSES.index(net.loss_function.name), net.reduction == "mean"
+    whole, split = np.full((W, W), np.nan), np.full((W, W), np.nan)
+    work = np.empty(module.hessian_work_length(plan, m))
+    jit.blas_threads.one_thread(module.exact_hessian, X, T, net.params, whole, work, plan, code, mean)
+    for part in range(parts):
+        work = np.full(module.hessian_work_length(plan, m), np.nan)  # no part reads what another left
+        jit.blas_threads.one_thread(
+            module.exact_hessian_part, X, T, net.params, split, work, plan, code, mean, part, parts
+        )
+    for part in range(parts):
+        module.hessian_mirror(split, part, parts)
+    return whole, split
+
+
+@pytest.mark.parametrize(
+    ("sizes", "hidden", "output", "loss", "m"),
+    [
+        ([5, 35, 17, 3], "tanh", "softmax", "cross_entropy", 7),  # Θ(2)'s diagonal block in two pair tiles
+        ([4, 16, 16], "sigmoid", "identity", "squared_error", 1),  # one whole group of 16 units
+        ([3, 20, 33, 18, 2], "softplus", "sigmoid", "binary_cross_entropy", 5),  # groups of 16 + a rest
+        ([6, 3, 20, 2], "relu", "exp", "poisson", 4),  # Θ(1) only has an adjacent paired block
+        ([8, 20, 80, 1], "tanh", "identity", "squared_error", 3),  # adjacent block in 2 tiles, diagonal in 3
+    ],
+)
+def test_pair_gemm_blocks_match_the_array_api_passes_and_split_bitwise(sizes, hidden, output, loss, m):
+    """Layers of HESSIAN_PAIRED or more units have their diagonal and adjacent blocks formed by
+    GEMMs over pairs of inputs (compiled._pair_block), in tiles of pairs and groups of units: H
+    equals the array-API passes' to 1e-12 relative, is exactly symmetric, and parts that split the
+    units in whole groups give the one call's H bitwise."""
+    module = jit.kernels()
+    assert max(sizes[1:]) >= module.HESSIAN_PAIRED  # the pair path is taken
+    net, X, T, _ = random_problem(sizes, hidden, output, loss, "sum", seed=sum(sizes), m=m)
+    H = bp.hessian(net, X, T)
+    np.testing.assert_array_equal(H, H.T)
+    assert relative(H, reference_hvp(net, X, T, np.eye(net.n_params)).T) <= 1e-12
+    for parts in (2, 3, 5):
+        whole, split = _hessian_in_parts(net, X, T, parts)
+        np.testing.assert_array_equal(split, whole)
+    np.testing.assert_array_equal(whole, H)
+
+
 @pytest.mark.skipif(jit._CORES < 2, reason="one core: bp.hessian never splits its rows over threads")
 def test_threaded_hessian_equals_the_one_call_hessian():
     """bp.hessian split over the cores (forced) returns the one-call H, bitwise,

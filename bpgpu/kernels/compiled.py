@@ -1434,9 +1434,141 @@ HESSIAN_COLUMNS = 1024
 DIAGONAL_SPLIT = 4  # measured (NOTES "H4"): 1, 2, 4 gave 6.28, 5.87, 5.67 GFLOP at [32,64,64,4] m = 128, 4 the fastest
 
 
+# The blocks of Θ(l′) with itself and with Θ(l′ + 1) as GEMMs over pairs of inputs (NOTES "H13"):
+# there, G_j′'s first term factors as ã_n,ĩ′ ã_n,ĩ(l) R{δ_n,j(l)}, and the second vanishes (l = l′)
+# or, since R{A(l′)} of the bias direction b_j′ is g′ ⊙ e_j′ (hidden activations are elementwise),
+# is nonzero at input i = j′ only (l = l′ + 1). So, with P[n, (ĩ′, ĩ)] = ã_n,ĩ′ ã_n,ĩ(l) over the
+# pairs (ĩ′ ≤ ĩ in the diagonal block, where H's symmetry gives the rest: the mirror),
+#
+#   H[θ_j′ĩ′(l′), θ_jĩ(l)] = (Pᵀ R{δ(l)})[(ĩ′, ĩ), (j′, j)] + [l = l′ + 1, ĩ = j′ + 1] (ãᵀ F)[ĩ′, (j′, j)],
+#   F[n, (j′, j)] = R{A_n,j′(l′)} δ_n,j(l′ + 1),
+#
+# with R{δ(l)} the bias directions' stack (m, n_l′ n_l) as it lies. One GEMM then serves all of a
+# group of HESSIAN_UNITS units j′ and a tile of pairs: the per-unit G_j′ (each entry used n_l′−1 + 1
+# times, and packed by BLAS for each GEMM) is not formed for these blocks. A tile's products O
+# (≤ HESSIAN_TILE entries: 1 MiB float64, in L2) are copied to H in runs of n_l along rows.
+HESSIAN_PAIRED = 16  # a block is paired when its layer l has this many units (runs of ≥ 16 entries)
+HESSIAN_UNITS = 16  # units j′ per pair GEMM; parts split paired layers in whole groups
+HESSIAN_TILE = 131072  # entries of a pair tile's O: pairs per tile HESSIAN_TILE // (HESSIAN_UNITS n_l)
+_PAIRS_LEAST = 16
+_PAIRS_MOST = HESSIAN_TILE // (HESSIAN_UNITS * HESSIAN_PAIRED)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _paired(sizes, first, l):
+    """Whether the block of Θ(first) and Θ(l) is formed by :func:`_pair_block` (l = first or first + 1)."""
+    if l == first:
+        return sizes[l] >= HESSIAN_PAIRED
+    return l == first + 1 and sizes[l] >= HESSIAN_PAIRED
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _pair_tile(n_out):
+    """Pairs per tile of a paired block whose column layer has n_out units."""
+    return max(_PAIRS_LEAST, HESSIAN_TILE // (HESSIAN_UNITS * n_out))
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _pair_count(inputs, next_inputs, diagonal):
+    return inputs * (inputs + 1) // 2 if diagonal else inputs * next_inputs
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _units_of_part(sizes, first, part, parts):
+    """The units j′ of layer ``first`` that part ``part`` of ``parts`` forms: a contiguous range,
+    in whole groups of HESSIAN_UNITS where a block of the layer is paired (so that every part's
+    pair GEMMs are the one call's, and H the same bitwise)."""
+    K = sizes[first]
+    if _paired(sizes, first, first) or (first + 1 < sizes.shape[0] and _paired(sizes, first, first + 1)):
+        groups = (K + HESSIAN_UNITS - 1) // HESSIAN_UNITS
+        lo = HESSIAN_UNITS * (groups * part // parts)
+        return lo, min(K, HESSIAN_UNITS * (groups * (part + 1) // parts))
+    return K * part // parts, K * (part + 1) // parts
+
+
+@njit(cache=True, error_model="numpy")
+def _pair_block(a1, a2, H, work, plan, first, l, lo, hi):
+    """H's block of Θ(first)'s rows of the units lo ≤ j′ < hi (a whole number of groups) and Θ(l)'s
+    columns, l = first or first + 1, by pair GEMMs (see above). a1: ã (m, n_first−1 + 1); a2: ã(l) =
+    [1, A(l − 1)] (m, n_l−1 + 1), a1 itself for the diagonal block."""
+    sizes, offsets = plan[SIZE], plan[OFFSET]
+    m, L = a1.shape[0], sizes.shape[0] - 1
+    units = layer_start(plan, L + 1, 1)
+    K, N = sizes[first], sizes[l]
+    diagonal = l == first
+    base = m * (3 * units + 2 * sizes[L])
+    slots = work[work.shape[0] - 2 :]
+    regions = _hessian_buffers(plan, m)
+    rd = work[base + m * K * layer_start(plan, l, 1) : base + m * K * layer_start(plan, l + 1, 1)].reshape(m, K * N)
+    inputs, next_inputs = a1.shape[1], a2.shape[1]
+    count = _pair_count(inputs, next_inputs, diagonal)
+    tile = min(count, _pair_tile(N))
+    row0, col0 = offsets[first - 1], offsets[l - 1]
+    P_all = work[regions[4] : regions[4] + m * tile].reshape(m, tile)
+    out = work[regions[5] : regions[6]]
+    i_start, c_start = 0, 0  # the pair (ĩ′, ĩ) at the tile's start
+    for p0 in range(0, count, tile):
+        p1 = min(p0 + tile, count)
+        pairs = p1 - p0
+        P = P_all[:, :pairs]
+        for n in range(m):
+            i_, c_ = i_start, c_start
+            P_n, a1_n, x = P[n], a1[n], a2[n, c_start]
+            for p in range(pairs):
+                P_n[p] = a1_n[i_] * x
+                i_ += 1
+                if i_ == (c_ + 1 if diagonal else inputs):
+                    i_, c_ = 0, c_ + 1
+                    if c_ < next_inputs:
+                        x = a2[n, c_]
+        for u0 in range(lo, hi, HESSIAN_UNITS):
+            u1 = min(u0 + HESSIAN_UNITS, hi)
+            width = (u1 - u0) * N
+            O = out[: pairs * width].reshape(pairs, width)
+            _gemm(P.T, rd[:, u0 * N : u1 * N], O, 1.0, 0.0, slots)
+            i_, c_ = i_start, c_start
+            for p in range(pairs):  # runs of N entries along H's rows
+                O_p = O[p]
+                for j_ in range(u0, u1):
+                    dst = H[row0 + j_ + K * i_, col0 + N * c_ : col0 + N * (c_ + 1)]
+                    src = O_p[(j_ - u0) * N : (j_ - u0 + 1) * N]
+                    for q in range(N):
+                        dst[q] = src[q]
+                i_ += 1
+                if i_ == (c_ + 1 if diagonal else inputs):
+                    i_, c_ = 0, c_ + 1
+        i_start, c_start = i_, c_
+    if diagonal:
+        return
+    # the second term, at input j′ of layer first: ãᵀ F, F[n, (j′, j)] = R{A_n,j′(first)} δ_n,j(l)
+    delta = _view(work, m * units + m * layer_start(plan, l, 1), m, N)
+    ra = _stack(work, base + m * K * (units + layer_start(plan, first, 1)), m, K, K)
+    for u0 in range(lo, hi, HESSIAN_UNITS):
+        u1 = min(u0 + HESSIAN_UNITS, hi)
+        width = (u1 - u0) * N
+        F = work[regions[6] : regions[6] + m * width].reshape(m, width)
+        for n in range(m):
+            delta_n, F_n = delta[n], F[n]
+            for j_ in range(u0, u1):
+                r, g = ra[n, j_, j_], F_n[(j_ - u0) * N : (j_ - u0 + 1) * N]
+                for q in range(N):
+                    g[q] = r * delta_n[q]
+        E = work[regions[7] : regions[7] + inputs * width].reshape(inputs, width)
+        _gemm(a1.T, F, E, 1.0, 0.0, slots)
+        for i_ in range(inputs):
+            E_i = E[i_]
+            for j_ in range(u0, u1):
+                dst = H[row0 + j_ + K * i_, col0 + N * (j_ + 1) : col0 + N * (j_ + 2)]
+                src = E_i[(j_ - u0) * N : (j_ - u0 + 1) * N]
+                for q in range(N):
+                    dst[q] += src[q]
+
+
 @njit(cache=True, error_model="numpy", inline="always")
 def _hessian_buffers(plan, m):
-    """(R{s} stack, ã = [1, A(first−1)] (m, ·), G_j′ slices) of :func:`exact_hessian`'s work vector."""
+    """Where :func:`exact_hessian`'s work vector holds (R{s} stack, ã = [1, A(first−1)] (m, ·),
+    G_j′ slices, ã of the next layer, the pair products P, a pair tile's products O, the
+    adjacent block's F and ãᵀ F) and where it ends, for batch size m."""
     sizes = plan[SIZE]
     widest, _ = _widest(sizes)
     start = _stacks_end(plan, m, widest)
@@ -1444,14 +1576,19 @@ def _hessian_buffers(plan, m):
     for l in range(sizes.shape[0] - 1):
         inputs = max(inputs, sizes[l] + 1)
     ones = start + m * widest * widest
-    return start, ones, ones + m * inputs
+    slices = ones + m * inputs
+    next_ones = slices + m * max(HESSIAN_COLUMNS, widest)
+    pairs = next_ones + m * inputs
+    tile = pairs + m * _PAIRS_MOST
+    f = tile + max(HESSIAN_TILE, _PAIRS_LEAST * HESSIAN_UNITS * widest)
+    ft = f + m * HESSIAN_UNITS * widest
+    return start, ones, slices, next_ones, pairs, tile, f, ft, ft + inputs * HESSIAN_UNITS * widest
 
 
 @njit(cache=True, error_model="numpy")
 def hessian_work_length(plan, m):
     """Length of the work vector of :func:`exact_hessian` (and of each part) for batch size m."""
-    widest, _ = _widest(plan[SIZE])
-    return _hessian_buffers(plan, m)[2] + m * max(HESSIAN_COLUMNS, widest) + 2
+    return _hessian_buffers(plan, m)[8] + 2
 
 
 @njit(cache=True, error_model="numpy")
@@ -1466,9 +1603,12 @@ def _hessian_rows(a1, H, work, plan, first, j_):
     base = m * (3 * units + 2 * sizes[L])
     slots = work[work.shape[0] - 2 :]
     start = offsets[first - 1]
-    buffer = work[_hessian_buffers(plan, m)[2] : work.shape[0] - 2]
+    regions = _hessian_buffers(plan, m)
+    buffer = work[regions[2] : regions[3]]
     rows = H[start + j_ : offsets[first] : K]
     for l in range(first, L + 1):
+        if _paired(sizes, first, l):  # formed by _pair_block
+            continue
         n_in, n_out, off = sizes[l - 1], sizes[l], offsets[l - 1]
         a_prev = a1[:, 1:] if l == first else _view(work, m * layer_start(plan, l - 1, 1), m, n_in)
         delta = _view(work, m * units + m * layer_start(plan, l, 1), m, n_out)
@@ -1523,8 +1663,13 @@ def hessian_gemm_macs(plan, m):
     sizes = plan[SIZE]
     total = 0
     for first in range(1, sizes.shape[0]):
+        K, inputs = sizes[first], sizes[first - 1] + 1
         for l in range(first, sizes.shape[0]):
             n_in, n_out = sizes[l - 1], sizes[l]
+            if _paired(sizes, first, l):  # Pᵀ R{δ(l)} over the pairs, and the adjacent block's ãᵀ F
+                total += _pair_count(inputs, n_in + 1, l == first) * m * K * n_out
+                total += 0 if l == first else inputs * m * K * n_out
+                continue
             step = _slice_step(l, first, n_out)
             for i0 in range(-1, n_in, step):  # the slices of _hessian_rows
                 i1 = min(i0 + step, n_in)
@@ -1543,22 +1688,34 @@ def exact_hessian_part(X, T, w, H, work, plan, loss, mean, part, parts):
     c = _scale(mean, m)
     _primal(X, T, w, work, plan, loss, c)
     sizes = plan[SIZE]
-    ones = _hessian_buffers(plan, m)[1]
-    one = w.dtype.type(1)
-    for first in range(1, sizes.shape[0]):
+    regions = _hessian_buffers(plan, m)
+    L = sizes.shape[0] - 1
+    for first in range(1, L + 1):
         K, n_in = sizes[first], sizes[first - 1]
-        lo, hi = K * part // parts, K * (part + 1) // parts
+        lo, hi = _units_of_part(sizes, first, part, parts)
         if lo == hi:
             continue
-        a1 = _view(work, ones, m, n_in + 1)  # ã = [1, A(first − 1)]
         a_prev = X if first == 1 else _view(work, m * layer_start(plan, first - 1, 1), m, n_in)
-        for n in range(m):
-            a1[n, 0] = one
-            for i in range(n_in):
-                a1[n, i + 1] = a_prev[n, i]
+        a1 = _with_ones(a_prev, _view(work, regions[1], m, n_in + 1))  # ã = [1, A(first − 1)]
         _r_block(X, w, None, H, work, plan, loss, c, first, K)
+        if _paired(sizes, first, first):
+            _pair_block(a1, a1, H, work, plan, first, first, lo, hi)
+        if first < L and _paired(sizes, first, first + 1):
+            a2 = _with_ones(_view(work, m * layer_start(plan, first, 1), m, K), _view(work, regions[3], m, K + 1))
+            _pair_block(a1, a2, H, work, plan, first, first + 1, lo, hi)
         for j_ in range(lo, hi):
             _hessian_rows(a1, H, work, plan, first, j_)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _with_ones(a, out):
+    """out (m, n + 1) ← [1, a]: ã of a layer's inputs a (m, n)."""
+    one = a.dtype.type(1)
+    for n in range(a.shape[0]):
+        out[n, 0] = one
+        for i in range(a.shape[1]):
+            out[n, i + 1] = a[n, i]
+    return out
 
 
 @njit(cache=True, error_model="numpy")
