@@ -200,6 +200,25 @@ def test_pair_gemm_blocks_match_the_array_api_passes_and_split_bitwise(sizes, hi
     np.testing.assert_array_equal(whole, H)
 
 
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("parts", [1, 2, 3])
+def test_the_mirror_of_an_h_past_the_caches_is_exact(dtype, parts):
+    """compiled.hessian_mirror on an H of HESSIAN_STREAM_BYTES or more (written by non-temporal
+    stores) and on a small one (plain stores) leaves the upper triangle and gives its transpose
+    below, in ``parts`` tile sets, whatever the lower triangle held before."""
+    module = jit.kernels()
+    rng = np.random.default_rng(parts)
+    itemsize = np.dtype(dtype).itemsize
+    large = int(np.ceil(np.sqrt(module.HESSIAN_STREAM_BYTES / itemsize))) + 37  # not a multiple of a tile
+    for W in (large, 301):
+        upper = np.triu(rng.normal(size=(W, W)).astype(dtype))
+        H = upper + np.tril(np.full((W, W), np.nan, dtype=dtype), -1)
+        for part in range(parts):
+            module.hessian_mirror(H, part, parts)
+        np.testing.assert_array_equal(H, upper + np.triu(upper, 1).T)
+    assert large * large * itemsize >= module.HESSIAN_STREAM_BYTES
+
+
 @pytest.mark.skipif(jit._CORES < 2, reason="one core: bp.hessian never splits its rows over threads")
 def test_threaded_hessian_equals_the_one_call_hessian():
     """bp.hessian split over the cores (forced) returns the one-call H, bitwise,

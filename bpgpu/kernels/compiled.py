@@ -54,7 +54,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from llvmlite import ir
 from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from bpgpu.kernels import LEAKY_SLOPE
 from bpgpu.kernels.codes import (  # the codes, numba-free (bpgpu.kernels.codes); numba reads them as constants
@@ -1412,19 +1415,62 @@ def hessian_vector_products(X, T, w, V, out, work, plan, loss, c):
     _r_block(X, w, V, out, work, plan, loss, c, 1, V.shape[0])
 
 
+# An H of this many bytes or more is far larger than the caches, so its mirror writes go past them:
+# a non-temporal store needs no read of the line before the write (NOTES "H8", "H14"). A small H
+# stays with plain stores (in cache, and its runs shorter than a line: H8 measured 18× slower).
+HESSIAN_STREAM_BYTES = 1 << 25
+
+
+@intrinsic
+def _stream(typingctx, row, j, x):
+    """row[j] ← x by a non-temporal store (LLVM's ``!nontemporal``: movnt on x86-64, a plain store
+    where the target has none). Such stores are weakly ordered: :func:`_store_fence` after the last."""
+
+    def codegen(context, builder, sig, args):
+        aryty = sig.args[0]
+        ary = context.make_array(aryty)(context, builder, args[0])
+        ptr = cgutils.get_item_pointer(context, builder, aryty, ary, [args[1]], wraparound=False, boundscheck=False)
+        store = builder.store(args[2], ptr)
+        store.set_metadata("nontemporal", builder.module.add_metadata([ir.Constant(ir.IntType(32), 1)]))
+        return context.get_dummy_value()
+
+    return types.void(row, j, row.dtype), codegen
+
+
+@intrinsic
+def _store_fence(typingctx):
+    """A full fence: every earlier store (non-temporal ones too) is visible before any later one."""
+
+    def codegen(context, builder, sig, args):
+        builder.fence("seq_cst")
+        return context.get_dummy_value()
+
+    return types.void(), codegen
+
+
 @njit(cache=True, error_model="numpy", nogil=True)  # the parts run on Python threads (jit.py)
 def hessian_mirror(H, part, parts):
-    """H[j, i] ← H[i, j] for every i < j, tile by tile (so the strided writes stay in cache):
+    """H[j, i] ← H[i, j] for every i < j, tile by tile (so the strided accesses stay in cache):
     the tile rows t ≡ part (mod parts), so that ``parts`` calls at once mirror all of H. A tile's
-    rows are 512 bytes (64 float64, 128 float32: measured, NOTES "H3"; 32 or 16 were slower)."""
+    rows are 512 bytes (64 float64, 128 float32: measured, NOTES "H3"; 32 or 16 were slower). An H
+    of HESSIAN_STREAM_BYTES or more is written by non-temporal stores in runs along its rows."""
     W = H.shape[0]
     tile = 512 // H.itemsize
+    if H.size * H.itemsize < HESSIAN_STREAM_BYTES:
+        for i0 in range(part * tile, W, parts * tile):
+            for j0 in range(i0, W, tile):
+                for i in range(i0, min(i0 + tile, W)):
+                    row = H[i]
+                    for j in range(max(j0, i + 1), min(j0 + tile, W)):
+                        H[j, i] = row[j]
+        return
     for i0 in range(part * tile, W, parts * tile):
-        for j0 in range(i0, W, tile):
-            for i in range(i0, min(i0 + tile, W)):
-                row = H[i]
-                for j in range(max(j0, i + 1), min(j0 + tile, W)):
-                    H[j, i] = row[j]
+        i1 = min(i0 + tile, W)
+        for j in range(i0 + 1, W):  # row j's run of the tile's columns i0 ≤ i < min(i1, j)
+            dst = H[j]
+            for i in range(i0, min(i1, j)):
+                _stream(dst, i, H[i, j])
+    _store_fence()
 
 
 # Columns of G_j′ formed and multiplied at a time, so that the slice (m, ≤ HESSIAN_COLUMNS) is
