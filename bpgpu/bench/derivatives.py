@@ -185,9 +185,10 @@ GEMM_SIZE = 1024  # the square GEMM whose rate the exact Hessian is judged by, t
 
 
 def hessian_flops(sizes, m: int) -> float:
-    """Flops of the compiled exact Hessian's GEMMs, [1, A(l′−1)]ᵀ G_j′ for every unit j′ of every
-    layer l′ (bpgpu.kernels.compiled, the R-operator section): 2 × ``compiled.hessian_gemm_macs``,
-    about m W² (each diagonal block's GEMMs stop at its diagonal, slice by slice); NaN without
+    """Flops of the compiled exact Hessian's GEMMs, the pair GEMMs of the blocks of a layer of
+    ≥ 16 units with itself and the next, [1, A(l′−1)]ᵀ G_j′ for each unit j′ elsewhere
+    (bpgpu.kernels.compiled, the R-operator section): 2 × ``compiled.hessian_gemm_macs``, about
+    m W² (the diagonal blocks' GEMMs stop at their diagonal); NaN without
     the compiled table (bp.hessian then runs the array-API passes, not these GEMMs)."""
     module = jit.kernels()
     if module is None:

@@ -1703,9 +1703,10 @@ def _slice_rows(l, first, i1, inputs):
 
 @njit(cache=True, error_model="numpy")
 def hessian_gemm_macs(plan, m):
-    """Multiply-adds of :func:`exact_hessian`'s GEMMs ãᵀ G_j′ over every unit j′ of every layer
-    (its arithmetic; the benchmark's measure, bpgpu.bench.derivatives.hessian_flops): about
-    m W²/2, plus each diagonal block's slices' share below the diagonal. plan: only its SIZE row is read."""
+    """Multiply-adds of :func:`exact_hessian`'s GEMMs: the pair GEMMs Pᵀ R{δ(l)} and ãᵀ F of the
+    paired blocks, and ãᵀ G_j′ over every unit j′ for the others (its arithmetic; the benchmark's
+    measure, bpgpu.bench.derivatives.hessian_flops): about m W²/2, plus the G_j′ slices' share
+    below the diagonal of an unpaired diagonal block. plan: only its SIZE row is read."""
     sizes = plan[SIZE]
     total = 0
     for first in range(1, sizes.shape[0]):
@@ -1725,8 +1726,8 @@ def hessian_gemm_macs(plan, m):
 
 @njit(cache=True, error_model="numpy", nogil=True)  # the parts run on Python threads (jit.py)
 def exact_hessian_part(X, T, w, H, work, plan, loss, mean, part, parts):
-    """H's rows of the units j′ of every layer l′ in part ``part`` of ``parts`` (the contiguous
-    range n_l′ part / parts ≤ j′ < n_l′ (part + 1) / parts), upper triangle and diagonal blocks
+    """H's rows of the units j′ of every layer l′ in part ``part`` of ``parts`` (a contiguous
+    range, :func:`_units_of_part`), upper triangle (the diagonal blocks' G_j′ slices may pass it)
     only; each part on its own work vector (:func:`hessian_work_length`), so ``parts`` calls at
     once form every row, and :func:`hessian_mirror` then completes H. Each part runs the primal
     pass and the R-passes of its layers' bias directions itself (a few % of its time)."""
