@@ -200,6 +200,27 @@ def test_pair_gemm_blocks_match_the_array_api_passes_and_split_bitwise(sizes, hi
     np.testing.assert_array_equal(whole, H)
 
 
+@settings(max_examples=12, deadline=None)
+@given(
+    st.lists(st.sampled_from([1, 2, 5, 16, 17, 23]), min_size=3, max_size=4),
+    st.sampled_from(HIDDEN),
+    st.sampled_from(OUTPUT_LOSS_PAIRS),
+    st.integers(1, 9),
+    st.integers(2, 4),
+    st.integers(0, 2**16),
+)
+def test_random_nets_with_paired_layers_match_and_split_bitwise(sizes, hidden, pair, m, parts, seed):
+    """Random architectures mixing layers below and at or above HESSIAN_PAIRED units (so paired
+    and G_j′ blocks meet in one H, in either order): 1e-12 against the array-API passes, exactly
+    symmetric, and ``parts`` parts equal to one call bitwise."""
+    output, loss = pair
+    net, X, T, _ = random_problem(sizes, hidden, output, loss, seed=seed, m=m)
+    whole, split = _hessian_in_parts(net, X, T, parts)
+    np.testing.assert_array_equal(split, whole)
+    np.testing.assert_array_equal(whole, whole.T)
+    assert relative(whole, reference_hvp(net, X, T, np.eye(net.n_params)).T) <= 1e-12
+
+
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 @pytest.mark.parametrize("parts", [1, 2, 3])
 def test_the_mirror_of_an_h_past_the_caches_is_exact(dtype, parts):
