@@ -1276,11 +1276,12 @@ def _r_output_delta(loss, output, rz, ra, a, coef, curv, c):
 
 
 @njit(cache=True, error_model="numpy")
-def _r_block(X, w, V, out, work, plan, loss, c, first, K):
+def _r_block(X, w, V, out, work, plan, loss, c, first, K, lo):
     """The R-pass of K directions after :func:`_primal` on the same work vector: with V (K, W)
-    its rows from layer first = 1, H vᵣ written into the rows of ``out`` (K, W); with V None the
-    bias directions b_0 .. b_K−1 of layer ``first`` (K = n_first), whose R{δ(l)} stay in R{z(l)}'s
-    stack and R{A(l)} in its own for every l ≥ first (``out`` is not written)."""
+    its rows from layer first = 1, H vᵣ written into the rows of ``out`` (K, W) (lo = 0); with V
+    None the bias directions b_lo .. b_lo+K−1 of layer ``first``, whose R{δ(l)} stay in R{z(l)}'s
+    stack and R{A(l)} in its own for every l ≥ first, direction b_lo+k at index k (``out`` is not
+    written)."""
     sizes, offsets, codes = plan[SIZE], plan[OFFSET], plan[CODE]
     m, L = X.shape[0], sizes.shape[0] - 1
     units = layer_start(plan, L + 1, 1)
@@ -1308,13 +1309,13 @@ def _r_block(X, w, V, out, work, plan, loss, c, first, K):
             rz[:] = zero
             for n in range(m):
                 for k in range(K):
-                    rz[n, k, k] = one
+                    rz[n, k, lo + k] = one
         elif unit and l == first + 1:  # rank 1: R{z}[n, k, :] = R{A}[n, k, k] Wᵀ[k, :]
             for n in range(m):
                 for k in range(K):
-                    x = ra_prev[n, k, k]
+                    x = ra_prev[n, k, lo + k]
                     for q in range(n_out):
-                        rz[n, k, q] = x * wt[k, q]
+                        rz[n, k, q] = x * wt[lo + k, q]
         else:
             if l > first:
                 _gemm(ra_prev.reshape(m * K, n_in), wt, rz.reshape(m * K, n_out), 1.0, 0.0, slots)
@@ -1412,7 +1413,7 @@ def hessian_vector_products(X, T, w, V, out, work, plan, loss, c):
     :func:`train_step`; J = c Σ_n J_n (c = 1/m for the mean over a batch of m, 1 for the sum: X may
     be one block of that batch, whose H V is then the block's share of the sum)."""
     _primal(X, T, w, work, plan, loss, c)
-    _r_block(X, w, V, out, work, plan, loss, c, 1, V.shape[0])
+    _r_block(X, w, V, out, work, plan, loss, c, 1, V.shape[0], 0)
 
 
 # An H of this many bytes or more is far larger than the caches, so its mirror writes go past them:
@@ -1545,7 +1546,8 @@ def _pair_block(a1, a2, H, work, plan, first, l, lo, hi):
     base = m * (3 * units + 2 * sizes[L])
     slots = work[work.shape[0] - 2 :]
     regions = _hessian_buffers(plan, m)
-    rd = work[base + m * K * layer_start(plan, l, 1) : base + m * K * layer_start(plan, l + 1, 1)].reshape(m, K * N)
+    D = hi - lo  # the stacks hold the R-pass of b_lo .. b_hi−1 (_r_block), direction j′ at j′ − lo
+    rd = work[base + m * D * layer_start(plan, l, 1) : base + m * D * layer_start(plan, l + 1, 1)].reshape(m, D * N)
     inputs, next_inputs = a1.shape[1], a2.shape[1]
     count = _pair_count(inputs, next_inputs, diagonal)
     tile = min(count, _pair_tile(N))
@@ -1571,7 +1573,7 @@ def _pair_block(a1, a2, H, work, plan, first, l, lo, hi):
             u1 = min(u0 + HESSIAN_UNITS, hi)
             width = (u1 - u0) * N
             O = out[: pairs * width].reshape(pairs, width)
-            _gemm(P.T, rd[:, u0 * N : u1 * N], O, 1.0, 0.0, slots)
+            _gemm(P.T, rd[:, (u0 - lo) * N : (u1 - lo) * N], O, 1.0, 0.0, slots)
             i_, c_ = i_start, c_start
             for p in range(pairs):  # runs of N entries along H's rows
                 O_p = O[p]
@@ -1588,7 +1590,7 @@ def _pair_block(a1, a2, H, work, plan, first, l, lo, hi):
         return
     # the second term, at input j′ of layer first: ãᵀ F, F[n, (j′, j)] = R{A_n,j′(first)} δ_n,j(l)
     delta = _view(work, m * units + m * layer_start(plan, l, 1), m, N)
-    ra = _stack(work, base + m * K * (units + layer_start(plan, first, 1)), m, K, K)
+    ra = _stack(work, base + m * D * (units + layer_start(plan, first, 1)), m, D, K)
     for u0 in range(lo, hi, HESSIAN_UNITS):
         u1 = min(u0 + HESSIAN_UNITS, hi)
         width = (u1 - u0) * N
@@ -1596,7 +1598,7 @@ def _pair_block(a1, a2, H, work, plan, first, l, lo, hi):
         for n in range(m):
             delta_n, F_n = delta[n], F[n]
             for j_ in range(u0, u1):
-                r, g = ra[n, j_, j_], F_n[(j_ - u0) * N : (j_ - u0 + 1) * N]
+                r, g = ra[n, j_ - lo, j_], F_n[(j_ - u0) * N : (j_ - u0 + 1) * N]
                 for q in range(N):
                     g[q] = r * delta_n[q]
         E = work[regions[7] : regions[7] + inputs * width].reshape(inputs, width)
@@ -1638,14 +1640,15 @@ def hessian_work_length(plan, m):
 
 
 @njit(cache=True, error_model="numpy")
-def _hessian_rows(a1, H, work, plan, first, j_):
+def _hessian_rows(a1, H, work, plan, first, j_, lo, D):
     """H's rows of unit j′ of layer ``first`` (its bias and its weights, rows j′ + n_first i′ of
     Θ(first)'s block), columns from Θ(first) on: G_j′ from the bias direction b_j′'s R-pass
-    (:func:`_r_block`, V None), slice by slice, each slice times ã = a1 (m, n_first−1 + 1) in one GEMM."""
+    (:func:`_r_block`, V None; its stacks hold the D directions from b_lo), slice by slice, each
+    slice times ã = a1 (m, n_first−1 + 1) in one GEMM."""
     sizes, offsets = plan[SIZE], plan[OFFSET]
     m, L = a1.shape[0], sizes.shape[0] - 1
     units = layer_start(plan, L + 1, 1)
-    K = sizes[first]  # the stacks of the bias directions of layer first
+    K = sizes[first]
     base = m * (3 * units + 2 * sizes[L])
     slots = work[work.shape[0] - 2 :]
     start = offsets[first - 1]
@@ -1658,8 +1661,8 @@ def _hessian_rows(a1, H, work, plan, first, j_):
         n_in, n_out, off = sizes[l - 1], sizes[l], offsets[l - 1]
         a_prev = a1[:, 1:] if l == first else _view(work, m * layer_start(plan, l - 1, 1), m, n_in)
         delta = _view(work, m * units + m * layer_start(plan, l, 1), m, n_out)
-        rd = _stack(work, base + m * K * layer_start(plan, l, 1), m, K, n_out)
-        ra = _stack(work, base + m * K * (units + layer_start(plan, l - 1, 1)), m, K, n_in if l > first else 1)
+        rd = _stack(work, base + m * D * layer_start(plan, l, 1), m, D, n_out)
+        ra = _stack(work, base + m * D * (units + layer_start(plan, l - 1, 1)), m, D, n_in if l > first else 1)
         step = _slice_step(l, first, n_out)
         for i0 in range(-1, n_in, step):  # i = −1: the bias column block
             i1 = min(i0 + step, n_in)
@@ -1668,13 +1671,13 @@ def _hessian_rows(a1, H, work, plan, first, j_):
             for n in range(m):
                 # one slice of n_out columns per i: its indices are provably ≥ 0, which lets LLVM
                 # vectorize the loops (G[n, col + q] kept numba's negative-index wrap: 3× slower)
-                rd_n, delta_n, G_n = rd[n, j_], delta[n], G[n]
+                rd_n, delta_n, G_n = rd[n, j_ - lo], delta[n], G[n]
                 for i in range(i0, i1):
                     g = G_n[(i - i0) * n_out : (i - i0 + 1) * n_out]
                     if i < 0:
                         g[:] = rd_n
                     elif l > first:
-                        x, r = a_prev[n, i], ra[n, j_, i]
+                        x, r = a_prev[n, i], ra[n, j_ - lo, i]
                         for q in range(n_out):
                             g[q] = x * rd_n[q] + r * delta_n[q]
                     else:
@@ -1744,14 +1747,23 @@ def exact_hessian_part(X, T, w, H, work, plan, loss, mean, part, parts):
             continue
         a_prev = X if first == 1 else _view(work, m * layer_start(plan, first - 1, 1), m, n_in)
         a1 = _with_ones(a_prev, _view(work, regions[1], m, n_in + 1))  # ã = [1, A(first − 1)]
-        _r_block(X, w, None, H, work, plan, loss, c, first, K)
-        if _paired(sizes, first, first):
-            _pair_block(a1, a1, H, work, plan, first, first, lo, hi)
-        if first < L and _paired(sizes, first, first + 1):
+        diagonal, adjacent = _paired(sizes, first, first), first < L and _paired(sizes, first, first + 1)
+        if not (diagonal or adjacent):  # all K directions at once (every part alike), its rows
+            _r_block(X, w, None, H, work, plan, loss, c, first, K, 0)
+            for j_ in range(lo, hi):
+                _hessian_rows(a1, H, work, plan, first, j_, 0, K)
+            continue
+        if adjacent:
             a2 = _with_ones(_view(work, m * layer_start(plan, first, 1), m, K), _view(work, regions[3], m, K + 1))
-            _pair_block(a1, a2, H, work, plan, first, first + 1, lo, hi)
-        for j_ in range(lo, hi):
-            _hessian_rows(a1, H, work, plan, first, j_)
+        for g0 in range(lo, hi, HESSIAN_UNITS):  # group by group: a part's R-passes are its own
+            g1 = min(g0 + HESSIAN_UNITS, hi)
+            _r_block(X, w, None, H, work, plan, loss, c, first, g1 - g0, g0)
+            if diagonal:
+                _pair_block(a1, a1, H, work, plan, first, first, g0, g1)
+            if adjacent:
+                _pair_block(a1, a2, H, work, plan, first, first + 1, g0, g1)
+            for j_ in range(g0, g1):
+                _hessian_rows(a1, H, work, plan, first, j_, g0, g1 - g0)
 
 
 @njit(cache=True, error_model="numpy", inline="always")
