@@ -122,38 +122,6 @@ def test_no_allocation_but_the_result_after_warm_up(split):
             assert peak - start <= result.nbytes + 4096 + hand_off, (peak - start, result.nbytes)
 
 
-@settings(max_examples=25, deadline=None)
-@given(
-    st.lists(st.integers(1, 6), min_size=2, max_size=5),
-    st.sampled_from(HIDDEN),
-    st.sampled_from(OUTPUT_LOSS_PAIRS),
-    st.integers(1, 9),
-    st.integers(2, 5),
-    st.integers(0, 2**16),
-)
-def test_the_hessian_in_parts_equals_one_call_bitwise(sizes, hidden, pair, m, parts, seed):
-    """compiled.exact_hessian_part over ``parts`` ranges of units (some empty where a layer has
-    fewer units than parts), then hessian_mirror over ``parts`` tile sets, gives exactly the
-    one-call H: every entry comes from the same products in the same order."""
-    output, loss = pair
-    net, X, T, rng = random_problem(sizes, hidden, output, loss, seed=seed, m=m)
-    module, curvature = jit.kernels(), jit.curvature_for(net)
-    X, T = net.check_inputs(X, T)
-    W, plan, code, mean = net.n_params, jit.plan(net, module), bp.kernels.LOSSES.index(loss), True
-    whole, split = np.full((W, W), np.nan), np.full((W, W), np.nan)
-    work = np.empty(module.hessian_work_length(plan, m))
-    jit.blas_threads.one_thread(module.exact_hessian, X, T, net.params, whole, work, plan, code, mean)
-    for part in range(parts):
-        work = np.empty(module.hessian_work_length(plan, m))
-        jit.blas_threads.one_thread(
-            module.exact_hessian_part, X, T, net.params, split, work, plan, code, mean, part, parts
-        )
-    for part in range(parts):
-        module.hessian_mirror(split, part, parts)
-    np.testing.assert_array_equal(split, whole)
-    assert curvature is not None
-
-
 def _hessian_in_parts(net, X, T, parts):
     """(one call's H, the same H formed as ``parts`` parts then mirrored) by the compiled kernels."""
     module = jit.kernels()
@@ -200,19 +168,22 @@ def test_pair_gemm_blocks_match_the_array_api_passes_and_split_bitwise(sizes, hi
     np.testing.assert_array_equal(whole, H)
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(
-    st.lists(st.sampled_from([1, 2, 5, 16, 17, 23]), min_size=3, max_size=4),
+    st.lists(st.one_of(st.integers(1, 6), st.sampled_from([16, 17, 23])), min_size=2, max_size=4),
     st.sampled_from(HIDDEN),
     st.sampled_from(OUTPUT_LOSS_PAIRS),
     st.integers(1, 9),
-    st.integers(2, 4),
+    st.integers(2, 5),
     st.integers(0, 2**16),
 )
-def test_random_nets_with_paired_layers_match_and_split_bitwise(sizes, hidden, pair, m, parts, seed):
-    """Random architectures mixing layers below and at or above HESSIAN_PAIRED units (so paired
-    and G_j′ blocks meet in one H, in either order): 1e-12 against the array-API passes, exactly
-    symmetric, and ``parts`` parts equal to one call bitwise."""
+def test_the_hessian_in_parts_equals_one_call_bitwise(sizes, hidden, pair, m, parts, seed):
+    """compiled.exact_hessian_part over ``parts`` ranges of units (some empty where a layer has
+    fewer units or groups than parts), then hessian_mirror over ``parts`` tile sets, gives exactly
+    the one-call H: every entry comes from the same products in the same order. The random
+    architectures mix layers below and at or above HESSIAN_PAIRED units, so paired and G_j′
+    blocks meet in one H in either order; H is also exactly symmetric and within 1e-12 of the
+    array-API passes'."""
     output, loss = pair
     net, X, T, _ = random_problem(sizes, hidden, output, loss, seed=seed, m=m)
     whole, split = _hessian_in_parts(net, X, T, parts)
