@@ -1503,10 +1503,9 @@ _PAIRS_MOST = HESSIAN_TILE // (HESSIAN_UNITS * HESSIAN_PAIRED)
 
 @njit(cache=True, error_model="numpy", inline="always")
 def _paired(sizes, first, l):
-    """Whether the block of Θ(first) and Θ(l) is formed by :func:`_pair_block` (l = first or first + 1)."""
-    if l == first:
-        return sizes[l] >= HESSIAN_PAIRED
-    return l == first + 1 and sizes[l] >= HESSIAN_PAIRED
+    """Whether the block of Θ(first) and Θ(l) is formed by :func:`_pair_block`: l = first or
+    first + 1 (False for an l past the output layer), and layer l has HESSIAN_PAIRED units or more."""
+    return (l == first or l == first + 1) and l < sizes.shape[0] and sizes[l] >= HESSIAN_PAIRED
 
 
 @njit(cache=True, error_model="numpy", inline="always")
@@ -1521,12 +1520,22 @@ def _pair_count(inputs, next_inputs, diagonal):
 
 
 @njit(cache=True, error_model="numpy", inline="always")
+def _next_pair(i_, c_, diagonal, inputs):
+    """The pair after (ĩ′, ĩ) = (i_, c_) in a paired block's order: ĩ′ fastest, up to ĩ in the
+    diagonal block (its upper triangle), over all ``inputs`` in the adjacent one."""
+    i_ += 1
+    if i_ == (c_ + 1 if diagonal else inputs):
+        return 0, c_ + 1
+    return i_, c_
+
+
+@njit(cache=True, error_model="numpy", inline="always")
 def _units_of_part(sizes, first, part, parts):
     """The units j′ of layer ``first`` that part ``part`` of ``parts`` forms: a contiguous range,
     in whole groups of HESSIAN_UNITS where a block of the layer is paired (so that every part's
     pair GEMMs are the one call's, and H the same bitwise)."""
     K = sizes[first]
-    if _paired(sizes, first, first) or (first + 1 < sizes.shape[0] and _paired(sizes, first, first + 1)):
+    if _paired(sizes, first, first) or _paired(sizes, first, first + 1):
         groups = (K + HESSIAN_UNITS - 1) // HESSIAN_UNITS
         lo = HESSIAN_UNITS * (groups * part // parts)
         return lo, min(K, HESSIAN_UNITS * (groups * (part + 1) // parts))
@@ -1564,11 +1573,9 @@ def _pair_block(a1, a2, H, work, plan, first, l, lo, hi):
             P_n, a1_n, x = P[n], a1[n], a2[n, c_start]
             for p in range(pairs):
                 P_n[p] = a1_n[i_] * x
-                i_ += 1
-                if i_ == (c_ + 1 if diagonal else inputs):
-                    i_, c_ = 0, c_ + 1
-                    if c_ < next_inputs:
-                        x = a2[n, c_]
+                i_, c_ = _next_pair(i_, c_, diagonal, inputs)
+                if i_ == 0 and c_ < next_inputs:  # the next column ĩ
+                    x = a2[n, c_]
         for u0 in range(lo, hi, HESSIAN_UNITS):
             u1 = min(u0 + HESSIAN_UNITS, hi)
             width = (u1 - u0) * N
@@ -1582,9 +1589,7 @@ def _pair_block(a1, a2, H, work, plan, first, l, lo, hi):
                     src = O_p[(j_ - u0) * N : (j_ - u0 + 1) * N]
                     for q in range(N):
                         dst[q] = src[q]
-                i_ += 1
-                if i_ == (c_ + 1 if diagonal else inputs):
-                    i_, c_ = 0, c_ + 1
+                i_, c_ = _next_pair(i_, c_, diagonal, inputs)
         i_start, c_start = i_, c_
     if diagonal:
         return
@@ -1747,7 +1752,7 @@ def exact_hessian_part(X, T, w, H, work, plan, loss, mean, part, parts):
             continue
         a_prev = X if first == 1 else _view(work, m * layer_start(plan, first - 1, 1), m, n_in)
         a1 = _with_ones(a_prev, _view(work, regions[1], m, n_in + 1))  # ã = [1, A(first − 1)]
-        diagonal, adjacent = _paired(sizes, first, first), first < L and _paired(sizes, first, first + 1)
+        diagonal, adjacent = _paired(sizes, first, first), _paired(sizes, first, first + 1)
         if not (diagonal or adjacent):  # all K directions at once (every part alike), its rows
             _r_block(X, w, None, H, work, plan, loss, c, first, K, 0)
             for j_ in range(lo, hi):
