@@ -51,6 +51,7 @@ from typing import Any
 import numpy as np
 
 from bpgpu.kernels import ACTIVATIONS, LOSSES, codes
+from bpgpu.kernels.recycle import Recycler
 
 log = logging.getLogger("bpgpu")
 
@@ -769,6 +770,7 @@ class CompiledCurvature:
         self._work: dict[tuple[int, int, int], np.ndarray] = {}
         self._partials: dict[tuple[int, int], np.ndarray] = {}
         self._product = largest_product(net)
+        self._results = Recycler()  # a large H reuses the memory of the last one dropped
 
     def _buffers(self, m: int, K: int, part: int = 0) -> np.ndarray:
         """The work vector for batch size m and K directions (K = 0: the exact Hessian's), one per
@@ -808,7 +810,8 @@ class CompiledCurvature:
         return out
 
     def hessian(self, X: np.ndarray, T: np.ndarray) -> np.ndarray:
-        """The exact Hessian (W, W), exactly symmetric: a new array.
+        """The exact Hessian (W, W), exactly symmetric: a new array (one of 32 MiB or more in the
+        memory of the last such H that the caller has dropped, :mod:`bpgpu.kernels.recycle`).
 
         A call of m W² ≥ ``_SPLIT_WORK`` (:func:`_splits`) forms its rows in one part per core
         (each layer's units j′ split into contiguous ranges, each part on its own work vector and
@@ -819,7 +822,7 @@ class CompiledCurvature:
         [1, A]ᵀ G, about m n W multiply-adds)."""
         X, T = _contiguous(X), _contiguous(T)
         m, W, module = X.shape[0], self.net.n_params, self._module
-        out = np.empty((W, W), dtype=self.net.xp_dtype)
+        out = self._results.empty((W, W), self.net.xp_dtype)
         args, tail = (X, T, self.net.params, out), (self._plan, self._loss, self._mean)
         if not _splits(m * W * W):
             blas_threads.run(m * W * max(self.net.sizes), module.exact_hessian, *args, self._buffers(m, 0), *tail)
