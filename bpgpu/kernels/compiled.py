@@ -1422,20 +1422,49 @@ def hessian_vector_products(X, T, w, V, out, work, plan, loss, c):
 HESSIAN_STREAM_BYTES = 1 << 25
 
 
+_LINE = 64  # bytes of a cache line
+
+
+def _store_nontemporal(context, builder, rowty, row, j, value, align):
+    """The LLVM of row[j] ← value (a scalar, or a vector of the entries from row[j] on) marked
+    ``!nontemporal`` (LLVM's movnt on x86-64, a plain store where the target has none)."""
+    ary = context.make_array(rowty)(context, builder, row)
+    ptr = cgutils.get_item_pointer(context, builder, rowty, ary, [j], wraparound=False, boundscheck=False)
+    store = builder.store(value, builder.bitcast(ptr, value.type.as_pointer()), align=align)
+    store.set_metadata("nontemporal", builder.module.add_metadata([ir.Constant(ir.IntType(32), 1)]))
+
+
 @intrinsic
 def _stream(typingctx, row, j, x):
-    """row[j] ← x by a non-temporal store (LLVM's ``!nontemporal``: movnt on x86-64, a plain store
-    where the target has none). Such stores are weakly ordered: :func:`_store_fence` after the last."""
+    """row[j] ← x by a non-temporal store. Such stores are weakly ordered: :func:`_store_fence`
+    after the last."""
 
     def codegen(context, builder, sig, args):
-        aryty = sig.args[0]
-        ary = context.make_array(aryty)(context, builder, args[0])
-        ptr = cgutils.get_item_pointer(context, builder, aryty, ary, [args[1]], wraparound=False, boundscheck=False)
-        store = builder.store(args[2], ptr)
-        store.set_metadata("nontemporal", builder.module.add_metadata([ir.Constant(ir.IntType(32), 1)]))
+        _store_nontemporal(context, builder, sig.args[0], args[0], args[1], args[2], sig.args[0].dtype.bitwidth // 8)
         return context.get_dummy_value()
 
     return types.void(row, j, row.dtype), codegen
+
+
+@intrinsic
+def _stream_line(typingctx, row, j, H, i, c):
+    """row[j + k] ← H[i + k, c] for k < 64 / itemsize: one cache line, gathered from a column of
+    H and written by one non-temporal vector store (a 64-byte aligned &row[j], which the caller
+    ensures). Per entry the column gather and scalar movnt stores cost ~2× more (NOTES "H17")."""
+
+    def codegen(context, builder, sig, args):
+        hty, i, c = sig.args[2], args[3], args[4]
+        elt = context.get_data_type(hty.dtype)
+        line = ir.Constant(ir.VectorType(elt, _LINE // context.get_abi_sizeof(elt)), ir.Undefined)
+        src = context.make_array(hty)(context, builder, args[2])
+        for k in range(line.type.count):
+            at = [builder.add(i, ir.Constant(i.type, k)), c]
+            ptr = cgutils.get_item_pointer(context, builder, hty, src, at, wraparound=False, boundscheck=False)
+            line = builder.insert_element(line, builder.load(ptr), ir.Constant(ir.IntType(32), k))
+        _store_nontemporal(context, builder, sig.args[0], args[0], args[1], line, _LINE)
+        return context.get_dummy_value()
+
+    return types.void(row, j, H, i, c), codegen
 
 
 @intrinsic
@@ -1454,7 +1483,8 @@ def hessian_mirror(H, part, parts):
     """H[j, i] ← H[i, j] for every i < j, tile by tile (so the strided accesses stay in cache):
     the tile rows t ≡ part (mod parts), so that ``parts`` calls at once mirror all of H. A tile's
     rows are 512 bytes (64 float64, 128 float32: measured, NOTES "H3"; 32 or 16 were slower). An H
-    of HESSIAN_STREAM_BYTES or more is written by non-temporal stores in runs along its rows."""
+    of HESSIAN_STREAM_BYTES or more is written by non-temporal stores in runs along its rows of a
+    tile of 2 KiB of rows (NOTES "H17"), whole cache lines at a time (:func:`_stream_line`)."""
     W = H.shape[0]
     tile = 512 // H.itemsize
     if H.size * H.itemsize < HESSIAN_STREAM_BYTES:
@@ -1465,12 +1495,21 @@ def hessian_mirror(H, part, parts):
                     for j in range(max(j0, i + 1), min(j0 + tile, W)):
                         H[j, i] = row[j]
         return
+    size = H.itemsize
+    tile, line, start = 4 * tile, _LINE // size, H.ctypes.data
     for i0 in range(part * tile, W, parts * tile):
         i1 = min(i0 + tile, W)
         for j in range(i0 + 1, W):  # row j's run of the tile's columns i0 ≤ i < min(i1, j)
-            dst = H[j]
-            for i in range(i0, min(i1, j)):
+            dst, end, i = H[j], min(i1, j), i0
+            while i < end and (start + (j * W + i) * size) % _LINE != 0:  # up to a line's start
                 _stream(dst, i, H[i, j])
+                i += 1
+            while i + line <= end:
+                _stream_line(dst, i, H, i, j)
+                i += line
+            while i < end:
+                _stream(dst, i, H[i, j])
+                i += 1
     _store_fence()
 
 
