@@ -1712,24 +1712,51 @@ def _hessian_rows(a1, H, work, plan, first, j_, lo, D):
             i1 = min(i0 + step, n_in)
             width = (i1 - i0) * n_out
             G = buffer[: m * width].reshape(m, width)
-            for n in range(m):
-                # one slice of n_out columns per i: its indices are provably ≥ 0, which lets LLVM
-                # vectorize the loops (G[n, col + q] kept numba's negative-index wrap: 3× slower)
-                rd_n, delta_n, G_n = rd[n, j_ - lo], delta[n], G[n]
-                for i in range(i0, i1):
-                    g = G_n[(i - i0) * n_out : (i - i0 + 1) * n_out]
-                    if i < 0:
-                        g[:] = rd_n
-                    elif l > first:
-                        x, r = a_prev[n, i], ra[n, j_ - lo, i]
-                        for q in range(n_out):
-                            g[q] = x * rd_n[q] + r * delta_n[q]
-                    else:
-                        x = a_prev[n, i]
-                        for q in range(n_out):
-                            g[q] = x * rd_n[q]
+            if n_out < HESSIAN_PAIRED:  # narrow: runs along i, not along q
+                _narrow_slice(G, a_prev, rd, delta, ra, j_ - lo, i0, i1, l > first)
+            else:
+                for n in range(m):
+                    # one slice of n_out columns per i: its indices are provably ≥ 0, which lets LLVM
+                    # vectorize the loops (G[n, col + q] kept numba's negative-index wrap: 3× slower)
+                    rd_n, delta_n, G_n = rd[n, j_ - lo], delta[n], G[n]
+                    for i in range(i0, i1):
+                        g = G_n[(i - i0) * n_out : (i - i0 + 1) * n_out]
+                        if i < 0:
+                            g[:] = rd_n
+                        elif l > first:
+                            x, r = a_prev[n, i], ra[n, j_ - lo, i]
+                            for q in range(n_out):
+                                g[q] = x * rd_n[q] + r * delta_n[q]
+                        else:
+                            x = a_prev[n, i]
+                            for q in range(n_out):
+                                g[q] = x * rd_n[q]
             col, need = off + n_out + i0 * n_out, _slice_rows(l, first, i1, a1.shape[1])
             _gemm(a1[:, :need].T, G, rows[:need, col : col + width], 1.0, 0.0, slots)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _narrow_slice(G, a_prev, rd, delta, ra, d, i0, i1, second):
+    """G (m, (i1 − i0) n_out) ← the slice of G_j′ (direction d of the stacks) over the inputs
+    i0 ≤ i < i1 (i = −1: the bias column block) of a layer of n_out < HESSIAN_PAIRED units, the
+    same entries as :func:`_hessian_rows`' loop (its second term where ``second``), in runs along
+    i of stride n_out, one per unit q: with a loop over q inside, each run was n_out < 16 entries
+    long and each (n, i) paid a slice's set-up (~4× slower at n_out = 4, NOTES "H18")."""
+    n_out = rd.shape[2]
+    lo = max(i0, 0)
+    for n in range(G.shape[0]):
+        rd_n, delta_n, a_n, ra_n, G_n = rd[n, d], delta[n], a_prev[n], ra[n, d], G[n]
+        for q in range(n_out):
+            g = G_n[(lo - i0) * n_out + q :: n_out]  # the entries (i, q), i ≥ lo
+            r, e = rd_n[q], delta_n[q]
+            if i0 < 0:
+                G_n[q] = r
+            if second:
+                for i in range(i1 - lo):
+                    g[i] = a_n[lo + i] * r + ra_n[lo + i] * e
+            else:
+                for i in range(i1 - lo):
+                    g[i] = a_n[lo + i] * r
 
 
 @njit(cache=True, error_model="numpy", inline="always")
