@@ -263,7 +263,9 @@ def hessian(net: MLP, X: Any, T: Any, method: str = "exact", eps: float | None =
         columns (:func:`bpgpu.engine.exact_hessian`): W R-passes, O(W²). Exact up to
         rounding (for relu and leaky_relu: the Hessian almost everywhere, g″ = 0 off
         the kink); on the numpy backend one compiled call that uses the symmetry of H,
-        which it returns exactly symmetric.
+        which it returns exactly symmetric, an H of 32 MiB or more in the memory of the
+        last such H that nothing reads any more (:mod:`bpgpu.kernels.recycle`: a loop of
+        calls then skips the kernel's zeroing of fresh pages).
     finite_difference: column i = (∇J(w + h_i e_i) − ∇J(w − h_i e_i)) / 2h_i with
         the backprop gradient, 2W gradients, ``h_i = eps · max(1, |w_i|)`` (default
         ε^{1/3}). Not exactly symmetric; error O(h²) + O(ε/h).
