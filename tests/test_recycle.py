@@ -15,7 +15,7 @@ def address(a):
     return a.__array_interface__["data"][0]
 
 
-def first_bytes(shape):
+def float64_bytes(shape):
     return int(np.prod(shape)) * 8
 
 
@@ -27,11 +27,11 @@ def test_a_dropped_array_is_reused_and_a_held_one_is_not():
     held = recycler.empty(LARGE, np.float64)  # first is still alive: new memory
     assert address(held) != where
     del first
-    assert recycler.held_bytes == first_bytes(LARGE)
+    assert recycler.held_bytes == float64_bytes(LARGE)
     again = recycler.empty(LARGE, np.float64)
     assert address(again) == where and recycler.held_bytes == 0
     del held
-    assert recycler.held_bytes == first_bytes(LARGE)  # one free buffer kept: held's
+    assert recycler.held_bytes == float64_bytes(LARGE)  # one free buffer kept: held's
     recycler.clear()
     assert recycler.held_bytes == 0
 
@@ -59,7 +59,7 @@ def test_anything_that_can_read_the_memory_keeps_it_out_of_reuse(keep):
     other[:] = -1.0
     assert np.all(np.asarray(reader) == 7.0)
     del reader
-    assert recycler.held_bytes == first_bytes(LARGE)
+    assert recycler.held_bytes == float64_bytes(LARGE)
 
 
 def test_torch_wrapper_keeps_the_memory():

@@ -1450,7 +1450,7 @@ def _stream(typingctx, row, j, x):
 def _stream_line(typingctx, row, j, H, i, c):
     """row[j + k] ← H[i + k, c] for k < 64 / itemsize: one cache line, gathered from a column of
     H and written by one non-temporal vector store (a 64-byte aligned &row[j], which the caller
-    ensures). Per entry the column gather and scalar movnt stores cost ~2× more (NOTES "H17")."""
+    ensures). The column gathered and stored entry by entry took 1.5–2× as long (NOTES "H17")."""
 
     def codegen(context, builder, sig, args):
         hty, i, c = sig.args[2], args[3], args[4]
@@ -1496,7 +1496,7 @@ def hessian_mirror(H, part, parts):
                         H[j, i] = row[j]
         return
     size = H.itemsize
-    tile, line, start = 4 * tile, _LINE // size, H.ctypes.data
+    tile, line, start = 2048 // size, _LINE // size, H.ctypes.data  # tiles of 2 KiB of rows
     for i0 in range(part * tile, W, parts * tile):
         i1 = min(i0 + tile, W)
         for j in range(i0 + 1, W):  # row j's run of the tile's columns i0 ≤ i < min(i1, j)
@@ -1741,22 +1741,23 @@ def _narrow_slice(G, a_prev, rd, delta, ra, d, i0, i1, second):
     i0 ≤ i < i1 (i = −1: the bias column block) of a layer of n_out < HESSIAN_PAIRED units, the
     same entries as :func:`_hessian_rows`' loop (its second term where ``second``), in runs along
     i of stride n_out, one per unit q: with a loop over q inside, each run was n_out < 16 entries
-    long and each (n, i) paid a slice's set-up (~4× slower at n_out = 4, NOTES "H18")."""
+    long and each (n, i) paid a slice's set-up (the rows of [32,64,64,4]'s 4-unit output blocks
+    took 1.6× as long, NOTES "H18")."""
     n_out = rd.shape[2]
-    lo = max(i0, 0)
+    i_first = max(i0, 0)  # the first input after the bias column block
     for n in range(G.shape[0]):
         rd_n, delta_n, a_n, ra_n, G_n = rd[n, d], delta[n], a_prev[n], ra[n, d], G[n]
         for q in range(n_out):
-            g = G_n[(lo - i0) * n_out + q :: n_out]  # the entries (i, q), i ≥ lo
+            g = G_n[(i_first - i0) * n_out + q :: n_out]  # the entries (i, q), i ≥ i_first
             r, e = rd_n[q], delta_n[q]
             if i0 < 0:
                 G_n[q] = r
             if second:
-                for i in range(i1 - lo):
-                    g[i] = a_n[lo + i] * r + ra_n[lo + i] * e
+                for i in range(i1 - i_first):
+                    g[i] = a_n[i_first + i] * r + ra_n[i_first + i] * e
             else:
-                for i in range(i1 - lo):
-                    g[i] = a_n[lo + i] * r
+                for i in range(i1 - i_first):
+                    g[i] = a_n[i_first + i] * r
 
 
 @njit(cache=True, error_model="numpy", inline="always")
