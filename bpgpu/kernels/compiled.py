@@ -1532,7 +1532,9 @@ DIAGONAL_SPLIT = 4  # measured (NOTES "H4"): 1, 2, 4 gave 6.28, 5.87, 5.67 GFLOP
 # with R{δ(l)} the bias directions' stack (m, n_l′ n_l) as it lies. One GEMM then serves all of a
 # group of HESSIAN_UNITS units j′ and a tile of pairs: the per-unit G_j′ (each entry used n_l′−1 + 1
 # times, and packed by BLAS for each GEMM) is not formed for these blocks. A tile's products O
-# (≤ HESSIAN_TILE entries: 1 MiB float64, in L2) are copied to H in runs of n_l along rows.
+# (≤ HESSIAN_TILE entries: 1 MiB float64, in L2) are copied to H row by row: the pairs run ĩ
+# fastest (:func:`_pair_run`), so one ĩ′'s consecutive ĩ fill a contiguous stretch of H's row
+# (j′, ĩ′), and P is formed by the same runs, ã_n,ĩ′ times a slice of ã_n(l) (NOTES "H20").
 HESSIAN_PAIRED = 16  # a block is paired when its layer l has this many units (runs of ≥ 16 entries)
 HESSIAN_UNITS = 16  # units j′ per pair GEMM; parts split paired layers in whole groups
 HESSIAN_TILE = 131072  # entries of a pair tile's O: pairs per tile HESSIAN_TILE // (HESSIAN_UNITS n_l)
@@ -1559,13 +1561,15 @@ def _pair_count(inputs, next_inputs, diagonal):
 
 
 @njit(cache=True, error_model="numpy", inline="always")
-def _next_pair(i_, c_, diagonal, inputs):
-    """The pair after (ĩ′, ĩ) = (i_, c_) in a paired block's order: ĩ′ fastest, up to ĩ in the
-    diagonal block (its upper triangle), over all ``inputs`` in the adjacent one."""
-    i_ += 1
-    if i_ == (c_ + 1 if diagonal else inputs):
-        return 0, c_ + 1
-    return i_, c_
+def _pair_run(i_, c_, left, diagonal, next_inputs):
+    """The run of pairs from (ĩ′, ĩ) = (i_, c_) in a paired block's order (ĩ fastest: from ĩ′ on in
+    the diagonal block, its upper triangle, from 0 in the adjacent one; so a run is one ĩ′ and
+    consecutive ĩ, a contiguous stretch of each of its H rows), at most ``left`` long: its length
+    and the pair after it."""
+    run = min(left, next_inputs - c_)
+    if c_ + run < next_inputs:
+        return run, i_, c_ + run
+    return run, i_ + 1, i_ + 1 if diagonal else 0
 
 
 @njit(cache=True, error_model="numpy", inline="always")
@@ -1608,27 +1612,28 @@ def _pair_block(a1, a2, H, work, plan, first, l, lo, hi):
         pairs = p1 - p0
         P = P_all[:, :pairs]
         for n in range(m):
-            i_, c_ = i_start, c_start
-            P_n, a1_n, x = P[n], a1[n], a2[n, c_start]
-            for p in range(pairs):
-                P_n[p] = a1_n[i_] * x
-                i_, c_ = _next_pair(i_, c_, diagonal, inputs)
-                if i_ == 0 and c_ < next_inputs:  # the next column ĩ
-                    x = a2[n, c_]
+            P_n, a2_n, i_, c_, p = P[n], a2[n], i_start, c_start, 0
+            while p < pairs:
+                run, i_next, c_next = _pair_run(i_, c_, pairs - p, diagonal, next_inputs)
+                x, P_run = a1[n, i_], P_n[p : p + run]
+                for k in range(run):
+                    P_run[k] = x * a2_n[c_ + k]
+                p, i_, c_ = p + run, i_next, c_next
         for u0 in range(lo, hi, HESSIAN_UNITS):
             u1 = min(u0 + HESSIAN_UNITS, hi)
             width = (u1 - u0) * N
             O = out[: pairs * width].reshape(pairs, width)
             _gemm(P.T, rd[:, (u0 - lo) * N : (u1 - lo) * N], O, 1.0, 0.0, slots)
-            i_, c_ = i_start, c_start
-            for p in range(pairs):  # runs of N entries along H's rows
-                O_p = O[p]
-                for j_ in range(u0, u1):
-                    dst = H[row0 + j_ + K * i_, col0 + N * c_ : col0 + N * (c_ + 1)]
-                    src = O_p[(j_ - u0) * N : (j_ - u0 + 1) * N]
-                    for q in range(N):
-                        dst[q] = src[q]
-                i_, c_ = _next_pair(i_, c_, diagonal, inputs)
+            for j_ in range(u0, u1):  # each run's products are one stretch of H's row (j′, ĩ′)
+                i_, c_, p = i_start, c_start, 0
+                while p < pairs:
+                    run, i_next, c_next = _pair_run(i_, c_, pairs - p, diagonal, next_inputs)
+                    dst = H[row0 + j_ + K * i_, col0 + N * c_ : col0 + N * (c_ + run)]
+                    for k in range(run):
+                        src, d = O[p + k, (j_ - u0) * N : (j_ - u0 + 1) * N], dst[k * N : (k + 1) * N]
+                        for q in range(N):
+                            d[q] = src[q]
+                    p, i_, c_ = p + run, i_next, c_next
         i_start, c_start = i_, c_
     if diagonal:
         return
